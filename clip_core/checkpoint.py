@@ -1,0 +1,407 @@
+"""Checkpoint I/O: our safetensors directories, OpenAI and OpenCLIP weights in, OpenCLIP out.
+
+Our checkpoint is a directory with `model.safetensors` (OpenAI key names), `config.json`
+(model config, tokenizer, preprocessing) and `open_clip_config.json`, so the same directory
+also loads in OpenCLIP as `open_clip.create_model("local-dir:<dir>")`.
+
+Nothing here runs pickled code: `.pt` files load with `torch.load(weights_only=True)`, and
+TorchScript archives (OpenAI's release format) are read by a restricted unpickler that only
+rebuilds tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .config import PRESETS, CLIPConfig, TextConfig, VisionConfig, canonical_name, get_config
+from .model import CLIP
+from .tokenizer import TOKENIZER_ID
+from .transforms import OPENAI_MEAN, OPENAI_STD
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+OPENCLIP_CONFIG_FILE = "open_clip_config.json"
+FORMAT = "rayclip.checkpoint"
+FORMAT_VERSION = 1
+# entries of OpenAI's archives that are not weights
+_OPENAI_ONLY_KEYS = {"input_resolution", "context_length", "vocab_size"}
+_NOT_WEIGHTS = re.compile(r"(^|\.)(attn_mask|input_resolution|context_length|vocab_size)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded, with what is wrong and where."""
+
+
+# ---------------------------------------------------------------------------------------- save
+
+
+def save_checkpoint(model: CLIP, directory: str | os.PathLike, *, extra: dict | None = None) -> Path:
+    """Write `model` as a checkpoint directory (weights, config, OpenCLIP config). Returns the path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    config = model.config
+    description = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": config.to_dict(),
+        "tokenizer": {"id": TOKENIZER_ID, "context_length": config.text.context_length},
+        "preprocess": _preprocess_config(config),
+        **(extra or {}),
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    (directory / OPENCLIP_CONFIG_FILE).write_text(json.dumps(
+        {"model_cfg": _to_openclip_config(config), "preprocess_cfg": _preprocess_config(config)}, indent=2) + "\n")
+    return directory
+
+
+def export_openclip(model: CLIP, path: str | os.PathLike) -> Path:
+    """Write an OpenCLIP training-checkpoint file (`{"name", "state_dict"}`) that
+    `open_clip.create_model(name, pretrained=path)` loads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    torch.save({"name": model.config.name, "state_dict": state_dict}, path)
+    return path
+
+
+def _preprocess_config(config: CLIPConfig) -> dict:
+    return {"size": config.vision.image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
+            "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def _to_openclip_config(config: CLIPConfig) -> dict:
+    v, t = config.vision, config.text
+    vision = {"image_size": v.image_size, "layers": list(v.layers) if v.is_resnet else v.layers,
+              "width": v.width, "head_width": v.head_width, "mlp_ratio": v.mlp_ratio, "patch_size": v.patch_size}
+    text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
+            "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio}
+    out = {"embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu, "vision_cfg": vision, "text_cfg": text}
+    if config.init_logit_bias is not None:
+        out["init_logit_bias"] = config.init_logit_bias
+    return out
+
+
+def _from_openclip_config(model_cfg: dict, name: str | None) -> CLIPConfig:
+    v, t = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    layers = v.get("layers", 12)
+    vision = VisionConfig(
+        image_size=v.get("image_size", 224), layers=tuple(layers) if isinstance(layers, (list, tuple)) else layers,
+        width=v.get("width", 768), patch_size=v.get("patch_size") if not isinstance(layers, (list, tuple)) else None,
+        head_width=v.get("head_width", 64), mlp_ratio=v.get("mlp_ratio", 4.0))
+    text = TextConfig(context_length=t.get("context_length", 77), vocab_size=t.get("vocab_size", 49408),
+                      width=t.get("width", 512), heads=t.get("heads", 8), layers=t.get("layers", 12),
+                      mlp_ratio=t.get("mlp_ratio", 4.0))
+    return CLIPConfig(name=name, embed_dim=model_cfg["embed_dim"], vision=vision, text=text,
+                      quick_gelu=bool(model_cfg.get("quick_gelu", False)),
+                      init_logit_bias=model_cfg.get("init_logit_bias"))
+
+
+# ---------------------------------------------------------------------------------------- load
+
+
+def load_model(path: str | os.PathLike, *, quick_gelu: bool | None = None, image_size: int | None = None,
+               device: str | torch.device = "cpu") -> CLIP:
+    """Load a CLIP model from any of the formats users hold, inferring the architecture.
+
+    - our checkpoint directory (`config.json` + `model.safetensors`), or an OpenCLIP local dir
+      (`open_clip_config.json` + weights);
+    - an OpenAI release: a TorchScript archive or a plain state dict (`.pt`);
+    - an OpenCLIP training checkpoint (`{"name", "state_dict"}`, optional `module.` prefix);
+    - a bare state dict (`.safetensors`, `.pt`, `.bin`).
+
+    `quick_gelu` overrides the activation the checkpoint implies (OpenAI weights need QuickGELU;
+    OpenCLIP's `name` says which); `image_size` loads at another resolution, interpolating the
+    vision position embedding.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.is_dir():
+        config, state_dict = _read_directory(path, quick_gelu)
+    else:
+        config, state_dict = _read_file(path, quick_gelu)
+    if image_size is not None and image_size != config.vision.image_size:
+        config = config.replace(vision=dataclasses.replace(config.vision, image_size=image_size))
+        state_dict = resize_pos_embed(state_dict, config)
+    model = CLIP(config)
+    load_weights(model, state_dict, source=str(path))
+    return model.to(device).eval()
+
+
+def load_weights(model: CLIP, state_dict: dict[str, torch.Tensor], *, source: str = "the checkpoint") -> None:
+    """Copy `state_dict` into `model`, naming every missing, unexpected or mis-shaped tensor."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [f"'{key}' has shape {tuple(state_dict[key].shape)} in {source} but {tuple(value.shape)} in the model"
+                  for key, value in expected.items() if key in state_dict and state_dict[key].shape != value.shape]
+    problems = []
+    if mismatched:
+        problems.append("; ".join(mismatched))
+    if missing:
+        problems.append(f"missing tensors: {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_few(unexpected)}")
+    if problems:
+        name = model.config.name or "the model"
+        raise CheckpointError(f"{source} does not fit {name}: " + ". ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _few(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _read_directory(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, dict]:
+    if (path / CONFIG_FILE).is_file():
+        description = json.loads((path / CONFIG_FILE).read_text())
+        if description.get("format") != FORMAT or "model" not in description:
+            raise CheckpointError(f"{path / CONFIG_FILE} is not a rayclip checkpoint config "
+                                  f"(expected \"format\": \"{FORMAT}\" and a \"model\" section)")
+        if description.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{path} has checkpoint format version {description['format_version']}; "
+                                  f"this rayclip reads up to {FORMAT_VERSION}: upgrade rayclip")
+        config = CLIPConfig.from_dict(description["model"])
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CheckpointError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+        state_dict = load_file(weights)
+    elif (path / OPENCLIP_CONFIG_FILE).is_file():
+        model_cfg = json.loads((path / OPENCLIP_CONFIG_FILE).read_text()).get("model_cfg")
+        if not model_cfg:
+            raise CheckpointError(f"{path / OPENCLIP_CONFIG_FILE} has no 'model_cfg' section")
+        weights = next((path / name for name in ("open_clip_model.safetensors", WEIGHTS_FILE,
+                                                 "open_clip_pytorch_model.bin") if (path / name).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{path} has {OPENCLIP_CONFIG_FILE} but no open_clip_model.safetensors, "
+                                  f"{WEIGHTS_FILE} or open_clip_pytorch_model.bin")
+        config = _from_openclip_config(model_cfg, name=None)
+        state_dict = _read_weights(weights)[0]
+    else:
+        raise CheckpointError(f"{path} is a directory without {CONFIG_FILE} or {OPENCLIP_CONFIG_FILE}: "
+                              "not a checkpoint directory")
+    if quick_gelu is not None:
+        config = config.replace(quick_gelu=quick_gelu)
+    return config, state_dict
+
+
+def _read_file(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, dict]:
+    """Weights from one file; the architecture from their shapes, the activation from any hint."""
+    state_dict, hint_quick_gelu, name = _read_weights(path)
+    if quick_gelu is None:
+        quick_gelu = hint_quick_gelu
+    config = config_from_state_dict(state_dict, quick_gelu=bool(quick_gelu), source=str(path))
+    if quick_gelu is None:
+        warnings.warn(f"{path} does not say whether it was trained with QuickGELU (OpenAI) or GELU; assuming "
+                      "GELU. Pass quick_gelu=True for weights derived from OpenAI's release.", stacklevel=3)
+    if isinstance(name, str):
+        try:
+            config = config.replace(name=canonical_name(name)[0] + ("-quickgelu" if quick_gelu else ""))
+        except ValueError:
+            config = config.replace(name=name)
+    return config, state_dict
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bool | None, str | None]:
+    """(state dict, QuickGELU hint, model name) from a safetensors, TorchScript or torch.save file."""
+    hint_quick_gelu, name = None, None
+    if path.suffix == ".safetensors":
+        state_dict = load_file(path)
+    elif _is_torchscript(path):
+        state_dict, hint_quick_gelu = read_torchscript_state_dict(path), True  # OpenAI's release format
+    else:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{path} holds objects other than tensors and plain containers, which are not "
+                                  f"loaded (no code runs from checkpoints): {exc}") from exc
+        except Exception as exc:  # torch.load raises many kinds on files that are not its own
+            raise CheckpointError(f"{path} is not a PyTorch, safetensors or TorchScript file: {exc!r}") from exc
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):  # OpenCLIP's training format
+            name = loaded.get("name") if isinstance(loaded.get("name"), str) else None
+            if name:
+                hint_quick_gelu = name.lower().endswith("-quickgelu")
+            state_dict = loaded["state_dict"]
+        else:
+            state_dict = loaded
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    state_dict = _strip_module(state_dict)
+    if hint_quick_gelu is None and _OPENAI_ONLY_KEYS & set(state_dict):
+        hint_quick_gelu = True  # only OpenAI's release carries these
+    state_dict = {k: v for k, v in state_dict.items() if not _NOT_WEIGHTS.search(k)}
+    return state_dict, hint_quick_gelu, name
+
+
+def _strip_module(state_dict: dict) -> dict:
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        return {key[len("module."):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+# ----------------------------------------------------------------------- architecture from shapes
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor], *, quick_gelu: bool = False,
+                           source: str = "the state dict") -> CLIPConfig:
+    """The architecture a CLIP state dict was built with, read off its tensor shapes."""
+    required = ["token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight",
+                "logit_scale"]
+    missing = [key for key in required if key not in state_dict]
+    if missing or not any(key.startswith("visual.") for key in state_dict):
+        sample = ", ".join(list(state_dict)[:6]) or "nothing"
+        raise CheckpointError(f"{source} is not a CLIP checkpoint: it lacks {missing or ['visual.*']} "
+                              f"(its keys begin: {sample})")
+    sd = state_dict
+    if "visual.proj" in sd:
+        width = sd["visual.conv1.weight"].shape[0]
+        patch_size = sd["visual.conv1.weight"].shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = VisionConfig(image_size=patch_size * grid, layers=_count_blocks(sd, "visual.transformer.resblocks."),
+                              width=width, patch_size=patch_size,
+                              mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width)
+    elif "visual.attnpool.positional_embedding" in sd:
+        layers = tuple(_count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4))
+        grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = VisionConfig(image_size=grid * 32, layers=layers, width=sd["visual.layer1.0.conv1.weight"].shape[0],
+                              patch_size=None)
+    else:
+        raise CheckpointError(f"{source} has a vision tower that is neither a ViT (visual.proj) nor a "
+                              "ModifiedResNet (visual.attnpool)")
+    text_width = sd["ln_final.weight"].shape[0]
+    text = TextConfig(context_length=sd["positional_embedding"].shape[0],
+                      vocab_size=sd["token_embedding.weight"].shape[0], width=text_width,
+                      heads=text_width // 64, layers=_count_blocks(sd, "transformer.resblocks."),
+                      mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width)
+    logit_bias = float(sd["logit_bias"]) if "logit_bias" in sd else None
+    config = CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text,
+                        quick_gelu=quick_gelu, init_logit_bias=logit_bias)
+    return config.replace(name=_preset_name(config))
+
+
+def _count_blocks(sd: dict, prefix: str) -> int:
+    return len({key[len(prefix):].split(".")[0] for key in sd if key.startswith(prefix)})
+
+
+def _preset_name(config: CLIPConfig) -> str | None:
+    """The preset with exactly this architecture, if any."""
+    for name in PRESETS:
+        preset = get_config(name, quick_gelu=config.quick_gelu)
+        if preset.replace(name=None, init_logit_bias=None) == config.replace(name=None, init_logit_bias=None):
+            return preset.name
+    return None
+
+
+def resize_pos_embed(state_dict: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str, torch.Tensor]:
+    """Bicubically interpolate the vision position embedding to `config`'s grid (class token kept)."""
+    v = config.vision
+    key = "visual.attnpool.positional_embedding" if v.is_resnet else "visual.positional_embedding"
+    new_grid = v.image_size // (32 if v.is_resnet else v.patch_size)
+    old = state_dict[key]
+    old_grid = round((old.shape[0] - 1) ** 0.5)
+    if old_grid == new_grid:
+        return state_dict
+    cls, grid = old[:1], old[1:].reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(old.dtype)
+    return {**state_dict, key: torch.cat([cls, grid])}
+
+
+# ----------------------------------------------------------------------------- TorchScript
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+
+
+class _ScriptObject:
+    """Stands in for a TorchScript class while its attributes are read; never runs its code."""
+
+    def __init__(self, *args):
+        self.state = {}
+
+    def __setstate__(self, state):
+        self.state = state if isinstance(state, dict) else {"": state}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    @staticmethod
+    def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+        untyped, dtype = storage
+        return torch.empty(0, dtype=dtype).set_(untyped, offset, size, stride)
+
+    _ALLOWED = {
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("collections", "OrderedDict"): dict,
+    }
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(file)
+        self._archive, self._prefix = archive, prefix
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "torch.jit._pickle" and name.startswith("build_"):
+            return lambda data: data
+        if module.startswith("__torch__"):
+            return type(name, (_ScriptObject,), {})
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only tensors are read from TorchScript")
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, _numel = pid
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        data = bytearray(self._archive.read(f"{self._prefix}data/{key}"))
+        untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
+        return untyped, dtype
+
+
+def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The named tensors of a TorchScript archive (as OpenAI released CLIP), without running it."""
+    with zipfile.ZipFile(path) as archive:
+        data_pkl = next((name for name in archive.namelist() if name.endswith("data.pkl")
+                         and name.count("/") == 1), None)
+        if data_pkl is None:
+            raise CheckpointError(f"{path} is a zip archive without a TorchScript data.pkl")
+        prefix = data_pkl[: -len("data.pkl")]
+        with archive.open(data_pkl) as fp:
+            root = _RestrictedUnpickler(fp, archive, prefix).load()
+    state_dict: dict[str, torch.Tensor] = {}
+
+    def collect(obj, key_prefix: str) -> None:
+        for name, value in obj.state.items():
+            if isinstance(value, torch.Tensor):
+                state_dict[key_prefix + name] = value
+            elif isinstance(value, _ScriptObject):
+                collect(value, f"{key_prefix}{name}.")
+
+    if not isinstance(root, _ScriptObject):
+        raise CheckpointError(f"{path} is not a TorchScript module archive")
+    collect(root, "")
+    return state_dict

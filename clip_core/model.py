@@ -1,0 +1,313 @@
+"""CLIP: a Vision Transformer or Modified ResNet image tower and a causal text Transformer.
+
+Parameter names are OpenAI's (`visual.transformer.resblocks.0.attn.in_proj_weight`,
+`ln_final`, `text_projection`, `logit_scale`, `visual.attnpool.*`), the interchange format
+OpenCLIP also keeps, so state dicts move between the three without renaming.
+Tensors are batch-first throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import CLIPConfig
+
+LOGIT_SCALE_MAX = 100.0
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that hands back its input's dtype (autocast would otherwise widen it to fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `scaled_dot_product_attention` (fused kernels on GPU).
+
+    Holds `in_proj_weight`/`in_proj_bias`/`out_proj` like `nn.MultiheadAttention`, so its
+    parameters carry the names OpenAI's checkpoints use.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        batch, length, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        # shape = [3, batch, heads, length, head_width]
+        q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(x.transpose(1, 2).reshape(batch, length, width))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act_layer: type[nn.Module]):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", act_layer()), ("c_proj", nn.Linear(hidden, width))])
+        )
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, act_layer: type[nn.Module]):
+        super().__init__()
+        self.width = width
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads, mlp_ratio, act_layer) for _ in range(layers)]
+        )
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
+        return x
+
+    def init_weights(self) -> None:
+        # OpenAI's scheme: residual projections shrink with depth
+        proj_std = self.width**-0.5 * (2 * len(self.resblocks)) ** -0.5
+        attn_std = self.width**-0.5
+        fc_std = (2 * self.width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
+                 mlp_ratio: float, output_dim: int, act_layer: type[nn.Module]):
+        super().__init__()
+        self.image_size = image_size
+        self.patch_size = patch_size
+        grid = image_size // patch_size
+        scale = width**-0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, act_layer)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)  # shape = [*, width, grid, grid]
+        x = x.flatten(2).transpose(1, 2)  # shape = [*, grid ** 2, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # shape = [*, grid ** 2 + 1, width]
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+    def init_weights(self) -> None:
+        self.transformer.init_weights()
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        # every conv has stride 1; an avgpool before the last conv does the striding (anti-aliasing)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            self.downsample = nn.Sequential(OrderedDict([
+                ("-1", nn.AvgPool2d(stride)),
+                ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, stride=1, bias=False)),
+                ("1", nn.BatchNorm2d(planes * self.expansion)),
+            ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        return self.relu3(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """Pools a feature map with one attention query: the mean of the spatial positions."""
+
+    def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(spatial_dim**2 + 1, embed_dim) / embed_dim**0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2).transpose(1, 2)  # shape = [*, HW, C]
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)  # [*, HW+1, C]
+        batch, length, width = x.shape
+        head_width = width // self.heads
+        q = self.q_proj(x[:, :1]).view(batch, 1, self.heads, head_width).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.heads, head_width).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.heads, head_width).transpose(1, 2)
+        x = F.scaled_dot_product_attention(q, k, v)  # shape = [*, heads, 1, head_width]
+        return self.c_proj(x.transpose(1, 2).reshape(batch, width))
+
+
+class ModifiedResNet(nn.Module):
+    """ResNet with a 3-conv stem, anti-aliased strided convolutions and an attention-pooling head."""
+
+    def __init__(self, layers: tuple[int, int, int, int], output_dim: int, heads: int, image_size: int, width: int):
+        super().__init__()
+        self.image_size = image_size
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(2)
+
+        self._inplanes = width
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
+        self.attnpool = AttentionPool2d(image_size // 32, width * 32, heads, output_dim)
+        self.grad_checkpointing = False
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        modules = [Bottleneck(self._inplanes, planes, stride)]
+        self._inplanes = planes * Bottleneck.expansion
+        modules += [Bottleneck(self._inplanes, planes) for _ in range(blocks - 1)]
+        return nn.Sequential(*modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return self.attnpool(x)
+
+    def init_weights(self) -> None:
+        std = self.attnpool.c_proj.in_features**-0.5
+        for proj in (self.attnpool.q_proj, self.attnpool.k_proj, self.attnpool.v_proj, self.attnpool.c_proj):
+            nn.init.normal_(proj.weight, std=std)
+        # each residual branch starts as the identity
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                nn.init.zeros_(block.bn3.weight)
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        v, t = config.vision, config.text
+        act_layer = QuickGELU if config.quick_gelu else nn.GELU
+        if v.is_resnet:
+            self.visual = ModifiedResNet(v.layers, config.embed_dim, v.heads, v.image_size, v.width)
+        else:
+            self.visual = VisionTransformer(v.image_size, v.patch_size, v.width, v.layers, v.heads,
+                                            v.mlp_ratio, config.embed_dim, act_layer)
+        self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, act_layer)
+        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
+        self.ln_final = LayerNorm(t.width)
+        self.text_projection = nn.Parameter(torch.empty(t.width, config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        if config.init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+        else:
+            self.logit_bias = None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=self.config.text.width**-0.5)
+        self.transformer.init_weights()
+        self.visual.init_weights()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.token_embedding.weight.dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+        visual = self.visual
+        (visual.transformer if hasattr(visual, "transformer") else visual).grad_checkpointing = enable
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(image.to(self.dtype))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        # features are taken at [EOT], the highest token id in each row; under the causal mask,
+        # positions after the batch's last [EOT] cannot reach it, so they are never computed
+        eot = text.argmax(dim=-1)
+        length = int(eot.max()) + 1
+        x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]  # shape = [*, length, width]
+        x = self.transformer(x, causal=True)
+        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])  # shape = [*, width]
+        features = x @ self.text_projection
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor):
+        """Normalized image and text features and the temperature, as OpenCLIP returns them."""
+        image_features = self.encode_image(image, normalize=True)
+        text_features = self.encode_text(text, normalize=True)
+        logit_scale = self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+        if self.logit_bias is not None:
+            return image_features, text_features, logit_scale, self.logit_bias
+        return image_features, text_features, logit_scale
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep the temperature within [0, ln 100], as the paper does after each step."""
+        self.logit_scale.clamp_(0, math.log(LOGIT_SCALE_MAX))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,137 @@
+"""CLIP's byte-level BPE tokenizer (vocab 49,408, context 77).
+
+Text is cleaned as OpenAI's and OpenCLIP's tokenizers clean it (ftfy, HTML unescape,
+whitespace collapse, lower case), split with CLIP's pattern, byte-encoded, and merged with
+the released BPE merges, which ship in `assets/` with their licence.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+from importlib import resources
+
+import numpy as np
+import regex
+import torch
+
+# OpenCLIP's spellings: the same strings inside a caption become the special ids, as there
+SOT_TOKEN = "<start_of_text>"
+EOT_TOKEN = "<end_of_text>"
+VOCAB_SIZE = 49408
+CONTEXT_LENGTH = 77
+TOKENIZER_ID = "clip-bpe-49408"
+_MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_NUM_MERGES = VOCAB_SIZE - 256 * 2 - 2
+
+_SPLIT = regex.compile(
+    r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+# ASCII text with none of these is left unchanged by ftfy.fix_text: skipping it is a large speed-up
+_FTFY_TOUCHES_ASCII = regex.compile(r"[&\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """A reversible map from the 256 byte values to printable unicode characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+def clean_text(text: str) -> str:
+    """ftfy + double HTML unescape + whitespace collapse + lower case, as CLIP's tokenizer does."""
+    if not text.isascii() or _FTFY_TOUCHES_ASCII.search(text):
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    return " ".join(html.unescape(html.unescape(text)).split()).lower()
+
+
+class Tokenizer:
+    """`tokenizer(["a dog", "a cat"])` → LongTensor [2, 77] of BPE ids, [SOT] ... [EOT], 0-padded."""
+
+    def __init__(self, context_length: int = CONTEXT_LENGTH):
+        if context_length < 2:
+            raise ValueError(f"context_length must be at least 2 (room for [SOT] and [EOT]), got {context_length}")
+        self.context_length = context_length
+        self.tokenizer_id = TOKENIZER_ID
+        merges_text = gzip.decompress(resources.files("clip_core.assets").joinpath(_MERGES_FILE).read_bytes())
+        merges = [tuple(line.split()) for line in merges_text.decode("utf-8").split("\n")[1 : _NUM_MERGES + 1]]
+        self._byte_encoder = _bytes_to_unicode()
+        symbols = list(self._byte_encoder.values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
+        if len(vocab) != VOCAB_SIZE:
+            raise RuntimeError(f"the BPE merges file gives a vocabulary of {len(vocab)}, expected {VOCAB_SIZE}")
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = {i: token for token, i in self.encoder.items()}
+        self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
+        self._ranks = {merge: rank for rank, merge in enumerate(merges)}
+        self.sot_token_id = self.encoder[SOT_TOKEN]
+        self.eot_token_id = self.encoder[EOT_TOKEN]
+        self._word_ids: dict[str, list[int]] = {SOT_TOKEN: [self.sot_token_id], EOT_TOKEN: [self.eot_token_id]}
+
+    def _bpe(self, word: str) -> list[str]:
+        """Merge the byte-symbols of one pre-token, lowest-ranked pair first."""
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = {(a, b) for a, b in zip(parts, parts[1:])}
+            best = min(pairs, key=lambda pair: self._ranks.get(pair, _NUM_MERGES))
+            if best not in self._ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return parts
+
+    def _ids_of(self, piece: str) -> list[int]:
+        ids = self._word_ids.get(piece)
+        if ids is None:
+            word = "".join(self._byte_encoder[b] for b in piece.encode("utf-8"))
+            ids = [self.encoder[token] for token in self._bpe(word)]
+            if len(self._word_ids) < 1_000_000:
+                self._word_ids[piece] = ids
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of `text` without [SOT]/[EOT] or padding."""
+        ids: list[int] = []
+        for piece in _SPLIT.findall(clean_text(text)):
+            ids.extend(self._ids_of(piece))
+        return ids
+
+    def decode(self, ids) -> str:
+        tokens = [self.decoder[int(i)] for i in ids if int(i) not in (0, self.sot_token_id, self.eot_token_id)]
+        data = bytearray(self._byte_decoder[c] for c in "".join(tokens))
+        return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.LongTensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        length = context_length or self.context_length
+        out = np.zeros((len(texts), length), dtype=np.int64)
+        for row, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {row} is a {type(text).__name__}, not a str")
+            ids = [self.sot_token_id, *self.encode(text)][: length - 1]
+            ids.append(self.eot_token_id)  # truncation keeps [EOT]
+            out[row, : len(ids)] = ids
+        return torch.from_numpy(out)
+
+
+@functools.lru_cache(maxsize=4)
+def get_tokenizer(context_length: int = CONTEXT_LENGTH) -> Tokenizer:
+    """The CLIP tokenizer; built once per context length and shared."""
+    return Tokenizer(context_length)

@@ -1,0 +1,217 @@
+"""Zero-shot classification, retrieval metrics and the linear probe (Radford et al. 2021, §3 and app. A)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# the 80 prompts OpenAI used for ImageNet (CLIP's "Prompt_Engineering_for_ImageNet" notebook)
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
+    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
+    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
+    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
+    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+)
+# the 7-prompt subset the same notebook found best; the short default
+SIMPLE_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+)
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    templates = list(templates)
+    if not templates:
+        raise ValueError("at least one prompt template is needed, e.g. 'a photo of a {}.'")
+    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"each template needs exactly one '{{}}' where the class name goes; these do not: {bad[:5]}")
+    return templates
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, tokenize: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
+                         templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 256) -> torch.Tensor:
+    """Class embeddings [D, C]: per class, the renormalized mean of its normalized prompt embeddings."""
+    classnames = list(classnames)
+    if not classnames:
+        raise ValueError("at least one class name is needed")
+    empty = [i for i, name in enumerate(classnames) if not isinstance(name, str) or not name.strip()]
+    if empty:
+        raise ValueError(f"class names must be non-empty strings; entries {empty[:5]} are not")
+    templates = check_templates(templates)
+    prompts = [template.format(name) for name in classnames for template in templates]
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        embeddings = torch.cat([
+            model.encode_text(tokenize(prompts[i : i + batch_size]).to(device), normalize=True).float()
+            for i in range(0, len(prompts), batch_size)
+        ])
+    finally:
+        model.train(was_training)
+    per_class = embeddings.view(len(classnames), len(templates), -1).mean(dim=1)
+    return F.normalize(per_class, dim=-1).T
+
+
+def zero_shot_logits(image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
+    """Scaled cosine similarities [N, C] of normalized image features with the classifier."""
+    return logit_scale * F.normalize(image_features.float(), dim=-1) @ classifier.to(image_features.device)
+
+
+@torch.no_grad()
+def predict(model, images: torch.Tensor, classifier: torch.Tensor, top_k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities [N, k], class indices [N, k]) for preprocessed images, best first."""
+    device = _model_device(model)
+    logit_scale = float(model.logit_scale.exp().clamp(max=100))
+    logits = zero_shot_logits(model.encode_image(images.to(device)), classifier, logit_scale)
+    probs = logits.softmax(dim=-1)
+    return probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """top-k accuracy and mean per-class recall of `logits` [N, C] against `labels` [N]."""
+    labels = labels.to(logits.device)
+    ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = ranked == labels[:, None]
+    out = {f"top{k}": float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
+    correct = hits[:, 0].float()
+    recalls = [float(correct[labels == c].mean()) for c in labels.unique()]
+    out["mean_per_class_recall"] = sum(recalls) / len(recalls)
+    return out
+
+
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
+                      text_to_image: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Image→text and text→image recall@k and mean/median rank (1-based).
+
+    `text_to_image[j]` is the image index caption j describes (default: caption j ↔ image j);
+    an image counts as found at the best rank of any of its captions.
+    """
+    image_features = F.normalize(image_features.float(), dim=-1)
+    text_features = F.normalize(text_features.float(), dim=-1)
+    n_images, n_texts = image_features.shape[0], text_features.shape[0]
+    if text_to_image is None:
+        if n_images != n_texts:
+            raise ValueError(f"{n_images} images and {n_texts} captions: pass text_to_image to pair them")
+        text_to_image = torch.arange(n_texts)
+    text_to_image = torch.as_tensor(text_to_image, device=image_features.device)
+    similarity = image_features @ text_features.T  # shape = [images, texts]
+    positive = text_to_image[None, :] == torch.arange(n_images, device=similarity.device)[:, None]
+
+    # ranks are 1 + the number of wrong answers scoring at least as high (ties count against)
+    # text→image: the true image among all images, per caption
+    true_score = similarity.T[torch.arange(n_texts), text_to_image]
+    t2i_rank = ((similarity.T >= true_score[:, None]) & ~positive.T).sum(dim=1) + 1
+    # image→text: the best-scoring true caption among all captions, per image
+    best_true = similarity.masked_fill(~positive, -math.inf).max(dim=1).values
+    i2t_rank = ((similarity >= best_true[:, None]) & ~positive).sum(dim=1) + 1
+
+    out = {}
+    for direction, ranks in (("image_to_text", i2t_rank), ("text_to_image", t2i_rank)):
+        ranks = ranks.float()
+        for k in ks:
+            out[f"{direction}_R@{k}"] = float((ranks <= k).float().mean())
+        out[f"{direction}_mean_rank"] = float(ranks.mean())
+        out[f"{direction}_median_rank"] = float(ranks.median())
+    return out
+
+
+# ------------------------------------------------------------------------------ linear probe
+
+
+def _fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float,
+                  max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression by L-BFGS; `l2` penalizes the weights (not the bias)."""
+    weight = torch.zeros(features.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-7, tolerance_change=1e-10)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(features @ weight + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def _probe_accuracy(params, features, labels) -> float:
+    weight, bias = params
+    return float(((features @ weight + bias).argmax(dim=1) == labels).double().mean())
+
+
+def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, *, val_fraction: float = 0.2, seed: int = 0) -> dict[str, float]:
+    """Logistic regression on frozen features, L2 strength chosen on a validation split.
+
+    As in the paper's appendix A.3: λ is searched over 1e-6..1e6, first at every second decade,
+    then by halving the interval around the best value down to 8 steps per decade; the final
+    model is refit on train + validation with the chosen λ.
+    """
+    train_features = F.normalize(train_features.double(), dim=-1)
+    test_features = F.normalize(test_features.double(), dim=-1)
+    train_labels, test_labels = train_labels.long(), test_labels.long()
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_labels), generator=generator)
+    n_val = max(1, int(len(order) * val_fraction))
+    if len(order) - n_val < 1:
+        raise ValueError(f"linear probe needs at least 2 training examples, got {len(order)}")
+    val_idx, fit_idx = order[:n_val], order[n_val:]
+
+    scores: dict[float, float] = {}
+
+    def score(exponent: float) -> float:
+        if exponent not in scores:
+            params = _fit_logistic(train_features[fit_idx], train_labels[fit_idx], num_classes, 10.0**exponent)
+            scores[exponent] = _probe_accuracy(params, train_features[val_idx], train_labels[val_idx])
+        return scores[exponent]
+
+    # ties go to the stronger regularization
+    best = max([-6, -4, -2, 0, 2, 4, 6], key=lambda e: (score(e), e))
+    step = 2.0
+    while step > 1 / 8:
+        step /= 2
+        best = max([e for e in (best - step, best, best + step) if -6 <= e <= 6], key=lambda e: (score(e), e))
+    l2 = 10.0**best
+    params = _fit_logistic(train_features, train_labels, num_classes, l2)
+    return {"top1": _probe_accuracy(params, test_features, test_labels), "l2": l2,
+            "val_top1": scores[best]}
+
+
+def few_shot_indices(labels: torch.Tensor, shots: int, seed: int = 0) -> torch.Tensor:
+    """Indices of `shots` examples per class (all of a class when it has fewer)."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:shots]])
+    return torch.cat(chosen).sort().values

@@ -1,0 +1,111 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import clip_core
+from clip_core import CheckpointError
+
+
+def test_checkpoint_round_trips_bit_exactly(tmp_path):
+    model = clip_core.create_model("tiny", init_logit_bias=-10.0)
+    directory = clip_core.save_checkpoint(model, tmp_path / "ckpt")
+    assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors", "open_clip_config.json"]
+    loaded = clip_core.load_model(directory)
+    assert loaded.config == model.config
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    for key in original:
+        assert torch.equal(original[key], restored[key]), key
+    description = json.loads((directory / "config.json").read_text())
+    assert description["tokenizer"] == {"id": "clip-bpe-49408", "context_length": 77}
+    assert description["preprocess"]["size"] == 64 and description["model"]["name"] == "tiny"
+
+
+def test_weights_use_openai_key_names(tmp_path):
+    clip_core.save_checkpoint(clip_core.create_model("RN50", image_size=64), tmp_path)
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    for key in ("visual.attnpool.c_proj.weight", "visual.layer1.0.downsample.0.weight", "ln_final.weight",
+                "text_projection", "logit_scale", "transformer.resblocks.0.attn.in_proj_weight"):
+        assert key in keys
+
+
+def test_bare_safetensors_file_infers_the_architecture(tmp_path):
+    model = clip_core.create_model("ViT-B-16", image_size=64)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
+    with pytest.warns(UserWarning, match="assuming GELU"):
+        loaded = clip_core.load_model(tmp_path / "weights.safetensors")
+    assert loaded.config.vision == model.config.vision and loaded.config.text == model.config.text
+    assert not loaded.config.quick_gelu
+    assert clip_core.load_model(tmp_path / "weights.safetensors", quick_gelu=True).config.quick_gelu
+
+
+def test_mismatched_shape_names_the_tensor_and_both_shapes(tmp_path):
+    model = clip_core.create_model("tiny")
+    directory = clip_core.save_checkpoint(model, tmp_path / "ckpt")
+    tensors = load_file(directory / "model.safetensors")
+    tensors["text_projection"] = torch.zeros(256, 128)
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'text_projection' has shape \(256, 128\) in .* but \(256, 256\) in the model"):
+        clip_core.load_model(directory)
+
+
+def test_missing_tensors_are_named(tmp_path):
+    directory = clip_core.save_checkpoint(clip_core.create_model("tiny"), tmp_path / "ckpt")
+    tensors = load_file(directory / "model.safetensors")
+    del tensors["ln_final.bias"]
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensors: ln_final.bias"):
+        clip_core.load_model(directory)
+
+
+def test_non_clip_checkpoint_is_a_clear_error(tmp_path):
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "resnet.pt")
+    with pytest.raises(CheckpointError, match="is not a CLIP checkpoint.*fc.weight"):
+        clip_core.load_model(tmp_path / "resnet.pt")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a PyTorch, safetensors or TorchScript file"):
+        clip_core.load_model(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        clip_core.load_model(tmp_path / "absent")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        clip_core.load_model(tmp_path / "empty_dir")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickled_code_is_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"state_dict": _Exploit()}, f, protocol=2)
+    with pytest.raises(CheckpointError, match="no code runs from checkpoints"):
+        clip_core.load_model(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_loading_at_another_resolution_interpolates_position_embeddings(tmp_path):
+    for name, size, new_size, key, grid in [("tiny", 64, 96, "visual.positional_embedding", 12),
+                                           ("RN50", 64, 128, "visual.attnpool.positional_embedding", 4)]:
+        model = clip_core.create_model(name, image_size=size)
+        directory = clip_core.save_checkpoint(model, tmp_path / name)
+        bigger = clip_core.load_model(directory, image_size=new_size)
+        assert bigger.config.vision.image_size == new_size
+        assert bigger.state_dict()[key].shape[0] == grid * grid + 1
+        torch.testing.assert_close(bigger.state_dict()[key][0], model.state_dict()[key][0])  # class token kept
+        assert bigger.encode_image(torch.randn(1, 3, new_size, new_size)).shape == (1, model.config.embed_dim)
+
+
+def test_future_checkpoint_format_asks_for_an_upgrade(tmp_path):
+    directory = clip_core.save_checkpoint(clip_core.create_model("tiny"), tmp_path)
+    description = json.loads((directory / "config.json").read_text())
+    description["format_version"] = 99
+    (directory / "config.json").write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match="upgrade rayclip"):
+        clip_core.load_model(directory)

@@ -1,0 +1,160 @@
+import dataclasses
+import math
+
+import open_clip
+import pytest
+import torch
+
+import clip_core
+from clip_core.checkpoint import _to_openclip_config
+from clip_core.config import CLIPConfig, canonical_name, get_config
+from workflows import synthetic
+
+PUBLISHED = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_presets_have_the_published_shapes(name):
+    ours = _to_openclip_config(get_config(name))
+    theirs = open_clip.get_model_config(name)
+    assert ours["embed_dim"] == theirs["embed_dim"]
+    for section in ("vision_cfg", "text_cfg"):
+        for key, value in theirs[section].items():
+            if key in ours[section]:
+                assert ours[section][key] == value, (section, key)
+    # and every parameter tensor has OpenCLIP's name and shape (built without memory on the meta device)
+    with torch.device("meta"):
+        reference = open_clip.model.CLIP(**theirs)
+        model = clip_core.CLIP(get_config(name))
+    expected = {k: v.shape for k, v in reference.state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == expected
+
+
+def test_cpu_presets_are_the_documented_sizes():
+    tiny, small = get_config("tiny"), get_config("small")
+    assert (tiny.vision.image_size, tiny.vision.patch_size, tiny.vision.width, tiny.vision.layers, tiny.vision.heads) == (64, 8, 256, 6, 4)
+    assert (tiny.text.width, tiny.text.layers, tiny.text.heads, tiny.embed_dim) == (256, 6, 4, 256)
+    assert (small.vision.image_size, small.vision.layers, small.vision.width, small.text.layers, small.text.width) == (128, 8, 384, 8, 384)
+
+
+def test_names_accept_openai_and_openclip_spellings():
+    assert canonical_name("ViT-B/32") == ("ViT-B-32", False)
+    assert canonical_name("vit-b-32") == ("ViT-B-32", False)
+    assert canonical_name("ViT-L/14@336px") == ("ViT-L-14-336", False)
+    assert canonical_name("ViT-B-16-quickgelu") == ("ViT-B-16", True)
+    assert get_config("RN50-quickgelu").quick_gelu and not get_config("RN50").quick_gelu
+    assert get_config("RN50", quick_gelu=True).name == "RN50-quickgelu"
+
+
+def test_unknown_model_name_lists_the_presets():
+    with pytest.raises(ValueError, match=r"unknown model name 'ViT-Q-99'.*ViT-B-32"):
+        clip_core.create_model("ViT-Q-99")
+
+
+def test_invalid_configs_name_the_problem():
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        get_config("tiny").replace(vision=dataclasses.replace(get_config("tiny").vision, image_size=60))
+    with pytest.raises(ValueError, match="unknown keys \\['depth'\\] in the 'text' section"):
+        CLIPConfig.from_dict({"embed_dim": 8, "text": {"depth": 3}})
+    with pytest.raises(ValueError, match="unknown precision"):
+        clip_core.create_model("tiny", precision="fp8")
+
+
+def test_config_round_trips_through_a_dict():
+    for name in ("RN50x4", "tiny"):
+        config = get_config(name)
+        assert CLIPConfig.from_dict(config.to_dict()) == config
+
+
+def test_forward_returns_normalized_features_and_the_initial_temperature():
+    model = clip_core.create_model("tiny").eval()
+    images = torch.randn(3, 3, 64, 64)
+    texts = clip_core.get_tokenizer()(["a red circle", "a blue square", "a star"])
+    image_features, text_features, logit_scale = model(images, texts)
+    assert image_features.shape == text_features.shape == (3, 256)
+    torch.testing.assert_close(image_features.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(text_features.norm(dim=-1), torch.ones(3))
+    assert logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    # encode_* default to unnormalized features, as OpenCLIP's do
+    assert not torch.allclose(model.encode_image(images).norm(dim=-1), torch.ones(3))
+
+
+def test_logit_scale_is_clamped_at_100():
+    model = clip_core.create_model("tiny")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000))
+    assert model(torch.randn(1, 3, 64, 64), clip_core.get_tokenizer()("x"))[2].item() == pytest.approx(100.0)
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == pytest.approx(math.log(100))
+
+
+def test_text_tower_skips_positions_after_the_last_eot_without_changing_features():
+    model = clip_core.create_model("tiny").eval()
+    tokens = clip_core.get_tokenizer()(["a small red triangle", "hi"])
+    with torch.no_grad():
+        fast = model.encode_text(tokens)
+        # reference: the whole context, as OpenAI computes it, with an explicit causal mask
+        x = model.token_embedding(tokens) + model.positional_embedding
+        for block in model.transformer.resblocks:
+            x = block(x, causal=True)
+        x = model.ln_final(x)
+        full = x[torch.arange(2), tokens.argmax(dim=-1)] @ model.text_projection
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,image_size", [("tiny", 64), ("RN50", 64)])
+def test_gradient_checkpointing_gives_the_same_gradients(name, image_size):
+    model = clip_core.create_model(name, image_size=image_size)
+    images, texts = torch.randn(2, 3, image_size, image_size), clip_core.get_tokenizer()(["a cat", "a dog"])
+    loss_fn = clip_core.ClipLoss()
+
+    def grads():
+        model.zero_grad()
+        loss_fn(*model(images, texts)).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], atol=1e-6, rtol=1e-4)
+
+
+def test_bf16_autocast_runs_and_stays_close_to_fp32():
+    model = clip_core.create_model("tiny").eval()
+    images, texts = torch.randn(2, 3, 64, 64), clip_core.get_tokenizer()(["a cat", "a dog"])
+    with torch.no_grad():
+        reference = model.encode_image(images, normalize=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.encode_image(images, normalize=True)
+            text = model.encode_text(texts, normalize=True)
+    assert low.dtype == torch.bfloat16 and text.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(low.float(), reference).min() > 0.99
+
+
+def test_pure_bf16_weights_run():
+    model = clip_core.create_model("tiny", precision="bf16").eval()
+    with torch.no_grad():
+        features = model.encode_image(torch.randn(1, 3, 64, 64))
+    assert features.dtype == torch.bfloat16 and torch.isfinite(features.float()).all()
+
+
+def test_tiny_preset_learns_synthetic_pairs():
+    torch.manual_seed(0)
+    model = clip_core.create_model("tiny")
+    preprocess = clip_core.image_transform(64)
+    batch = list(synthetic.samples(32, seed=3))
+    images = torch.stack([preprocess(s.image) for s in batch])
+    texts = clip_core.get_tokenizer()([s.caption for s in batch])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = clip_core.ClipLoss()
+    losses = []
+    for _ in range(15):
+        loss = loss_fn(*model(images, texts))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > math.log(32) - 0.5
+    assert losses[-1] < 0.6 * losses[0], losses

@@ -1,0 +1,100 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T  # the reference only: clip_core itself never imports torchvision
+
+import clip_core
+from clip_core.transforms import OPENAI_MEAN, OPENAI_STD, ImageError, open_image, to_rgb
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    smooth = np.stack([np.sin(x / 17.0 + c) * np.cos(y / 11.0 - c) for c in range(3)], axis=-1) * 100 + 128
+    noise = rng.normal(0, 20, size=(height, width, 3))
+    return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 300), (1000, 231), (100, 90)])
+def test_eval_transform_matches_openai_preprocessing(size):
+    image = _photo(*size)
+    reference = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor()])
+    expected = reference(image)
+    ours = clip_core.image_transform(224)(image)
+    unnormalized = ours * torch.tensor(OPENAI_STD).view(3, 1, 1) + torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+    assert ours.shape == (3, 224, 224) and ours.dtype == torch.float32
+    assert (unnormalized - expected).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_normalization_uses_clip_mean_and_std():
+    grey = Image.new("RGB", (64, 64), (255, 0, 128))
+    out = clip_core.image_transform(32)(grey)
+    expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
+    torch.testing.assert_close(out[:, 5, 5], expected)
+
+
+def test_train_transform_crops_randomly_but_reproducibly():
+    image = _photo(320, 240)
+    a = clip_core.image_transform(64, train=True, seed=1)
+    b = clip_core.image_transform(64, train=True, seed=1)
+    first, second = a(image), a(image)
+    assert first.shape == (3, 64, 64)
+    assert not torch.equal(first, second), "two draws of the random crop should differ"
+    torch.testing.assert_close(b(image), first)
+
+
+def test_inputs_of_every_mode_become_rgb():
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red → white
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    half = Image.new("RGBA", (8, 8), (0, 0, 0, 128))
+    assert to_rgb(half).getpixel((0, 0)) == (127, 127, 127)
+    assert to_rgb(Image.new("L", (4, 4), 200)).getpixel((0, 0)) == (200, 200, 200)
+    assert to_rgb(Image.new("CMYK", (4, 4), (0, 255, 255, 0))).getpixel((0, 0)) == (255, 0, 0)
+    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert to_rgb(sixteen).getpixel((0, 0)) == (255, 255, 255)
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 255] * 256)
+    assert to_rgb(palette).getpixel((0, 0)) == (0, 0, 255)
+    with_transparency = palette.copy()
+    with_transparency.info["transparency"] = 0
+    assert to_rgb(with_transparency).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert open_image(buffer.getvalue()).size == (20, 40)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    buffer = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buffer, format="PNG")  # small file, 25 MP
+    with pytest.raises(ImageError, match="over the limit of 1,000,000") as info:
+        clip_core.image_transform(64, max_pixels=1_000_000)(buffer.getvalue())
+    assert info.value.reason == "too_large"
+
+
+def test_broken_images_raise_clear_errors():
+    with pytest.raises(ImageError, match="empty") as info:
+        open_image(b"")
+    assert info.value.reason == "empty"
+    with pytest.raises(ImageError, match="could not be decoded"):
+        open_image(b"definitely not an image")
+    buffer = io.BytesIO()
+    _photo(256, 256).save(buffer, format="JPEG")
+    with pytest.raises(ImageError, match="truncated or corrupt") as info:
+        open_image(buffer.getvalue()[: buffer.tell() // 2])
+    assert info.value.reason == "undecodable"
+
+
+def test_invalid_transform_settings_are_rejected():
+    with pytest.raises(ValueError, match="image_size must be a positive int"):
+        clip_core.image_transform(0)
+    with pytest.raises(ValueError, match="scale must satisfy"):
+        clip_core.image_transform(64, train=True, scale=(0.5, 1.5))

@@ -1,0 +1,89 @@
+import open_clip.zero_shot_metadata as metadata
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip_core
+from clip_core.zeroshot import accuracy, few_shot_indices, zero_shot_logits
+
+
+def test_templates_are_the_papers():
+    assert list(clip_core.IMAGENET_TEMPLATES) == [t("{}") for t in metadata.OPENAI_IMAGENET_TEMPLATES]
+    assert len(clip_core.IMAGENET_TEMPLATES) == 80
+    assert list(clip_core.SIMPLE_TEMPLATES) == [t("{}") for t in metadata.SIMPLE_IMAGENET_TEMPLATES]
+
+
+def test_classifier_is_the_renormalized_mean_of_prompt_embeddings(tokenize):
+    model = clip_core.create_model("tiny").eval()
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    classifier = clip_core.zero_shot_classifier(model, tokenize, ["dog", "cat", "red car"], templates, batch_size=4)
+    assert classifier.shape == (256, 3)
+    torch.testing.assert_close(classifier.norm(dim=0), torch.ones(3))
+    with torch.no_grad():
+        prompts = model.encode_text(tokenize(["a photo of a cat.", "a drawing of a cat."]), normalize=True)
+    torch.testing.assert_close(classifier[:, 1], F.normalize(prompts.mean(dim=0), dim=0), atol=1e-5, rtol=0)
+
+
+def test_bad_class_names_and_templates_are_rejected(tokenize):
+    model = clip_core.create_model("tiny")
+    with pytest.raises(ValueError, match="exactly one '{}'"):
+        clip_core.zero_shot_classifier(model, tokenize, ["dog"], ["a photo of a dog"])
+    with pytest.raises(ValueError, match="entries \\[1\\] are not"):
+        clip_core.zero_shot_classifier(model, tokenize, ["dog", " "])
+    with pytest.raises(ValueError, match="at least one class name"):
+        clip_core.zero_shot_classifier(model, tokenize, [])
+
+
+def test_predict_ranks_classes_with_probabilities(tokenize):
+    model = clip_core.create_model("tiny").eval()
+    classifier = clip_core.zero_shot_classifier(model, tokenize, ["a", "b", "c", "d"])
+    probs, indices = clip_core.predict(model, torch.randn(2, 3, 64, 64), classifier, top_k=3)
+    assert probs.shape == indices.shape == (2, 3)
+    assert (probs[:, :-1] >= probs[:, 1:]).all() and (probs.sum(dim=1) <= 1 + 1e-6).all()
+
+
+def test_accuracy_counts_top_k_and_per_class_recall():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    labels = torch.tensor([0, 2, 1, 2])
+    result = accuracy(logits, labels, ks=(1, 2))
+    assert result["top1"] == pytest.approx(0.5) and result["top2"] == pytest.approx(1.0)
+    assert result["mean_per_class_recall"] == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+def test_retrieval_metrics_on_a_known_ranking():
+    image = torch.eye(4)
+    text = torch.eye(4)[[0, 1, 3, 2]]  # captions 2 and 3 are swapped
+    result = clip_core.retrieval_metrics(image, text)
+    assert result["image_to_text_R@1"] == pytest.approx(0.5) and result["image_to_text_R@5"] == 1.0
+    assert result["text_to_image_R@1"] == pytest.approx(0.5)
+    # several captions per image: an image is found at its best caption
+    multi = clip_core.retrieval_metrics(image[:2], torch.eye(4)[[0, 2, 1, 3]], text_to_image=torch.tensor([0, 0, 1, 1]))
+    assert multi["image_to_text_R@1"] == 1.0 and multi["text_to_image_R@1"] == pytest.approx(0.5)
+    assert multi["image_to_text_median_rank"] == 1.0
+
+
+def test_linear_probe_learns_separable_features_and_tunes_l2():
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 32, generator=generator) * 3
+    labels = torch.arange(5).repeat(40)
+    features = centers[labels] + torch.randn(len(labels), 32, generator=generator)
+    test_labels = torch.arange(5).repeat(10)
+    test_features = centers[test_labels] + torch.randn(len(test_labels), 32, generator=generator)
+    result = clip_core.linear_probe(features, labels, test_features, test_labels)
+    assert result["top1"] > 0.95
+    assert 1e-6 <= result["l2"] <= 1e6
+    chance = clip_core.linear_probe(features, labels[torch.randperm(len(labels), generator=generator)],
+                                    test_features, test_labels)
+    assert chance["top1"] < 0.6
+
+
+def test_few_shot_indices_take_k_per_class():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    chosen = few_shot_indices(labels, shots=2)
+    assert torch.bincount(labels[chosen]).tolist() == [2, 2, 1]
+
+
+def test_zero_shot_logits_scale_cosine_similarity():
+    classifier = F.normalize(torch.eye(3), dim=0)
+    logits = zero_shot_logits(torch.tensor([[2.0, 0.0, 0.0]]), classifier, logit_scale=10.0)
+    torch.testing.assert_close(logits, torch.tensor([[10.0, 0.0, 0.0]]))
