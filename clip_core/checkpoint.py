@@ -63,7 +63,7 @@ def save_checkpoint(model: CLIP, directory: str | os.PathLike, *, extra: dict | 
     }
     (directory / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
     (directory / OPENCLIP_CONFIG_FILE).write_text(json.dumps(
-        {"model_cfg": _to_openclip_config(config), "preprocess_cfg": _preprocess_config(config)}, indent=2) + "\n")
+        {"model_cfg": openclip_model_config(config), "preprocess_cfg": _preprocess_config(config)}, indent=2) + "\n")
     return directory
 
 
@@ -82,7 +82,7 @@ def _preprocess_config(config: CLIPConfig) -> dict:
             "interpolation": "bicubic", "resize_mode": "shortest"}
 
 
-def _to_openclip_config(config: CLIPConfig) -> dict:
+def openclip_model_config(config: CLIPConfig) -> dict:
     v, t = config.vision, config.text
     vision = {"image_size": v.image_size, "layers": list(v.layers) if v.is_resnet else v.layers,
               "width": v.width, "head_width": v.head_width, "mlp_ratio": v.mlp_ratio, "patch_size": v.patch_size}

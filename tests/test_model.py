@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import clip_core
-from clip_core.checkpoint import _to_openclip_config
+from clip_core.checkpoint import openclip_model_config
 from clip_core.config import CLIPConfig, canonical_name, get_config
 from workflows import synthetic
 
@@ -15,7 +15,7 @@ PUBLISHED = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B
 
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_presets_have_the_published_shapes(name):
-    ours = _to_openclip_config(get_config(name))
+    ours = openclip_model_config(get_config(name))
     theirs = open_clip.get_model_config(name)
     assert ours["embed_dim"] == theirs["embed_dim"]
     for section in ("vision_cfg", "text_cfg"):

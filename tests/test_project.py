@@ -47,3 +47,15 @@ def test_synthetic_samples_are_deterministic():
     again = next(synthetic.samples(1, seed=7, start=5))
     assert first.caption == again.caption and first.image.tobytes() == again.image.tobytes()
     assert first.classname.split()[0] in first.caption and first.classname.split()[1] in first.caption
+
+
+def test_gpu_check_script_runs_end_to_end_on_cpu():
+    from bench import gpu_check
+
+    result = gpu_check.main(["--device", "cpu", "--dtype", "fp32", "--model", "tiny", "--batch-size", "4",
+                             "--steps", "1", "--warmup", "1", "--report", ""])
+    assert result["samples_per_s"] > 0
+    # forward + backward ≈ 6 FLOPs per block weight per token: 6 blocks of 12 * 256^2 weights per tower,
+    # 65 image tokens and ~15 caption tokens per sample, 4 samples
+    expected = 4 * 6 * (6 * 12 * 256**2) * (65 + 15)
+    assert 0.8 * expected < result["tflops_per_step"] * 1e12 < 1.2 * expected

@@ -1,0 +1,86 @@
+"""Shared by the benchmarks: timing side by side, and writing a markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def time_side_by_side(candidates: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each candidate, interleaved round by round so drift hits all alike."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            started = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {device}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(name: str, title: str, sections: list[str], bars: dict[str, dict[str, float]] | None = None,
+                 bar_label: str = "speed-up vs peer (x)") -> Path:
+    """bench/results/<name>.md, and <name>.png with one bar group per entry of `bars`."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = [f"# {title}", "", f"Measured {stamp} on {machine()}.", "", *sections]
+    if bars:
+        _plot(RESULTS / f"{name}.png", title, bars, bar_label)
+        body += ["", f"![{title}]({name}.png)"]
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(body) + "\n")
+    return path
+
+
+def _plot(path: Path, title: str, bars: dict[str, dict[str, float]], label: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(bars)
+    series = sorted({peer for values in bars.values() for peer in values})
+    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4))
+    width = 0.8 / max(1, len(series))
+    for i, peer in enumerate(series):
+        xs = [n + i * width for n in range(len(names))]
+        axis.bar(xs, [bars[name].get(peer, 0.0) for name in names], width, label=peer)
+    axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    axis.set_xticks([n + width * (len(series) - 1) / 2 for n in range(len(names))], names, rotation=15)
+    axis.set_ylabel(label)
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
