@@ -47,13 +47,27 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention over `x` [batch, length, width]; with `query_index` [batch], only that
+        position of each row queries (all positions still serve as keys and values)."""
         batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        # shape = [3, batch, heads, length, head_width]
-        q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(x.transpose(1, 2).reshape(batch, length, width))
+        head_width = width // self.heads
+        if query_index is None:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+            # shape = [3, batch, heads, length, head_width]
+            q, k, v = qkv.view(batch, length, 3, self.heads, head_width).permute(2, 0, 3, 1, 4)
+            x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return self.out_proj(x.transpose(1, 2).reshape(batch, length, width))
+        w_q, w_kv = self.in_proj_weight.split([width, 2 * width])
+        b_q, b_kv = self.in_proj_bias.split([width, 2 * width])
+        query = x[torch.arange(batch, device=x.device), query_index].unsqueeze(1)
+        q = F.linear(query, w_q, b_q).view(batch, 1, self.heads, head_width).transpose(1, 2)  # [*, heads, 1, hw]
+        k, v = F.linear(x, w_kv, b_kv).view(batch, length, 2, self.heads, head_width).permute(2, 0, 3, 1, 4)
+        mask = None
+        if causal:  # the query sees its own position and those before it
+            mask = (torch.arange(length, device=x.device) <= query_index[:, None])[:, None, None, :]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(x.transpose(1, 2).reshape(batch, 1, width))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -67,8 +81,11 @@ class ResidualAttentionBlock(nn.Module):
             OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", act_layer()), ("c_proj", nn.Linear(hidden, width))])
         )
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, query_index: torch.Tensor | None = None) -> torch.Tensor:
+        attended = self.attn(self.ln_1(x), causal=causal, query_index=query_index)
+        if query_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), query_index].unsqueeze(1)  # shape = [*, 1, width]
+        x = x + attended
         return x + self.mlp(self.ln_2(x))
 
 
@@ -81,13 +98,17 @@ class Transformer(nn.Module):
         )
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, length, width] → the same, or with `pool_index` [batch] only the output at that
+        position, [batch, width]: the last block then computes nothing that cannot reach it."""
+        last = len(self.resblocks) - 1
+        for i, block in enumerate(self.resblocks):
+            query_index = pool_index if i == last else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
+                x = checkpoint(block, x, causal, query_index, use_reentrant=False)
             else:
-                x = block(x, causal=causal)
-        return x
+                x = block(x, causal=causal, query_index=query_index)
+        return x if pool_index is None else x[:, 0]
 
     def init_weights(self) -> None:
         # OpenAI's scheme: residual projections shrink with depth
@@ -122,8 +143,8 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # shape = [*, grid ** 2, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # shape = [*, grid ** 2 + 1, width]
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
+        x = self.transformer(self.ln_pre(x), pool_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+        return self.ln_post(x) @ self.proj  # the class token's features
 
     def init_weights(self) -> None:
         self.transformer.init_weights()
@@ -286,12 +307,12 @@ class CLIP(nn.Module):
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         # features are taken at [EOT], the highest token id in each row; under the causal mask,
-        # positions after the batch's last [EOT] cannot reach it, so they are never computed
+        # positions after the batch's last [EOT] cannot reach it, so they are never computed,
+        # and the last block computes only the [EOT] row
         eot = text.argmax(dim=-1)
         length = int(eot.max()) + 1
         x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]  # shape = [*, length, width]
-        x = self.transformer(x, causal=True)
-        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])  # shape = [*, width]
+        x = self.ln_final(self.transformer(x, causal=True, pool_index=eot))  # shape = [*, width]
         features = x @ self.text_projection
         return F.normalize(features, dim=-1) if normalize else features
 
