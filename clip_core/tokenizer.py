@@ -45,13 +45,18 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def clean_text(text: str) -> str:
-    """ftfy + double HTML unescape + whitespace collapse + lower case, as CLIP's tokenizer does."""
+def normalize_caption(text: str) -> str:
+    """ftfy + double HTML unescape + whitespace collapse: CLIP's cleaning, case kept."""
     if not text.isascii() or _FTFY_TOUCHES_ASCII.search(text):
         import ftfy
 
         text = ftfy.fix_text(text)
-    return " ".join(html.unescape(html.unescape(text)).split()).lower()
+    return " ".join(html.unescape(html.unescape(text)).split())
+
+
+def clean_text(text: str) -> str:
+    """What CLIP's tokenizer splits: the normalized caption in lower case."""
+    return normalize_caption(text).lower()
 
 
 class Tokenizer:

@@ -13,6 +13,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocess(args: argparse.Namespace) -> int:
+    from .preprocess import PreprocessOptions, preprocess
+
+    classnames = None
+    if args.classnames:
+        classnames = [line.strip() for line in open(args.classnames, encoding="utf-8") if line.strip()]
+    options = PreprocessOptions(format=args.format, image_key=args.image_key, caption_key=args.caption_key,
+                                label_key=args.label_key, classnames=classnames, image_size=args.image_size,
+                                image_format=args.image_format, jpeg_quality=args.jpeg_quality,
+                                rows_per_shard=args.rows_per_shard,
+                                dedupe=not args.no_dedupe, concurrency=args.concurrency)
+    preprocess(args.source, args.output, options)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayclip", description="CLIP as a distributed workflow on Ray")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -21,6 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=64, help="contrastive batch (default 64)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo)
+
+    pre = commands.add_parser("preprocess", help="raw image-text pairs → prepared shards + manifest (Ray Data)",
+                              description="Validate, decode, resize, tokenize and shard raw pairs. SOURCE is a file, "
+                              "a directory, a brace pattern (shard-{00000..00099}.tar), an s3:// prefix, or "
+                              "synthetic://train?count=N&seed=S&image_size=P.")
+    pre.add_argument("source")
+    pre.add_argument("output", help="directory or s3:// prefix for manifest.json, shards/ and rejects.parquet")
+    pre.add_argument("--format", choices=["webdataset", "parquet", "csv", "folder", "synthetic"])
+    pre.add_argument("--image-key", help="image column (parquet/csv) or member extension (webdataset/folder)")
+    pre.add_argument("--caption-key", help="caption column or member extension (default txt/caption)")
+    pre.add_argument("--label-key", help="label column or member extension, for labeled evaluation sets")
+    pre.add_argument("--classnames", help="file with one class name per line; line i is label i")
+    pre.add_argument("--image-size", type=int, default=224)
+    pre.add_argument("--image-format", choices=["jpeg", "png", "webp"], default="jpeg")
+    pre.add_argument("--jpeg-quality", type=int, default=95)
+    pre.add_argument("--rows-per-shard", type=int, default=10_000)
+    pre.add_argument("--concurrency", type=int, help="at most this many processing tasks at once")
+    pre.add_argument("--no-dedupe", action="store_true", help="keep exact duplicate images")
+    pre.set_defaults(handler=_preprocess)
     return parser
 
 
@@ -28,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"rayclip {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,128 @@
+"""Preprocess throughput: our decode+resize+encode path vs a naive Pillow baseline, per core,
+and the end-to-end Ray Data pipeline on this machine's cores.
+
+Inputs are LAION-like JPEGs (500x375 to 1600x1200, quality 90, photo-like content). Both paths
+produce a center-cropped JPEG (quality 95) at the target size; ours also validates the image and
+hashes its pixels for deduplication. Writes bench/results/preprocess.md and preprocess.png.
+
+    python bench/bench_preprocess.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import markdown_table, time_side_by_side, write_report  # noqa: E402
+from clip_core.transforms import center_crop, resize_shortest_side  # noqa: E402
+from workflows.preprocess import PreprocessOptions, prepare_image, preprocess  # noqa: E402
+
+SIZES = [(500, 375), (640, 480), (800, 600), (1024, 768), (1280, 960), (1600, 1200)]
+
+
+def laion_like_jpegs(count: int, seed: int = 0) -> list[bytes]:
+    """Photo-like JPEGs: smooth gradients, overlapping shapes, blur and sensor noise."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        width, height = rng.choice(SIZES)
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+        base = np.stack([128 + 100 * np.sin(x / rng.uniform(40, 200) + c + i) * np.cos(y / rng.uniform(40, 200) - c)
+                         for c in range(3)], axis=-1)
+        image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+        draw = ImageDraw.Draw(image)
+        for _ in range(12):
+            x0, y0 = rng.randrange(width), rng.randrange(height)
+            box = (x0, y0, x0 + rng.randrange(20, width // 2), y0 + rng.randrange(20, height // 2))
+            draw.ellipse(box, fill=tuple(rng.randrange(256) for _ in range(3)))
+        image = image.filter(ImageFilter.GaussianBlur(1.5))
+        noisy = np.asarray(image, dtype=np.float32) + np.random.default_rng(i).normal(0, 6, (height, width, 3))
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def naive(data: bytes, size: int) -> bytes:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image = center_crop(resize_shortest_side(image, size), size)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--image-size", type=int, default=224)
+    args = parser.parse_args()
+    count = 60 if args.quick else 300
+    images = laion_like_jpegs(count)
+    megapixels = sum(Image.open(io.BytesIO(d)).size[0] * Image.open(io.BytesIO(d)).size[1] for d in images) / 1e6
+    options = PreprocessOptions(image_size=args.image_size)
+
+    seconds = time_side_by_side({
+        "ours": lambda: [prepare_image(d, options) for d in images],
+        "naive": lambda: [naive(d, args.image_size) for d in images],
+    }, repeats=2 if args.quick else 3)
+    ours_rate, naive_rate = count / seconds["ours"], count / seconds["naive"]
+    print(f"per core: ours {ours_rate:.1f} rows/s, naive {naive_rate:.1f} rows/s", flush=True)
+
+    # end to end through Ray Data: WebDataset shards → prepared dataset, all cores
+    import tarfile
+
+    from workflows.runtime import init_ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    init_ray()
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = 4
+        for s in range(shards):
+            with tarfile.open(Path(tmp) / f"shard-{s:05d}.tar", "w") as archive:
+                for i in range(s, count, shards):
+                    for name, payload in ((f"{i:06d}.jpg", images[i]), (f"{i:06d}.txt", f"photo {i}".encode())):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(payload)
+                        archive.addfile(info, io.BytesIO(payload))
+        preprocess(tmp, str(Path(tmp) / "warmup"), options.model_copy(update={"image_size": 32}), echo=lambda *_: None)
+        started = time.perf_counter()
+        manifest = preprocess(tmp, str(Path(tmp) / "out"), options, echo=lambda *_: None)
+        pipeline_seconds = time.perf_counter() - started
+    pipeline_rate = manifest["counts"]["read"] / pipeline_seconds
+    cores = os.cpu_count()
+    print(f"pipeline on {cores} cores: {pipeline_rate:.1f} rows/s", flush=True)
+
+    rows = [
+        ["decode+resize+encode, 1 core", f"{ours_rate:.1f}", f"{naive_rate:.1f}", f"**{ours_rate / naive_rate:.2f}x**"],
+        [f"Ray Data pipeline, {cores} cores (WebDataset → shards)", f"{pipeline_rate:.1f}", "", ""],
+    ]
+    notes = [
+        f"{count} JPEGs, {megapixels / count:.2f} megapixels on average (500x375 to 1600x1200, quality 90), to "
+        f"{args.image_size}x{args.image_size} JPEG quality 95. Rows per second; ratio above 1 means ours is faster.",
+        "Naive: `Image.open().convert('RGB')`, bicubic resize of the shortest side, center crop, encode. Ours: the "
+        "same geometry after Pillow's `draft()` reduced-scale JPEG decoding, plus validation (size, aspect, bomb "
+        "limits) and a pixel hash for deduplication.",
+        "The pipeline row includes reading tars, tokenizing captions, deduplication, writing shards and the manifest; "
+        "Ray's per-task overhead weighs on a run this small.",
+        "",
+        markdown_table(["measurement", "ours rows/s", "naive rows/s", "ratio"], rows),
+    ]
+    path = write_report("preprocess", "Preprocess: decode + resize + encode", notes,
+                        {"decode+resize+encode (1 core)": {"vs naive Pillow": ours_rate / naive_rate}},
+                        bar_label="speed-up vs naive (x)")
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

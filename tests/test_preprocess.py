@@ -1,0 +1,256 @@
+"""The preprocess stage on a real local Ray and a real S3 server (moto on 127.0.0.1)."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import corpus
+from workflows import preprocess as stage
+from workflows.preprocess import PreprocessOptions, load_prepared, preprocess, read_manifest
+from workflows.sources import SourceError
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+RAYCLIP = Path(sys.executable).parent / "rayclip"
+
+
+def _quiet(*_):
+    pass
+
+
+def _shard_rows(output) -> list[dict]:
+    manifest = read_manifest(str(output))
+    rows = []
+    for shard in manifest["shards"]:
+        rows += pq.read_table(Path(output) / shard["path"]).to_pylist()
+    return rows
+
+
+def _rejects(output) -> dict[str, str]:
+    return {r["key"]: r["reason"] for r in pq.read_table(Path(output) / "rejects.parquet").to_pylist()}
+
+
+def test_bad_input_corpus_every_row_is_kept_or_rejected_with_its_reason(tmp_path):
+    expected = corpus.write_bad_webdataset(tmp_path / "src")
+    manifest = preprocess(str(tmp_path / "src"), str(tmp_path / "out"), PreprocessOptions(image_size=48), echo=_quiet)
+
+    counts = manifest["counts"]
+    assert counts["read"] == len(expected) == counts["kept"] + counts["rejected"]
+    assert _rejects(tmp_path / "out") == {key: reason for key, reason in expected.items() if reason}
+    kept = _shard_rows(tmp_path / "out")
+    assert sorted(r["key"] for r in kept) == sorted(key for key, reason in expected.items() if reason is None)
+    assert sum(counts["rejected_by_reason"].values()) == counts["rejected"]
+    for row in kept:
+        image = Image.open(io.BytesIO(row["image"]))
+        assert image.size == (48, 48) and image.mode == "RGB"
+        assert row["tokens"][0] == 49406 and row["tokens"][-1] == 49407 and len(row["tokens"]) <= 77
+    assert json.loads(next(r for r in kept if r["key"] == "ok-jpeg")["metadata"]) == {"url": "x"}
+    for shard in manifest["shards"]:
+        assert hashlib.sha256((tmp_path / "out" / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
+    assert manifest["image_size"] == 48 and manifest["tokenizer"]["id"] == "clip-bpe-49408"
+    assert manifest["digest"].startswith("sha256:") and manifest["sources"] == [str(tmp_path / "src")]
+
+
+def test_each_format_reads_locally(tmp_path):
+    pairs = corpus.clean_pairs(12)
+    corpus.write_webdataset(tmp_path / "wds", pairs, shards=3)
+    corpus.write_parquet(tmp_path / "pq" / "part-0.parquet", pairs)
+    csv_path = corpus.write_csv(tmp_path / "csv", pairs)
+    tsv_path = corpus.write_csv(tmp_path / "tsv", pairs, delimiter="\t")
+    corpus.write_folder(tmp_path / "folder", pairs)
+    (tmp_path / "folder" / "orphan.jpg").write_bytes(pairs[0][1])  # no sidecar caption
+
+    runs = {
+        "webdataset": (str(tmp_path / "wds" / "shard-{00000..00002}.tar"), {}),
+        "parquet": (str(tmp_path / "pq"), {"image_key": "jpg", "caption_key": "txt"}),
+        "csv": (str(csv_path), {"caption_key": "title"}),
+        "tsv": (str(tsv_path), {"caption_key": "title"}),
+        "folder": (str(tmp_path / "folder"), {}),
+    }
+    captions = sorted(caption for _, _, caption in pairs)
+    for name, (source, options) in runs.items():
+        manifest = preprocess(source, str(tmp_path / f"out-{name}"), PreprocessOptions(image_size=32, **options),
+                              echo=_quiet)
+        rows = _shard_rows(tmp_path / f"out-{name}")
+        assert sorted(r["caption"] for r in rows) == captions, name
+        expected_read = 13 if name == "folder" else 12
+        assert manifest["counts"]["read"] == expected_read, name
+    assert _rejects(tmp_path / "out-folder") == {"orphan": "missing_caption"}
+
+
+def test_labeled_sets_map_labels_through_class_names(tmp_path):
+    pairs = corpus.clean_pairs(5, seed=3)
+    corpus.write_parquet(tmp_path / "eval.parquet", pairs, labels=["cat", "dog", "1", "bird", "7"])
+    manifest = preprocess(str(tmp_path / "eval.parquet"), str(tmp_path / "out"),
+                          PreprocessOptions(image_size=32, image_key="jpg", caption_key="txt", label_key="label",
+                                            classnames=["cat", "dog"]), echo=_quiet)
+    labels = {r["key"]: r["label"] for r in _shard_rows(tmp_path / "out")}
+    assert labels == {pairs[0][0]: 0, pairs[1][0]: 1, pairs[2][0]: 1}
+    assert _rejects(tmp_path / "out") == {pairs[3][0]: "invalid_label", pairs[4][0]: "invalid_label"}
+    assert manifest["classnames"] == ["cat", "dog"]
+
+
+def test_synthetic_source_carries_labels_and_class_names(tmp_path):
+    manifest = preprocess("synthetic://heldout?count=40&seed=3&image_size=32", str(tmp_path / "out"),
+                          PreprocessOptions(image_size=32, dedupe=False), echo=_quiet)
+    assert manifest["counts"] == {"read": 40, "kept": 40, "rejected": 0, "rejected_by_reason": {}}
+    rows = _shard_rows(tmp_path / "out")
+    for row in rows:
+        classname = manifest["classnames"][row["label"]]
+        assert json.loads(row["metadata"])["classname"] == classname
+        assert all(word in row["caption"] for word in classname.split())
+
+
+def test_s3_in_and_out(tmp_path, s3_bucket):
+    s3 = boto3.client("s3")
+    pairs = corpus.clean_pairs(8, seed=5)
+    corpus.write_webdataset(tmp_path / "wds", pairs, shards=2)
+    corpus.write_parquet(tmp_path / "pq" / "data.parquet", pairs)
+    csv_path = corpus.write_csv(tmp_path / "csv", pairs)
+    corpus.write_folder(tmp_path / "folder", pairs)
+    for path in [*tmp_path.glob("wds/*.tar"), tmp_path / "pq" / "data.parquet", csv_path,
+                 *tmp_path.glob("csv/images/*.jpg"), *tmp_path.glob("folder/*")]:
+        s3.upload_file(str(path), s3_bucket, f"raw/{path.relative_to(tmp_path)}")
+
+    runs = {"wds": (f"s3://{s3_bucket}/raw/wds", {}),
+            "pq": (f"s3://{s3_bucket}/raw/pq/data.parquet", {"image_key": "jpg", "caption_key": "txt"}),
+            "csv": (f"s3://{s3_bucket}/raw/csv/pairs.csv", {"caption_key": "title"}),
+            "folder": (f"s3://{s3_bucket}/raw/folder", {"format": "folder"})}
+    digests = {}
+    for name, (source, options) in runs.items():
+        output = f"s3://{s3_bucket}/prepared/{name}"
+        manifest = preprocess(source, output, PreprocessOptions(image_size=32, rows_per_shard=5, **options), echo=_quiet)
+        assert manifest["counts"]["kept"] == 8, name
+        stored = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"prepared/{name}/manifest.json")["Body"].read())
+        assert stored["digest"] == manifest["digest"]
+        for shard in stored["shards"]:
+            body = s3.get_object(Bucket=s3_bucket, Key=f"prepared/{name}/{shard['path']}")["Body"].read()
+            assert hashlib.sha256(body).hexdigest() == shard["sha256"]
+        assert load_prepared(output).count() == 8
+        digests[name] = manifest["digest"]
+    # the digest is the content: the same keys, pixels and captions from a tar or a Parquet file agree;
+    # the CSV rows are keyed by their line, so that dataset differs
+    assert digests["wds"] == digests["pq"] != digests["csv"]
+    assert digests["folder"] == digests["wds"], "folder keys are the file stems, as the tar's"
+
+
+def test_prepared_rows_feed_torch_batches_with_augmentation(tmp_path):
+    preprocess("synthetic://all?count=24&seed=4&image_size=48", str(tmp_path / "out"),
+               PreprocessOptions(image_size=48), echo=_quiet)
+    dataset = load_prepared(str(tmp_path / "out"), shuffle_files=True, seed=0)
+    batches = list(dataset.iter_torch_batches(batch_size=10, collate_fn=stage.Collate(32, train=True, seed=0),
+                                              local_shuffle_buffer_size=16, local_shuffle_seed=0))
+    images, tokens, labels = batches[0]
+    assert images.shape == (10, 3, 32, 32) and images.dtype.is_floating_point
+    assert tokens.shape == (10, 77) and (tokens[:, 0] == 49406).all() and (tokens.argmax(dim=1) > 0).all()
+    assert labels.shape == (10,) and sum(len(b[0]) for b in batches) == 24
+
+
+def test_same_input_same_digest_and_reruns_are_safe(tmp_path):
+    source = "synthetic://train?count=120&seed=9&image_size=32"
+    first = preprocess(source, str(tmp_path / "a"), PreprocessOptions(image_size=32, rows_per_shard=50), echo=_quiet)
+    other = preprocess(source, str(tmp_path / "b"), PreprocessOptions(image_size=32, rows_per_shard=30), echo=_quiet)
+    assert first["digest"] == other["digest"], "the digest is the rows' content, not their sharding"
+    assert len(first["shards"]) != len(other["shards"])
+
+    # a rerun over the same output with other options replaces it cleanly
+    again = preprocess(source, str(tmp_path / "a"), PreprocessOptions(image_size=32, rows_per_shard=30), echo=_quiet)
+    assert again["digest"] == first["digest"]
+    on_disk = sorted(p.name for p in (tmp_path / "a" / "shards").iterdir())
+    assert on_disk == sorted(Path(s["path"]).name for s in again["shards"]), "stale shards are removed"
+
+    changed = preprocess(source, str(tmp_path / "c"), PreprocessOptions(image_size=40), echo=_quiet)
+    assert changed["digest"] != first["digest"]
+
+
+def test_a_killed_run_leaves_the_previous_manifest_and_its_shards(tmp_path):
+    output = tmp_path / "out"
+    before = preprocess("synthetic://train?count=60&seed=1&image_size=32", str(output),
+                        PreprocessOptions(image_size=32, rows_per_shard=20), echo=_quiet)
+    manifest_text = (output / "manifest.json").read_text()
+    old_shards = {Path(s["path"]).name for s in before["shards"]}
+
+    script = ("import sys; from workflows.preprocess import preprocess, PreprocessOptions; "
+              f"preprocess('synthetic://train?count=4000&seed=2&image_size=32', {str(output)!r}, "
+              "PreprocessOptions(image_size=32, rows_per_shard=40))")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not ({p.name for p in (output / "shards").iterdir() if p.suffix == ".parquet"} - old_shards):
+            assert child.poll() is None, "the second run ended before writing a shard"
+            assert time.monotonic() < deadline, "the second run wrote no shard in time"
+            time.sleep(0.2)  # polling for a file to appear, not timing a result
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    assert (output / "manifest.json").read_text() == manifest_text
+    for shard in before["shards"]:
+        assert hashlib.sha256((output / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
+    assert load_prepared(str(output)).count() == 60
+
+
+def test_missing_columns_and_sources_fail_fast_naming_them(tmp_path):
+    corpus.write_parquet(tmp_path / "data.parquet", corpus.clean_pairs(2), image_column="jpg", caption_column="txt")
+    with pytest.raises(SourceError, match=r"caption column 'caption' not found in .*data.parquet; columns are: key, jpg, txt"):
+        preprocess(str(tmp_path / "data.parquet"), str(tmp_path / "out"), PreprocessOptions(image_key="jpg"), echo=_quiet)
+    csv_path = corpus.write_csv(tmp_path / "csv", corpus.clean_pairs(2))
+    with pytest.raises(SourceError, match=r"caption column 'caption' not found .*columns are: filepath, title .*--caption-key"):
+        preprocess(str(csv_path), str(tmp_path / "out"), echo=_quiet)
+    with pytest.raises(SourceError, match=r"1 of 1 source files do not exist"):
+        preprocess(str(tmp_path / "nowhere.tar"), str(tmp_path / "out"), echo=_quiet)
+    with pytest.raises(SourceError, match="cannot tell the format"):
+        preprocess(str(tmp_path / "nowhere"), str(tmp_path / "out"), echo=_quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="min_caption_chars"):
+        PreprocessOptions(min_caption_chars=10, max_caption_chars=5)
+    with pytest.raises(ValueError, match="extra"):
+        PreprocessOptions(imagesize=3)
+
+
+def test_large_jpegs_decode_at_reduced_scale_with_the_same_result_size():
+    large = corpus.encode(corpus.photo(1600, 1200, seed=1), quality=90)
+    image, size, _ = stage.prepare_image(large, PreprocessOptions(image_size=224))
+    assert size == (1600, 1200) and Image.open(io.BytesIO(image)).size == (224, 224)
+
+
+def test_dataset_is_logged_to_mlflow_when_tracking_is_set(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    manifest = preprocess("synthetic://train?count=20&image_size=32", str(tmp_path / "out"),
+                          PreprocessOptions(image_size=32), echo=_quiet)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rayclip")
+    run = client.search_runs([experiment.experiment_id])[0]
+    assert run.data.params["dataset_digest"] == manifest["digest"]
+    assert run.data.metrics["rows_kept"] == 20
+    assert run.inputs.dataset_inputs[0].dataset.digest == manifest["digest"].removeprefix("sha256:")[:36]
+
+
+def test_cli_prints_a_summary_and_names_bad_columns(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ok = subprocess.run([str(RAYCLIP), "preprocess", "synthetic://train?count=30&image_size=32", str(tmp_path / "out"),
+                         "--image-size", "32"], capture_output=True, text=True, timeout=300, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "preprocess: read 30, kept 30, rejected 0" in ok.stdout
+    corpus.write_parquet(tmp_path / "x.parquet", corpus.clean_pairs(1))
+    bad = subprocess.run([str(RAYCLIP), "preprocess", str(tmp_path / "x.parquet"), str(tmp_path / "out2")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2
+    assert "image column 'image' not found" in bad.stderr and "columns are: key, jpg, txt" in bad.stderr

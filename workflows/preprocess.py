@@ -1,0 +1,482 @@
+"""Preprocess stage on Ray Data: raw image-text pairs → prepared shards, a manifest, and rejects.
+
+    read (one task per source file) → validate, decode, resize, re-encode, tokenize
+        → drop exact duplicates (one ordered actor) → write shards (one task per shard)
+
+The stream is never materialised. Every row read ends kept in a shard or rejected with a
+reason in `rejects.parquet`, so `read == kept + rejected` always. Shards are content-addressed
+(`shards/shard-<sha256>.parquet`) and the manifest is written last, so a failed run leaves the
+previous manifest (and the shards it names) intact, and a rerun over the same output is safe.
+The dataset's digest is a hash of its rows' content, independent of sharding and order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from clip_core.tokenizer import TOKENIZER_ID, get_tokenizer, normalize_caption
+from clip_core.transforms import center_crop, resize_shortest_side, to_rgb
+
+from . import storage
+from .sources import SourceSpec, detect_format, plan_files, read_source_batch
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REJECTS = "rejects.parquet"
+SHARDS_DIR = "shards"
+REASONS = (
+    "missing_image", "missing_caption", "empty_image", "unreadable_image", "undecodable_image", "image_too_large",
+    "image_too_small", "extreme_aspect_ratio", "caption_not_utf8", "empty_caption", "caption_too_short",
+    "caption_too_long", "invalid_label", "duplicate", "unreadable_source",
+)
+
+PROCESSED_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("source", pa.string()),
+    ("image", pa.binary()),
+    ("caption", pa.string()),
+    ("tokens", pa.list_(pa.int32())),
+    ("label", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("metadata", pa.string()),
+    ("pixel_hash", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+])
+SHARD_COLUMNS = ["key", "image", "caption", "tokens", "label", "width", "height", "metadata"]
+REJECT_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("reason", pa.string()),
+                           ("detail", pa.string())])
+
+
+class PreprocessOptions(BaseModel):
+    """How raw pairs become training rows. Every field has a default that works."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str | None = Field(None, description="webdataset|parquet|csv|folder|synthetic; detected when None")
+    image_key: str | None = None
+    caption_key: str | None = None
+    label_key: str | None = None
+    classnames: list[str] | None = Field(None, description="label i is classnames[i]; string labels map through it")
+    image_size: int = Field(224, gt=0, le=4096)
+    image_format: str = Field("jpeg", pattern="^(jpeg|png|webp)$")
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    min_image_side: int = Field(32, ge=1)
+    max_aspect_ratio: float = Field(5.0, ge=1.0)
+    max_image_pixels: int = Field(64_000_000, gt=0)
+    max_image_bytes: int = Field(32 * 2**20, gt=0)
+    min_caption_chars: int = Field(1, ge=1)
+    max_caption_chars: int = Field(1000, ge=1)
+    dedupe: bool = True
+    rows_per_shard: int = Field(10_000, gt=0)
+    batch_size: int = Field(256, gt=0, description="rows per processing task")
+    concurrency: int | None = Field(None, gt=0, description="at most this many processing tasks at once")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per processing task")
+    progress_interval_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _caption_bounds(self):
+        if self.min_caption_chars > self.max_caption_chars:
+            raise ValueError(f"min_caption_chars ({self.min_caption_chars}) exceeds max_caption_chars "
+                             f"({self.max_caption_chars})")
+        return self
+
+
+class Reject(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail or reason)
+        self.reason, self.detail = reason, detail
+
+
+# --------------------------------------------------------------------------------- one row
+
+
+def prepare_image(data: bytes | None, options: PreprocessOptions) -> tuple[bytes, tuple[int, int], str]:
+    """Raw bytes → (re-encoded bytes at training resolution, original size, pixel hash), or Reject."""
+    if data is None:
+        raise Reject("missing_image")
+    if len(data) == 0:
+        raise Reject("empty_image", "0 bytes")
+    if len(data) > options.max_image_bytes:
+        raise Reject("image_too_large", f"{len(data):,} bytes > {options.max_image_bytes:,}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise Reject("image_too_large", str(exc)[:200]) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise Reject("undecodable_image", str(exc)[:200]) from None
+    width, height = image.size
+    size = options.image_size
+    if width * height > options.max_image_pixels:
+        raise Reject("image_too_large", f"{width}x{height} > {options.max_image_pixels:,} pixels")
+    short, long = min(width, height), max(width, height)
+    if short < options.min_image_side:
+        raise Reject("image_too_small", f"{width}x{height}, shortest side < {options.min_image_side}")
+    if long / short > options.max_aspect_ratio:
+        raise Reject("extreme_aspect_ratio", f"{width}x{height} > {options.max_aspect_ratio}:1")
+    if image.format == "JPEG" and short >= 2 * size:
+        # decode at a reduced DCT scale that still covers the target: up to 64x fewer pixels
+        image.draft("RGB", (-(-width * size // short), -(-height * size // short)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image.load()
+            image = to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise Reject("undecodable_image", str(exc)[:200]) from None
+    image = center_crop(resize_shortest_side(image, size), size)
+    buffer = io.BytesIO()
+    if options.image_format == "jpeg":
+        image.save(buffer, format="JPEG", quality=options.jpeg_quality)
+    elif options.image_format == "webp":
+        image.save(buffer, format="WEBP", lossless=True)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue(), (width, height), hashlib.sha256(image.tobytes()).hexdigest()[:32]
+
+
+def prepare_caption(data: bytes | None, options: PreprocessOptions) -> str:
+    if data is None:
+        raise Reject("missing_caption")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Reject("caption_not_utf8", str(exc)[:200]) from None
+    caption = normalize_caption(text)
+    if not caption:
+        raise Reject("empty_caption")
+    if len(caption) < options.min_caption_chars:
+        raise Reject("caption_too_short", f"{len(caption)} < {options.min_caption_chars} characters")
+    if len(caption) > options.max_caption_chars:
+        raise Reject("caption_too_long", f"{len(caption):,} > {options.max_caption_chars:,} characters")
+    return caption
+
+
+def resolve_label(raw: str | None, classnames: list[str] | None) -> int | None:
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if raw.lstrip("-").isdigit():
+        label = int(raw)
+        if label < 0 or (classnames is not None and label >= len(classnames)):
+            raise Reject("invalid_label", f"label {label} outside 0..{len(classnames or []) - 1}")
+        return label
+    if classnames is None:
+        raise Reject("invalid_label", f"label {raw!r} is a name, but no class names were given")
+    try:
+        return classnames.index(raw)
+    except ValueError:
+        raise Reject("invalid_label", f"label {raw!r} is not one of the {len(classnames)} class names") from None
+
+
+def _fetch(uri: str | None, limit: int, missing: str) -> bytes | None:
+    if uri is None:
+        return None
+    try:
+        return storage.read_bytes(uri, max_bytes=limit)
+    except FileNotFoundError:
+        raise Reject(missing, f"no file at {uri}") from None
+    except ValueError as exc:
+        raise Reject("image_too_large" if missing == "missing_image" else "caption_too_long", str(exc)) from None
+    except OSError as exc:
+        raise Reject("unreadable_image" if missing == "missing_image" else "missing_caption", str(exc)[:200]) from None
+
+
+def process_batch(batch: pa.Table, options: PreprocessOptions) -> pa.Table:
+    """Ray Data UDF: raw rows → processed rows; unusable rows keep flowing with their reason."""
+    tokenize = get_tokenizer()
+    out = []
+    for row in batch.to_pylist():
+        result = {"key": row["key"], "source": row["source"], "metadata": row["metadata"]}
+        try:
+            if row["reason"]:
+                raise Reject(row["reason"], row["detail"] or "")
+            caption_bytes = row["caption"] if row["caption_uri"] is None else _fetch(row["caption_uri"], 1 << 20, "missing_caption")
+            caption = prepare_caption(caption_bytes, options)
+            label = resolve_label(row["label"], options.classnames)
+            image_bytes = row["image"] if row["image_uri"] is None else _fetch(row["image_uri"], options.max_image_bytes, "missing_image")
+            image, (width, height), pixel_hash = prepare_image(image_bytes, options)
+            ids = [tokenize.sot_token_id, *tokenize.encode(caption)][: tokenize.context_length - 1]
+            result.update(image=image, caption=caption, tokens=[*ids, tokenize.eot_token_id], label=label,
+                          width=width, height=height, pixel_hash=pixel_hash)
+        except Reject as reject:
+            result.update(reason=reject.reason, detail=reject.detail or None)
+        out.append(result)
+    return pa.Table.from_pylist(out, schema=PROCESSED_SCHEMA)
+
+
+class Deduplicate:
+    """Marks rows whose pixels equal an earlier row's. One actor sees the ordered stream, so the
+    first occurrence in source order is kept, run after run."""
+
+    def __init__(self):
+        self.first_key_of: dict[str, str] = {}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        reasons, details = batch.column("reason").to_pylist(), batch.column("detail").to_pylist()
+        for i, (key, pixel_hash) in enumerate(zip(batch.column("key").to_pylist(), batch.column("pixel_hash").to_pylist())):
+            if reasons[i] is not None:
+                continue
+            first = self.first_key_of.setdefault(pixel_hash, key)
+            if first != key:
+                reasons[i], details[i] = "duplicate", f"same pixels as {first}"
+        batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+        return batch.set_column(batch.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
+
+
+def _row_digest(key: str, pixel_hash: str, caption: str, label) -> int:
+    text = json.dumps([key, pixel_hash, caption, label], ensure_ascii=False)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:16], "big")
+
+
+def write_shard(batch: pa.Table, shards_uri: str) -> pa.Table:
+    """Ray Data UDF: write the kept rows of one batch as a content-addressed shard; return a
+    one-row summary with the shard, its hash, and the rejected rows."""
+    kept_mask = pc.is_null(batch.column("reason"))
+    kept = batch.filter(kept_mask)
+    rejected = batch.filter(pc.invert(kept_mask))
+    shard, digest, size = None, None, 0
+    content = 0
+    if kept.num_rows:
+        table = kept.select(SHARD_COLUMNS)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, row_group_size=1024, compression={c: ("NONE" if c == "image" else "ZSTD")
+                                                                         for c in SHARD_COLUMNS})
+        data = buffer.getvalue()
+        digest, size = hashlib.sha256(data).hexdigest(), len(data)
+        shard = f"{SHARDS_DIR}/shard-{digest[:32]}.parquet"
+        _write_atomically(storage.join(shards_uri, storage.basename(shard)), data)
+        for key, pixel_hash, caption, label in zip(*(kept.column(c).to_pylist() for c in ("key", "pixel_hash", "caption", "label"))):
+            content = (content + _row_digest(key, pixel_hash, caption, label)) % (1 << 128)
+    return pa.table({
+        "shard": [shard], "sha256": [digest], "rows": [kept.num_rows], "bytes": [size], "read": [batch.num_rows],
+        "content": [f"{content:032x}"],
+        "reject_key": [rejected.column("key").to_pylist()], "reject_source": [rejected.column("source").to_pylist()],
+        "reject_reason": [rejected.column("reason").to_pylist()], "reject_detail": [rejected.column("detail").to_pylist()],
+    })
+
+
+def _write_atomically(uri: str, data: bytes) -> None:
+    """S3 PUTs are atomic; locally, write a temporary name and rename over."""
+    if storage.is_s3(uri):
+        storage.write_bytes(uri, data)
+        return
+    temporary = f"{uri}.tmp-{uuid.uuid4().hex}"
+    storage.write_bytes(temporary, data)
+    storage.move(temporary, uri)
+
+
+# ------------------------------------------------------------------------------------- run
+
+
+def _ensure_ray():
+    from .runtime import init_ray
+
+    init_ray()
+
+
+def preprocess(source: str, output: str, options: PreprocessOptions | None = None,
+               echo: Callable[[str], None] = print) -> dict:
+    """Run the stage; returns the manifest. Fails fast on sources it cannot read at all."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+
+    options = options or PreprocessOptions()
+    fmt = options.format or detect_format(source)
+    spec = SourceSpec(format=fmt, image_key=options.image_key, caption_key=options.caption_key,
+                      label_key=options.label_key, max_image_bytes=options.max_image_bytes)
+    files = plan_files(source, spec)
+    if fmt == "synthetic" and options.classnames is None:
+        from . import synthetic
+
+        options = options.model_copy(update={"classnames": synthetic.class_names()})
+
+    _ensure_ray()
+    DataContext.get_current().execution_options.preserve_order = True  # dedupe keeps the first in source order
+    shards_uri = storage.join(output, SHARDS_DIR)
+    started = time.monotonic()
+    echo(f"preprocess: {len(files)} {fmt} source file(s) from {source} → {output}")
+
+    ds = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
+    ds = ds.map_batches(read_source_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec},
+                        num_cpus=options.num_cpus)
+    ds = ds.map_batches(process_batch, batch_size=options.batch_size, batch_format="pyarrow",
+                        fn_kwargs={"options": options}, num_cpus=options.num_cpus,
+                        compute=TaskPoolStrategy(size=options.concurrency) if options.concurrency else None)
+    if options.dedupe:
+        ds = ds.map_batches(Deduplicate, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
+                            compute=ActorPoolStrategy(size=1))
+    ds = ds.map_batches(write_shard, batch_size=options.rows_per_shard, batch_format="pyarrow",
+                        fn_kwargs={"shards_uri": shards_uri}, num_cpus=0.5)
+
+    shards, rejects, counts, content = [], {f: [] for f in REJECT_SCHEMA.names}, Counter(), 0
+    last_report = time.monotonic()
+    for summary in ds.iter_rows():
+        counts["read"] += summary["read"]
+        counts["kept"] += summary["rows"]
+        if summary["shard"]:
+            shards.append({"path": summary["shard"], "rows": summary["rows"], "sha256": summary["sha256"],
+                           "bytes": summary["bytes"]})
+        for field in REJECT_SCHEMA.names:
+            rejects[field].extend(summary[f"reject_{field}"])
+        content = (content + int(summary["content"], 16)) % (1 << 128)
+        if time.monotonic() - last_report > options.progress_interval_s:
+            last_report = time.monotonic()
+            echo(f"  {counts['read']:,} rows read, {counts['kept']:,} kept, {len(rejects['key']):,} rejected "
+                 f"({counts['read'] / (last_report - started):,.0f} rows/s)")
+
+    manifest = _finalize(output, source, fmt, files, options, shards, rejects, counts, content)
+    elapsed = time.monotonic() - started
+    manifest_counts = manifest["counts"]
+    echo(f"preprocess: read {manifest_counts['read']:,}, kept {manifest_counts['kept']:,}, rejected "
+         f"{manifest_counts['rejected']:,} {dict(manifest_counts['rejected_by_reason'])} in {elapsed:.1f}s "
+         f"({manifest_counts['read'] / max(elapsed, 1e-9):,.0f} rows/s) → {output} (digest {manifest['digest'][:19]}…)")
+    _log_to_mlflow(manifest, output)
+    return manifest
+
+
+def _finalize(output: str, source: str, fmt: str, files: list[str], options: PreprocessOptions, shards: list[dict],
+              rejects: dict[str, list], counts: Counter, content: int) -> dict:
+    """Rejects, then the manifest (last, atomically), then garbage shards of earlier runs."""
+    reject_table = pa.table(rejects, schema=REJECT_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(reject_table, buffer)
+    _write_atomically(storage.join(output, REJECTS), buffer.getvalue())
+    by_reason = Counter(rejects["reason"])
+    identity = {"schema_version": SCHEMA_VERSION, "image_size": options.image_size,
+                "image_format": options.image_format, "tokenizer": TOKENIZER_ID,
+                "classnames": options.classnames, "content": f"{content:032x}", "rows": counts["kept"]}
+    digest = "sha256:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "digest": digest,
+        "sources": [source],
+        "source_files": len(files),
+        "format": fmt,
+        "image_size": options.image_size,
+        "image_format": options.image_format,
+        "tokenizer": {"id": TOKENIZER_ID, "context_length": get_tokenizer().context_length},
+        "classnames": options.classnames,
+        "counts": {"read": counts["read"], "kept": counts["kept"], "rejected": len(rejects["key"]),
+                   "rejected_by_reason": dict(sorted(by_reason.items()))},
+        "shards": shards,
+        "rejects": {"path": REJECTS, "rows": reject_table.num_rows,
+                    "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()},
+        "options": options.model_dump(exclude={"classnames"}),
+    }
+    if manifest["counts"]["read"] != manifest["counts"]["kept"] + manifest["counts"]["rejected"]:
+        raise RuntimeError(f"row accounting broke: {manifest['counts']}")  # never expected: a bug, not bad input
+    _write_atomically(storage.join(output, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+    live = {storage.basename(s["path"]) for s in shards}
+    shards_uri = storage.join(output, SHARDS_DIR)
+    if storage.exists(shards_uri):
+        for uri in storage.list_files(shards_uri, recursive=False):
+            if storage.basename(uri) not in live:
+                storage.delete(uri)
+    return manifest
+
+
+def _log_to_mlflow(manifest: dict, output: str) -> None:
+    """Record the dataset as an MLflow input (digest, source, counts) when tracking is configured."""
+    import os
+
+    import mlflow
+
+    if not os.environ.get("MLFLOW_TRACKING_URI") and mlflow.active_run() is None:
+        return
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = MetaDataset(source=resolve_dataset_source(output), name=storage.basename(output),
+                              digest=manifest["digest"].removeprefix("sha256:")[:36])
+    own_run = mlflow.active_run() is None
+    if own_run:
+        mlflow.set_experiment("rayclip")
+        mlflow.start_run(run_name="preprocess")
+    try:
+        mlflow.log_input(dataset, context="preprocess")
+        mlflow.log_params({"dataset_digest": manifest["digest"], "dataset_uri": output})
+        mlflow.log_metrics({f"rows_{k}": v for k, v in manifest["counts"].items() if isinstance(v, int)})
+    finally:
+        if own_run:
+            mlflow.end_run()
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+def read_manifest(uri: str) -> dict:
+    manifest_uri = storage.join(uri, MANIFEST)
+    if not storage.exists(manifest_uri):
+        raise FileNotFoundError(f"no prepared dataset at {uri}: {MANIFEST} is missing (run `rayclip preprocess` first)")
+    manifest = json.loads(storage.read_bytes(manifest_uri, max_bytes=256 * 2**20))
+    if manifest.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ValueError(f"{uri} has prepared-dataset schema {manifest['schema_version']}; this rayclip reads up to "
+                         f"{SCHEMA_VERSION}: upgrade rayclip")
+    return manifest
+
+
+class Collate:
+    """`iter_torch_batches(collate_fn=Collate(...))`: decode and augment a batch of prepared rows
+    into (images [B, 3, S, S] float32, tokens [B, context] int64, labels [B] int64 or None)."""
+
+    def __init__(self, image_size: int, *, train: bool, seed: int | None = None, context_length: int = 77):
+        from clip_core.transforms import image_transform
+
+        self.transform = image_transform(image_size, train=train, seed=seed)
+        self.context_length = context_length
+
+    def __call__(self, batch: dict):
+        import numpy as np
+        import torch
+
+        images = torch.stack([self.transform(bytes(data)) for data in batch["image"]])
+        tokens = np.zeros((len(batch["tokens"]), self.context_length), dtype=np.int64)
+        for row, ids in enumerate(batch["tokens"]):
+            ids = list(ids)[: self.context_length]
+            tokens[row, : len(ids)] = ids
+        labels = batch.get("label")
+        if labels is not None and not any(label is None for label in labels):
+            labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        else:
+            labels = None
+        return images, torch.from_numpy(tokens), labels
+
+
+def load_prepared(uri: str, *, shuffle_files: bool = False, seed: int | None = None):
+    """The prepared dataset's kept rows as a Ray Dataset (columns: SHARD_COLUMNS); shuffle
+    with `shuffle_files` here and `local_shuffle_buffer_size` when iterating."""
+    import ray
+    from ray.data import FileShuffleConfig
+
+    manifest = read_manifest(uri)
+    if not manifest["shards"]:
+        raise ValueError(f"the prepared dataset at {uri} has no rows ({manifest['counts']})")
+    fs, _ = storage.filesystem(uri)
+    paths = [storage.filesystem(storage.join(uri, shard["path"]))[1] for shard in manifest["shards"]]
+    _ensure_ray()
+    return ray.data.read_parquet(paths, filesystem=fs, shuffle=FileShuffleConfig(seed=seed) if shuffle_files else None)
+

@@ -1,0 +1,331 @@
+"""Raw image-text sources: planning (which files, which format) and reading them into raw rows.
+
+Every reader turns one source file into batches of *raw rows* with one schema (RAW_SCHEMA):
+the image as bytes or as a URI still to fetch, the caption as raw bytes (so invalid UTF-8 can
+be rejected rather than crash), an optional label, passthrough metadata, and a `reason` when
+the row is already known to be unusable (an image without caption in a WebDataset shard, an
+unreadable shard). Nothing is dropped here: every sample read becomes exactly one row.
+
+Planning happens on the driver and fails fast: a missing source, a missing column or an
+unknown format is an error naming what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage, synthetic
+
+FORMATS = ("webdataset", "parquet", "csv", "folder", "synthetic")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+READ_BATCH_ROWS = 256
+
+RAW_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("source", pa.string()),
+    ("image", pa.binary()),
+    ("image_uri", pa.string()),
+    ("caption", pa.binary()),
+    ("caption_uri", pa.string()),
+    ("label", pa.string()),  # as found (an index or a class name); resolved in processing
+    ("metadata", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What to read and how: the format and which fields hold the image, caption and label."""
+
+    format: str
+    image_key: str | None = None
+    caption_key: str | None = None
+    label_key: str | None = None
+    max_image_bytes: int = 32 * 2**20
+
+    @property
+    def image_field(self) -> str:
+        return self.image_key or {"parquet": "image", "csv": "filepath"}.get(self.format, "")
+
+    @property
+    def caption_field(self) -> str:
+        return self.caption_key or {"webdataset": "txt", "folder": "txt"}.get(self.format, "caption")
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all: fails the run before any work starts."""
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+def detect_format(source: str) -> str:
+    if source.startswith("synthetic://"):
+        return "synthetic"
+    lowered = source.lower()
+    for suffix, fmt in ((".tar", "webdataset"), (".parquet", "parquet"), (".csv", "csv"), (".tsv", "csv")):
+        if lowered.endswith(suffix):
+            return fmt
+    if "{" not in source and storage.is_dir(source):
+        files = storage.list_files(source)
+        for suffix, fmt in ((".tar", "webdataset"), (".parquet", "parquet"), (".csv", "csv"), (".tsv", "csv")):
+            if any(f.lower().endswith(suffix) for f in files):
+                return fmt
+        if any(f.lower().endswith(tuple("." + e for e in IMAGE_EXTENSIONS)) for f in files):
+            return "folder"
+    raise SourceError(f"cannot tell the format of {source!r}: pass --format one of {', '.join(FORMATS)}")
+
+
+def plan_files(source: str, spec: SourceSpec) -> list[str]:
+    """The files (or synthetic chunks) one source expands to, checked to exist and hold the fields."""
+    if spec.format not in FORMATS:
+        raise SourceError(f"unknown format {spec.format!r}; choose one of {', '.join(FORMATS)}")
+    if spec.format == "synthetic":
+        return _plan_synthetic(source)
+    if spec.format == "folder":
+        if not storage.is_dir(source):
+            raise SourceError(f"image folder {source} does not exist or is not a directory")
+        return [source]
+    suffixes = {"webdataset": (".tar",), "parquet": (".parquet",), "csv": (".csv", ".tsv")}[spec.format]
+    names = storage.expand_braces(source)
+    if len(names) == 1 and storage.is_dir(names[0]):
+        files = storage.list_files(names[0], suffixes)
+        if not files:
+            raise SourceError(f"{source} holds no {'/'.join(suffixes)} files")
+    else:
+        missing = [name for name in names if not storage.exists(name)]
+        if missing:
+            raise SourceError(f"{len(missing)} of {len(names)} source files do not exist, e.g. {missing[0]}")
+        files = names
+    if spec.format == "parquet":
+        for uri in files:
+            _check_parquet_columns(uri, spec)
+    elif spec.format == "csv":
+        for uri in files:
+            _check_csv_columns(uri, spec)
+    return files
+
+
+def _check_parquet_columns(uri: str, spec: SourceSpec) -> None:
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            names = pq.read_schema(f).names
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SourceError(f"cannot read the Parquet schema of {uri}: {exc}") from exc
+    for role, column in (("image", spec.image_field), ("caption", spec.caption_field), ("label", spec.label_key)):
+        if column and column not in names:
+            raise SourceError(f"{role} column {column!r} not found in {uri}; columns are: {', '.join(names)}")
+
+
+def _csv_dialect(uri: str) -> str:
+    return "\t" if uri.lower().endswith(".tsv") else ","
+
+
+def _check_csv_columns(uri: str, spec: SourceSpec) -> None:
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_stream(path) as stream:
+        first_line = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="").readline()
+    header = next(csv.reader([first_line], delimiter=_csv_dialect(uri)), [])
+    for role, column in (("image", spec.image_field), ("caption", spec.caption_field), ("label", spec.label_key)):
+        if column and column not in header:
+            raise SourceError(f"{role} column {column!r} not found in {uri}; columns are: {', '.join(header)} "
+                              f"(choose with --{role}-key)")
+
+
+def _plan_synthetic(source: str, chunk: int = 500) -> list[str]:
+    """synthetic://<split>?count=N&seed=S&image_size=P → chunk URIs with #start-stop fragments."""
+    parsed = urlparse(source)
+    split = parsed.netloc or "train"
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    unknown = set(query) - {"count", "seed", "image_size"}
+    if unknown:
+        raise SourceError(f"unknown synthetic option(s) {sorted(unknown)} in {source}; use count, seed, image_size")
+    if split not in synthetic.SPLITS:
+        raise SourceError(f"unknown synthetic split {split!r} in {source}; choose one of {synthetic.SPLITS}")
+    count = int(query.get("count", 1000))
+    if count <= 0:
+        raise SourceError(f"synthetic count must be positive in {source}")
+    base = source.split("#", 1)[0]
+    return [f"{base}#{start}-{min(start + chunk, count)}" for start in range(0, count, chunk)]
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+class _Rows:
+    """Collects raw rows and hands them out as RAW_SCHEMA tables of READ_BATCH_ROWS."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def add(self, **row) -> pa.Table | None:
+        self.rows.append(row)
+        return self.flush() if len(self.rows) >= READ_BATCH_ROWS else None
+
+    def flush(self) -> pa.Table | None:
+        if not self.rows:
+            return None
+        table = pa.Table.from_pylist(self.rows, schema=RAW_SCHEMA)
+        self.rows = []
+        return table
+
+
+def read_source_batch(batch: pa.Table, spec: SourceSpec) -> Iterator[pa.Table]:
+    """Ray Data map_batches UDF: a batch of file URIs → raw-row tables, one file at a time."""
+    reader = {"webdataset": _read_webdataset, "parquet": _read_parquet, "csv": _read_csv,
+              "folder": _read_folder, "synthetic": _read_synthetic}[spec.format]
+    for uri in batch.column("uri").to_pylist():
+        rows = _Rows()
+        try:
+            for row in reader(uri, spec):
+                table = rows.add(**row)
+                if table is not None:
+                    yield table
+        except Exception as exc:  # a shard that cannot be read is one rejected row, not a failed run
+            rows.add(key=f"{storage.basename(uri)}#unreadable", source=uri, reason="unreadable_source",
+                     detail=f"{type(exc).__name__}: {exc}"[:500])
+        table = rows.flush()
+        if table is not None:
+            yield table
+
+
+def _webdataset_split(name: str) -> tuple[str, str]:
+    """WebDataset's member naming: `dir/key.ext.more` → (`dir/key`, `ext.more`)."""
+    directory, base = posixpath.split(name)
+    stem, _, extension = base.partition(".")
+    return posixpath.join(directory, stem), extension.lower()
+
+
+def _read_webdataset(uri: str, spec: SourceSpec) -> Iterator[dict]:
+    fs, path = storage.filesystem(uri)
+    image_exts = (spec.image_key,) if spec.image_key else IMAGE_EXTENSIONS
+    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+        key, members = None, {}
+        for member in archive:
+            if not member.isfile():
+                continue
+            member_key, extension = _webdataset_split(member.name)
+            if member_key != key and key is not None:
+                yield _webdataset_row(uri, key, members, spec, image_exts)
+                members = {}
+            key = member_key
+            if member.size > spec.max_image_bytes:
+                members[extension] = ("too_large", member.size)
+            else:
+                members[extension] = archive.extractfile(member).read()
+        if key is not None:
+            yield _webdataset_row(uri, key, members, spec, image_exts)
+
+
+def _webdataset_row(uri: str, key: str, members: dict, spec: SourceSpec, image_exts) -> dict:
+    row = {"key": key, "source": uri}
+    image_ext = next((ext for ext in image_exts if ext in members), None)
+    caption = members.get(spec.caption_field)
+    oversized = [ext for ext, value in members.items() if isinstance(value, tuple)]
+    if oversized:
+        return {**row, "reason": "image_too_large",
+                "detail": f"member {key}.{oversized[0]} is {members[oversized[0]][1]:,} bytes"}
+    if image_ext is None:
+        return {**row, "reason": "missing_image", "detail": f"members: {sorted(members)}; no {'/'.join(image_exts)}"}
+    if caption is None:
+        return {**row, "reason": "missing_caption", "detail": f"members: {sorted(members)}; no .{spec.caption_field}"}
+    metadata = members.get("json")
+    label = members.get(spec.label_key) if spec.label_key else None
+    return {**row, "image": members[image_ext], "caption": caption,
+            "label": label.decode("utf-8", "replace").strip() if label is not None else None,
+            "metadata": metadata.decode("utf-8", "replace") if metadata is not None else None}
+
+
+def _read_parquet(uri: str, spec: SourceSpec) -> Iterator[dict]:
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        parquet = pq.ParquetFile(f)
+        columns = [c for c in (spec.image_field, spec.caption_field, spec.label_key) if c]
+        has_key = "key" in parquet.schema_arrow.names
+        if has_key and "key" not in columns:
+            columns.append("key")
+        index = 0
+        for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+            for record in batch.to_pylist():
+                image = record[spec.image_field]
+                if isinstance(image, dict):  # Hugging Face datasets' Image feature: {bytes, path}
+                    image = image.get("bytes")
+                caption = record[spec.caption_field]
+                label = record.get(spec.label_key) if spec.label_key else None
+                key = str(record["key"]) if has_key and record.get("key") is not None else f"{storage.basename(uri)}:{index}"
+                yield {"key": key, "source": uri, "image": image,
+                       "caption": caption.encode("utf-8") if isinstance(caption, str) else caption,
+                       "label": None if label is None else str(label),
+                       "reason": "missing_image" if image is None else ("missing_caption" if caption is None else None)}
+                index += 1
+
+
+def _read_csv(uri: str, spec: SourceSpec) -> Iterator[dict]:
+    fs, path = storage.filesystem(uri)
+    base = storage.dirname(uri)
+    with fs.open_input_stream(path) as stream:
+        text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
+        for index, record in enumerate(csv.DictReader(text, delimiter=_csv_dialect(uri))):
+            image = (record.get(spec.image_field) or "").strip()
+            caption = record.get(spec.caption_field)
+            label = record.get(spec.label_key) if spec.label_key else None
+            row = {"key": f"{storage.basename(uri)}:{index}", "source": uri,
+                   "caption": caption.encode("utf-8", "surrogateescape") if caption is not None else None,
+                   "label": label}
+            if not image:
+                yield {**row, "reason": "missing_image", "detail": f"empty {spec.image_field!r} cell"}
+                continue
+            image_uri = image if image.startswith("s3://") or posixpath.isabs(image) else storage.join(base, image)
+            yield {**row, "image_uri": image_uri,
+                   "reason": "missing_caption" if caption is None else None}
+
+
+def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
+    """Images with a sidecar caption file of the same stem (`cat1.jpg` + `cat1.txt`)."""
+    files = storage.list_files(uri)
+    by_stem: dict[str, dict[str, str]] = {}
+    for name in files:
+        stem, _, extension = name.rpartition(".")
+        by_stem.setdefault(stem, {})[extension.lower()] = name
+    root = uri.rstrip("/") + "/"
+    for stem, members in sorted(by_stem.items()):
+        image_ext = next((ext for ext in ((spec.image_key,) if spec.image_key else IMAGE_EXTENSIONS) if ext in members), None)
+        if image_ext is None:
+            if spec.caption_field in members:  # a caption whose image is missing
+                yield {"key": stem[len(root):], "source": members[spec.caption_field], "reason": "missing_image",
+                       "detail": f"no image beside {storage.basename(members[spec.caption_field])}"}
+            continue
+        row = {"key": stem[len(root):], "source": members[image_ext], "image_uri": members[image_ext]}
+        if spec.caption_field not in members:
+            yield {**row, "reason": "missing_caption", "detail": f"no {stem[len(root):]}.{spec.caption_field} sidecar"}
+            continue
+        label_uri = members.get(spec.label_key) if spec.label_key else None
+        label = storage.read_bytes(label_uri, max_bytes=1024).decode("utf-8", "replace").strip() if label_uri else None
+        yield {**row, "caption_uri": members[spec.caption_field], "label": label}
+
+
+def _read_synthetic(uri: str, spec: SourceSpec) -> Iterator[dict]:
+    parsed = urlparse(uri)
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    start, stop = (int(x) for x in parsed.fragment.split("-"))
+    for sample in synthetic.samples(stop - start, split=parsed.netloc or "train", seed=int(query.get("seed", 0)),
+                                    image_size=int(query.get("image_size", 64)), start=start):
+        yield {"key": sample.key, "source": uri.split("#", 1)[0], "image": sample.image_bytes(),
+               "caption": sample.caption.encode("utf-8"), "label": str(sample.label),
+               "metadata": json.dumps({"classname": sample.classname})}
+
+
+def synthetic_classnames() -> list[str]:
+    return synthetic.class_names()

@@ -1,0 +1,146 @@
+"""One way to reach local paths and s3:// URIs alike, through pyarrow's filesystems.
+
+S3 settings come from the standard AWS environment and profile (credentials, region), plus
+`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` for S3-compatible servers, which boto3 honours and
+pyarrow does not on its own (apache/arrow#49643): they are passed to pyarrow here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import re
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    options: dict = {}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options["endpoint_override"] = parsed.netloc or parsed.path
+        options["scheme"] = parsed.scheme or "https"
+    if region:
+        options["region"] = region
+    return pafs.S3FileSystem(**options)
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path within it) for a local path, file:// URI or s3://bucket/key."""
+    uri = str(uri)
+    if is_s3(uri):
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return _s3_filesystem(s3_endpoint(), region), uri[len("s3://"):].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri)
+    if is_s3(uri):
+        return "s3://" + posixpath.join(uri[len("s3://"):].rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def dirname(uri: str) -> str:
+    uri = str(uri)
+    if is_s3(uri):
+        return "s3://" + posixpath.dirname(uri[len("s3://"):].rstrip("/"))
+    return os.path.dirname(os.path.abspath(uri))
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(str(uri).rstrip("/"))
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def info(uri: str) -> pafs.FileInfo:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path)
+
+
+def exists(uri: str) -> bool:
+    return info(uri).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    return info(uri).type == pafs.FileType.Directory
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole object; with `max_bytes`, refuse (ValueError) anything larger instead of reading it."""
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as stream:
+        if max_bytes is None:
+            return stream.read()
+        data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{uri} is larger than the limit of {max_bytes:,} bytes")
+    return data
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(posixpath.dirname(path) if isinstance(fs, pafs.S3FileSystem) else os.path.dirname(path),
+                  recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None, recursive: bool = True) -> list[str]:
+    """Files under a directory/prefix (sorted), optionally only those ending in `suffixes`."""
+    fs, path = filesystem(uri)
+    selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=False)
+    names = [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    if suffixes:
+        names = [n for n in names if n.lower().endswith(suffixes)]
+    return sorted(to_uri(fs, n) for n in names)
+
+
+def delete(uri: str) -> None:
+    fs, path = filesystem(uri)
+    found = fs.get_file_info(path).type
+    if found == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif found == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def move(source: str, destination: str) -> None:
+    """Rename within one filesystem (S3: copy then delete)."""
+    fs, src = filesystem(source)
+    _, dst = filesystem(destination)
+    fs.move(src, dst)
+
+
+_BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`shard-{00000..00099}.tar` → the 100 names, zero-padding kept; several ranges multiply."""
+    match = _BRACES.search(pattern)
+    if not match:
+        return [pattern]
+    low, high = match.group(1), match.group(2)
+    if int(high) < int(low):
+        raise ValueError(f"brace range {match.group(0)} in {pattern!r} runs backwards")
+    width = len(low) if low.startswith("0") else 0
+    head, tail = pattern[: match.start()], pattern[match.end():]
+    return [name for i in range(int(low), int(high) + 1) for name in expand_braces(f"{head}{i:0{width}d}{tail}")]
