@@ -7,9 +7,11 @@ and nothing else, and it is what `config.json` stores beside the weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,15 @@ def canonical_name(name: str) -> tuple[str, bool]:
 
 
 def get_config(name: str, *, quick_gelu: bool | None = None) -> CLIPConfig:
-    """The preset config for `name`; `quick_gelu` overrides what the name implies."""
+    """The preset config for `name`, or the config in a JSON file (`name` ending in .json: a
+    CLIPConfig dict, or a checkpoint's config.json); `quick_gelu` overrides what the name implies."""
+    if isinstance(name, str) and name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"no model config file at {name}")
+        data = json.loads(path.read_text())
+        config = CLIPConfig.from_dict(data.get("model", data))
+        return config if quick_gelu is None else config.replace(quick_gelu=quick_gelu)
     preset, suffix_quick_gelu = canonical_name(name)
     quick = suffix_quick_gelu if quick_gelu is None else quick_gelu
     return PRESETS[preset].replace(name=preset + ("-quickgelu" if quick else ""), quick_gelu=quick)

@@ -279,6 +279,7 @@ class CLIP(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
         else:
             self.logit_bias = None
+        self._frozen_norms: list[nn.Module] = []
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -332,3 +333,48 @@ class CLIP(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on weight matrices; none on gains, biases, embeddings and the temperature."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            exempt = (param.ndim < 2 or "embedding" in name or name.startswith("logit_")
+                      or ".bn" in name or "ln_" in name)
+            (no_decay if exempt else decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def lock_image_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the image tower (LiT), leaving its last `unlocked_layers` blocks (and head) trainable."""
+        visual = self.visual
+        if isinstance(visual, VisionTransformer):
+            groups = [[visual.conv1, visual.class_embedding, visual.positional_embedding, visual.ln_pre],
+                      *[[block] for block in visual.transformer.resblocks], [visual.ln_post, visual.proj]]
+        else:
+            groups = [[visual.conv1, visual.bn1, visual.conv2, visual.bn2, visual.conv3, visual.bn3],
+                      [visual.layer1], [visual.layer2], [visual.layer3], [visual.layer4], [visual.attnpool]]
+        self._freeze(groups[: len(groups) - unlocked_layers] if unlocked_layers else groups)
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the text tower, leaving its last `unlocked_layers` blocks (and head) trainable."""
+        groups = [[self.token_embedding, self.positional_embedding],
+                  *[[block] for block in self.transformer.resblocks], [self.ln_final, self.text_projection]]
+        self._freeze(groups[: len(groups) - unlocked_layers] if unlocked_layers else groups)
+
+
+    def _freeze(self, groups: list[list]) -> None:
+        for group in groups:
+            for item in group:
+                for param in [item] if isinstance(item, nn.Parameter) else item.parameters():
+                    param.requires_grad_(False)
+                if isinstance(item, nn.Module):
+                    self._frozen_norms.extend(m for m in item.modules() if isinstance(m, nn.BatchNorm2d))
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train, except that frozen BatchNorms keep their running statistics."""
+        super().train(mode)
+        for module in self._frozen_norms:
+            module.eval()
+        return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -25,6 +26,20 @@ def _preprocess(args: argparse.Namespace) -> int:
                                 rows_per_shard=args.rows_per_shard,
                                 dedupe=not args.no_dedupe, concurrency=args.concurrency)
     preprocess(args.source, args.output, options)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    values = {"data": args.data, "val": args.val, "zeroshot": args.zeroshot, "output": args.output,
+              "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "workers": args.workers,
+              "storage": args.storage, "init": args.init, "resume": args.resume, "use_gpu": args.gpu,
+              "lr": args.lr, "accum_freq": args.accum_freq, "precision": args.precision,
+              "checkpoint_every": args.checkpoint_every, "max_failures": args.max_failures,
+              "mlflow_tracking_uri": args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+              "seed": args.seed}
+    train(TrainConfig(**{k: v for k, v in values.items() if v is not None}))
     return 0
 
 
@@ -55,6 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--concurrency", type=int, help="at most this many processing tasks at once")
     pre.add_argument("--no-dedupe", action="store_true", help="keep exact duplicate images")
     pre.set_defaults(handler=_preprocess)
+
+    tr = commands.add_parser("train", help="contrastive training on Ray Train; the final checkpoint goes to --output",
+                             description="Train CLIP on prepared datasets. --batch-size is the global contrastive "
+                             "batch, split across --workers (unlike OpenCLIP's per-GPU flag); --steps counts "
+                             "optimizer steps. Unset recipe values come from the preset's tested recipe.")
+    tr.add_argument("--data", action="append", required=True, help="prepared dataset (repeat for several)")
+    tr.add_argument("--val", help="prepared captioned set for validation loss and retrieval R@1")
+    tr.add_argument("--zeroshot", help="prepared labeled set for zero-shot top-1")
+    tr.add_argument("--output", required=True, help="directory or s3:// prefix for the final checkpoint")
+    tr.add_argument("--model", default="tiny", help="preset name (default tiny)")
+    tr.add_argument("--steps", type=int)
+    tr.add_argument("--batch-size", type=int, help="global contrastive batch")
+    tr.add_argument("--accum-freq", type=int, help="micro-batches per step (the contrastive batch stays whole)")
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--workers", type=int, default=1)
+    tr.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    tr.add_argument("--storage", help="Ray Train storage for checkpoints (local dir or s3://)")
+    tr.add_argument("--checkpoint-every", type=int)
+    tr.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint")
+    tr.add_argument("--init", help="pretrained weights: openai:PATH, openclip:PATH or a checkpoint path")
+    tr.add_argument("--resume", help="'latest' (the newest checkpoint under --storage) or a checkpoint path")
+    tr.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI; no tracking when unset")
+    tr.add_argument("--seed", type=int)
+    tr.set_defaults(handler=_train)
     return parser
 
 

@@ -439,6 +439,19 @@ def read_manifest(uri: str) -> dict:
     return manifest
 
 
+def read_prepared_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A whole (small) prepared dataset in memory, without Ray: for validation and evaluation sets."""
+    manifest = read_manifest(uri)
+    tables = []
+    for shard in manifest["shards"]:
+        fs, path = storage.filesystem(storage.join(uri, shard["path"]))
+        with fs.open_input_file(path) as f:
+            tables.append(pq.read_table(f, columns=columns))
+    if not tables:
+        raise ValueError(f"the prepared dataset at {uri} has no rows ({manifest['counts']})")
+    return pa.concat_tables(tables)
+
+
 class Collate:
     """`iter_torch_batches(collate_fn=Collate(...))`: decode and augment a batch of prepared rows
     into (images [B, 3, S, S] float32, tokens [B, context] int64, labels [B] int64 or None)."""

@@ -1,0 +1,188 @@
+"""The train stage on a real local Ray (2 workers), real MLflow (sqlite) and a real S3 server."""
+
+import dataclasses
+import json
+import sys
+import tempfile
+
+import boto3
+import mlflow
+import pytest
+import ray.cloudpickle
+import torch
+
+import clip_core
+from workflows.preprocess import PreprocessOptions, preprocess
+from workflows.train import TrainConfig, build_model, contrastive_step, train
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run this module's loop
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp("prepared")
+    quiet = lambda *_: None  # noqa: E731
+    preprocess("synthetic://train?count=256&seed=0&image_size=64", str(root / "train"),
+               PreprocessOptions(image_size=64), echo=quiet)
+    preprocess("synthetic://heldout?count=48&seed=1&image_size=64", str(root / "heldout"),
+               PreprocessOptions(image_size=64), echo=quiet)
+    # a 64-wide, 2-layer CLIP at 64 px: the train stage's machinery without the compute
+    tiny = clip_core.get_config("tiny")
+    micro = tiny.replace(name="micro", embed_dim=64, vision=dataclasses.replace(tiny.vision, width=64, layers=2),
+                         text=dataclasses.replace(tiny.text, width=64, heads=1, layers=2))
+    (root / "micro.json").write_text(json.dumps(micro.to_dict()))
+    return root
+
+
+def _config(prepared, tmp_path, **overrides) -> TrainConfig:
+    values = dict(data=[str(prepared / "train")], model=str(prepared / "micro.json"), steps=8, batch_size=32, lr=1e-3, warmup_steps=2,
+                  log_every=1, checkpoint_every=4, storage=str(tmp_path / "runs"), output=str(tmp_path / "final"),
+                  shuffle_buffer=64, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _history(tmp_path, run_id, key="loss"):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_two_workers_train_checkpoint_and_log_to_mlflow(prepared, tmp_path):
+    config = _config(prepared, tmp_path, workers=2, steps=12, val=str(prepared / "heldout"),
+                     zeroshot=str(prepared / "heldout"), checkpoint_metric="val_loss", val_every=6)
+    result = train(config, echo=lambda *_: None)
+
+    assert result.metrics["step"] == 12
+    losses = _history(tmp_path, result.mlflow_run_id)
+    assert sorted(losses) == list(range(1, 13))
+    assert sum(losses[s] for s in (10, 11, 12)) / 3 < sum(losses[s] for s in (1, 2, 3)) / 3 - 0.2, losses
+    model = clip_core.load_model(result.checkpoint)
+    assert model.config.name == "micro" and model.config.vision.width == 64
+    checkpoints = sorted(p.name for p in (tmp_path / "runs").glob("*/checkpoint_0*"))
+    assert checkpoints and len(checkpoints) <= config.num_to_keep and "checkpoint_00000012" in checkpoints
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["model"].endswith("micro.json") and run.data.params["workers"] == "2"
+    for key in ("lr", "logit_scale", "samples_per_s", "samples_per_s_per_worker", "data_wait_fraction",
+                "grad_norm", "val_loss", "val_image_to_text_R1", "zeroshot_top1"):
+        assert key in run.data.metrics, key
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"train", "heldout"}
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "checkpoint")}
+    assert {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/train_state.pt"} <= artifacts
+    assert client.list_artifacts(result.mlflow_run_id, "best_checkpoint")
+
+
+def _first_update_loop(config):
+    """One optimizer step on a fixed global batch, split over the workers as the train stage splits it."""
+    import ray.train
+    import ray.train.torch
+
+    train_config = TrainConfig(**config["train"])
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    torch.manual_seed(0)
+    model = build_model(train_config)
+    # plain SGD: the update is the gradient itself (Adam's first step is ~sign(g), which turns
+    # rounding noise on near-zero gradients into full-size differences)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    runnable = ray.train.torch.prepare_model(model) if world > 1 else model
+    generator = torch.Generator().manual_seed(123)
+    images = torch.randn(config["global_batch"], 3, 64, 64, generator=generator)
+    tokens = clip_core.get_tokenizer()([f"a photo of thing {i}" for i in range(config["global_batch"])])
+    rows = slice(rank * config["global_batch"] // world, (rank + 1) * config["global_batch"] // world)
+    optimizer.zero_grad()
+    contrastive_step(runnable, clip_core.ClipLoss(), images[rows], tokens[rows], train_config.accum_freq,
+                     torch.autocast("cpu", enabled=False))
+    optimizer.step()
+    with tempfile.TemporaryDirectory() as directory:
+        clip_core.save_checkpoint(model, directory)
+        ray.train.report({"rank": rank}, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
+
+
+def _first_update(prepared, tmp_path, workers, accum_freq):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train_config = _config(prepared, tmp_path, workers=workers, accum_freq=accum_freq, batch_size=16)
+    trainer = TorchTrainer(_first_update_loop, train_loop_config={"train": train_config.model_dump(mode="json"),
+                                                                  "global_batch": 16},
+                           scaling_config=ScalingConfig(num_workers=workers),
+                           run_config=RunConfig(name=f"first-update-{workers}-{accum_freq}",
+                                                storage_path=str(tmp_path / f"runs-{workers}-{accum_freq}")))
+    return clip_core.load_model(trainer.fit().checkpoint.path).state_dict()
+
+
+def test_two_workers_and_accumulation_give_the_single_big_batch_update(prepared, tmp_path):
+    reference = _first_update(prepared, tmp_path, workers=1, accum_freq=1)
+    for workers, accum_freq in ((2, 1), (2, 2)):
+        update = _first_update(prepared, tmp_path, workers=workers, accum_freq=accum_freq)
+        for key, value in reference.items():
+            difference = (update[key] - value).abs().max().item()
+            assert difference < 1e-5, f"{key} differs by {difference:.2e} with {workers} workers x accum {accum_freq}"
+
+
+def test_accumulation_gradient_equals_the_big_batch_gradient():
+    torch.manual_seed(0)
+    model = clip_core.create_model("tiny")
+    images = torch.randn(12, 3, 64, 64)
+    tokens = clip_core.get_tokenizer()([f"caption {i} of a shape" for i in range(12)])
+    grads = {}
+    for accum_freq in (1, 3):
+        model.zero_grad()
+        contrastive_step(model, clip_core.ClipLoss(), images, tokens, accum_freq, torch.autocast("cpu", enabled=False))
+        grads[accum_freq] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    for key, grad in grads[1].items():
+        torch.testing.assert_close(grads[3][key], grad, atol=1e-6, rtol=1e-4, msg=key)
+
+
+def test_killed_worker_resumes_from_its_checkpoint_on_s3(prepared, tmp_path, s3_bucket):
+    marker = tmp_path / "killed"
+    config = _config(prepared, tmp_path, workers=2, steps=8, checkpoint_every=4, num_to_keep=1, max_failures=1,
+                     storage=f"s3://{s3_bucket}/runs", output=f"s3://{s3_bucket}/final",
+                     fault_injection={"rank": 1, "step": 6, "marker": str(marker)})
+    result = train(config, echo=lambda *_: None)
+
+    assert marker.read_text().startswith("killed rank 1 at step 6")
+    assert result.metrics["step"] == 8
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert any(k.startswith("runs/") and k.endswith("checkpoint_00000008/train_state.pt") for k in keys), keys
+    assert "final/model.safetensors" in keys
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = {}
+    for metric in client.get_metric_history(result.mlflow_run_id, "loss"):
+        history.setdefault(metric.step, []).append(metric.value)
+    # one MLflow run through the restart; steps 1-4 ran once, step 5 ran before the kill and again
+    # after resuming from the step-4 checkpoint, on the same data with the same result
+    assert sorted(history) == list(range(1, 9))
+    assert [len(history[s]) for s in range(1, 9)] == [1, 1, 1, 1, 2, 1, 1, 1]
+    assert history[5][0] == pytest.approx(history[5][1], abs=1e-5)
+
+
+def test_resume_by_hand_reproduces_the_uninterrupted_run(prepared, tmp_path):
+    full = train(_config(prepared, tmp_path / "a", steps=6, checkpoint_every=3, num_to_keep=5), echo=lambda *_: None)
+    midway = next((tmp_path / "a" / "runs").glob("*/checkpoint_00000003"))
+    resumed = train(_config(prepared, tmp_path / "b", steps=6, checkpoint_every=3, resume=str(midway)),
+                    echo=lambda *_: None)
+    full_losses = _history(tmp_path / "a", full.mlflow_run_id)
+    resumed_losses = _history(tmp_path / "b", resumed.mlflow_run_id)
+    assert sorted(resumed_losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == pytest.approx(full_losses[step], abs=1e-4)
+    a, b = clip_core.load_model(full.checkpoint), clip_core.load_model(resumed.checkpoint)
+    for (key, value), other in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(other, value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):
+    with pytest.raises(ValueError, match="greater than 0"):
+        _config(prepared, tmp_path, workers=0)
+    with pytest.raises(ValueError, match=r"batch_size 30 must divide evenly into workers \(4\) x accum_freq \(2\)"):
+        _config(prepared, tmp_path, workers=4, accum_freq=2, batch_size=30)
+    with pytest.raises(FileNotFoundError, match="no prepared dataset at .*nowhere"):
+        train(_config(prepared, tmp_path, data=[str(tmp_path / "nowhere")]), echo=lambda *_: None)
+    with pytest.raises(ValueError, match="needs 1 GPU"):
+        train(_config(prepared, tmp_path, use_gpu=True), echo=lambda *_: None)
+    with pytest.raises(FileNotFoundError, match="no pretrained weights at"):
+        train(_config(prepared, tmp_path, init=f"openai:{tmp_path / 'ViT-B-32.pt'}"), echo=lambda *_: None)
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,817 @@
+"""Train stage on Ray Train: contrastive training that scales by `workers`, survives failures,
+and logs to MLflow from rank 0.
+
+The prepared datasets are decoded by Ray Data (CPU tasks, anywhere in the cluster) and handed to
+the trainer; each worker augments on its device (random resized crop by one batched
+`grid_sample`), runs DDP, and reports a checkpoint (weights, config, full train state) every
+`checkpoint_every` steps. A restarted worker group resumes from the latest checkpoint with the
+same step, optimizer, schedule, RNG and data position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+import clip_core
+from clip_core.transforms import OPENAI_MEAN, OPENAI_STD
+
+from . import storage
+
+TRAIN_STATE = "train_state.pt"
+
+# Recipes that work without tuning. The published presets carry the paper's (global batch 32,768,
+# AdamW beta2 0.98, eps 1e-6, weight decay 0.2, 2,000 warmup steps, 32 epochs of 400M pairs);
+# the CPU presets are tuned on the synthetic set.
+RECIPES: dict[str, dict] = {
+    "tiny": dict(batch_size=128, lr=1e-3, warmup_steps=25, weight_decay=0.1, steps=300),
+    "small": dict(batch_size=256, lr=5e-4, warmup_steps=100, weight_decay=0.1, steps=2000),
+    **{name: dict(batch_size=32768, lr=5e-4, warmup_steps=2000, weight_decay=0.2, steps=390_000)
+       for name in ("RN50", "RN101", "RN50x4", "RN50x16", "ViT-B-32", "ViT-B-16")},
+    **{name: dict(batch_size=32768, lr=4e-4, warmup_steps=2000, weight_decay=0.2, steps=390_000)
+       for name in ("RN50x64", "ViT-L-14", "ViT-L-14-336")},
+}
+
+
+class FaultInjection(BaseModel):
+    """Chaos rehearsal: SIGKILL worker `rank` when it reaches `step`, once (the marker file remembers)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int = 0
+    step: int = Field(gt=0)
+    marker: str
+
+
+class TrainConfig(BaseModel):
+    """Everything the train stage needs; unset recipe fields come from the preset's recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: list[str] = Field(min_length=1, description="prepared dataset URIs")
+    data_weights: list[float] | None = Field(None, description="sampling weight per dataset")
+    val: str | None = Field(None, description="prepared captioned set: validation loss and retrieval R@1")
+    zeroshot: str | None = Field(None, description="prepared labeled set: zero-shot top-1")
+    output: str | None = Field(None, description="where the final checkpoint is copied")
+    model: str = Field("tiny", description="preset name, or a JSON file with a model config (recipe: tiny's)")
+    init: str | None = Field(None, description="openai:PATH | openclip:PATH | PATH to pretrained weights")
+    steps: int | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0, description="global contrastive batch")
+    accum_freq: int = Field(1, gt=0, description="micro-batches per step, the contrastive batch kept whole")
+    train_num_samples: int | None = Field(None, gt=0, description="samples per epoch (default: the dataset)")
+    lr: float | None = Field(None, gt=0)
+    warmup_steps: int | None = Field(None, ge=0)
+    weight_decay: float | None = Field(None, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip_norm: float | None = Field(1.0, gt=0)
+    loss: Literal["clip", "siglip"] = "clip"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    lock_image: bool = False
+    lock_image_unlocked_layers: int = Field(0, ge=0)
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = Field(0, ge=0)
+    workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    storage: str | None = Field(None, description="Ray Train storage_path (local dir or s3://)")
+    run_name: str | None = None
+    checkpoint_every: int = Field(100, gt=0)
+    num_to_keep: int = Field(2, gt=0)
+    checkpoint_metric: str | None = Field(None, description="e.g. val_loss or zeroshot_top1: keep the best")
+    val_every: int | None = Field(None, gt=0)
+    log_every: int = Field(10, gt=0)
+    max_failures: int = Field(0, ge=-1)
+    seed: int = 0
+    shuffle_buffer: int = Field(512, ge=0)
+    decode_batch_size: int = Field(64, gt=0)
+    resume: str | None = Field(None, description="'latest' (under storage) or a checkpoint path")
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "rayclip"
+    mlflow_parent_run_id: str | None = None
+    git_commit: str | None = None
+    fault_injection: FaultInjection | None = None
+
+    @model_validator(mode="after")
+    def _resolve_recipe(self):
+        name = "tiny" if self.model.endswith(".json") else clip_core.config.canonical_name(self.model)[0]
+        for key, value in RECIPES[name].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if "warmup_steps" not in self.model_fields_set:  # a shortened run keeps warmup to a tenth of it
+            object.__setattr__(self, "warmup_steps", min(self.warmup_steps, self.steps // 10))
+        if self.batch_size % (self.workers * self.accum_freq):
+            raise ValueError(f"batch_size {self.batch_size} must divide evenly into workers ({self.workers}) x "
+                             f"accum_freq ({self.accum_freq}) micro-batches")
+        if self.data_weights is not None and len(self.data_weights) != len(self.data):
+            raise ValueError(f"{len(self.data_weights)} data_weights for {len(self.data)} datasets")
+        if self.data_weights is not None and any(w <= 0 for w in self.data_weights):
+            raise ValueError(f"data_weights must be positive, got {self.data_weights}")
+        if self.checkpoint_metric and not (self.val or self.zeroshot):
+            raise ValueError(f"checkpoint_metric {self.checkpoint_metric!r} needs a validation set: set val or zeroshot")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
+        return self
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // (self.workers * self.accum_freq)
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def decode_batch(batch: dict, image_size: int, context_length: int = 77) -> dict:
+    """Ray Data UDF: prepared rows → uint8 images [B, S, S, 3], padded tokens [B, context] and,
+    for labeled sets, labels [B]."""
+    import io
+
+    from PIL import Image
+
+    from clip_core.transforms import center_crop, resize_shortest_side, to_rgb
+
+    images = np.empty((len(batch["image"]), image_size, image_size, 3), dtype=np.uint8)
+    for i, data in enumerate(batch["image"]):
+        image = to_rgb(Image.open(io.BytesIO(data)))
+        if image.size != (image_size, image_size):
+            image = center_crop(resize_shortest_side(image, image_size), image_size)
+        images[i] = np.asarray(image)
+    tokens = np.zeros((len(batch["tokens"]), context_length), dtype=np.int64)
+    for i, ids in enumerate(batch["tokens"]):
+        ids = list(ids)[:context_length]
+        tokens[i, : len(ids)] = ids
+    out = {"image": images, "tokens": tokens}
+    if "label" in batch and not any(label is None for label in batch["label"]):
+        out["label"] = np.asarray(batch["label"], dtype=np.int64)
+    return out
+
+
+def training_dataset(config: TrainConfig, image_size: int):
+    """The prepared datasets, mixed by weight, block order shuffled, decoded by Ray Data tasks."""
+    from .preprocess import load_prepared, read_manifest
+
+    datasets, sizes = [], []
+    for uri in config.data:
+        datasets.append(load_prepared(uri, shuffle_files=True, seed=config.seed))
+        sizes.append(read_manifest(uri)["counts"]["kept"])
+    if config.data_weights and len(datasets) > 1:
+        total, weight_sum = sum(sizes), sum(config.data_weights)
+        mixed = []
+        for dataset, size, weight in zip(datasets, sizes, config.data_weights):
+            wanted = round(total * weight / weight_sum)
+            repeats, remainder = divmod(wanted, size)
+            parts = [dataset] * repeats
+            if remainder:
+                parts.append(dataset.random_sample(remainder / size, seed=config.seed))
+            mixed += parts
+        datasets = mixed
+    dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    if len(config.data) > 1:
+        dataset = dataset.randomize_block_order(seed=config.seed)
+    return dataset.map_batches(decode_batch, batch_size=config.decode_batch_size, batch_format="numpy",
+                               fn_kwargs={"image_size": image_size})
+
+
+class Augment:
+    """uint8 [B, S, S, 3] on the device → normalized float [B, 3, S, S]; in training, a random
+    resized crop (area 0.9-1.0, aspect 3/4-4/3, as OpenCLIP) for the whole batch in one grid_sample.
+    The generator is part of the train state, so a resumed run draws the same crops."""
+
+    def __init__(self, image_size: int, train: bool, generator: torch.Generator, scale=(0.9, 1.0),
+                 ratio=(3 / 4, 4 / 3)):
+        self.image_size, self.train, self.generator = image_size, train, generator
+        self.scale, self.log_ratio = scale, (math.log(ratio[0]), math.log(ratio[1]))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float().div_(255)
+        if self.train:
+            n = x.shape[0]
+            uniform = torch.rand(n, 4, generator=self.generator)
+            area = self.scale[0] + (self.scale[1] - self.scale[0]) * uniform[:, 0]
+            aspect = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * uniform[:, 1])
+            width = torch.sqrt(area * aspect).clamp(max=1.0)
+            height = torch.sqrt(area / aspect).clamp(max=1.0)
+            # crop centres keep the crop inside the image; coordinates are in [-1, 1]
+            cx = (uniform[:, 2] * 2 - 1) * (1 - width)
+            cy = (uniform[:, 3] * 2 - 1) * (1 - height)
+            theta = torch.zeros(n, 2, 3)
+            theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = width, cx, height, cy
+            grid = F.affine_grid(theta.to(x.device), [n, 3, self.image_size, self.image_size], align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+# ------------------------------------------------------------------------------- model
+
+
+def build_model(config: TrainConfig) -> clip_core.CLIP:
+    if config.init:
+        kind, _, path = config.init.rpartition(":") if config.init.split(":", 1)[0] in ("openai", "openclip") \
+            else ("", "", config.init)
+        model = clip_core.load_model(path, quick_gelu=True if kind == "openai" else None)
+    else:
+        model = clip_core.create_model(config.model, init_logit_bias=-10.0 if config.loss == "siglip" else None)
+    if config.loss == "siglip" and model.logit_bias is None:
+        raise ValueError("the sigmoid loss needs a model with logit_bias; initialise from a SigLIP checkpoint "
+                         "or train from scratch")
+    if config.lock_image:
+        model.lock_image_tower(config.lock_image_unlocked_layers)
+    if config.lock_text:
+        model.lock_text_tower(config.lock_text_unlocked_layers)
+    model.set_grad_checkpointing(config.grad_checkpointing)
+    return model
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs under "auto"; CPUs without AVX512-BF16/AMX run bf16 matmuls ~40x slower than fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cosine_schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+@dataclass
+class Position:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor, accum_freq: int,
+                     autocast) -> float:
+    """Forward + backward for one optimizer step's local batch; returns the loss.
+
+    With `accum_freq` > 1 the contrastive batch stays whole (OpenCLIP's accum_freq): every
+    micro-batch's features are computed without grad and cached, then each micro-batch is
+    recomputed with grad and scored against all cached features. Each feature is live in exactly
+    one backward, and the temperature (and bias) only in the last, so the accumulated gradient is
+    the big batch's. DDP synchronises on the last micro-batch only.
+    """
+    if accum_freq == 1:
+        with autocast:
+            loss = loss_fn(*model(images, tokens))
+        loss.backward()
+        return loss.item()
+    image_chunks, token_chunks = images.chunk(accum_freq), tokens.chunk(accum_freq)
+    with torch.no_grad(), autocast:
+        cached = [model(i, t) for i, t in zip(image_chunks, token_chunks)]
+    loss = None
+    for j in range(accum_freq):
+        last = j == accum_freq - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast:
+                live = model(image_chunks[j], token_chunks[j])
+                image_features = torch.cat([c[0] for c in cached[:j]] + [live[0]] + [c[0] for c in cached[j + 1:]])
+                text_features = torch.cat([c[1] for c in cached[:j]] + [live[1]] + [c[1] for c in cached[j + 1:]])
+                extras = [value if last else value.detach() for value in live[2:]]
+                loss = loss_fn(image_features, text_features, *extras)
+            loss.backward()
+    return loss.item()
+
+
+# ------------------------------------------------------------------------------- the loop
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+            "numpy": [str(x) if i == 0 else (x.tolist() if isinstance(x, np.ndarray) else x)
+                      for i, x in enumerate(np.random.get_state())],
+            "augment": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state[0], np.asarray(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
+    generator.set_state(state["augment"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather(obj):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _save_train_state(directory: str, model, optimizer, scheduler, scaler, position: Position, rng: list,
+                      config: TrainConfig, mlflow_run_id: str | None, metrics: dict) -> None:
+    clip_core.save_checkpoint(_unwrap(model), directory, extra={"train": {"step": position.step,
+                                                                          "config": config.model_dump(mode="json")}})
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "step": position.step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
+                "rng": rng, "mlflow_run_id": mlflow_run_id, "metrics": metrics},
+               os.path.join(directory, TRAIN_STATE))
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    config = TrainConfig(**loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+
+    model = build_model(config).to(device)
+    optimizer = torch.optim.AdamW(_unwrap(model).param_groups(config.weight_decay), lr=config.lr,
+                                  betas=(config.beta1, config.beta2), eps=config.eps, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.warmup_steps, config.steps))
+    cast = autocast_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if cast == torch.float16 else None
+    position, mlflow_run_id, metrics = Position(), None, {}
+
+    # this run's latest checkpoint after a restart; else the one to resume from by hand
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_checkpoint"):
+        uri = loop_config["resume_checkpoint"]
+        checkpoint = ray.train.Checkpoint(path=_checkpoint_path(uri), filesystem=storage.filesystem(uri)[0])
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            restored = clip_core.load_model(directory)
+            model.load_state_dict(restored.state_dict())
+            state = torch.load(os.path.join(directory, TRAIN_STATE), map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        position = Position(state["step"], state["epoch"], state["batch_in_epoch"])
+        if rank < len(state["rng"]):
+            _set_rng_state(state["rng"][rank], generator)
+        mlflow_run_id = state.get("mlflow_run_id")
+        if rank == 0:
+            print(f"resumed from step {position.step} (epoch {position.epoch}, batch {position.batch_in_epoch})")
+
+    runnable = ray.train.torch.prepare_model(model, parallel_strategy=config.strategy) if world > 1 else model
+    if config.compile:
+        runnable = torch.compile(runnable)
+    loss_fn = clip_core.create_loss(config.loss)
+    autocast = torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None)
+    image_size = _unwrap(model).image_size
+    augment = Augment(image_size, train=True, generator=generator)
+    tracker = _RankZeroTracker(config, mlflow_run_id) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    local_batch = config.batch_size // world
+
+    window_started, window_data_wait, window_steps = time.perf_counter(), 0.0, 0
+    while position.step < config.steps:
+        trained_in_epoch = 0
+        for batch, waited in _epoch_batches(shard, config, position, local_batch, device, rank):
+            window_data_wait += waited
+            trained_in_epoch += 1
+            _maybe_inject_fault(config, rank, position.step + 1)
+            runnable.train()
+            images = augment(batch["image"])
+            optimizer.zero_grad(set_to_none=True)
+            loss = contrastive_step(runnable, loss_fn, images, batch["tokens"], config.accum_freq, autocast)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm or float("inf"))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            _unwrap(model).clamp_logit_scale_()
+            position.step += 1
+            position.batch_in_epoch += 1
+            window_steps += 1
+            if position.step % config.log_every == 0 or position.step == config.steps:
+                elapsed = time.perf_counter() - window_started
+                metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0],
+                           "logit_scale": float(_unwrap(model).logit_scale.exp()),
+                           "grad_norm": float(grad_norm), "samples_per_s": window_steps * config.batch_size / elapsed,
+                           "samples_per_s_per_worker": window_steps * config.batch_size / elapsed / world,
+                           "data_wait_fraction": window_data_wait / elapsed, "epoch": position.epoch}
+                window_started, window_data_wait, window_steps = time.perf_counter(), 0.0, 0
+                if tracker:
+                    tracker.log_step(position.step, metrics)
+            checkpointing = position.step % config.checkpoint_every == 0 or position.step == config.steps
+            # every checkpoint carries the validation metrics, so the best can be kept by them
+            if checkpointing or (config.val_every and position.step % config.val_every == 0):
+                metrics = {**metrics, **_validate(config, _unwrap(model), device, autocast, rank)}
+                if tracker:
+                    tracker.log_validation(position.step, metrics)
+            if checkpointing:
+                _report(config, model, optimizer, scheduler, scaler, position, generator, rank, tracker, metrics)
+            if position.step >= config.steps:
+                break
+        else:
+            if trained_in_epoch == 0 and position.batch_in_epoch == 0:
+                raise ValueError(f"an epoch yielded no batch of {local_batch} rows per worker: the training data "
+                                 f"is smaller than one global batch ({config.batch_size})")
+            position.epoch += 1
+            position.batch_in_epoch = 0
+    if tracker:
+        tracker.finish()
+    if world > 1:
+        dist.barrier()
+
+
+def _epoch_batches(shard, config: TrainConfig, position: Position, local_batch: int, device, rank: int):
+    """(batch, seconds waited for it) for the rest of the current epoch: batches already trained on
+    in this epoch are skipped, and a sample-based epoch ends after train_num_samples."""
+    steps_per_epoch = config.train_num_samples // config.batch_size if config.train_num_samples else None
+    iterator = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
+                                             local_shuffle_buffer_size=config.shuffle_buffer or None,
+                                             local_shuffle_seed=config.seed + 7919 * position.epoch + rank))
+    for _ in range(position.batch_in_epoch):
+        next(iterator, None)
+    while steps_per_epoch is None or position.batch_in_epoch < steps_per_epoch:
+        waited = time.perf_counter()
+        batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch, time.perf_counter() - waited
+
+
+def _report(config, model, optimizer, scheduler, scaler, position, generator, rank, tracker, metrics) -> None:
+    import ray.train
+
+    rng = _gather(_rng_state(generator))
+    reported = {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "step": position.step,
+                "mlflow_run_id": tracker.run_id if tracker else None}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as directory:
+            _save_train_state(directory, model, optimizer, scheduler, scaler, position, rng, config,
+                              tracker.run_id if tracker else None, reported)
+            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"checkpoint_{position.step:08d}")
+    else:
+        ray.train.report(reported, checkpoint=None, checkpoint_dir_name=f"checkpoint_{position.step:08d}")
+
+
+def _maybe_inject_fault(config: TrainConfig, rank: int, step: int) -> None:
+    fault = config.fault_injection
+    if fault is None or fault.rank != rank or fault.step != step or os.path.exists(fault.marker):
+        return
+    Path(fault.marker).write_text(f"killed rank {rank} at step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@torch.no_grad()
+def _validate(config: TrainConfig, model, device, autocast, rank: int) -> dict:
+    """Rank 0: contrastive loss and retrieval on `val`; zero-shot top-1 on `zeroshot`."""
+    if rank != 0 or not (config.val or config.zeroshot):
+        return {}
+    from .preprocess import read_manifest
+
+    model.eval()
+    out = {}
+    if config.val:
+        image_features, text_features, _ = _eval_features(config.val, model, device, autocast)
+        scale = model.logit_scale.exp().clamp(max=100)
+        logits = scale * image_features @ text_features.T
+        labels = torch.arange(len(logits), device=logits.device)
+        out["val_loss"] = float((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
+        retrieval = clip_core.retrieval_metrics(image_features, text_features)
+        out["val_image_to_text_R1"] = retrieval["image_to_text_R@1"]
+        out["val_text_to_image_R1"] = retrieval["text_to_image_R@1"]
+    if config.zeroshot:
+        classnames = read_manifest(config.zeroshot).get("classnames")
+        if not classnames:
+            raise ValueError(f"{config.zeroshot} has no class names: prepare it with labels and --classnames")
+        image_features, _, labels = _eval_features(config.zeroshot, model, device, autocast)
+        if labels is None:
+            raise ValueError(f"{config.zeroshot} has unlabeled rows: zero-shot evaluation needs a label on each")
+        classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), classnames)
+        scores = clip_core.zeroshot.zero_shot_logits(image_features, classifier)
+        out["zeroshot_top1"] = clip_core.zeroshot.accuracy(scores, labels.to(scores.device), ks=(1,))["top1"]
+    model.train()
+    return out
+
+
+_EVAL_SETS: dict[tuple[str, int], dict] = {}
+
+
+def _eval_features(uri: str, model, device, autocast, batch_size: int = 256):
+    """Normalized image and text features (and labels) of a small prepared set; decoded once per worker."""
+    key = (uri, model.image_size)
+    if key not in _EVAL_SETS:
+        from .preprocess import read_prepared_table
+
+        table = read_prepared_table(uri, columns=["image", "tokens", "label"])
+        _EVAL_SETS[key] = decode_batch(table.to_pydict(), model.image_size)
+    data = _EVAL_SETS[key]
+    augment = Augment(model.image_size, train=False, generator=torch.Generator())
+    image_features, text_features = [], []
+    for start in range(0, len(data["tokens"]), batch_size):
+        images = torch.from_numpy(data["image"][start : start + batch_size]).to(device)
+        tokens = torch.from_numpy(data["tokens"][start : start + batch_size]).to(device)
+        with autocast:
+            image_features.append(model.encode_image(augment(images), normalize=True).float())
+            text_features.append(model.encode_text(tokens, normalize=True).float())
+    labels = torch.from_numpy(data["label"]) if "label" in data else None
+    return torch.cat(image_features), torch.cat(text_features), labels
+
+
+class _RankZeroTracker:
+    """MLflow logging from rank 0: params, per-step and validation metrics, dataset inputs, tags."""
+
+    def __init__(self, config: TrainConfig, run_id: str | None):
+        import mlflow
+
+        self.enabled = bool(config.mlflow_tracking_uri)
+        self.run_id = run_id
+        self.total_steps, self.batch_size = config.steps, config.batch_size
+        if not self.enabled:
+            return
+        mlflow.set_tracking_uri(config.mlflow_tracking_uri)
+        if run_id is not None and not _run_exists(run_id):
+            run_id = None  # resumed by hand into another tracking store: a new run there
+        if run_id is None:
+            mlflow.set_experiment(config.mlflow_experiment)
+            tags = {"rayclip.stage": "train", "rayclip.version": _version(), "git_commit": config.git_commit or "",
+                    "torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                    else "cpu", "world_size": str(config.workers)}
+            if config.mlflow_parent_run_id:
+                tags["mlflow.parentRunId"] = config.mlflow_parent_run_id
+            run = mlflow.start_run(run_name=config.run_name or "train", tags=tags)
+            self.run_id = run.info.run_id
+            mlflow.log_params(_flatten(config.model_dump(mode="json", exclude={"fault_injection"})))
+            self._log_datasets(config)
+        else:
+            mlflow.start_run(run_id=run_id)
+
+    def _log_datasets(self, config: TrainConfig) -> None:
+        import warnings
+
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        from .preprocess import read_manifest
+
+        for uri, context in [*((u, "train") for u in config.data), (config.val, "validation"),
+                             (config.zeroshot, "zeroshot")]:
+            if uri:
+                digest = read_manifest(uri)["digest"]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    dataset = MetaDataset(source=resolve_dataset_source(uri), name=storage.basename(uri),
+                                          digest=digest.removeprefix("sha256:")[:36])
+                mlflow.log_input(dataset, context=context)
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        eta = (self.total_steps - step) * self.batch_size / max(metrics["samples_per_s"], 1e-9)
+        print(f"step {step}/{self.total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+              f"{metrics['samples_per_s']:.1f} samples/s  data wait {metrics['data_wait_fraction']:.0%}  "
+              f"ETA {eta / 60:.1f} min", flush=True)
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_metrics(metrics, step=step)
+
+    def log_validation(self, step: int, metrics: dict) -> None:
+        validation = {k: v for k, v in metrics.items() if k.startswith(("val_", "zeroshot_"))}
+        if validation:
+            print(f"validation at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in validation.items()),
+                  flush=True)
+        if self.enabled and validation:
+            import mlflow
+
+            mlflow.log_metrics(validation, step=step)
+
+    def finish(self) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.end_run()
+
+
+def _run_exists(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rayclip")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str  # the final checkpoint (copied to `output` when set)
+    metrics: dict
+    mlflow_run_id: str | None
+    best_checkpoint: str | None
+    run_path: str
+
+
+def check_config(config: TrainConfig) -> None:
+    """Everything that can be known wrong before any worker starts."""
+    import ray
+
+    from .preprocess import read_manifest
+
+    for uri in [*config.data, config.val, config.zeroshot]:
+        if uri:
+            read_manifest(uri)  # raises naming the missing dataset
+    if config.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < config.workers and not os.environ.get("RAY_ADDRESS"):
+            raise ValueError(f"use_gpu with {config.workers} worker(s) needs {config.workers} GPU(s); this Ray "
+                             f"cluster has {gpus:g}. Drop --gpu, or run on a cluster with GPUs")
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if not config.use_gpu and config.workers * config.cpus_per_worker > cpus and not os.environ.get("RAY_ADDRESS"):
+        raise ValueError(f"{config.workers} workers x {config.cpus_per_worker} CPUs exceed this Ray cluster's "
+                         f"{cpus:g} CPUs; lower workers or cpus_per_worker")
+    if config.resume and config.resume != "latest" and not storage.exists(config.resume):
+        raise FileNotFoundError(f"no checkpoint to resume at {config.resume}")
+    if config.init:
+        path = config.init.split(":", 1)[1] if config.init.split(":", 1)[0] in ("openai", "openclip") else config.init
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no pretrained weights at {path} (from --init {config.init})")
+
+
+def default_storage(config: TrainConfig) -> str:
+    if config.storage:
+        return config.storage
+    base = storage.dirname(config.output) if config.output else os.path.join(os.getcwd(), "work")
+    return storage.join(base, "ray_results")
+
+
+def latest_checkpoint(storage_path: str) -> str | None:
+    """The checkpoint with the highest step under any run in `storage_path`."""
+    if not storage.exists(storage_path):
+        return None
+    candidates = [uri for uri in storage.list_files(storage_path) if storage.basename(uri) == TRAIN_STATE]
+    if not candidates:
+        return None
+    return storage.dirname(max(candidates, key=lambda uri: storage.basename(storage.dirname(uri))))
+
+
+def train(config: TrainConfig, echo=print) -> TrainResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .runtime import init_ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() otherwise costs ~2 s
+    init_ray()
+    if config.mlflow_tracking_uri and config.mlflow_tracking_uri.startswith("sqlite:///"):
+        config = config.model_copy(update={"mlflow_tracking_uri": "sqlite:///" + os.path.abspath(
+            config.mlflow_tracking_uri.removeprefix("sqlite:///"))})
+    if config.git_commit is None:
+        config = config.model_copy(update={"git_commit": git_commit()})
+    check_config(config)
+
+    storage_path = default_storage(config)
+    resume_from = None
+    if config.resume == "latest":
+        resume_from = latest_checkpoint(storage_path)
+        if resume_from is None:
+            raise FileNotFoundError(f"--resume latest: no checkpoint under {storage_path}")
+    elif config.resume:
+        resume_from = config.resume
+    run_name = config.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    fs, _ = storage.filesystem(storage_path)
+    if not storage.is_s3(storage_path):
+        os.makedirs(storage_path, exist_ok=True)
+    image_size = clip_core.get_config(config.model).vision.image_size if not config.init else \
+        build_model(config).image_size
+    datasets = {"train": training_dataset(config, image_size)}
+
+    from ray.data import ExecutionOptions
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "resume_checkpoint": resume_from},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
+                                               resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage.filesystem(storage_path)[1] if storage.is_s3(storage_path) else storage_path,
+            storage_filesystem=fs if storage.is_s3(storage_path) else None,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.num_to_keep, checkpoint_score_attribute=config.checkpoint_metric,
+                checkpoint_score_order="min" if (config.checkpoint_metric or "").endswith("loss") else "max")),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    echo(f"train: {config.model} on {config.workers} worker(s), global batch {config.batch_size} "
+         f"({config.micro_batch} x {config.accum_freq} per worker), {config.steps} steps → {storage_path}/{run_name}")
+    result = trainer.fit()
+    final = _checkpoint_uri(result.checkpoint)
+    best = None
+    if config.checkpoint_metric and result.best_checkpoints:
+        best = _checkpoint_uri(result.best_checkpoints[0][0])
+    if config.output:
+        _copy_checkpoint(final, config.output)
+        final = config.output
+    metrics = dict(result.metrics or {})
+    run_id = metrics.get("mlflow_run_id")
+    if run_id and config.mlflow_tracking_uri:
+        _log_checkpoints(config, run_id, final, best)
+    echo(f"train: done at step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f} → {final}")
+    return TrainResult(checkpoint=final, metrics=metrics, mlflow_run_id=run_id, best_checkpoint=best,
+                       run_path=storage.join(storage_path, run_name))
+
+
+def _checkpoint_path(uri: str) -> str:
+    return storage.filesystem(uri)[1] if storage.is_s3(uri) else uri
+
+
+def _checkpoint_uri(checkpoint) -> str:
+    import pyarrow.fs as pafs
+
+    return f"s3://{checkpoint.path}" if isinstance(checkpoint.filesystem, pafs.S3FileSystem) else checkpoint.path
+
+
+def _copy_checkpoint(source: str, destination: str) -> None:
+    if source == destination:
+        return
+    for uri in storage.list_files(source):
+        storage.write_bytes(storage.join(destination, uri[len(source):].lstrip("/")), storage.read_bytes(uri))
+
+
+def _log_checkpoints(config: TrainConfig, run_id: str, final: str, best: str | None) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(config.mlflow_tracking_uri)
+    for uri, name in ((final, "checkpoint"), (best, "best_checkpoint")):
+        if uri is None:
+            continue
+        with tempfile.TemporaryDirectory() as local:
+            _copy_checkpoint(uri, local)
+            client.log_artifacts(run_id, local, artifact_path=name)
+
