@@ -158,3 +158,34 @@ def test_tiny_preset_learns_synthetic_pairs():
         losses.append(loss.item())
     assert losses[0] > math.log(32) - 0.5
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_weight_decay_spares_gains_biases_embeddings_and_temperature():
+    model = clip_core.create_model("RN50", image_size=64)
+    decay, no_decay = model.param_groups(0.2)
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    for name in ("logit_scale", "positional_embedding", "token_embedding.weight", "ln_final.weight",
+                 "visual.bn1.weight", "visual.attnpool.positional_embedding", "transformer.resblocks.0.mlp.c_fc.bias"):
+        assert name in exempt, name
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"text_projection", "visual.conv1.weight", "transformer.resblocks.0.attn.in_proj_weight"} <= decayed
+    assert len(decayed) + len(exempt) == len(names)
+
+
+def test_locked_image_tower_keeps_its_weights_and_batchnorm_statistics():
+    model = clip_core.create_model("RN50", image_size=64)
+    model.lock_image_tower(unlocked_layers=1)  # the attention-pool head stays trainable
+    assert not any(p.requires_grad for p in model.visual.layer4.parameters())
+    assert all(p.requires_grad for p in model.visual.attnpool.parameters())
+    assert all(p.requires_grad for p in model.transformer.parameters())
+    model.train()
+    assert not model.visual.bn1.training and model.transformer.training
+    before = model.visual.bn1.running_mean.clone()
+    model.encode_image(torch.randn(2, 3, 64, 64))
+    assert torch.equal(model.visual.bn1.running_mean, before)
+    vit = clip_core.create_model("tiny")
+    vit.lock_text_tower()
+    assert not any(p.requires_grad for n, p in vit.named_parameters() if not n.startswith(("visual.", "logit_")))
+    assert all(p.requires_grad for p in vit.visual.parameters())

@@ -145,15 +145,22 @@ def test_s3_in_and_out(tmp_path, s3_bucket):
 
 
 def test_prepared_rows_feed_torch_batches_with_augmentation(tmp_path):
+    import torch
+
+    from workflows.train import Augment, decode_batch
+
     preprocess("synthetic://all?count=24&seed=4&image_size=48", str(tmp_path / "out"),
                PreprocessOptions(image_size=48), echo=_quiet)
     dataset = load_prepared(str(tmp_path / "out"), shuffle_files=True, seed=0)
-    batches = list(dataset.iter_torch_batches(batch_size=10, collate_fn=stage.Collate(32, train=True, seed=0),
-                                              local_shuffle_buffer_size=16, local_shuffle_seed=0))
-    images, tokens, labels = batches[0]
-    assert images.shape == (10, 3, 32, 32) and images.dtype.is_floating_point
+    dataset = dataset.map_batches(decode_batch, batch_format="numpy", fn_kwargs={"image_size": 32})
+    batches = list(dataset.iter_torch_batches(batch_size=10, local_shuffle_buffer_size=16, local_shuffle_seed=0))
+    augment = Augment(32, train=True, generator=torch.Generator().manual_seed(0))
+    images = augment(batches[0]["image"])
+    assert images.shape == (10, 3, 32, 32) and images.dtype == torch.float32
+    tokens = batches[0]["tokens"]
     assert tokens.shape == (10, 77) and (tokens[:, 0] == 49406).all() and (tokens.argmax(dim=1) > 0).all()
-    assert labels.shape == (10,) and sum(len(b[0]) for b in batches) == 24
+    assert batches[0]["label"].shape == (10,) and sum(len(b["tokens"]) for b in batches) == 24
+    assert not torch.equal(augment(batches[0]["image"]), images), "two draws of the random crop differ"
 
 
 def test_same_input_same_digest_and_reruns_are_safe(tmp_path):

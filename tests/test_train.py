@@ -10,10 +10,12 @@ import mlflow
 import pytest
 import ray.cloudpickle
 import torch
+import yaml
 
 import clip_core
 from workflows.preprocess import PreprocessOptions, preprocess
-from workflows.train import TrainConfig, build_model, contrastive_step, train
+from workflows import cli
+from workflows.train import TrainConfig, build_model, contrastive_step, latest_checkpoint, train
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run this module's loop
@@ -49,18 +51,18 @@ def _history(tmp_path, run_id, key="loss"):
 
 
 def test_two_workers_train_checkpoint_and_log_to_mlflow(prepared, tmp_path):
-    config = _config(prepared, tmp_path, workers=2, steps=12, val=str(prepared / "heldout"),
-                     zeroshot=str(prepared / "heldout"), checkpoint_metric="val_loss", val_every=6)
+    config = _config(prepared, tmp_path, workers=2, steps=10, val=str(prepared / "heldout"),
+                     zeroshot=str(prepared / "heldout"), checkpoint_metric="val_loss", val_every=5)
     result = train(config, echo=lambda *_: None)
 
-    assert result.metrics["step"] == 12
+    assert result.metrics["step"] == 10
     losses = _history(tmp_path, result.mlflow_run_id)
-    assert sorted(losses) == list(range(1, 13))
-    assert sum(losses[s] for s in (10, 11, 12)) / 3 < sum(losses[s] for s in (1, 2, 3)) / 3 - 0.2, losses
+    assert sorted(losses) == list(range(1, 11))
+    assert sum(losses[s] for s in (8, 9, 10)) / 3 < sum(losses[s] for s in (1, 2, 3)) / 3 - 0.2, losses
     model = clip_core.load_model(result.checkpoint)
     assert model.config.name == "micro" and model.config.vision.width == 64
     checkpoints = sorted(p.name for p in (tmp_path / "runs").glob("*/checkpoint_0*"))
-    assert checkpoints and len(checkpoints) <= config.num_to_keep and "checkpoint_00000012" in checkpoints
+    assert checkpoints and len(checkpoints) <= config.num_to_keep and "checkpoint_00000010" in checkpoints
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(result.mlflow_run_id)
@@ -100,6 +102,19 @@ def _first_update_loop(config):
         ray.train.report({"rank": rank}, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
 
 
+def _first_update_in_process(prepared, tmp_path):
+    """The reference: one process, the whole batch, no Ray."""
+    train_config = _config(prepared, tmp_path, batch_size=16)
+    torch.manual_seed(0)
+    model = build_model(train_config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    images = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(123))
+    tokens = clip_core.get_tokenizer()([f"a photo of thing {i}" for i in range(16)])
+    contrastive_step(model, clip_core.ClipLoss(), images, tokens, 1, torch.autocast("cpu", enabled=False))
+    optimizer.step()
+    return model.state_dict()
+
+
 def _first_update(prepared, tmp_path, workers, accum_freq):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -114,7 +129,7 @@ def _first_update(prepared, tmp_path, workers, accum_freq):
 
 
 def test_two_workers_and_accumulation_give_the_single_big_batch_update(prepared, tmp_path):
-    reference = _first_update(prepared, tmp_path, workers=1, accum_freq=1)
+    reference = _first_update_in_process(prepared, tmp_path)
     for workers, accum_freq in ((2, 1), (2, 2)):
         update = _first_update(prepared, tmp_path, workers=workers, accum_freq=accum_freq)
         for key, value in reference.items():
@@ -160,16 +175,23 @@ def test_killed_worker_resumes_from_its_checkpoint_on_s3(prepared, tmp_path, s3_
 
 
 def test_resume_by_hand_reproduces_the_uninterrupted_run(prepared, tmp_path):
-    full = train(_config(prepared, tmp_path / "a", steps=6, checkpoint_every=3, num_to_keep=5), echo=lambda *_: None)
+    config = _config(prepared, tmp_path / "a", steps=6, checkpoint_every=3, num_to_keep=5)
+    full = train(config, echo=lambda *_: None)
     midway = next((tmp_path / "a" / "runs").glob("*/checkpoint_00000003"))
-    resumed = train(_config(prepared, tmp_path / "b", steps=6, checkpoint_every=3, resume=str(midway)),
-                    echo=lambda *_: None)
+    # the second run goes through the command line (in this process, on this test session's Ray)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    exit_code = cli.main(["train", "--config", str(tmp_path / "train.yaml"), "--storage", str(tmp_path / "b" / "runs"),
+                          "--output", str(tmp_path / "b" / "final"),
+                          "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "--resume", str(midway)])
+    assert exit_code == 0
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    resumed_run = client.search_runs([client.get_experiment_by_name("rayclip").experiment_id])[0]
     full_losses = _history(tmp_path / "a", full.mlflow_run_id)
-    resumed_losses = _history(tmp_path / "b", resumed.mlflow_run_id)
+    resumed_losses = _history(tmp_path / "b", resumed_run.info.run_id)
     assert sorted(resumed_losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed_losses[step] == pytest.approx(full_losses[step], abs=1e-4)
-    a, b = clip_core.load_model(full.checkpoint), clip_core.load_model(resumed.checkpoint)
+    a, b = clip_core.load_model(full.checkpoint), clip_core.load_model(tmp_path / "b" / "final")
     for (key, value), other in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(other, value, atol=1e-5, rtol=1e-4, msg=key)
 
@@ -186,3 +208,16 @@ def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):
     with pytest.raises(FileNotFoundError, match="no pretrained weights at"):
         train(_config(prepared, tmp_path, init=f"openai:{tmp_path / 'ViT-B-32.pt'}"), echo=lambda *_: None)
     assert not (tmp_path / "runs").exists()
+
+
+
+def test_resume_latest_finds_the_newest_checkpoint_across_runs(tmp_path):
+    for run, steps in (("train-a", (3, 6)), ("train-b", (9,)), ("train-c", ())):
+        for step in steps:
+            directory = tmp_path / run / f"checkpoint_{step:08d}"
+            directory.mkdir(parents=True)
+            (directory / "train_state.pt").write_bytes(b"")
+        (tmp_path / run).mkdir(exist_ok=True)
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "train-b" / "checkpoint_00000009")
+    assert latest_checkpoint(str(tmp_path / "train-c")) is None
+    assert latest_checkpoint(str(tmp_path / "absent")) is None

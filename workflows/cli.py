@@ -32,15 +32,26 @@ def _preprocess(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    values = {"data": args.data, "val": args.val, "zeroshot": args.zeroshot, "output": args.output,
+    values = _read_config_file(args.config) if args.config else {}
+    values.update({k: v for k, v in {"data": args.data, "val": args.val, "zeroshot": args.zeroshot, "output": args.output,
               "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "workers": args.workers,
-              "storage": args.storage, "init": args.init, "resume": args.resume, "use_gpu": args.gpu,
+              "storage": args.storage, "init": args.init, "resume": args.resume, "use_gpu": args.gpu or None,
               "lr": args.lr, "accum_freq": args.accum_freq, "precision": args.precision,
               "checkpoint_every": args.checkpoint_every, "max_failures": args.max_failures,
               "mlflow_tracking_uri": args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-              "seed": args.seed}
-    train(TrainConfig(**{k: v for k, v in values.items() if v is not None}))
+              "seed": args.seed}.items() if v is not None})
+    train(TrainConfig(**values))
     return 0
+
+
+def _read_config_file(path: str) -> dict:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,16 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Train CLIP on prepared datasets. --batch-size is the global contrastive "
                              "batch, split across --workers (unlike OpenCLIP's per-GPU flag); --steps counts "
                              "optimizer steps. Unset recipe values come from the preset's tested recipe.")
-    tr.add_argument("--data", action="append", required=True, help="prepared dataset (repeat for several)")
+    tr.add_argument("--config", help="YAML file of train options (any TrainConfig field); flags override it")
+    tr.add_argument("--data", action="append", help="prepared dataset (repeat for several)")
     tr.add_argument("--val", help="prepared captioned set for validation loss and retrieval R@1")
     tr.add_argument("--zeroshot", help="prepared labeled set for zero-shot top-1")
-    tr.add_argument("--output", required=True, help="directory or s3:// prefix for the final checkpoint")
-    tr.add_argument("--model", default="tiny", help="preset name (default tiny)")
+    tr.add_argument("--output", help="directory or s3:// prefix for the final checkpoint")
+    tr.add_argument("--model", help="preset name or model-config JSON (default tiny)")
     tr.add_argument("--steps", type=int)
     tr.add_argument("--batch-size", type=int, help="global contrastive batch")
     tr.add_argument("--accum-freq", type=int, help="micro-batches per step (the contrastive batch stays whole)")
     tr.add_argument("--lr", type=float)
-    tr.add_argument("--workers", type=int, default=1)
+    tr.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
     tr.add_argument("--gpu", action="store_true", help="one GPU per worker")
     tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     tr.add_argument("--storage", help="Ray Train storage for checkpoints (local dir or s3://)")

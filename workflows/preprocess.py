@@ -452,33 +452,6 @@ def read_prepared_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-class Collate:
-    """`iter_torch_batches(collate_fn=Collate(...))`: decode and augment a batch of prepared rows
-    into (images [B, 3, S, S] float32, tokens [B, context] int64, labels [B] int64 or None)."""
-
-    def __init__(self, image_size: int, *, train: bool, seed: int | None = None, context_length: int = 77):
-        from clip_core.transforms import image_transform
-
-        self.transform = image_transform(image_size, train=train, seed=seed)
-        self.context_length = context_length
-
-    def __call__(self, batch: dict):
-        import numpy as np
-        import torch
-
-        images = torch.stack([self.transform(bytes(data)) for data in batch["image"]])
-        tokens = np.zeros((len(batch["tokens"]), self.context_length), dtype=np.int64)
-        for row, ids in enumerate(batch["tokens"]):
-            ids = list(ids)[: self.context_length]
-            tokens[row, : len(ids)] = ids
-        labels = batch.get("label")
-        if labels is not None and not any(label is None for label in labels):
-            labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-        else:
-            labels = None
-        return images, torch.from_numpy(tokens), labels
-
-
 def load_prepared(uri: str, *, shuffle_files: bool = False, seed: int | None = None):
     """The prepared dataset's kept rows as a Ray Dataset (columns: SHARD_COLUMNS); shuffle
     with `shuffle_files` here and `local_shuffle_buffer_size` when iterating."""

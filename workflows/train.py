@@ -90,7 +90,8 @@ class TrainConfig(BaseModel):
     lock_text_unlocked_layers: int = Field(0, ge=0)
     workers: int = Field(1, gt=0)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float | None = Field(None, gt=0, description="default: this machine's cores / workers "
+                                          "on a local Ray, 1 on a cluster")
     strategy: Literal["ddp", "fsdp"] = "ddp"
     storage: str | None = Field(None, description="Ray Train storage_path (local dir or s3://)")
     run_name: str | None = None
@@ -355,6 +356,8 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config.cpus_per_worker or 1)))
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -376,7 +379,7 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             restored = clip_core.load_model(directory)
-            model.load_state_dict(restored.state_dict())
+            clip_core.checkpoint.load_weights(model, restored.state_dict(), source=f"the checkpoint {checkpoint.path}")
             state = torch.load(os.path.join(directory, TRAIN_STATE), map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -733,6 +736,10 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
             config.mlflow_tracking_uri.removeprefix("sqlite:///"))})
     if config.git_commit is None:
         config = config.model_copy(update={"git_commit": git_commit()})
+    if config.cpus_per_worker is None:
+        local = not os.environ.get("RAY_ADDRESS")
+        config = config.model_copy(update={"cpus_per_worker": float(max(1, (os.cpu_count() or 1) // config.workers))
+                                           if local else 1.0})
     check_config(config)
 
     storage_path = default_storage(config)
