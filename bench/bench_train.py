@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clip_core  # noqa: E402
 from bench.common import markdown_table, write_report  # noqa: E402
 from workflows.preprocess import PreprocessOptions, preprocess, read_prepared_table  # noqa: E402
-from workflows.train import Augment, TrainConfig, contrastive_step, decode_batch, train  # noqa: E402
+from workflows.preprocess import decode_batch  # noqa: E402
+from workflows.train import Augment, TrainConfig, contrastive_step, train  # noqa: E402
 
 
 def plain_loop(data_uri: str, model_name: str, batch_size: int, steps: int, warmup: int) -> float:

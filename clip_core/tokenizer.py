@@ -67,7 +67,9 @@ class Tokenizer:
             raise ValueError(f"context_length must be at least 2 (room for [SOT] and [EOT]), got {context_length}")
         self.context_length = context_length
         self.tokenizer_id = TOKENIZER_ID
-        merges_text = gzip.decompress(resources.files("clip_core.assets").joinpath(_MERGES_FILE).read_bytes())
+        merges_text = resources.files("clip_core.assets").joinpath(_MERGES_FILE).read_bytes()
+        if merges_text[:2] == b"\x1f\x8b":  # HTTP copies (MLflow's artifact proxy) may arrive decompressed
+            merges_text = gzip.decompress(merges_text)
         merges = [tuple(line.split()) for line in merges_text.decode("utf-8").split("\n")[1 : _NUM_MERGES + 1]]
         self._byte_encoder = _bytes_to_unicode()
         symbols = list(self._byte_encoder.values())

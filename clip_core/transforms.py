@@ -148,6 +148,15 @@ def to_tensor(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Ten
     return pixels.sub_(mean_t).div_(std_t)
 
 
+def normalize(images: torch.Tensor, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Tensor:
+    """Images in [0, 1] [B, 3, H, W], or uint8 [B, H, W, 3] as decoders give them → normalized float [B, 3, H, W]."""
+    if images.dtype == torch.uint8:
+        images = images.permute(0, 3, 1, 2).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean_t) / std_t
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """Callable preprocessing: an image (PIL, bytes or path) → FloatTensor [3, size, size]."""

@@ -1,4 +1,6 @@
+import dataclasses
 import logging
+import pathlib
 import random
 
 import pytest
@@ -66,3 +68,71 @@ def s3_bucket(s3_server, request):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+@dataclasses.dataclass(frozen=True)
+class MlflowServer:
+    uri: str  # tracking URI, http://127.0.0.1:<port>
+    bucket: str  # moto S3 bucket the server proxies artifacts to, under s3://<bucket>/mlflow
+    log: pathlib.Path  # the server's combined stdout/stderr
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real `mlflow server` subprocess on 127.0.0.1 (sqlite backend, 1 worker), proxying artifacts to the moto S3.
+
+    Yields an ``MlflowServer`` with ``.uri`` (the tracking URI ``http://127.0.0.1:<port>``), ``.bucket`` (the moto
+    bucket; artifacts land under ``s3://<bucket>/mlflow/``) and ``.log`` (the server's log file).
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    import boto3
+    import httpx
+
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server",
+           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+           "--serve-artifacts", "--artifacts-destination", f"s3://{bucket}/mlflow",
+           "--workers", "1", "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server}
+    log_path = tmp / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+
+    def fail(why):
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"mlflow server {why}; log:\n{log_path.read_text(errors='replace')[-5000:]}")
+
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            fail(f"exited with {proc.returncode} before becoming ready")
+        try:
+            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            fail("not ready after 60 s")
+        time.sleep(0.2)
+    try:
+        yield MlflowServer(uri=uri, bucket=bucket, log=log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

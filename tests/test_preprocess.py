@@ -147,7 +147,8 @@ def test_s3_in_and_out(tmp_path, s3_bucket):
 def test_prepared_rows_feed_torch_batches_with_augmentation(tmp_path):
     import torch
 
-    from workflows.train import Augment, decode_batch
+    from workflows.preprocess import decode_batch
+    from workflows.train import Augment
 
     preprocess("synthetic://all?count=24&seed=4&image_size=48", str(tmp_path / "out"),
                PreprocessOptions(image_size=48), echo=_quiet)

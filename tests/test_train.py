@@ -1,6 +1,5 @@
 """The train stage on a real local Ray (2 workers), real MLflow (sqlite) and a real S3 server."""
 
-import dataclasses
 import json
 import sys
 import tempfile
@@ -17,6 +16,8 @@ from workflows.preprocess import PreprocessOptions, preprocess
 from workflows import cli
 from workflows.train import TrainConfig, build_model, contrastive_step, latest_checkpoint, train
 
+from micro import micro_config
+
 pytestmark = pytest.mark.usefixtures("ray_session")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run this module's loop
 
@@ -30,10 +31,7 @@ def prepared(tmp_path_factory, ray_session):
     preprocess("synthetic://heldout?count=48&seed=1&image_size=64", str(root / "heldout"),
                PreprocessOptions(image_size=64), echo=quiet)
     # a 64-wide, 2-layer CLIP at 64 px: the train stage's machinery without the compute
-    tiny = clip_core.get_config("tiny")
-    micro = tiny.replace(name="micro", embed_dim=64, vision=dataclasses.replace(tiny.vision, width=64, layers=2),
-                         text=dataclasses.replace(tiny.text, width=64, heads=1, layers=2))
-    (root / "micro.json").write_text(json.dumps(micro.to_dict()))
+    (root / "micro.json").write_text(json.dumps(micro_config().to_dict()))
     return root
 
 
@@ -61,6 +59,9 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(prepared, tmp_path):
     assert sum(losses[s] for s in (8, 9, 10)) / 3 < sum(losses[s] for s in (1, 2, 3)) / 3 - 0.2, losses
     model = clip_core.load_model(result.checkpoint)
     assert model.config.name == "micro" and model.config.vision.width == 64
+    # the registry finds the train run (lineage) from the checkpoint itself
+    description = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert description["train"]["mlflow_run_id"] == result.mlflow_run_id and description["train"]["step"] == 10
     checkpoints = sorted(p.name for p in (tmp_path / "runs").glob("*/checkpoint_0*"))
     assert checkpoints and len(checkpoints) <= config.num_to_keep and "checkpoint_00000010" in checkpoints
 

@@ -19,7 +19,7 @@ def _preprocess(args: argparse.Namespace) -> int:
 
     classnames = None
     if args.classnames:
-        classnames = [line.strip() for line in open(args.classnames, encoding="utf-8") if line.strip()]
+        classnames = _lines(args.classnames)
     options = PreprocessOptions(format=args.format, image_key=args.image_key, caption_key=args.caption_key,
                                 label_key=args.label_key, classnames=classnames, image_size=args.image_size,
                                 image_format=args.image_format, jpeg_quality=args.jpeg_quality,
@@ -41,6 +41,64 @@ def _train(args: argparse.Namespace) -> int:
               "mlflow_tracking_uri": args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
               "seed": args.seed}.items() if v is not None})
     train(TrainConfig(**values))
+    return 0
+
+
+def _lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _tracking_uri(args: argparse.Namespace) -> str | None:
+    return args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import TEMPLATE_SETS, EvaluateConfig, evaluate
+
+    templates = args.templates if args.templates in TEMPLATE_SETS else _lines(args.templates) if args.templates \
+        else "default"
+    config = EvaluateConfig(model=args.model, zeroshot=args.zeroshot, retrieval=args.retrieval,
+                            linear_probe=args.linear_probe, classnames=_lines(args.classnames) if args.classnames
+                            else None, templates=templates, batch_size=args.batch_size, workers=args.workers,
+                            use_gpu=args.gpu, output_json=args.json, mlflow_tracking_uri=_tracking_uri(args),
+                            **({"shots": args.shots} if args.shots else {}))
+    evaluate(config)
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    import json
+
+    from .registry import register
+
+    metrics = None
+    if args.metrics:
+        with open(args.metrics, encoding="utf-8") as f:
+            metrics = json.load(f)
+    register(args.checkpoint, args.name, metrics=metrics, tracking_uri=_tracking_uri(args))
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from .registry import Gate, promote
+
+    decision = promote(args.name, args.version, force=args.force, tracking_uri=_tracking_uri(args),
+                       gate=Gate(metric=args.metric, max_drop=args.max_drop, floor=args.floor))
+    return 0 if decision["decision"] in ("passed", "forced") else 1
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from .registry import rollback
+
+    rollback(args.name, tracking_uri=_tracking_uri(args))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .registry import format_versions, list_versions
+
+    print(format_versions(list_versions(args.name, tracking_uri=_tracking_uri(args)), metric=args.metric))
     return 0
 
 
@@ -107,6 +165,52 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI; no tracking when unset")
     tr.add_argument("--seed", type=int)
     tr.set_defaults(handler=_train)
+
+    tracking = argparse.ArgumentParser(add_help=False)
+    tracking.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI, else MLflow's default store")
+
+    ev = commands.add_parser("evaluate", parents=[tracking], help="zero-shot, retrieval and linear-probe metrics (Ray Data)",
+                             description="Evaluate a checkpoint or registered model. Metrics go to --json, to "
+                             "MLflow (the model's run, else a new run) and, for models:/ URIs, onto the version.")
+    ev.add_argument("model", help="checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/VERSION")
+    ev.add_argument("--zeroshot", help="labeled prepared set for zero-shot classification")
+    ev.add_argument("--classnames", help="one class name per line, line i is label i (default: the set's manifest)")
+    ev.add_argument("--templates", help="file with one prompt per line ({} for the class), or default|simple|imagenet")
+    ev.add_argument("--retrieval", help="captioned prepared set for image↔text retrieval")
+    ev.add_argument("--linear-probe", nargs=2, metavar=("TRAIN", "TEST"), help="labeled prepared sets")
+    ev.add_argument("--shots", type=int, nargs="+", help="few-shot probes, examples per class (default 1 2 4 8 16)")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--workers", type=int, default=1, help="model actors")
+    ev.add_argument("--gpu", action="store_true", help="one GPU per model actor")
+    ev.add_argument("--json", help="write the metrics here (local path or s3://)")
+    ev.set_defaults(handler=_evaluate)
+
+    reg = commands.add_parser("register", parents=[tracking], help="checkpoint → MLflow model version, alias challenger")
+    reg.add_argument("checkpoint", help="checkpoint directory or s3:// prefix (the train stage's --output)")
+    reg.add_argument("--name", required=True, help="registered model name")
+    reg.add_argument("--metrics", help="metrics.json from `rayclip evaluate --json`, recorded on the version")
+    reg.set_defaults(handler=_register)
+
+    gate = argparse.ArgumentParser(add_help=False)
+    gate.add_argument("--metric", default="zeroshot.top1", help="section.metric the gate compares (default zeroshot.top1)")
+    pro = commands.add_parser("promote", parents=[tracking, gate], help="move champion to the challenger if the gate passes",
+                              description="Compare the challenger (or --version) with the champion on the same eval "
+                              "set; champion moves only when the metric drops by at most --max-drop (or, with no "
+                              "champion, reaches --floor). Exit status 1 when the gate fails.")
+    pro.add_argument("name")
+    pro.add_argument("--version", help="the candidate (default: the challenger alias)")
+    pro.add_argument("--max-drop", type=float, default=0.005, help="allowed drop (default 0.005 = 0.5 points)")
+    pro.add_argument("--floor", type=float, default=0.0, help="what a first champion must reach")
+    pro.add_argument("--force", action="store_true", help="promote even if the gate fails (recorded)")
+    pro.set_defaults(handler=_promote)
+
+    rb = commands.add_parser("rollback", parents=[tracking], help="move champion back to the previous champion")
+    rb.add_argument("name")
+    rb.set_defaults(handler=_rollback)
+
+    mo = commands.add_parser("models", parents=[tracking, gate], help="versions, aliases, metrics and lineage")
+    mo.add_argument("name")
+    mo.set_defaults(handler=_models)
     return parser
 
 

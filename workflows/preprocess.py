@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -34,6 +35,7 @@ from clip_core.transforms import center_crop, resize_shortest_side, to_rgb
 
 from . import storage
 from .sources import SourceSpec, detect_format, plan_files, read_source_batch
+from .tracking import set_experiment
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +416,7 @@ def _log_to_mlflow(manifest: dict, output: str) -> None:
                               digest=manifest["digest"].removeprefix("sha256:")[:36])
     own_run = mlflow.active_run() is None
     if own_run:
-        mlflow.set_experiment("rayclip")
+        set_experiment("rayclip")
         mlflow.start_run(run_name="preprocess")
     try:
         mlflow.log_input(dataset, context="preprocess")
@@ -426,6 +428,24 @@ def _log_to_mlflow(manifest: dict, output: str) -> None:
 
 
 # --------------------------------------------------------------------------------- reading
+
+def decode_batch(batch: dict, image_size: int, context_length: int = 77) -> dict:
+    """Ray Data UDF: prepared rows → uint8 images [B, S, S, 3], padded tokens [B, context] and,
+    for labeled sets, labels [B]."""
+    images = np.empty((len(batch["image"]), image_size, image_size, 3), dtype=np.uint8)
+    for i, data in enumerate(batch["image"]):
+        image = to_rgb(Image.open(io.BytesIO(data)))
+        if image.size != (image_size, image_size):
+            image = center_crop(resize_shortest_side(image, image_size), image_size)
+        images[i] = np.asarray(image)
+    tokens = np.zeros((len(batch["tokens"]), context_length), dtype=np.int64)
+    for i, ids in enumerate(batch["tokens"]):
+        ids = list(ids)[:context_length]
+        tokens[i, : len(ids)] = ids
+    out = {"image": images, "tokens": tokens}
+    if "label" in batch and not any(label is None for label in batch["label"]):
+        out["label"] = np.asarray(batch["label"], dtype=np.int64)
+    return out
 
 
 def read_manifest(uri: str) -> dict:

@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import clip_core
-from clip_core.transforms import OPENAI_MEAN, OPENAI_STD
+from clip_core.transforms import normalize
 
 from . import storage
+from .preprocess import decode_batch
+from .tracking import run_exists, set_experiment
 
 TRAIN_STATE = "train_state.pt"
 
@@ -140,31 +142,6 @@ class TrainConfig(BaseModel):
 # ------------------------------------------------------------------------------- data
 
 
-def decode_batch(batch: dict, image_size: int, context_length: int = 77) -> dict:
-    """Ray Data UDF: prepared rows → uint8 images [B, S, S, 3], padded tokens [B, context] and,
-    for labeled sets, labels [B]."""
-    import io
-
-    from PIL import Image
-
-    from clip_core.transforms import center_crop, resize_shortest_side, to_rgb
-
-    images = np.empty((len(batch["image"]), image_size, image_size, 3), dtype=np.uint8)
-    for i, data in enumerate(batch["image"]):
-        image = to_rgb(Image.open(io.BytesIO(data)))
-        if image.size != (image_size, image_size):
-            image = center_crop(resize_shortest_side(image, image_size), image_size)
-        images[i] = np.asarray(image)
-    tokens = np.zeros((len(batch["tokens"]), context_length), dtype=np.int64)
-    for i, ids in enumerate(batch["tokens"]):
-        ids = list(ids)[:context_length]
-        tokens[i, : len(ids)] = ids
-    out = {"image": images, "tokens": tokens}
-    if "label" in batch and not any(label is None for label in batch["label"]):
-        out["label"] = np.asarray(batch["label"], dtype=np.int64)
-    return out
-
-
 def training_dataset(config: TrainConfig, image_size: int):
     """The prepared datasets, mixed by weight, block order shuffled, decoded by Ray Data tasks."""
     from .preprocess import load_prepared, read_manifest
@@ -217,9 +194,7 @@ class Augment:
             theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = width, cx, height, cy
             grid = F.affine_grid(theta.to(x.device), [n, 3, self.image_size, self.image_size], align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return normalize(x)
 
 
 # ------------------------------------------------------------------------------- model
@@ -337,8 +312,8 @@ def _gather(obj):
 
 def _save_train_state(directory: str, model, optimizer, scheduler, scaler, position: Position, rng: list,
                       config: TrainConfig, mlflow_run_id: str | None, metrics: dict) -> None:
-    clip_core.save_checkpoint(_unwrap(model), directory, extra={"train": {"step": position.step,
-                                                                          "config": config.model_dump(mode="json")}})
+    clip_core.save_checkpoint(_unwrap(model), directory, extra={"train": {
+        "step": position.step, "mlflow_run_id": mlflow_run_id, "config": config.model_dump(mode="json")}})
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "step": position.step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
@@ -568,10 +543,10 @@ class _RankZeroTracker:
         if not self.enabled:
             return
         mlflow.set_tracking_uri(config.mlflow_tracking_uri)
-        if run_id is not None and not _run_exists(run_id):
+        if run_id is not None and not run_exists(run_id):
             run_id = None  # resumed by hand into another tracking store: a new run there
         if run_id is None:
-            mlflow.set_experiment(config.mlflow_experiment)
+            set_experiment(config.mlflow_experiment)
             tags = {"rayclip.stage": "train", "rayclip.version": _version(), "git_commit": config.git_commit or "",
                     "torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                     else "cpu", "world_size": str(config.workers)}
@@ -628,17 +603,6 @@ class _RankZeroTracker:
             import mlflow
 
             mlflow.end_run()
-
-
-def _run_exists(run_id: str) -> bool:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mlflow.MlflowClient().get_run(run_id)
-        return True
-    except MlflowException:
-        return False
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:

@@ -1,0 +1,429 @@
+"""Registry stage: checkpoints become MLflow model versions with their lineage, and a gate decides
+which version is `champion` (the live one).
+
+    register  checkpoint → pyfunc model version (models-from-code), tags, alias `challenger`
+    promote   challenger vs champion on the same eval set → `champion` moves only if the gate passes
+    rollback  `champion` back to the previous champion
+    models    a table of versions, aliases, metrics and lineage
+
+Every decision is recorded as tags on the versions involved; the champion history is a tag on the
+registered model. Versions are compared as strings: they come back as int from sqlite stores and
+as str over REST, and `search_model_versions` leaves aliases out, so aliases are read from
+`get_registered_model`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version as package_version
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from clip_core.checkpoint import CONFIG_FILE, OPENCLIP_CONFIG_FILE, WEIGHTS_FILE
+
+from . import storage
+from .tracking import run_exists, set_experiment
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+EVAL_SECTIONS = ("zeroshot", "retrieval", "linear_probe")  # what `rayclip evaluate` writes
+HISTORY_TAG = "rayclip.champion_history"
+CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc artifact: artifacts/checkpoint inside the model
+INFERENCE_FILES = (WEIGHTS_FILE, CONFIG_FILE, OPENCLIP_CONFIG_FILE)
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+# what the pyfunc imports at serving time (its own code and clip_core travel with the model)
+PYFUNC_REQUIREMENTS = ("torch", "numpy", "pillow", "safetensors", "ftfy", "regex", "pandas")
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+class RegistryError(ValueError):
+    """A registry operation that cannot go ahead, saying why and what to do."""
+
+
+def client(tracking_uri: str | None = None):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None] | None:
+    """`models:/NAME@ALIAS` → (NAME, ALIAS, None); `models:/NAME/3` → (NAME, None, "3"); else None."""
+    match = _MODEL_URI.match(uri)
+    if not match:
+        if uri.startswith("models:/"):
+            raise RegistryError(f"{uri!r} is not a model URI this tool reads: use models:/NAME@ALIAS or "
+                                "models:/NAME/VERSION")
+        return None
+    return match["name"], match["alias"], match["version"]
+
+
+def get_version(name: str, alias: str | None = None, version: str | int | None = None, *, tracking_uri=None):
+    """The model version by alias or number, with a message that names what exists when it does not."""
+    from mlflow.exceptions import MlflowException
+
+    model = get_registered_model(name, tracking_uri)
+    if alias is not None:
+        if alias not in model.aliases:
+            raise RegistryError(f"model {name!r} has no alias {alias!r}; aliases: {dict(model.aliases) or 'none'}")
+        version = model.aliases[alias]
+    try:
+        return client(tracking_uri).get_model_version(name, str(version))
+    except MlflowException:
+        raise RegistryError(f"model {name!r} has no version {version}") from None
+
+
+def _store(tracking_uri: str | None) -> str:
+    import mlflow
+
+    return tracking_uri or mlflow.get_tracking_uri()
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+@dataclass
+class ModelSource:
+    """A checkpoint ready to load locally, and where it came from."""
+
+    directory: str
+    uri: str
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None  # the MLflow run that holds the model (registered) or trained it
+
+
+def fetch_checkpoint(uri: str, destination: str, *, tracking_uri: str | None = None) -> ModelSource:
+    """The inference files of a checkpoint (local dir, s3:// prefix, or models:/…) in a local directory."""
+    parsed = parse_model_uri(uri)
+    if parsed:
+        import mlflow
+
+        name, alias, number = parsed
+        model_version = get_version(name, alias, number, tracking_uri=tracking_uri)
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
+        directory = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{model_version.version}/artifacts/{CHECKPOINT_ARTIFACT}",
+            dst_path=destination)
+        return ModelSource(directory, uri, name, str(model_version.version), model_version.run_id)
+    if not storage.is_s3(uri):
+        if not Path(uri, CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"no checkpoint at {uri}: expected a directory with {CONFIG_FILE} and "
+                                    f"{WEIGHTS_FILE} (the train stage's --output), or a models:/ URI")
+        return ModelSource(uri, uri, run_id=_train_run_id(uri))
+    if not storage.exists(storage.join(uri, CONFIG_FILE)):
+        raise FileNotFoundError(f"no checkpoint at {uri}: {CONFIG_FILE} is missing")
+    directory = os.path.join(destination, CHECKPOINT_ARTIFACT)
+    os.makedirs(directory, exist_ok=True)
+    for file in INFERENCE_FILES:
+        if storage.exists(storage.join(uri, file)):
+            Path(directory, file).write_bytes(storage.read_bytes(storage.join(uri, file)))
+    return ModelSource(directory, uri, run_id=_train_run_id(directory))
+
+
+def _description(directory: str) -> dict:
+    return json.loads(Path(directory, CONFIG_FILE).read_text())
+
+
+def _train_run_id(directory: str) -> str | None:
+    return _description(directory).get("train", {}).get("mlflow_run_id")
+
+
+def lineage(directory: str) -> dict[str, str]:
+    """Version tags that say where a checkpoint came from: datasets, train run, commit, config hash."""
+    description = _description(directory)
+    train = description.get("train", {})
+    train_config = train.get("config", {})
+    digests = []
+    for uri in train_config.get("data", []):
+        from .preprocess import read_manifest
+
+        try:
+            digests.append(read_manifest(uri)["digest"])
+        except (OSError, ValueError, KeyError):
+            digests.append(f"unreadable:{uri}")
+    config_hash = hashlib.sha256(json.dumps({"model": description.get("model"), "train": train_config},
+                                            sort_keys=True).encode()).hexdigest()
+    tags = {"dataset_digests": ",".join(digests), "train_run_id": train.get("mlflow_run_id") or "",
+            "git_commit": train_config.get("git_commit") or "", "config_hash": f"sha256:{config_hash}",
+            "model_config": description.get("model", {}).get("name") or "", "train_steps": str(train.get("step", ""))}
+    return {key: value for key, value in tags.items() if value}
+
+
+# ------------------------------------------------------------------------------ metrics as tags
+
+
+def metric_tags(metrics: dict) -> dict[str, str]:
+    """`{"zeroshot": {"top1": 0.7, "digest": "sha256:…"}}` → `{"eval.zeroshot.top1": "0.7", …}`."""
+    tags = {}
+    for section in EVAL_SECTIONS:
+        for key, value in metrics.get(section, {}).items():
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                tags[f"eval.{section}.{key}"] = str(value)
+    return tags
+
+
+def version_metrics(model_version) -> dict[str, str]:
+    """`{"zeroshot.top1": "0.7", "zeroshot.digest": "sha256:…"}` from a version's eval tags."""
+    return {key.removeprefix("eval."): value for key, value in (model_version.tags or {}).items()
+            if key.startswith("eval.")}
+
+
+def record_metrics(name: str, version: str, metrics: dict, *, tracking_uri: str | None = None) -> None:
+    registry = client(tracking_uri)
+    for key, value in metric_tags(metrics).items():
+        registry.set_model_version_tag(name, str(version), key, value)
+
+
+# ------------------------------------------------------------------------------ register
+
+
+def _requirements() -> list[str]:
+    pins = []
+    for package in PYFUNC_REQUIREMENTS:
+        try:
+            pins.append(f"{package}=={package_version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def _example_image() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from .pyfunc_model import DEFAULT_PARAMS
+
+    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "text", required=False)])
+    outputs = Schema([ColSpec("string", "label", required=False), ColSpec("double", "score", required=False)])
+    params = ParamSchema([ParamSpec("labels", "string", DEFAULT_PARAMS["labels"], shape=(-1,)),
+                          ParamSpec("templates", "string", DEFAULT_PARAMS["templates"], shape=(-1,)),
+                          ParamSpec("top_k", "long", DEFAULT_PARAMS["top_k"])])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def register(checkpoint: str, name: str, *, metrics: dict | None = None, tracking_uri: str | None = None,
+             experiment: str = "rayclip", run_id: str | None = None, alias: str = CHALLENGER,
+             echo=print) -> dict:
+    """Log `checkpoint` as a pyfunc model in its train run (or a new `register` run), register it
+    as a new version of `name` with lineage (and eval metrics) as tags, and point `alias` at it."""
+    import mlflow
+    import pandas as pd
+
+    import clip_core
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    with tempfile.TemporaryDirectory() as scratch:
+        source = fetch_checkpoint(checkpoint, scratch, tracking_uri=tracking_uri)
+        staged = os.path.join(scratch, "staged", CHECKPOINT_ARTIFACT)  # the artifact's name inside the model
+        os.makedirs(staged)
+        for file in INFERENCE_FILES:
+            if Path(source.directory, file).is_file():
+                shutil.copy(Path(source.directory, file), staged)
+        clip_core.load_model(staged)  # refuse a checkpoint that does not load before registering it
+        tags = {**lineage(staged), **metric_tags(metrics or {}), "checkpoint_source": checkpoint}
+        run_id = run_id or source.run_id
+        if run_id and not run_exists(run_id):
+            run_id = None  # trained against another tracking store
+        if run_id is None:
+            set_experiment(experiment)
+        with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register",
+                              tags=None if run_id else {"rayclip.stage": "register"}):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                artifacts={CHECKPOINT_ARTIFACT: staged}, code_paths=[str(Path(clip_core.__file__).parent)],
+                signature=_signature(), input_example=(pd.DataFrame({"image": [_example_image()]}),
+                                                       {"labels": ["red", "blue"]}),
+                pip_requirements=_requirements(), registered_model_name=name)
+    registry = client(tracking_uri)
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        registry.set_model_version_tag(name, version, key, value)
+    registry.set_registered_model_alias(name, alias, version)
+    echo(f"register: {name} version {version} ({alias}) from {checkpoint}")
+    return {"name": name, "version": version, "alias": alias, "run_id": info.run_id, "model_uri": info.model_uri,
+            "tags": tags}
+
+
+# ------------------------------------------------------------------------------ promote / rollback
+
+
+class Gate(BaseModel):
+    """Promotion rule: the challenger's `metric` may not be worse than the champion's by more than
+    `max_drop` (on the same eval set); with no champion it must reach `floor`."""
+
+    model_config = ConfigDict(extra="forbid")
+    metric: str = Field("zeroshot.top1", description="section.metric as `rayclip evaluate` writes it")
+    max_drop: float = Field(0.005, ge=0, description="tolerated loss, in the metric's units (0.005 = 0.5 points)")
+    floor: float = Field(0.0, description="what a first champion must reach")
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric.endswith(("rank", "loss"))
+
+    @property
+    def section(self) -> str:
+        return self.metric.split(".", 1)[0]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _history(registry, name: str) -> list[str]:
+    model = registry.get_registered_model(name)
+    history = json.loads(model.tags.get(HISTORY_TAG, "[]"))
+    current = model.aliases.get(CHAMPION)
+    if current is not None and (not history or history[-1] != str(current)):
+        history.append(str(current))  # an alias moved by hand joins the history
+    return history
+
+
+def _metric(model_version, gate: Gate) -> tuple[float | None, str | None]:
+    values = version_metrics(model_version)
+    raw = values.get(gate.metric)
+    return (float(raw) if raw is not None else None), values.get(f"{gate.section}.digest")
+
+
+def evaluate_gate(challenger, champion, gate: Gate) -> tuple[bool, str, dict]:
+    """(passed, reason, compared values) for a challenger against the champion (or None)."""
+    value, digest = _metric(challenger, gate)
+    compared = {"metric": gate.metric, "challenger_version": str(challenger.version), "challenger_value": value,
+                "eval_digest": digest}
+    if value is None:
+        return False, (f"version {challenger.version} has no {gate.metric} metric: run `rayclip evaluate "
+                       f"models:/{challenger.name}/{challenger.version} ...` first"), compared
+    sign = -1 if gate.lower_is_better else 1
+    if champion is None:
+        compared["floor"] = gate.floor
+        passed = sign * (value - gate.floor) >= 0
+        return passed, (f"no champion yet; {gate.metric} {value:.4g} {'meets' if passed else 'misses'} the floor "
+                        f"{gate.floor:.4g}"), compared
+    champion_value, champion_digest = _metric(champion, gate)
+    compared.update(champion_version=str(champion.version), champion_value=champion_value, max_drop=gate.max_drop)
+    if champion_value is None or champion_digest != digest:
+        return False, (f"champion version {champion.version} has no {gate.metric} on the same eval set "
+                       f"({digest}): evaluate models:/{champion.name}@{CHAMPION} on it, then promote again"), compared
+    drop = sign * (champion_value - value)
+    passed = drop <= gate.max_drop + 1e-12
+    return passed, (f"{gate.metric} {value:.4g} vs champion {champion_value:.4g}: "
+                    f"{'within' if passed else 'worse than'} the allowed drop of {gate.max_drop:.4g}"), compared
+
+
+def promote(name: str, version: str | int | None = None, *, gate: Gate | None = None, force: bool = False,
+            tracking_uri: str | None = None, echo=print) -> dict:
+    """Move `champion` to `version` (default: the challenger) when the gate passes, or with `force`.
+    The decision is recorded on both versions either way."""
+    gate = gate or Gate()
+    registry = client(tracking_uri)
+    challenger = get_version(name, None if version is not None else CHALLENGER, version, tracking_uri=tracking_uri)
+    aliases = registry.get_registered_model(name).aliases
+    champion = None
+    if CHAMPION in aliases:
+        champion = registry.get_model_version(name, str(aliases[CHAMPION]))
+        if str(champion.version) == str(challenger.version):
+            raise RegistryError(f"version {challenger.version} of {name!r} is already the champion")
+    passed, reason, compared = evaluate_gate(challenger, champion, gate)
+    status = "passed" if passed else ("forced" if force else "failed")
+    decision = {"decision": status, "reason": reason, "forced": force and not passed, "timestamp": _now(),
+                "gate": gate.model_dump(), **compared}
+    record = json.dumps(decision, sort_keys=True)
+    registry.set_model_version_tag(name, str(challenger.version), "validation_status", status)
+    registry.set_model_version_tag(name, str(challenger.version), "promotion.decision", record)
+    if champion is not None:
+        registry.set_model_version_tag(name, str(champion.version), "promotion.last_comparison", record)
+    if passed or force:
+        history = _history(registry, name) + [str(challenger.version)]
+        registry.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        registry.set_registered_model_alias(name, CHAMPION, str(challenger.version))
+        if champion is not None:
+            registry.set_model_version_tag(name, str(champion.version), "superseded_by", str(challenger.version))
+    echo(f"promote: {name} version {challenger.version}: {status} — {reason}")
+    return decision
+
+
+def rollback(name: str, *, tracking_uri: str | None = None, echo=print) -> dict:
+    """Point `champion` back at the previous champion; the decision is recorded on both versions."""
+    registry = client(tracking_uri)
+    get_version(name, CHAMPION, tracking_uri=tracking_uri)  # names the problem when there is no champion
+    history = _history(registry, name)
+    if len(history) < 2:
+        raise RegistryError(f"model {name!r} has no previous champion to roll back to (history: {history})")
+    current, previous = history[-1], history[-2]
+    decision = {"decision": "rolled_back", "from_version": current, "to_version": previous, "timestamp": _now()}
+    record = json.dumps(decision, sort_keys=True)
+    registry.set_registered_model_alias(name, CHAMPION, previous)
+    registry.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
+    registry.set_model_version_tag(name, current, "validation_status", "rolled_back")
+    registry.set_model_version_tag(name, current, "rollback.decision", record)
+    registry.set_model_version_tag(name, previous, "rollback.decision", record)
+    echo(f"rollback: {name} champion {current} → {previous}")
+    return decision
+
+
+# ------------------------------------------------------------------------------ listing
+
+
+def list_versions(name: str, *, tracking_uri: str | None = None) -> list[dict]:
+    """Every version of `name`, newest first, with aliases, status, eval metrics and lineage."""
+    registry = client(tracking_uri)
+    aliases: dict[str, list[str]] = {}
+    for alias, number in get_registered_model(name, tracking_uri).aliases.items():
+        aliases.setdefault(str(number), []).append(alias)
+    rows = []
+    for found in registry.search_model_versions(f"name = '{name}'"):
+        model_version = registry.get_model_version(name, str(found.version))  # search results lack some tags
+        tags = model_version.tags or {}
+        rows.append({"version": str(model_version.version), "aliases": sorted(aliases.get(str(model_version.version), [])),
+                     "status": tags.get("validation_status", ""), "metrics": version_metrics(model_version),
+                     "dataset_digests": tags.get("dataset_digests", ""), "train_run_id": tags.get("train_run_id", ""),
+                     "run_id": model_version.run_id, "git_commit": tags.get("git_commit", ""),
+                     "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(model_version.creation_timestamp / 1000))})
+    return sorted(rows, key=lambda row: int(row["version"]), reverse=True)
+
+
+def get_registered_model(name: str, tracking_uri: str | None = None):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(tracking_uri).get_registered_model(name)
+    except MlflowException:
+        raise RegistryError(f"no registered model {name!r} in {_store(tracking_uri)}: "
+                            f"`rayclip register CHECKPOINT --name {name}` creates it") from None
+
+
+def format_versions(rows: list[dict], metric: str = "zeroshot.top1") -> str:
+    header = ["version", "aliases", "status", metric, "eval set", "dataset", "train run", "commit", "created"]
+    table = [header]
+    for row in rows:
+        table.append([row["version"], ",".join(row["aliases"]) or "-", row["status"] or "-",
+                      row["metrics"].get(metric, "-"), _short(row["metrics"].get(f"{metric.split('.')[0]}.digest")),
+                      _short(row["dataset_digests"].split(",")[0]), (row["train_run_id"] or "-")[:12],
+                      (row["git_commit"] or "-")[:10], row["created"]])
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(r, widths)).rstrip() for r in table)
+
+
+def _short(digest: str | None) -> str:
+    return digest.removeprefix("sha256:")[:12] if digest else "-"
