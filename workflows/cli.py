@@ -102,6 +102,31 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from deploy.serve import ServeConfig, start
+
+    values = _read_config_file(args.config) if args.config else {}
+    values.update({k: v for k, v in {"model": args.model, "host": args.host, "port": args.port,
+                                     "mlflow_tracking_uri": _tracking_uri(args)}.items() if v is not None})
+    config = ServeConfig(**values)
+    url = start(config)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's init, which installs its own handlers
+        signal.signal(sig, lambda *_: stopping.set())
+    print(f"serve: {config.model} at {url}  (API docs {url}/docs, playground {url}/); Ctrl-C stops", flush=True)
+    stopping.wait()
+    print("serve: shutting down", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
 def _read_config_file(path: str) -> dict:
     import yaml
 
@@ -211,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     mo = commands.add_parser("models", parents=[tracking, gate], help="versions, aliases, metrics and lineage")
     mo.add_argument("name")
     mo.set_defaults(handler=_models)
+
+    sv = commands.add_parser("serve", parents=[tracking], help="zero-shot HTTP endpoints on Ray Serve, in the foreground",
+                             description="Serve a registered model or a checkpoint until interrupted; SIGINT/SIGTERM "
+                             "shut Serve and its local Ray down. Bearer auth is on when $RAYCLIP_SERVE_TOKEN is set.")
+    sv.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory "
+                    "(default models:/clip@champion)")
+    sv.add_argument("--host", help="default 127.0.0.1")
+    sv.add_argument("--port", type=int, help="default 8000")
+    sv.add_argument("--config", help="YAML file of serve options (any ServeConfig field); flags override it")
+    sv.set_defaults(handler=_serve)
     return parser
 
 

@@ -22,12 +22,12 @@ from clip_core.transforms import DEFAULT_MAX_PIXELS
 
 MAX_IMAGE_BYTES = 32 * 2**20
 MAX_LABELS = 1000
+CLASSIFIER_CACHE_SIZE = 64
 DEFAULT_PARAMS = {"labels": [], "templates": list(clip_core.DEFAULT_TEMPLATES), "top_k": 5}
 
 
 class CLIPPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        torch.set_grad_enabled(False)
         self.model = clip_core.load_model(context.artifacts["checkpoint"]).eval()
         self.tokenize = clip_core.get_tokenizer(self.model.config.text.context_length)
         self.transform = clip_core.image_transform(self.model.image_size, max_pixels=DEFAULT_MAX_PIXELS)
@@ -51,6 +51,8 @@ class CLIPPyfunc(mlflow.pyfunc.PythonModel):
             raise ValueError(f"rows {missing[:5]} have no image: classification needs an 'image' on every row")
         key = (tuple(labels), tuple(templates))
         if key not in self._classifiers:
+            if len(self._classifiers) >= CLASSIFIER_CACHE_SIZE:
+                self._classifiers.pop(next(iter(self._classifiers)))  # the oldest
             self._classifiers[key] = clip_core.zero_shot_classifier(self.model, self.tokenize, labels, templates)
         probs, indices = clip_core.predict(self.model, self._pixels(images), self._classifiers[key], top_k=top_k)
         ranked = [[labels[j] for j in row] for row in indices.tolist()]

@@ -1,0 +1,292 @@
+"""The Serve app on a real local Ray Serve, loading a registered champion from a sqlite MLflow store."""
+
+import asyncio
+import collections
+import base64
+import io
+import socket
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clip_core
+from deploy import serve as served
+from workflows import registry
+from workflows.synthetic import samples
+
+from micro import briefly_trained
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+TOKEN = "test-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, ray_session):
+    """The app serving models:/clip-serve@champion, with auth on and small limits."""
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("serve")
+    clip_core.save_checkpoint(briefly_trained(), root / "ckpt")
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    quiet = lambda *_: None  # noqa: E731
+    registry.register(str(root / "ckpt"), "clip-serve", metrics={"zeroshot": {"top1": 0.5, "digest": "sha256:x"}},
+                      tracking_uri=tracking, echo=quiet)
+    registry.promote("clip-serve", tracking_uri=tracking, echo=quiet)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = served.ServeConfig(model="models:/clip-serve@champion", mlflow_tracking_uri=tracking, port=port,
+                                max_batch_size=8, batch_wait_timeout_s=0.05, auth_token=TOKEN,
+                                limits=served.Limits(max_images=4, max_texts=16, max_labels=20,
+                                                     max_body_bytes=2**20, max_image_bytes=512 * 2**10,
+                                                     max_image_pixels=1_000_000))
+    url = served.start(config)
+    yield {"url": url, "model": clip_core.load_model(root / "ckpt"), "config": config}
+    serve.shutdown()
+
+
+def _png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _images(count: int, seed: int = 7) -> list[Image.Image]:
+    return [s.image for s in samples(count, split="all", seed=seed, image_size=64)]
+
+
+def _post(app, route: str, payload, headers=AUTH, **kwargs) -> httpx.Response:
+    return httpx.post(app["url"] + route, json=payload, headers=headers, timeout=60, **kwargs)
+
+
+def _image_features(model, images) -> torch.Tensor:
+    transform = clip_core.image_transform(model.image_size)
+    with torch.no_grad():
+        return model.encode_image(torch.stack([transform(i) for i in images]), normalize=True)
+
+
+def test_classify_ranks_labels_as_clip_core_does(app):
+    images, labels = _images(3), ["red circle", "blue square", "green triangle", "yellow star"]
+    response = _post(app, "/v1/classify", {"images": [_png(i) for i in images], "labels": labels, "top_k": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == {"name": "clip-serve", "version": "1"}
+
+    model = app["model"]
+    classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), labels)
+    probs, top = clip_core.predict(model, torch.stack([clip_core.image_transform(64)(i) for i in images]),
+                                   classifier, top_k=3)
+    for row, expected_probs, expected_top in zip(body["results"], probs.tolist(), top.tolist()):
+        assert [r["label"] for r in row] == [labels[j] for j in expected_top]
+        assert [r["score"] for r in row] == pytest.approx(expected_probs, abs=1e-4)
+
+
+def test_embeddings_and_rank_match_clip_core(app):
+    model, images, texts = app["model"], _images(2, seed=9), ["a red circle", "a small blue square on grey"]
+    expected_images = _image_features(model, images).numpy()
+    with torch.no_grad():
+        expected_texts = model.encode_text(clip_core.get_tokenizer()(texts), normalize=True).numpy()
+
+    body = _post(app, "/v1/embed/image", {"images": [_png(i) for i in images]}).json()
+    assert np.allclose(body["embeddings"], expected_images, atol=1e-4)
+    body = _post(app, "/v1/embed/text", {"texts": texts, "encoding": "base64-float16"}).json()
+    decoded = [np.frombuffer(base64.b64decode(e), dtype="<f2") for e in body["embeddings"]]
+    assert np.allclose(decoded, expected_texts, atol=2e-3)
+
+    ranked = _post(app, "/v1/rank", {"image": _png(images[0]), "texts": texts}).json()["results"]
+    cosine = expected_texts @ expected_images[0]
+    assert [r["text"] for r in ranked] == [texts[j] for j in np.argsort(-cosine)]
+    assert sum(r["score"] for r in ranked) == pytest.approx(1.0)
+    ranked = _post(app, "/v1/rank", {"text": texts[1], "images": [_png(i) for i in images]}).json()["results"]
+    assert [r["image"] for r in ranked] == list(np.argsort(-(expected_images @ expected_texts[1])))
+    assert ranked[0]["cosine"] == pytest.approx(float(np.max(expected_images @ expected_texts[1])), abs=1e-4)
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}{{{wanted}}} in /metrics")
+
+
+def test_concurrent_requests_are_batched_and_classifiers_cached(app):
+    async def burst():
+        async with httpx.AsyncClient(base_url=app["url"], headers=AUTH, timeout=60) as client:
+            texts = [f"a photo of shape number {i}" for i in range(24)]
+            return await asyncio.gather(*(client.post("/v1/embed/text", json={"texts": [t]}) for t in texts))
+
+    before = httpx.get(app["url"] + "/metrics").text
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    after = httpx.get(app["url"] + "/metrics").text
+    ran = _metric(after, "rayclip_batch_size_count", tower="text") - _metric(before, "rayclip_batch_size_count", tower="text")
+    single = (_metric(after, "rayclip_batch_size_bucket", tower="text", le="1.0")
+              - _metric(before, "rayclip_batch_size_bucket", tower="text", le="1.0"))
+    assert ran == 24 and single < 24, "no request shared a batch with another"
+
+    payload = {"images": [_png(_images(1)[0])], "labels": ["cat", "dog"]}
+    for _ in range(2):
+        assert _post(app, "/v1/classify", payload).status_code == 200
+    hits = httpx.get(app["url"] + "/metrics").text
+    assert _metric(hits, "rayclip_classifier_cache_total", result="hit") >= 1
+    assert _metric(hits, "rayclip_requests_total", route="/v1/classify", status="200") >= 2
+
+
+def test_model_info_health_and_docs(app):
+    info = httpx.get(app["url"] + "/v1/model", headers=AUTH).json()
+    assert (info["name"], info["version"], info["alias"]) == ("clip-serve", "1", "champion")
+    assert info["metrics"]["zeroshot.top1"] == "0.5" and "config_hash" in info["lineage"]
+    assert httpx.get(app["url"] + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(app["url"] + "/readyz").json()["model"]["version"] == "1"
+    assert httpx.get(app["url"] + "/docs").status_code == 200
+    assert "/v1/classify" in httpx.get(app["url"] + "/openapi.json").json()["paths"]
+
+
+def _bomb() -> str:
+    buffer = io.BytesIO()
+    Image.new("L", (2000, 2000)).save(buffer, format="PNG")  # 4 Mpx in a few kB
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("case, payload, headers, status, kind", [
+    ("no token", {"texts": ["a"]}, {}, 401, "unauthorized"),
+    ("wrong token", {"texts": ["a"]}, {"Authorization": "Bearer nope"}, 401, "unauthorized"),
+    ("malformed json", b"{not json", {**AUTH, "Content-Type": "application/json"}, 400, "invalid_json"),
+    ("wrong content type", b"texts=a", {**AUTH, "Content-Type": "application/x-www-form-urlencoded"}, 415,
+     "unsupported_media_type"),
+    ("missing field", {"images": []}, AUTH, 422, "invalid_request"),
+    ("unknown field", {"texts": ["a"], "colour": 1}, AUTH, 422, "invalid_request"),
+    ("empty text", {"texts": ["  "]}, AUTH, 422, "empty_text"),
+    ("too many texts", {"texts": ["a"] * 17}, AUTH, 422, "too_many"),
+    ("body too large", {"texts": ["a" * 900] * 1200}, AUTH, 413, "body_too_large"),
+])
+def test_bad_text_requests_get_a_4xx_with_a_json_error(app, case, payload, headers, status, kind):
+    if isinstance(payload, bytes):
+        response = httpx.post(app["url"] + "/v1/embed/text", content=payload, headers=headers, timeout=60)
+    else:
+        response = _post(app, "/v1/embed/text", payload, headers=headers)
+    assert response.status_code == status, (case, response.text)
+    assert response.json()["error"]["type"] == kind, case
+    assert response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("case, images, labels, status, kind", [
+    ("not base64", ["%%%"], ["a"], 400, "invalid_base64"),
+    ("not an image", [base64.b64encode(b"hello world").decode()], ["a"], 415, "unsupported_image_format"),
+    ("truncated image", ["TRUNCATED"], ["a"], 400, "invalid_image"),
+    ("decompression bomb", ["BOMB"], ["a"], 413, "image_too_large"),
+    ("image bytes over the limit", [base64.b64encode(b"\0" * (600 * 2**10)).decode()], ["a"], 413, "image_too_large"),
+    ("too many images", ["PNG"] * 5, ["a"], 422, "too_many"),
+    ("empty labels", ["PNG"], [], 422, "invalid_request"),
+    ("blank label", ["PNG"], ["cat", ""], 422, "empty_label"),
+    ("too many labels", ["PNG"], [f"l{i}" for i in range(21)], 422, "too_many"),
+])
+def test_bad_classify_requests_get_a_4xx_and_the_replicas_survive(app, case, images, labels, status, kind):
+    png = _png(_images(1)[0])
+    full = base64.b64decode(png)
+    substitutes = {"PNG": png, "TRUNCATED": base64.b64encode(full[: len(full) // 2]).decode(), "BOMB": _bomb()}
+    payload = {"images": [substitutes.get(i, i) for i in images], "labels": labels}
+    response = _post(app, "/v1/classify", payload)
+    assert response.status_code == status, (case, response.text)
+    assert response.json()["error"]["type"] == kind, case
+    assert _post(app, "/v1/classify", {"images": [png], "labels": ["a", "b"]}).status_code == 200
+
+
+def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.pop("RAYCLIP_SERVE_TOKEN", None)
+    log = open(tmp_path / "serve.log", "w+")
+    process = subprocess.Popen([sys.executable, "-m", "workflows.cli", "serve", "--model", str(tmp_path / "ckpt"),
+                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while "Ctrl-C stops" not in (tmp_path / "serve.log").read_text():
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "rayclip serve did not come up in 240 s"
+            time.sleep(0.5)
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).json()
+        assert ready["model"]["name"] == "ckpt"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+        assert "shutting down" in (tmp_path / "serve.log").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_overload_gets_quick_503s_with_retry_after_and_the_service_recovers(app):
+    from ray import serve
+
+    config = app["config"].model_copy(update={"max_batch_size": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
+                                              "batch_wait_timeout_s": 0.0, "retry_after_s": 2.0})
+    url = served.start(config, name="overload", route_prefix="/overload")
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60) as client:
+            texts = [f"a long caption about shape number {i} " * 8 for i in range(48)]
+            return await asyncio.gather(*(client.post("/v1/embed/text", json={"texts": [t]}) for t in texts))
+
+    try:
+        responses = asyncio.run(burst())
+        statuses = collections.Counter(r.status_code for r in responses)
+        assert set(statuses) <= {200, 503} and statuses[503] > 0 and statuses[200] > 0, statuses
+        rejected = next(r for r in responses if r.status_code == 503)
+        assert rejected.headers.get("retry-after") == "2", (rejected.headers, rejected.text)
+        assert rejected.json()["error"]["type"] == "overloaded"
+        assert rejected.elapsed.total_seconds() < 5
+        assert httpx.post(url + "/v1/embed/text", json={"texts": ["a"]}, headers=AUTH, timeout=60).status_code == 200
+    finally:
+        serve.delete("overload")
+
+
+def test_playground_page_classifies_a_dropped_image_in_headless_chromium(app, tmp_path):
+    from pathlib import Path
+
+    from playwright.sync_api import sync_playwright
+
+    image = _images(1, seed=11)[0].resize((128, 128))
+    image.save(tmp_path / "shape.png")
+    labels = ["red circle", "blue square", "green triangle"]
+    model = app["model"]
+    classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), labels)
+    _, top = clip_core.predict(model, clip_core.image_transform(64)(image)[None], classifier, top_k=1)
+    artifacts = Path(__file__).resolve().parent.parent / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page()
+            blocked = []
+            page.on("request", lambda r: None if r.url.startswith(app["url"]) else blocked.append(r.url))
+            page.goto(app["url"] + "/")
+            page.wait_for_selector("text=model: clip-serve v1")
+            page.set_input_files("#file", str(tmp_path / "shape.png"))
+            page.fill("#labels", ", ".join(labels))
+            page.fill("#token", TOKEN)
+            page.click("#classify")
+            page.wait_for_selector("#results .row")
+            shown = page.locator("#results .name").all_inner_texts()
+            page.screenshot(path=str(artifacts / "playground.png"), full_page=True)
+        finally:
+            browser.close()
+    assert sorted(shown) == sorted(labels) and shown[0] == labels[int(top[0, 0])]
+    assert blocked == [], "the page reached beyond the server"
+    assert (artifacts / "playground.png").stat().st_size > 1000
