@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["bench_clip_core.py", "bench_preprocess.py", "bench_train.py"]
+BENCHMARKS = ["bench_clip_core.py", "bench_preprocess.py", "bench_train.py", "bench_serve.py"]
 
 if __name__ == "__main__":
     here = Path(__file__).parent

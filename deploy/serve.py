@@ -153,7 +153,7 @@ def load_served_model(uri: str, tracking_uri: str | None):
         info["run_id"] = version.run_id
     info["image_size"] = model.image_size
     info["embed_dim"] = model.config.embed_dim
-    info["logit_scale"] = float(model.logit_scale.exp().clamp(max=100))
+    info["logit_scale"] = float(model.logit_scale.detach().exp().clamp(max=100))
     return model.eval(), info
 
 
@@ -482,7 +482,7 @@ class Ingress:
 
     async def model_info(self) -> dict:
         if self._info is None:
-            self._info = await self.image_tower.model_info.remote()
+            (self._info,) = await self._towers(lambda: [self.image_tower.model_info.remote()])
         return self._info
 
     def _model_ref(self) -> dict:
@@ -495,23 +495,24 @@ class Ingress:
         size = (await self.model_info())["image_size"]
         return [prepare_image(decode_base64(data, i, limits), i, size, limits) for i, data in enumerate(images)]
 
-    async def _towers(self, calls: list):
-        """Await tower calls; a full tower queue becomes 503 + Retry-After instead of a wait."""
+    async def _towers(self, make_calls):
+        """Make and await tower calls; a full tower queue (raised by the call or by its result) becomes
+        503 + Retry-After instead of a wait."""
         try:
-            return await asyncio.gather(*calls)
+            return await asyncio.gather(*make_calls())
         except BackPressureError:
             retry = self.config.retry_after_s
             raise RequestError(503, "overloaded", f"the model replicas are at capacity; retry in {retry:g} s",
                                {"Retry-After": str(max(1, round(retry)))}) from None
 
     async def _image_features(self, pixels: list[np.ndarray]) -> tuple[list[str | None], np.ndarray]:
-        results = await self._towers([self.image_tower.encode.remote(p) for p in pixels])
+        results = await self._towers(lambda: [self.image_tower.encode.remote(p) for p in pixels])
         for _, _, batch in results:
             self.metrics.batch_sizes.labels("image").observe(batch)
         return [r[0] for r in results], np.stack([r[1] for r in results])
 
     async def _text_features(self, texts: list[str]) -> tuple[list[str | None], np.ndarray]:
-        results = await self._towers([self.text_tower.encode.remote(t) for t in texts])
+        results = await self._towers(lambda: [self.text_tower.encode.remote(t) for t in texts])
         for _, _, batch in results:
             self.metrics.batch_sizes.labels("text").observe(batch)
         return [r[0] for r in results], np.stack([r[1] for r in results])
@@ -524,7 +525,7 @@ class Ingress:
             self.metrics.classifier_cache.labels("hit").inc()
             return self._classifiers[key]
         self.metrics.classifier_cache.labels("miss").inc()
-        ((_, weights),) = await self._towers([self.text_tower.classifier.remote(labels, templates)])
+        ((_, weights),) = await self._towers(lambda: [self.text_tower.classifier.remote(labels, templates)])
         if self.config.classifier_cache_size:
             self._classifiers[key] = weights
             while len(self._classifiers) > self.config.classifier_cache_size:
@@ -543,6 +544,7 @@ def build_app(config: ServeConfig):
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         max_ongoing_requests=max(config.max_ongoing_requests, config.max_batch_size),
         max_queued_requests=config.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
         autoscaling_config={"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
                             "target_ongoing_requests": scaling.target_ongoing_requests,
                             "upscale_delay_s": scaling.upscale_delay_s,
@@ -567,3 +569,9 @@ def start(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/")
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{config.host}:{config.port}{route_prefix.rstrip('/')}"
+
+
+def app_builder(args: dict):
+    """`serve deploy deploy/serve_config.yaml` entry point (`import_path: deploy.serve:app_builder`):
+    the application's `args` are ServeConfig fields."""
+    return build_app(ServeConfig(**args))

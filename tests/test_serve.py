@@ -290,3 +290,23 @@ def test_playground_page_classifies_a_dropped_image_in_headless_chromium(app, tm
     assert sorted(shown) == sorted(labels) and shown[0] == labels[int(top[0, 0])]
     assert blocked == [], "the page reached beyond the server"
     assert (artifacts / "playground.png").stat().st_size > 1000
+
+
+def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(__file__).resolve().parent.parent / "deploy" / "serve_config.yaml"
+    config = ServeDeploySchema(**yaml.safe_load(path.read_text()))
+    (application,) = config.applications
+    module, _, name = application.import_path.partition(":")
+    builder = getattr(__import__(module, fromlist=[name]), name)
+    assert builder is served.app_builder
+    app = builder(application.args)
+    assert type(app).__name__ == "Application"
+    settings = served.ServeConfig(**application.args)
+    assert settings.num_gpus == 0.25 and settings.autoscaling.max_replicas == 8
+    with pytest.raises(ValueError, match="unknown_option"):
+        builder({**application.args, "unknown_option": 1})
