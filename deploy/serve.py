@@ -445,7 +445,8 @@ class Ingress:
         return {"status": "ready", "model": {"name": info["name"], "version": info["version"]}}
 
     @api.get("/metrics")
-    async def metrics(self) -> PlainTextResponse:
+    async def prometheus_metrics(self) -> PlainTextResponse:
+        """This ingress replica's request, latency, batch-size and cache metrics (Prometheus text)."""
         return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -------------------------------------------------------------------------- helpers
