@@ -28,7 +28,7 @@ from clip_core.checkpoint import CONFIG_FILE
 
 from . import registry, storage
 from .preprocess import decode_batch, load_prepared, read_manifest, read_prepared_table
-from .tracking import run_exists, set_experiment
+from .tracking import start_run
 
 TEMPLATE_SETS = {"default": clip_core.DEFAULT_TEMPLATES, "simple": clip_core.SIMPLE_TEMPLATES,
                  "imagenet": clip_core.IMAGENET_TEMPLATES}
@@ -338,16 +338,10 @@ def _log_to_mlflow(config: EvaluateConfig, source: registry.ModelSource, metrics
 
     if config.mlflow_tracking_uri:
         mlflow.set_tracking_uri(config.mlflow_tracking_uri)
-    run_id = config.mlflow_run_id or source.run_id
-    if run_id and not run_exists(run_id):
-        run_id = None
-    if run_id is None:
-        set_experiment(config.mlflow_experiment)
     tags = {"rayclip.stage": "evaluate"}
     if config.mlflow_parent_run_id:
         tags["mlflow.parentRunId"] = config.mlflow_parent_run_id
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "evaluate",
-                          tags=None if run_id else tags) as run:
+    with start_run(config.mlflow_run_id or source.run_id, config.mlflow_experiment, "evaluate", tags) as run:
         mlflow.log_metrics({key: float(value) for key, value in registry.metric_tags(metrics).items()
                             if _is_number(value)})
         mlflow.log_artifacts(artifacts, artifact_path="eval")

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from clip_core.checkpoint import CONFIG_FILE, OPENCLIP_CONFIG_FILE, WEIGHTS_FILE
 
 from . import storage
-from .tracking import run_exists, set_experiment
+from .tracking import start_run
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 EVAL_SECTIONS = ("zeroshot", "retrieval", "linear_probe")  # what `rayclip evaluate` writes
@@ -243,13 +243,7 @@ def register(checkpoint: str, name: str, *, metrics: dict | None = None, trackin
                 shutil.copy(Path(source.directory, file), staged)
         clip_core.load_model(staged)  # refuse a checkpoint that does not load before registering it
         tags = {**lineage(staged), **metric_tags(metrics or {}), "checkpoint_source": checkpoint}
-        run_id = run_id or source.run_id
-        if run_id and not run_exists(run_id):
-            run_id = None  # trained against another tracking store
-        if run_id is None:
-            set_experiment(experiment)
-        with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register",
-                              tags=None if run_id else {"rayclip.stage": "register"}):
+        with start_run(run_id or source.run_id, experiment, "register", {"rayclip.stage": "register"}):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                 artifacts={CHECKPOINT_ARTIFACT: staged}, code_paths=[str(Path(clip_core.__file__).parent)],

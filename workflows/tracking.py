@@ -33,3 +33,14 @@ def set_experiment(name: str):
         except MlflowException:
             pass  # created meanwhile by another process
     return mlflow.set_experiment(name)
+
+
+def start_run(run_id: str | None, experiment: str, run_name: str, tags: dict | None = None):
+    """`mlflow.start_run` into `run_id` when it is a run of this tracking store (a checkpoint may name a run
+    of another), else into a new run `run_name` with `tags` in `experiment`."""
+    import mlflow
+
+    if run_id and run_exists(run_id):
+        return mlflow.start_run(run_id=run_id)
+    set_experiment(experiment)
+    return mlflow.start_run(run_name=run_name, tags=tags)

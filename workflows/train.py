@@ -33,7 +33,7 @@ from clip_core.transforms import normalize
 
 from . import storage
 from .preprocess import decode_batch
-from .tracking import run_exists, set_experiment
+from .tracking import start_run
 
 TRAIN_STATE = "train_state.pt"
 
@@ -519,13 +519,12 @@ def _eval_features(uri: str, model, device, autocast, batch_size: int = 256):
         table = read_prepared_table(uri, columns=["image", "tokens", "label"])
         _EVAL_SETS[key] = decode_batch(table.to_pydict(), model.image_size)
     data = _EVAL_SETS[key]
-    augment = Augment(model.image_size, train=False, generator=torch.Generator())
     image_features, text_features = [], []
     for start in range(0, len(data["tokens"]), batch_size):
         images = torch.from_numpy(data["image"][start : start + batch_size]).to(device)
         tokens = torch.from_numpy(data["tokens"][start : start + batch_size]).to(device)
         with autocast:
-            image_features.append(model.encode_image(augment(images), normalize=True).float())
+            image_features.append(model.encode_image(normalize(images), normalize=True).float())
             text_features.append(model.encode_text(tokens, normalize=True).float())
     labels = torch.from_numpy(data["label"]) if "label" in data else None
     return torch.cat(image_features), torch.cat(text_features), labels
@@ -543,21 +542,16 @@ class _RankZeroTracker:
         if not self.enabled:
             return
         mlflow.set_tracking_uri(config.mlflow_tracking_uri)
-        if run_id is not None and not run_exists(run_id):
-            run_id = None  # resumed by hand into another tracking store: a new run there
-        if run_id is None:
-            set_experiment(config.mlflow_experiment)
-            tags = {"rayclip.stage": "train", "rayclip.version": _version(), "git_commit": config.git_commit or "",
-                    "torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-                    else "cpu", "world_size": str(config.workers)}
-            if config.mlflow_parent_run_id:
-                tags["mlflow.parentRunId"] = config.mlflow_parent_run_id
-            run = mlflow.start_run(run_name=config.run_name or "train", tags=tags)
-            self.run_id = run.info.run_id
+        tags = {"rayclip.stage": "train", "rayclip.version": _version(), "git_commit": config.git_commit or "",
+                "torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                else "cpu", "world_size": str(config.workers)}
+        if config.mlflow_parent_run_id:
+            tags["mlflow.parentRunId"] = config.mlflow_parent_run_id
+        # a run resumed by hand into another tracking store gets a new run there
+        self.run_id = start_run(run_id, config.mlflow_experiment, config.run_name or "train", tags).info.run_id
+        if self.run_id != run_id:
             mlflow.log_params(_flatten(config.model_dump(mode="json", exclude={"fault_injection"})))
             self._log_datasets(config)
-        else:
-            mlflow.start_run(run_id=run_id)
 
     def _log_datasets(self, config: TrainConfig) -> None:
         import warnings
