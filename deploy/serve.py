@@ -238,7 +238,6 @@ def decode_base64(data: str, index: int, limits: Limits) -> bytes:
 def prepare_image(data: bytes, index: int, image_size: int, limits: Limits) -> np.ndarray:
     """Encoded bytes → the uint8 [S, S, 3] centre crop the towers take."""
     import clip_core
-    from clip_core.transforms import center_crop, resize_shortest_side
 
     try:
         image = clip_core.open_image(data, max_pixels=limits.max_image_pixels)
@@ -249,7 +248,7 @@ def prepare_image(data: bytes, index: int, image_size: int, limits: Limits) -> n
             raise RequestError(415, "unsupported_image_format", f"images[{index}] is not an image format this "
                                "server reads (JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
         raise RequestError(400, "invalid_image", f"images[{index}]: {exc}") from None
-    return np.asarray(center_crop(resize_shortest_side(image, image_size), image_size), dtype=np.uint8)
+    return np.asarray(clip_core.image_transform(image_size).crop(image), dtype=np.uint8)
 
 
 def check_texts(texts: list[str], what: str, limit: int, limits: Limits) -> list[str]:
@@ -376,7 +375,7 @@ class Ingress:
             raise RequestError(422, "invalid_template", f"each template needs exactly one '{{}}': {bad[:3]}")
         pixels = await self._pixels(body.images)
         classifier = await self._classifier(labels, templates)
-        _, features = await self._image_features(pixels)
+        _, features = await self._features("image", pixels)
         probs = softmax(self._info["logit_scale"] * features @ classifier)
         top_k = min(body.top_k, len(labels))
         results = []
@@ -388,7 +387,7 @@ class Ingress:
     @api.post("/v1/embed/image")
     async def embed_image(self, request: Request) -> dict:
         body = await self._body(request, EmbedImageRequest)
-        _, features = await self._image_features(await self._pixels(body.images))
+        _, features = await self._features("image", await self._pixels(body.images))
         return {"model": self._model_ref(), "embeddings": [encode_vector(f, body.encoding) for f in features]}
 
     @api.post("/v1/embed/text")
@@ -397,7 +396,7 @@ class Ingress:
         limits = self.config.limits
         texts = check_texts(body.texts, "texts", limits.max_texts, limits)
         await self.model_info()
-        _, features = await self._text_features(texts)
+        _, features = await self._features("text", texts)
         return {"model": self._model_ref(), "embeddings": [encode_vector(f, body.encoding) for f in features]}
 
     @api.post("/v1/rank")
@@ -408,13 +407,13 @@ class Ingress:
         if body.image is not None and body.texts and body.text is None and body.images is None:
             texts = check_texts(body.texts, "texts", limits.max_texts, limits)
             pixels = await self._pixels([body.image])
-            (_, query), (_, candidates) = await asyncio.gather(self._image_features(pixels), self._text_features(texts))
+            (_, query), (_, candidates) = await asyncio.gather(self._features("image", pixels), self._features("text", texts))
             names = [{"text": t} for t in texts]
         elif body.text is not None and body.images and body.image is None and body.texts is None:
             check_texts([body.text], "texts", 1, limits)
             pixels = await self._pixels(body.images)
-            (_, query), (_, candidates) = await asyncio.gather(self._text_features([body.text]),
-                                                               self._image_features(pixels))
+            (_, query), (_, candidates) = await asyncio.gather(self._features("text", [body.text]),
+                                                               self._features("image", pixels))
             names = [{"image": i} for i in range(len(body.images))]
         else:
             raise RequestError(422, "invalid_request", "send either 'image' with 'texts', or 'text' with 'images'")
@@ -506,16 +505,12 @@ class Ingress:
             raise RequestError(503, "overloaded", f"the model replicas are at capacity; retry in {retry:g} s",
                                {"Retry-After": str(max(1, round(retry)))}) from None
 
-    async def _image_features(self, pixels: list[np.ndarray]) -> tuple[list[str | None], np.ndarray]:
-        results = await self._towers(lambda: [self.image_tower.encode.remote(p) for p in pixels])
+    async def _features(self, tower: str, items: list) -> tuple[list[str | None], np.ndarray]:
+        """One tower call per item (the tower batches them across requests): (versions, embeddings)."""
+        handle = self.image_tower if tower == "image" else self.text_tower
+        results = await self._towers(lambda: [handle.encode.remote(item) for item in items])
         for _, _, batch in results:
-            self.metrics.batch_sizes.labels("image").observe(batch)
-        return [r[0] for r in results], np.stack([r[1] for r in results])
-
-    async def _text_features(self, texts: list[str]) -> tuple[list[str | None], np.ndarray]:
-        results = await self._towers(lambda: [self.text_tower.encode.remote(t) for t in texts])
-        for _, _, batch in results:
-            self.metrics.batch_sizes.labels("text").observe(batch)
+            self.metrics.batch_sizes.labels(tower).observe(batch)
         return [r[0] for r in results], np.stack([r[1] for r in results])
 
     async def _classifier(self, labels: list[str], templates: list[str]) -> np.ndarray:
