@@ -22,6 +22,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -31,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
@@ -122,6 +124,10 @@ class RankRequest(BaseModel):
     images: list[str] | None = None
 
 
+class DeployError(ValueError):
+    """The Serve application is not in a state the command can work with; the message says why."""
+
+
 class RequestError(Exception):
     """A request that cannot be answered: becomes `{"error": {"type", "message"}}` with `status`."""
 
@@ -133,8 +139,27 @@ class RequestError(Exception):
 # ------------------------------------------------------------------------------ the model towers
 
 
-def load_served_model(uri: str, tracking_uri: str | None):
-    """(model, info): the CLIP model and what /v1/model reports about it."""
+def live_model(uri: str, tracking_uri: str | None) -> dict:
+    """What a rollout deploys (every deployment's user_config): `{"model": the exact version to load,
+    "alias": the alias it was resolved from}`: models:/NAME@ALIAS → models:/NAME/N; a checkpoint as is."""
+    from workflows import registry
+
+    parsed = registry.parse_model_uri(uri)
+    if not parsed:
+        return {"model": uri, "alias": None}
+    name, alias, number = parsed
+    version = registry.get_version(name, alias, number, tracking_uri=tracking_uri)
+    return {"model": f"models:/{name}/{version.version}", "alias": alias}
+
+
+class Loaded(NamedTuple):
+    model: object
+    info: dict
+    tokenize: object
+
+
+def load_served_model(uri: str, tracking_uri: str | None, device: str = "cpu") -> Loaded:
+    """The CLIP model at `uri` on `device`, what /v1/model reports about it, and its tokenizer."""
     import clip_core
     from workflows import registry
 
@@ -142,8 +167,7 @@ def load_served_model(uri: str, tracking_uri: str | None):
         source = registry.fetch_checkpoint(uri, scratch, tracking_uri=tracking_uri)
         model = clip_core.load_model(source.directory)
     info = {"uri": uri, "name": source.name or os.path.basename(os.path.normpath(uri)),
-            "version": source.version, "alias": registry.parse_model_uri(uri)[1] if source.name else None,
-            "metrics": {}, "lineage": {}}
+            "version": source.version, "metrics": {}, "lineage": {}}
     if source.name:
         version = registry.get_version(source.name, version=source.version, tracking_uri=tracking_uri)
         tags = version.tags or {}
@@ -154,24 +178,32 @@ def load_served_model(uri: str, tracking_uri: str | None):
     info["image_size"] = model.image_size
     info["embed_dim"] = model.config.embed_dim
     info["logit_scale"] = float(model.logit_scale.detach().exp().clamp(max=100))
-    return model.eval(), info
+    return Loaded(model.eval().to(device), info, clip_core.get_tokenizer(model.config.text.context_length))
 
 
 class _Tower:
-    """A replica holding one model (the version named by `model`, resolved when the replica starts)."""
+    """A replica holding the model versions it is asked for (multiplexed by version: every call names one),
+    at most two: during a rollout the old one keeps serving while the new one loads."""
 
     def __init__(self, config: dict):
         import torch
 
         self.config = ServeConfig(**config)
         self.device = "cuda" if self.config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.model, self.info = load_served_model(self.config.model, self.config.mlflow_tracking_uri)
-        self.model = self.model.to(self.device)
         self.encode.set_max_batch_size(self.config.max_batch_size)
         self.encode.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
-    def model_info(self) -> dict:
-        return self.info
+    async def reconfigure(self, user_config: dict) -> None:
+        """A rollout (or the replica's start): load the version it names before the ingress asks for it."""
+        await self.load(user_config["model"])
+
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def load(self, uri: str) -> Loaded:
+        # a thread, so the version already loaded keeps answering while this one loads
+        return await asyncio.to_thread(load_served_model, uri, self.config.mlflow_tracking_uri, self.device)
+
+    async def model_info(self) -> dict:
+        return (await self.load(serve.get_multiplexed_model_id())).info
 
     def _autocast(self):
         import torch
@@ -181,41 +213,37 @@ class _Tower:
 
 class ImageTower(_Tower):
     @serve_batch
-    async def encode(self, images: list[np.ndarray]) -> list[tuple[str | None, np.ndarray, int]]:
-        """uint8 centre crops [S, S, 3] → (model version, normalized embedding, batch size) each."""
+    async def encode(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        """uint8 centre crops [S, S, 3] → (normalized embedding, batch size) each."""
         import torch
 
         from clip_core.transforms import normalize
 
+        model = (await self.load(serve.get_multiplexed_model_id())).model  # Serve batches one version at a time
         pixels = torch.from_numpy(np.stack(images)).to(self.device)
         with torch.inference_mode(), self._autocast():
-            features = self.model.encode_image(normalize(pixels), normalize=True).float().cpu().numpy()
-        return [(self.info["version"], row, len(images)) for row in features]
+            features = model.encode_image(normalize(pixels), normalize=True).float().cpu().numpy()
+        return [(row, len(images)) for row in features]
 
 
 class TextTower(_Tower):
-    def __init__(self, config: dict):
-        super().__init__(config)
-        import clip_core
-
-        self.tokenize = clip_core.get_tokenizer(self.model.config.text.context_length)
-
     @serve_batch
-    async def encode(self, texts: list[str]) -> list[tuple[str | None, np.ndarray, int]]:
+    async def encode(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
         import torch
 
+        model, _, tokenize = await self.load(serve.get_multiplexed_model_id())
         with torch.inference_mode(), self._autocast():
-            features = self.model.encode_text(self.tokenize(texts).to(self.device), normalize=True).float().cpu().numpy()
-        return [(self.info["version"], row, len(texts)) for row in features]
+            features = model.encode_text(tokenize(texts).to(self.device), normalize=True).float().cpu().numpy()
+        return [(row, len(texts)) for row in features]
 
-    def classifier(self, labels: list[str], templates: list[str]) -> tuple[str | None, np.ndarray]:
+    async def classifier(self, labels: list[str], templates: list[str]) -> np.ndarray:
         import torch
 
         import clip_core
 
+        model, _, tokenize = await self.load(serve.get_multiplexed_model_id())
         with torch.inference_mode(), self._autocast():
-            weights = clip_core.zero_shot_classifier(self.model, self.tokenize, labels, templates)
-        return self.info["version"], weights.float().cpu().numpy()
+            return clip_core.zero_shot_classifier(model, tokenize, labels, templates).float().cpu().numpy()
 
 
 # ------------------------------------------------------------------------------ the ingress
@@ -339,6 +367,10 @@ def _describe(errors) -> str:
                      for e in list(errors)[:5])
 
 
+def _model_ref(info: dict) -> dict:
+    return {"name": info["name"], "version": info["version"]}
+
+
 def _same(given: str, expected: str) -> bool:
     import hmac
 
@@ -357,8 +389,14 @@ class Ingress:
         self.image_tower, self.text_tower = image_tower, text_tower
         self.default_templates = list(clip_core.DEFAULT_TEMPLATES)
         self._classifiers: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-        self._info: dict | None = None
+        self._live: dict | None = None  # the rollout's user_config: {"model", "alias"}
+        self._infos: dict[str, dict] = {}  # what the towers report, by model version
         self.metrics = Metrics()
+
+    def reconfigure(self, user_config: dict) -> None:
+        """A rollout's last step: requests that start from now on use the version it names (the towers
+        loaded it first); requests in flight finish on the version they started with."""
+        self._live = {"model": user_config["model"], "alias": user_config.get("alias")}
 
     # -------------------------------------------------------------------------- routes
 
@@ -373,31 +411,33 @@ class Ingress:
         bad = [t for t in templates if t.count("{}") != 1]
         if bad:
             raise RequestError(422, "invalid_template", f"each template needs exactly one '{{}}': {bad[:3]}")
-        pixels = await self._pixels(body.images)
-        classifier = await self._classifier(labels, templates)
-        _, features = await self._features("image", pixels)
-        probs = softmax(self._info["logit_scale"] * features @ classifier)
+        info = await self.model_info()
+        pixels = self._pixels(body.images, info)
+        classifier, features = await asyncio.gather(self._classifier(info, labels, templates),
+                                                    self._features(info, "image", pixels))
+        probs = softmax(info["logit_scale"] * features @ classifier)
         top_k = min(body.top_k, len(labels))
         results = []
         for row in probs:
             order = np.argsort(-row, kind="stable")[:top_k]
             results.append([{"label": labels[j], "score": float(row[j])} for j in order])
-        return {"model": self._model_ref(), "results": results}
+        return {"model": _model_ref(info), "results": results}
 
     @api.post("/v1/embed/image")
     async def embed_image(self, request: Request) -> dict:
         body = await self._body(request, EmbedImageRequest)
-        _, features = await self._features("image", await self._pixels(body.images))
-        return {"model": self._model_ref(), "embeddings": [encode_vector(f, body.encoding) for f in features]}
+        info = await self.model_info()
+        features = await self._features(info, "image", self._pixels(body.images, info))
+        return {"model": _model_ref(info), "embeddings": [encode_vector(f, body.encoding) for f in features]}
 
     @api.post("/v1/embed/text")
     async def embed_text(self, request: Request) -> dict:
         body = await self._body(request, EmbedTextRequest)
         limits = self.config.limits
         texts = check_texts(body.texts, "texts", limits.max_texts, limits)
-        await self.model_info()
-        _, features = await self._features("text", texts)
-        return {"model": self._model_ref(), "embeddings": [encode_vector(f, body.encoding) for f in features]}
+        info = await self.model_info()
+        features = await self._features(info, "text", texts)
+        return {"model": _model_ref(info), "embeddings": [encode_vector(f, body.encoding) for f in features]}
 
     @api.post("/v1/rank")
     async def rank(self, request: Request) -> dict:
@@ -406,21 +446,22 @@ class Ingress:
         limits = self.config.limits
         if body.image is not None and body.texts and body.text is None and body.images is None:
             texts = check_texts(body.texts, "texts", limits.max_texts, limits)
-            pixels = await self._pixels([body.image])
-            (_, query), (_, candidates) = await asyncio.gather(self._features("image", pixels), self._features("text", texts))
+            info = await self.model_info()
+            query, candidates = await asyncio.gather(self._features(info, "image", self._pixels([body.image], info)),
+                                                     self._features(info, "text", texts))
             names = [{"text": t} for t in texts]
         elif body.text is not None and body.images and body.image is None and body.texts is None:
             check_texts([body.text], "texts", 1, limits)
-            pixels = await self._pixels(body.images)
-            (_, query), (_, candidates) = await asyncio.gather(self._features("text", [body.text]),
-                                                               self._features("image", pixels))
+            info = await self.model_info()
+            query, candidates = await asyncio.gather(self._features(info, "text", [body.text]),
+                                                     self._features(info, "image", self._pixels(body.images, info)))
             names = [{"image": i} for i in range(len(body.images))]
         else:
             raise RequestError(422, "invalid_request", "send either 'image' with 'texts', or 'text' with 'images'")
         cosine = (candidates @ query[0]).astype(np.float64)
-        probs = softmax(self._info["logit_scale"] * cosine)
+        probs = softmax(info["logit_scale"] * cosine)
         order = np.argsort(-cosine, kind="stable")
-        return {"model": self._model_ref(),
+        return {"model": _model_ref(info),
                 "results": [{**names[j], "score": float(probs[j]), "cosine": float(cosine[j])} for j in order]}
 
     @api.get("/v1/model")
@@ -481,47 +522,62 @@ class Ingress:
             raise RequestError(422, "invalid_request", _describe(exc.errors())) from None
 
     async def model_info(self) -> dict:
-        if self._info is None:
-            (self._info,) = await self._towers(lambda: [self.image_tower.model_info.remote()])
-        return self._info
+        """The live version's info (image size, logit scale, name, metrics, lineage); a request reads it
+        once and uses that version for all its tower calls."""
+        live = self._live
+        info = self._infos.get(live["model"])
+        if info is None:
+            (reported,) = await self._towers(lambda: [self._tower("image", live["model"]).model_info.remote()])
+            info = self._infos[live["model"]] = {**reported, "alias": live["alias"]}
+            while len(self._infos) > 2:  # the live version and the one before it
+                self._infos.pop(next(iter(self._infos)))
+        return info
 
-    def _model_ref(self) -> dict:
-        return {"name": self._info["name"], "version": self._info["version"]}
+    def _tower(self, tower: str, uri: str):
+        handle = self.image_tower if tower == "image" else self.text_tower
+        return handle.options(multiplexed_model_id=uri)
 
-    async def _pixels(self, images: list[str]) -> list[np.ndarray]:
+    def _pixels(self, images: list[str], info: dict) -> list[np.ndarray]:
         limits = self.config.limits
         if len(images) > limits.max_images:
             raise RequestError(422, "too_many", f"{len(images)} images: at most {limits.max_images} per request")
-        size = (await self.model_info())["image_size"]
-        return [prepare_image(decode_base64(data, i, limits), i, size, limits) for i, data in enumerate(images)]
+        return [prepare_image(decode_base64(data, i, limits), i, info["image_size"], limits)
+                for i, data in enumerate(images)]
 
     async def _towers(self, make_calls):
-        """Make and await tower calls; a full tower queue (raised by the call or by its result) becomes
-        503 + Retry-After instead of a wait."""
-        try:
-            return await asyncio.gather(*make_calls())
-        except BackPressureError:
-            retry = self.config.retry_after_s
-            raise RequestError(503, "overloaded", f"the model replicas are at capacity; retry in {retry:g} s",
-                               {"Retry-After": str(max(1, round(retry)))}) from None
+        """Make and await tower calls. A full tower queue (raised by the call or by its result) becomes
+        503 + Retry-After instead of a wait; calls lost with a dying replica are made once more (they
+        have no side effects), then the same 503."""
+        retry = self.config.retry_after_s
+        headers = {"Retry-After": str(max(1, round(retry)))}
+        for attempt in (1, 2):
+            try:
+                return await asyncio.gather(*make_calls())
+            except BackPressureError:
+                raise RequestError(503, "overloaded", f"the model replicas are at capacity; retry in {retry:g} s",
+                                   headers) from None
+            except (RayActorError, ActorUnavailableError):
+                if attempt == 2:
+                    raise RequestError(503, "replica_lost", "a model replica stopped while answering; it is being "
+                                       f"replaced: retry in {retry:g} s", headers) from None
 
-    async def _features(self, tower: str, items: list) -> tuple[list[str | None], np.ndarray]:
-        """One tower call per item (the tower batches them across requests): (versions, embeddings)."""
-        handle = self.image_tower if tower == "image" else self.text_tower
+    async def _features(self, info: dict, tower: str, items: list) -> np.ndarray:
+        """One tower call per item (the tower batches them across requests), all on `info`'s version."""
+        handle = self._tower(tower, info["uri"])
         results = await self._towers(lambda: [handle.encode.remote(item) for item in items])
-        for _, _, batch in results:
+        for _, batch in results:
             self.metrics.batch_sizes.labels(tower).observe(batch)
-        return [r[0] for r in results], np.stack([r[1] for r in results])
+        return np.stack([features for features, _ in results])
 
-    async def _classifier(self, labels: list[str], templates: list[str]) -> np.ndarray:
-        info = await self.model_info()
-        key = hashlib.sha256(json.dumps([info["uri"], info["version"], labels, templates]).encode()).hexdigest()
+    async def _classifier(self, info: dict, labels: list[str], templates: list[str]) -> np.ndarray:
+        key = hashlib.sha256(json.dumps([info["uri"], labels, templates]).encode()).hexdigest()
         if key in self._classifiers:
             self._classifiers.move_to_end(key)
             self.metrics.classifier_cache.labels("hit").inc()
             return self._classifiers[key]
         self.metrics.classifier_cache.labels("miss").inc()
-        ((_, weights),) = await self._towers(lambda: [self.text_tower.classifier.remote(labels, templates)])
+        handle = self._tower("text", info["uri"])
+        (weights,) = await self._towers(lambda: [handle.classifier.remote(labels, templates)])
         if self.config.classifier_cache_size:
             self._classifiers[key] = weights
             while len(self._classifiers) > self.config.classifier_cache_size:
@@ -532,24 +588,30 @@ class Ingress:
 # ------------------------------------------------------------------------------ the application
 
 
-def build_app(config: ServeConfig):
-    """The Serve application graph for `config` (what `serve.run` and `serve deploy` take)."""
+TOWERS = ("ImageTower", "TextTower")
+INGRESS = "Ingress"
+
+
+def build_app(config: ServeConfig, live: dict | None = None):
+    """The Serve application graph for `config` (what `serve deploy` builds through `app_builder`);
+    every deployment starts on `live` (default: `config.model` resolved now)."""
+    live = live or live_model(config.model, config.mlflow_tracking_uri)
     values = config.model_dump()
     scaling = config.autoscaling
     tower_options = dict(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         max_ongoing_requests=max(config.max_ongoing_requests, config.max_batch_size),
-        max_queued_requests=config.max_queued_requests,
+        max_queued_requests=config.max_queued_requests, user_config=live,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
         autoscaling_config={"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
                             "target_ongoing_requests": scaling.target_ongoing_requests,
                             "upscale_delay_s": scaling.upscale_delay_s,
                             "downscale_delay_s": scaling.downscale_delay_s,
                             "initial_replicas": max(1, scaling.min_replicas)})
-    image = serve.deployment(ImageTower, **tower_options).bind(values)
-    text = serve.deployment(TextTower, **tower_options).bind(values)
-    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=config.ingress_replicas,
-                               ray_actor_options={"num_cpus": 0},
+    image = serve.deployment(ImageTower, name=TOWERS[0], **tower_options).bind(values)
+    text = serve.deployment(TextTower, name=TOWERS[1], **tower_options).bind(values)
+    ingress = serve.deployment(Ingress, name=INGRESS, num_replicas=config.ingress_replicas,
+                               ray_actor_options={"num_cpus": 0}, user_config=live,
                                max_ongoing_requests=max(256, config.max_ongoing_requests * 4),
                                max_queued_requests=config.ingress_max_queued_requests,
                                backpressure_config=BackpressureConfig(status_code=503,
@@ -557,17 +619,100 @@ def build_app(config: ServeConfig):
     return ingress.bind(image, text, values)
 
 
-def start(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/") -> str:
-    """Start Serve on `config.host:port` (joining or starting Ray) and deploy the app; returns its URL."""
-    from workflows.runtime import init_ray
-
-    init_ray()
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
-    return f"http://{config.host}:{config.port}{route_prefix.rstrip('/')}"
-
-
 def app_builder(args: dict):
     """`serve deploy deploy/serve_config.yaml` entry point (`import_path: deploy.serve:app_builder`):
     the application's `args` are ServeConfig fields."""
     return build_app(ServeConfig(**args))
+
+
+def start(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """Start Serve on `config.host:port` (joining or starting Ray), deploy the app and wait until it
+    runs; returns its URL."""
+    from workflows.runtime import init_ray
+
+    init_ray()
+    serve.start(http_options={"host": config.host, "port": config.port})
+    deploy(config, name=name, route_prefix=route_prefix)
+    return f"http://{config.host}:{config.port}{route_prefix.rstrip('/')}"
+
+
+def deploy(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = 600) -> None:
+    """Deploy (or replace) app `name` on the running Serve as `serve deploy` does (from a config, so that
+    a rollout can reconfigure its replicas in place), and wait until it runs."""
+    app = {"name": name, "route_prefix": route_prefix, "import_path": f"{__name__}:app_builder",
+           "args": config.model_dump(mode="json", exclude_defaults=True)}
+    _apply(name, app)
+    _wait(name, {}, timeout_s)
+
+
+def reload(name: str = APP_NAME, model: str | None = None, *, timeout_s: float = 600, echo=print) -> dict:
+    """Roll app `name` to the version its model URI names now (after `rayclip promote` moved the alias),
+    or to `model`, without dropping a request: the towers load it beside the old one and report ready,
+    then the ingress switches. Returns the live model ({"model", "alias"}); a no-op when unchanged."""
+    app = _deployed(name)
+    config = ServeConfig(**app["args"])
+    target = live_model(model or config.model, config.mlflow_tracking_uri)
+    current = _user_config(name, INGRESS)
+    if current == target:
+        return target
+    echo(f"deploy: {name}: rolling {current and current['model']} → {target['model']}")
+    for step in (TOWERS, (INGRESS,)):  # towers first, so the ingress never asks for a version they lack
+        overrides = {d["name"]: d for d in app.get("deployments", [])}
+        for deployment in step:
+            overrides[deployment] = {**overrides.get(deployment, {}), "name": deployment, "user_config": target}
+        app["deployments"] = list(overrides.values())
+        _apply(name, app)
+        _wait(name, {deployment: target for deployment in step}, timeout_s)
+    echo(f"deploy: {name} serves {target['model']}")
+    return target
+
+
+def _client():
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client()
+
+
+def _details() -> dict:
+    return _client().get_serve_details()
+
+
+def _deployed(name: str) -> dict:
+    app = _details().get("applications", {}).get(name)
+    if not app or not app.get("deployed_app_config"):
+        raise DeployError(f"no Serve application {name!r} deployed from a config on this cluster: start it with "
+                           "`rayclip serve`, `rayclip deploy` or `serve deploy deploy/serve_config.yaml`")
+    return app["deployed_app_config"]
+
+
+def _user_config(name: str, deployment: str) -> dict | None:
+    app = _details().get("applications", {}).get(name) or {}
+    return ((app.get("deployments", {}).get(deployment) or {}).get("deployment_config") or {}).get("user_config")
+
+
+def _apply(name: str, app: dict) -> None:
+    """Deploy `app`, keeping the other config-deployed applications as they are."""
+    from ray.serve.schema import ServeDeploySchema
+
+    others = [a["deployed_app_config"] for key, a in _details().get("applications", {}).items()
+              if key != name and a.get("deployed_app_config")]
+    _client().deploy_apps(ServeDeploySchema(applications=[*others, app]))
+
+
+def _wait(name: str, user_configs: dict[str, dict], timeout_s: float) -> None:
+    """Until app `name` runs with every deployment in `user_configs` healthy on that user_config."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = _details().get("applications", {}).get(name) or {}
+        status = app.get("status")
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise DeployError(f"Serve application {name!r} is {status}: {app.get('message', '')[-2000:]}")
+        deployments = app.get("deployments", {})
+        if status == "RUNNING" and all(
+                (deployments.get(d) or {}).get("status") == "HEALTHY"
+                and (deployments[d].get("deployment_config") or {}).get("user_config") == wanted
+                for d, wanted in user_configs.items()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve application {name!r} not running after {timeout_s:g} s (status {status})")
+        time.sleep(0.2)

@@ -45,7 +45,8 @@ def app(tmp_path_factory, ray_session):
                                                      max_body_bytes=2**20, max_image_bytes=512 * 2**10,
                                                      max_image_pixels=1_000_000))
     url = served.start(config)
-    yield {"url": url, "model": clip_core.load_model(root / "ckpt"), "config": config}
+    yield {"url": url, "model": clip_core.load_model(root / "ckpt"), "config": config, "root": root,
+           "tracking": tracking}
     serve.shutdown()
 
 
@@ -212,7 +213,7 @@ def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_p
     env.pop("RAYCLIP_SERVE_TOKEN", None)
     log = open(tmp_path / "serve.log", "w+")
     process = subprocess.Popen([sys.executable, "-m", "workflows.cli", "serve", "--model", str(tmp_path / "ckpt"),
-                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+                                "--port", str(port), "--poll-registry", "0.5"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 240
         while "Ctrl-C stops" not in (tmp_path / "serve.log").read_text():
@@ -223,7 +224,8 @@ def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_p
         assert ready["model"]["name"] == "ckpt"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0
-        assert "shutting down" in (tmp_path / "serve.log").read_text()
+        output = (tmp_path / "serve.log").read_text()
+        assert "shutting down" in output and "registry poll failed" not in output, output[-3000:]
     finally:
         if process.poll() is None:
             process.kill()
@@ -292,7 +294,7 @@ def test_playground_page_classifies_a_dropped_image_in_headless_chromium(app, tm
     assert (artifacts / "playground.png").stat().st_size > 1000
 
 
-def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app():
+def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tmp_path):
     from pathlib import Path
 
     import yaml
@@ -304,9 +306,98 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app():
     module, _, name = application.import_path.partition(":")
     builder = getattr(__import__(module, fromlist=[name]), name)
     assert builder is served.app_builder
-    app = builder(application.args)
+    clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")
+    app = builder({**application.args, "model": str(tmp_path / "ckpt")})  # not the cluster's MLflow
     assert type(app).__name__ == "Application"
     settings = served.ServeConfig(**application.args)
     assert settings.num_gpus == 0.25 and settings.autoscaling.max_replicas == 8
     with pytest.raises(ValueError, match="unknown_option"):
         builder({**application.args, "unknown_option": 1})
+
+
+def _classify_load(url: str, payload: dict, during) -> tuple[list[tuple[float, int, dict]], float]:
+    """Four clients sending `payload` back to back while `during()` runs in a thread, each until two of its
+    requests began after `during` returned: ((start time, status, body) per request, when `during` returned)."""
+    async def run():
+        results, finished = [], []
+        loop = asyncio.get_running_loop()
+
+        async def client_loop(client):
+            after = 0
+            while after < 2:
+                started = loop.time()
+                response = await client.post("/v1/classify", json=payload)
+                results.append((started, response.status_code, response.json()))
+                after += bool(finished) and started > finished[0]
+
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as client:
+            loops = [asyncio.create_task(client_loop(client)) for _ in range(4)]
+            await asyncio.to_thread(during)
+            finished.append(loop.time())
+            await asyncio.gather(*loops)
+        return results, finished[0]
+
+    return asyncio.run(run())
+
+
+def test_alias_moves_and_the_app_rolls_to_the_new_version_under_load_without_a_failed_request(app, tmp_path):
+    from workflows import cli
+
+    tracking, labels = app["tracking"], ["red circle", "blue square", "green triangle"]
+    clip_core.save_checkpoint(briefly_trained(steps=5), tmp_path / "v2")
+    quiet = lambda *_: None  # noqa: E731
+    registry.register(str(tmp_path / "v2"), "clip-serve", metrics={"zeroshot": {"top1": 0.6, "digest": "sha256:x"}},
+                      tracking_uri=tracking, echo=quiet)
+    registry.promote("clip-serve", tracking_uri=tracking, echo=quiet)
+    image = _images(1, seed=13)[0]
+    expected = {}
+    for version, model in (("1", app["model"]), ("2", clip_core.load_model(tmp_path / "v2"))):
+        classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), labels)
+        probs, _ = clip_core.predict(model, clip_core.image_transform(64)(image)[None], classifier, top_k=3)
+        expected[version] = sorted(probs[0].tolist(), reverse=True)
+    payload = {"images": [_png(image)], "labels": labels, "top_k": 3}
+
+    try:
+        results, finished = _classify_load(app["url"], payload, lambda: served.reload(echo=quiet))
+        statuses = collections.Counter(status for _, status, _ in results)
+        assert statuses == {200: len(results)}, statuses
+        versions = [body["model"]["version"] for _, _, body in results]
+        assert set(versions) == {"1", "2"}, collections.Counter(versions)
+        assert all(body["model"]["version"] == "2" for started, _, body in results if started > finished)
+        for _, _, body in results:  # each answer entirely from one version: towers never mixed
+            scores = [r["score"] for r in body["results"][0]]
+            assert scores == pytest.approx(expected[body["model"]["version"]], abs=1e-4)
+        info = httpx.get(app["url"] + "/v1/model", headers=AUTH).json()
+        assert (info["version"], info["alias"], info["metrics"]["zeroshot.top1"]) == ("2", "champion", "0.6")
+    finally:
+        # rollback, then the command line rolls the app back (in this process, on this test session's Ray)
+        registry.rollback("clip-serve", tracking_uri=tracking, echo=quiet)
+        assert cli.main(["deploy", "--reload"]) == 0
+    assert httpx.get(app["url"] + "/v1/model", headers=AUTH).json()["version"] == "1"
+    assert _post(app, "/v1/classify", payload).json()["model"]["version"] == "1"
+
+
+def test_a_killed_tower_replica_is_replaced_under_load_and_only_requests_in_flight_may_fail(app, record_property):
+    import time
+
+    import ray
+
+    payload = {"images": [_png(_images(1, seed=17)[0])], "labels": ["red circle", "blue square"], "top_k": 2}
+    prefix = f"SERVE_REPLICA::{served.APP_NAME}#ImageTower#"
+
+    def kill_and_wait_for_the_replacement():
+        (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        deadline = time.monotonic() + 180
+        while not any(r["state"] == "RUNNING" and r["replica_id"] != name.removeprefix(prefix)
+                      for r in served._details()["applications"][served.APP_NAME]["deployments"]["ImageTower"]["replicas"]):
+            assert time.monotonic() < deadline, "Serve did not replace the killed replica in 180 s"
+            time.sleep(0.2)
+
+    results, finished = _classify_load(app["url"], payload, kill_and_wait_for_the_replacement)
+    failed = [(status, body) for _, status, body in results if status != 200]
+    record_property("failed_requests", f"{len(failed)} of {len(results)}")
+    # at most the four clients' requests in flight at the kill fail, each with a JSON 503 to retry on
+    assert len(failed) <= 4, failed
+    assert all(status == 503 and body["error"]["type"] == "replica_lost" for status, body in failed), failed
+    assert all(status == 200 for started, status, _ in results if started > finished)

@@ -102,6 +102,16 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_config(args: argparse.Namespace):
+    from deploy.serve import ServeConfig
+
+    values = _read_config_file(args.config) if args.config else {}
+    values.update({k: v for k, v in {"model": args.model, "host": getattr(args, "host", None),
+                                     "port": getattr(args, "port", None),
+                                     "mlflow_tracking_uri": _tracking_uri(args)}.items() if v is not None})
+    return ServeConfig(**values)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -109,21 +119,41 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deploy.serve import ServeConfig, start
+    from deploy.serve import reload, start
 
-    values = _read_config_file(args.config) if args.config else {}
-    values.update({k: v for k, v in {"model": args.model, "host": args.host, "port": args.port,
-                                     "mlflow_tracking_uri": _tracking_uri(args)}.items() if v is not None})
-    config = ServeConfig(**values)
+    config = _serve_config(args)
     url = start(config)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's init, which installs its own handlers
         signal.signal(sig, lambda *_: stopping.set())
     print(f"serve: {config.model} at {url}  (API docs {url}/docs, playground {url}/); Ctrl-C stops", flush=True)
-    stopping.wait()
+    while not stopping.wait(args.poll_registry or None):
+        try:  # the alias moved (`rayclip promote`/`rollback`): roll to the version it names now
+            reload(echo=lambda line: print(line, flush=True))
+        except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop the service; the next poll retries
+            print(f"serve: registry poll failed, still serving the current version: {exc}", flush=True)
     print("serve: shutting down", flush=True)
     serve.shutdown()
     ray.shutdown()
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    import ray
+
+    from deploy.serve import deploy, reload
+
+    if not ray.is_initialized():
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="WARNING")
+    if args.reload:
+        reload(args.name, args.model)
+        return 0
+    from ray import serve
+
+    config = _serve_config(args)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    deploy(config, name=args.name, route_prefix=args.route_prefix)
+    print(f"deploy: {args.name} runs {config.model} on the cluster's Serve (route {args.route_prefix})")
     return 0
 
 
@@ -245,7 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="default 127.0.0.1")
     sv.add_argument("--port", type=int, help="default 8000")
     sv.add_argument("--config", help="YAML file of serve options (any ServeConfig field); flags override it")
+    sv.add_argument("--poll-registry", type=float, metavar="SECONDS",
+                    help="check the model's alias this often and roll to the version it names (off by default)")
     sv.set_defaults(handler=_serve)
+
+    de = commands.add_parser("deploy", parents=[tracking], help="deploy the Serve app to a running Ray cluster, or "
+                             "roll it to the model version its alias names now (--reload)",
+                             description="Without --reload: deploy (or replace) the app from --config/--model on "
+                             "the cluster at --address/$RAY_ADDRESS, as `serve deploy` would. With --reload: after "
+                             "`rayclip promote` or `rollback`, roll the running app to the version its model alias "
+                             "names now (or to --model) in place: the towers load it beside the old one, then the "
+                             "ingress switches; no request fails.")
+    de.add_argument("--reload", action="store_true", help="roll the running app to its alias's current version")
+    de.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory")
+    de.add_argument("--config", help="YAML file of serve options (any ServeConfig field); flags override it")
+    de.add_argument("--name", default="rayclip", help="the Serve application (default rayclip)")
+    de.add_argument("--route-prefix", default="/")
+    de.add_argument("--address", help="the Ray cluster (default $RAY_ADDRESS, else the local one)")
+    de.set_defaults(handler=_deploy)
     return parser
 
 
