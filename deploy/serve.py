@@ -84,6 +84,8 @@ class ServeConfig(BaseModel):
                                              "ingress; beyond, a plain-text 503 + Retry-After from Serve")
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After an overloaded server answers with")
     classifier_cache_size: int = Field(256, ge=0)
+    image_buckets: list[str] = Field([], description="S3 buckets whose objects a request may name as "
+                                     "s3://BUCKET/KEY instead of sending the bytes (none by default)")
     limits: Limits = Limits()
     auth_token: str | None = Field(None, description=f"bearer token; default: ${TOKEN_ENV} when set")
 
@@ -94,12 +96,18 @@ class ServeConfig(BaseModel):
 # ------------------------------------------------------------------------------ request bodies
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyForm(BaseModel):
+    """/v1/classify's fields besides the images (a multipart upload sends these as form fields)."""
+
     model_config = ConfigDict(extra="forbid")
-    images: list[str] = Field(min_length=1, description="base64-encoded images")
     labels: list[str] = Field(min_length=1)
-    templates: list[str] | None = None
+    templates: list[str] | None = Field(None, description="prompt templates with one '{}' (default: a built-in set)")
     top_k: int = Field(5, gt=0)
+
+
+class ClassifyRequest(ClassifyForm):
+    images: list[str] = Field(min_length=1, description="base64-encoded images (or s3://BUCKET/KEY in a bucket "
+                              "the server's image_buckets allows)")
 
 
 class EmbedImageRequest(BaseModel):
@@ -367,6 +375,32 @@ def _describe(errors) -> str:
                      for e in list(errors)[:5])
 
 
+def _validate(schema: type[BaseModel], raw: bytes):
+    try:
+        json.loads(raw)
+    except ValueError as exc:
+        raise RequestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestError(422, "invalid_request", _describe(exc.errors())) from None
+
+
+def _openapi_body(schema: type[BaseModel], form: dict | None = None) -> dict:
+    """The request body for /docs (the routes read their bodies themselves, to enforce the limits first)."""
+    content = {"application/json": {"schema": schema.model_json_schema()}}
+    if form:
+        content["multipart/form-data"] = {"schema": form}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+CLASSIFY_FORM = {"type": "object", "required": ["images", "labels"], "properties": {
+    "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+    "labels": {"type": "array", "items": {"type": "string"}},
+    "templates": {"type": "array", "items": {"type": "string"}},
+    "top_k": {"type": "integer", "minimum": 1}}}
+
+
 def _model_ref(info: dict) -> dict:
     return {"name": info["name"], "version": info["version"]}
 
@@ -400,10 +434,16 @@ class Ingress:
 
     # -------------------------------------------------------------------------- routes
 
-    @api.post("/v1/classify")
+    @api.post("/v1/classify", openapi_extra=_openapi_body(ClassifyRequest, CLASSIFY_FORM))
     async def classify(self, request: Request) -> dict:
-        """Zero-shot classification: per image, the labels ranked by probability."""
-        body = await self._body(request, ClassifyRequest)
+        """Zero-shot classification: per image, the labels ranked by probability. JSON with base64 images,
+        or a multipart upload: image files under `images`, a `labels` field per label."""
+        media_type, raw = await self._read(request, ("application/json", "multipart/form-data"))
+        if media_type == "multipart/form-data":
+            images, body = await self._form(request, raw)
+        else:
+            body = _validate(ClassifyRequest, raw)
+            images = body.images
         limits = self.config.limits
         labels = check_texts(body.labels, "labels", limits.max_labels, limits)
         templates = body.templates or self.default_templates
@@ -412,7 +452,7 @@ class Ingress:
         if bad:
             raise RequestError(422, "invalid_template", f"each template needs exactly one '{{}}': {bad[:3]}")
         info = await self.model_info()
-        pixels = self._pixels(body.images, info)
+        pixels = await self._pixels(images, info)
         classifier, features = await asyncio.gather(self._classifier(info, labels, templates),
                                                     self._features(info, "image", pixels))
         probs = softmax(info["logit_scale"] * features @ classifier)
@@ -423,14 +463,14 @@ class Ingress:
             results.append([{"label": labels[j], "score": float(row[j])} for j in order])
         return {"model": _model_ref(info), "results": results}
 
-    @api.post("/v1/embed/image")
+    @api.post("/v1/embed/image", openapi_extra=_openapi_body(EmbedImageRequest))
     async def embed_image(self, request: Request) -> dict:
         body = await self._body(request, EmbedImageRequest)
         info = await self.model_info()
-        features = await self._features(info, "image", self._pixels(body.images, info))
+        features = await self._features(info, "image", await self._pixels(body.images, info))
         return {"model": _model_ref(info), "embeddings": [encode_vector(f, body.encoding) for f in features]}
 
-    @api.post("/v1/embed/text")
+    @api.post("/v1/embed/text", openapi_extra=_openapi_body(EmbedTextRequest))
     async def embed_text(self, request: Request) -> dict:
         body = await self._body(request, EmbedTextRequest)
         limits = self.config.limits
@@ -439,7 +479,7 @@ class Ingress:
         features = await self._features(info, "text", texts)
         return {"model": _model_ref(info), "embeddings": [encode_vector(f, body.encoding) for f in features]}
 
-    @api.post("/v1/rank")
+    @api.post("/v1/rank", openapi_extra=_openapi_body(RankRequest))
     async def rank(self, request: Request) -> dict:
         """One image against many texts, or one text against many images (clip-as-service's /rank)."""
         body = await self._body(request, RankRequest)
@@ -447,14 +487,16 @@ class Ingress:
         if body.image is not None and body.texts and body.text is None and body.images is None:
             texts = check_texts(body.texts, "texts", limits.max_texts, limits)
             info = await self.model_info()
-            query, candidates = await asyncio.gather(self._features(info, "image", self._pixels([body.image], info)),
+            pixels = await self._pixels([body.image], info)
+            query, candidates = await asyncio.gather(self._features(info, "image", pixels),
                                                      self._features(info, "text", texts))
             names = [{"text": t} for t in texts]
         elif body.text is not None and body.images and body.image is None and body.texts is None:
             check_texts([body.text], "texts", 1, limits)
             info = await self.model_info()
+            pixels = await self._pixels(body.images, info)
             query, candidates = await asyncio.gather(self._features(info, "text", [body.text]),
-                                                     self._features(info, "image", self._pixels(body.images, info)))
+                                                     self._features(info, "image", pixels))
             names = [{"image": i} for i in range(len(body.images))]
         else:
             raise RequestError(422, "invalid_request", "send either 'image' with 'texts', or 'text' with 'images'")
@@ -500,10 +542,16 @@ class Ingress:
             raise RequestError(401, "unauthorized", f"send 'Authorization: Bearer <token>' (the server's {TOKEN_ENV})")
 
     async def _body(self, request: Request, schema: type[BaseModel]):
+        _, raw = await self._read(request, ("application/json",))
+        return _validate(schema, raw)
+
+    async def _read(self, request: Request, media_types: tuple[str, ...]) -> tuple[str, bytes]:
+        """(media type, body) of an authorized request, read up to the body limit."""
         self.authorize(request)
         limit = self.config.limits.max_body_bytes
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            raise RequestError(415, "unsupported_media_type", "send the request body as application/json")
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type not in media_types:
+            raise RequestError(415, "unsupported_media_type", f"send the request body as {' or '.join(media_types)}")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise RequestError(413, "body_too_large", f"the body is over the {limit}-byte limit")
@@ -512,14 +560,42 @@ class Ingress:
             raw += chunk
             if len(raw) > limit:
                 raise RequestError(413, "body_too_large", f"the body is over the {limit}-byte limit")
+        return media_type, bytes(raw)
+
+    async def _form(self, request: Request, raw: bytes) -> tuple[list[bytes], ClassifyForm]:
+        """A multipart /v1/classify body: (image files, the other fields)."""
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartException, MultiPartParser
+
+        async def body():
+            yield raw
+
+        limits = self.config.limits
         try:
-            json.loads(raw)
-        except ValueError as exc:
-            raise RequestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+            form = await MultiPartParser(request.headers, body(), max_files=limits.max_images,
+                                         max_fields=limits.max_labels + limits.max_templates + 1,
+                                         max_part_size=4 * limits.max_text_chars + 64).parse()
+        except MultiPartException as exc:
+            if exc.message.startswith("Too many files"):
+                raise RequestError(422, "too_many", f"at most {limits.max_images} images per request") from None
+            raise RequestError(400, "invalid_multipart", f"the multipart body could not be read: {exc.message}") \
+                from None
+        unknown = sorted(set(form.keys()) - {"images", "labels", "templates", "top_k"})
+        if unknown:
+            raise RequestError(422, "invalid_request", f"unknown form fields {unknown}: send images (files), labels, "
+                               "templates, top_k")
+        files = form.getlist("images")
+        if not files or not all(isinstance(f, UploadFile) for f in files):
+            raise RequestError(422, "invalid_request", "images: send one or more image files under 'images'")
+        fields = {"labels": form.getlist("labels"), "templates": form.getlist("templates") or None,
+                  "top_k": form.get("top_k", 5)}
+        if any(not isinstance(v, str) for v in [*fields["labels"], *(fields["templates"] or [])]):
+            raise RequestError(422, "invalid_request", "labels and templates are text fields, not files")
         try:
-            return schema.model_validate_json(bytes(raw))
+            params = ClassifyForm.model_validate(fields)
         except ValidationError as exc:
             raise RequestError(422, "invalid_request", _describe(exc.errors())) from None
+        return [await f.read() for f in files], params
 
     async def model_info(self) -> dict:
         """The live version's info (image size, logit scale, name, metrics, lineage); a request reads it
@@ -537,12 +613,44 @@ class Ingress:
         handle = self.image_tower if tower == "image" else self.text_tower
         return handle.options(multiplexed_model_id=uri)
 
-    def _pixels(self, images: list[str], info: dict) -> list[np.ndarray]:
+    async def _pixels(self, images: list[str | bytes], info: dict) -> list[np.ndarray]:
         limits = self.config.limits
         if len(images) > limits.max_images:
             raise RequestError(422, "too_many", f"{len(images)} images: at most {limits.max_images} per request")
-        return [prepare_image(decode_base64(data, i, limits), i, info["image_size"], limits)
+        return [prepare_image(await self._image_bytes(data, i), i, info["image_size"], limits)
                 for i, data in enumerate(images)]
+
+    async def _image_bytes(self, data: str | bytes, index: int) -> bytes:
+        """An image's encoded bytes: uploaded, base64, or read from an allow-listed S3 bucket."""
+        limits = self.config.limits
+        if isinstance(data, bytes):
+            if len(data) > limits.max_image_bytes:
+                raise RequestError(413, "image_too_large", f"images[{index}] is over {limits.max_image_bytes} bytes")
+            return data
+        if data.startswith(("http://", "https://")):
+            raise RequestError(422, "urls_not_allowed", f"images[{index}]: this server does not fetch URLs; send "
+                               "the image bytes (base64, or a multipart upload)")
+        if data.startswith("s3://"):
+            return await asyncio.to_thread(self._s3_image, data, index)
+        return decode_base64(data, index, limits)
+
+    def _s3_image(self, uri: str, index: int) -> bytes:
+        from workflows import storage
+
+        bucket = uri.removeprefix("s3://").split("/", 1)[0]
+        if bucket not in self.config.image_buckets:
+            raise RequestError(403, "image_source_not_allowed", f"images[{index}]: bucket {bucket!r} is not one this "
+                               "server reads from (its image_buckets); send the image bytes instead")
+        try:
+            return storage.read_bytes(uri, max_bytes=self.config.limits.max_image_bytes)
+        except FileNotFoundError:
+            raise RequestError(422, "image_not_found", f"images[{index}]: no object at {uri}") from None
+        except ValueError:
+            raise RequestError(413, "image_too_large", f"images[{index}]: {uri} is over "
+                               f"{self.config.limits.max_image_bytes} bytes") from None
+        except OSError as exc:
+            raise RequestError(502, "image_source_unavailable", f"images[{index}]: could not read {uri}: {exc}") \
+                from None
 
     async def _towers(self, make_calls):
         """Make and await tower calls. A full tower queue (raised by the call or by its result) becomes

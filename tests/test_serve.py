@@ -6,6 +6,7 @@ import base64
 import io
 import socket
 
+import boto3
 import httpx
 import numpy as np
 import pytest
@@ -39,14 +40,17 @@ def app(tmp_path_factory, ray_session):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    bucket = "serve-images"  # the one bucket requests may name images in (moto's S3)
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    boto3.client("s3").put_object(Bucket=bucket, Key="shapes/one.png", Body=base64.b64decode(_png(_images(1)[0])))
     config = served.ServeConfig(model="models:/clip-serve@champion", mlflow_tracking_uri=tracking, port=port,
-                                max_batch_size=8, batch_wait_timeout_s=0.05, auth_token=TOKEN,
+                                max_batch_size=8, batch_wait_timeout_s=0.05, auth_token=TOKEN, image_buckets=[bucket],
                                 limits=served.Limits(max_images=4, max_texts=16, max_labels=20,
                                                      max_body_bytes=2**20, max_image_bytes=512 * 2**10,
                                                      max_image_pixels=1_000_000))
     url = served.start(config)
     yield {"url": url, "model": clip_core.load_model(root / "ckpt"), "config": config, "root": root,
-           "tracking": tracking}
+           "tracking": tracking, "bucket": bucket}
     serve.shutdown()
 
 
@@ -145,7 +149,11 @@ def test_model_info_health_and_docs(app):
     assert httpx.get(app["url"] + "/healthz").json() == {"status": "ok"}
     assert httpx.get(app["url"] + "/readyz").json()["model"]["version"] == "1"
     assert httpx.get(app["url"] + "/docs").status_code == 200
-    assert "/v1/classify" in httpx.get(app["url"] + "/openapi.json").json()["paths"]
+    paths = httpx.get(app["url"] + "/openapi.json").json()["paths"]
+    classify = paths["/v1/classify"]["post"]["requestBody"]["content"]
+    assert set(classify) == {"application/json", "multipart/form-data"}
+    assert {"images", "labels", "top_k"} <= set(classify["application/json"]["schema"]["properties"])
+    assert "texts" in paths["/v1/embed/text"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
 
 
 def _bomb() -> str:
@@ -196,6 +204,42 @@ def test_bad_classify_requests_get_a_4xx_and_the_replicas_survive(app, case, ima
     assert response.status_code == status, (case, response.text)
     assert response.json()["error"]["type"] == kind, case
     assert _post(app, "/v1/classify", {"images": [png], "labels": ["a", "b"]}).status_code == 200
+
+
+def test_classify_takes_multipart_uploads_and_allow_listed_s3_images_and_never_fetches_urls(app):
+    images, labels = _images(1), ["red circle", "blue square", "green triangle"]
+    expected = _post(app, "/v1/classify", {"images": [_png(images[0])], "labels": labels, "top_k": 2,
+                                           "templates": ["a photo of a {}.", "{}"]}).json()["results"]
+    png = base64.b64decode(_png(images[0]))
+    form = {"labels": labels, "top_k": "2", "templates": ["a photo of a {}.", "{}"]}
+    uploaded = httpx.post(app["url"] + "/v1/classify", headers=AUTH, data=form, timeout=60,
+                          files=[("images", ("one.png", png, "image/png")), ("images", ("two.png", png, "image/png"))])
+    assert uploaded.status_code == 200, uploaded.text
+    assert [[r["label"] for r in row] for row in uploaded.json()["results"]] == [[r["label"] for r in expected[0]]] * 2
+    assert [r["score"] for r in uploaded.json()["results"][1]] == pytest.approx([r["score"] for r in expected[0]],
+                                                                                abs=1e-5)
+    from_s3 = _post(app, "/v1/classify", {"images": [f"s3://{app['bucket']}/shapes/one.png"], "labels": labels,
+                                          "top_k": 2, "templates": ["a photo of a {}.", "{}"]})
+    assert from_s3.status_code == 200, from_s3.text
+    assert from_s3.json()["results"] == expected
+
+    def error(response) -> tuple[int, str]:
+        return response.status_code, response.json()["error"]["type"]
+
+    def upload(headers=AUTH, **kwargs) -> httpx.Response:
+        return httpx.post(app["url"] + "/v1/classify", headers=headers, timeout=60, **kwargs)
+
+    one = [("images", ("one.png", png, "image/png"))]
+    assert error(upload(data={"labels": "a", "colour": "red"}, files=one)) == (422, "invalid_request")
+    assert error(upload(data={"labels": "a"}, files=[("other", ("x.png", png, "image/png"))])) == (422, "invalid_request")
+    assert error(upload(files=one + [("labels", ("l.txt", b"a", "text/plain"))])) == (422, "invalid_request")
+    assert error(upload(data={"labels": "a"}, files=one * 5)) == (422, "too_many")
+    assert error(upload(content=b"--x\r\nnonsense", headers={**AUTH, "Content-Type": "multipart/form-data"})
+                 ) == (400, "invalid_multipart")
+    for source, expected_error in ((f"s3://{app['bucket']}/shapes/missing.png", (422, "image_not_found")),
+                                   ("s3://someone-elses-bucket/cat.png", (403, "image_source_not_allowed")),
+                                   ("http://127.0.0.1:1/cat.png", (422, "urls_not_allowed"))):
+        assert error(_post(app, "/v1/classify", {"images": [source], "labels": ["a"]})) == expected_error, source
 
 
 def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_path):
