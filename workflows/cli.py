@@ -10,7 +10,26 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    overrides = [f"train.steps={args.steps}"] if args.steps is not None else []
+    run_demo([*overrides, *args.set], config_path=args.config, keep_serving=args.keep_serving)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .pipeline import PipelineError, load_config, run
+
+    try:
+        run(load_config(args.config, args.set))
+    except PipelineError as exc:
+        print(f"rayclip run: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from .pipeline import load_config, show
+
+    print(show(load_config(args.config, args.set)), end="")
     return 0
 
 
@@ -170,11 +189,31 @@ def _read_config_file(path: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayclip", description="CLIP as a distributed workflow on Ray")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser("demo", help="the embedded default: train a tiny CLIP on synthetic pairs, zero-shot it")
-    demo.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
-    demo.add_argument("--batch-size", type=int, default=64, help="contrastive batch (default 64)")
-    demo.add_argument("--seed", type=int, default=0)
+    overrides = argparse.ArgumentParser(add_help=False)
+    overrides.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config value, e.g. --set train.steps=50 (repeatable)")
+    demo = commands.add_parser("demo", parents=[overrides], help="the whole pipeline on the embedded defaults: "
+                               "synthetic data, tiny CLIP, local Ray, sqlite MLflow; then asks the live service",
+                               description="Preprocess → train → evaluate → register → promote → serve on the "
+                               "built-in synthetic shapes under ./work, then zero-shot requests for colour-shape "
+                               "combinations the model never saw. Rerunning skips the stages already done.")
+    demo.add_argument("--steps", type=int, help="optimizer steps (default: the pipeline's 100)")
+    demo.add_argument("--config", help="a pipeline config instead of the embedded defaults")
+    demo.add_argument("--keep-serving", action="store_true", help="leave the service up until Ctrl-C")
     demo.set_defaults(handler=_demo)
+
+    rn = commands.add_parser("run", parents=[overrides], help="preprocess → train → evaluate → register → promote → "
+                             "deploy from one pipeline config (a Ray job)",
+                             description="Run every stage of CONFIG; each stage whose output exists for the same "
+                             "inputs is skipped, so a rerun after a failure resumes at the failed stage.")
+    rn.add_argument("config")
+    rn.set_defaults(handler=_run)
+
+    cf = commands.add_parser("config", help="pipeline configs")
+    cf_commands = cf.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    cs = cf_commands.add_parser("show", parents=[overrides], help="print the resolved pipeline config")
+    cs.add_argument("config", nargs="?", help="default: the embedded defaults")
+    cs.set_defaults(handler=_config_show)
 
     pre = commands.add_parser("preprocess", help="raw image-text pairs → prepared shards + manifest (Ray Data)",
                               description="Validate, decode, resize, tokenize and shard raw pairs. SOURCE is a file, "

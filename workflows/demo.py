@@ -1,73 +1,82 @@
 """`rayclip demo`: the embedded default, end to end on this machine.
 
-Until the Ray pipeline lands (preprocess → train → register → serve), the demo is a short
-clip_core training run on the built-in synthetic pairs: it prints the falling contrastive loss,
-then zero-shot accuracy on colour-shape combinations the model never saw, and one prediction.
+The whole pipeline on the embedded defaults (local Ray, sqlite MLflow under the work dir, the
+built-in synthetic shapes, the `tiny` model on CPU): preprocess → train → evaluate → register →
+promote → serve; then a few zero-shot requests to the live service for colour-shape combinations
+the model never saw in training, and where to look next.
 """
 
 from __future__ import annotations
 
-import math
-import time
+import base64
+import io
+import json
+import threading
+import urllib.request
 
-import torch
-
-import clip_core
-from clip_core.zeroshot import zero_shot_logits
-
-from . import synthetic
+from . import pipeline, synthetic
 
 
-def run_demo(steps: int = 60, batch_size: int = 64, seed: int = 0, print_every: int = 10, echo=print) -> dict:
-    if steps < 1 or batch_size < 2:
-        raise ValueError("the demo needs steps >= 1 and batch_size >= 2 (contrastive pairs)")
-    torch.manual_seed(seed)
-    model = clip_core.create_model("tiny")
-    tokenize = clip_core.get_tokenizer()
-    preprocess = clip_core.image_transform(model.image_size, train=False)
-    echo(f"model: tiny CLIP, {model.num_parameters() / 1e6:.1f}M parameters, {torch.get_num_threads()} CPU threads")
+def _classify(url: str, images, labels: list[str], token: str | None) -> list[list[dict]]:
+    payload = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        payload.append(base64.b64encode(buffer.getvalue()).decode())
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(f"{url}/v1/classify", json.dumps({"images": payload, "labels": labels,
+                                                                       "top_k": 3}).encode(), headers)
+    with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 - our own local server
+        return json.loads(response.read())["results"]
 
-    started = time.perf_counter()
-    train = list(synthetic.samples(steps * batch_size, split="train", seed=seed, image_size=model.image_size))
-    images = torch.stack([preprocess(s.image) for s in train])
-    texts = tokenize([s.caption for s in train])
-    echo(f"data: {len(train)} synthetic pairs, e.g. \"{train[0].caption}\" ({time.perf_counter() - started:.1f}s)")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
-    loss_fn = clip_core.ClipLoss()
-    losses = []
-    model.train()
-    started = time.perf_counter()
-    for step in range(steps):
-        batch = slice(step * batch_size, (step + 1) * batch_size)
-        loss = loss_fn(*model(images[batch], texts[batch]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        model.clamp_logit_scale_()
-        losses.append(loss.item())
-        if step % print_every == 0 or step == steps - 1:
-            echo(f"step {step + 1:4d}/{steps}  loss {losses[-1]:.3f}  "
-                 f"({(step + 1) * batch_size / (time.perf_counter() - started):.0f} samples/s)")
+def run_demo(overrides: list[str] = (), *, config_path: str | None = None, keep_serving: bool = False,
+             echo=print) -> dict:
+    config = pipeline.load_config(config_path, list(overrides))
+    outcome = pipeline.run(config, echo=echo)
+    zeroshot = outcome.get("metrics", {}).get("zeroshot", {})
+    if "top1" in zeroshot:
+        labels = synthetic.heldout_class_names()
+        echo(f"zero-shot top-1 on colour-shape combinations never seen in training: {zeroshot['top1']:.1%} "
+             f"(chance {1 / len(labels):.1%})")
+    if "url" not in outcome:
+        return outcome
 
-    heldout_names = synthetic.heldout_class_names()
-    label_names = synthetic.class_names()
-    evaluation = list(synthetic.samples(256, split="heldout", seed=seed + 1, image_size=model.image_size))
-    model.eval()
-    with torch.no_grad():
-        classifier = clip_core.zero_shot_classifier(model, tokenize, heldout_names)
-        features = model.encode_image(torch.stack([preprocess(s.image) for s in evaluation]))
-        probs = zero_shot_logits(features, classifier, float(model.logit_scale.exp())).softmax(dim=-1)
-    truth = torch.tensor([heldout_names.index(label_names[s.label]) for s in evaluation])
-    accuracy = float((probs.argmax(dim=-1) == truth).float().mean())
-    echo(f"zero-shot top-1 on {len(evaluation)} images of {len(heldout_names)} never-seen colour-shape "
-         f"combinations: {accuracy:.1%} (chance {1 / len(heldout_names):.1%})")
-    top = probs[0].topk(3)
-    ranked = ", ".join(f"{heldout_names[i]} {p:.0%}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
-    echo(f"prediction for a held-out image of a {evaluation[0].classname}: {ranked}")
-    return {"losses": losses, "heldout_top1": accuracy}
+    from deploy.serve import ServeConfig
+
+    labels = synthetic.heldout_class_names()
+    size = config.data.preprocess.image_size
+    samples = list(synthetic.samples(3, split="heldout", seed=2026, image_size=size))
+    token = ServeConfig(**{k: v for k, v in config.serve.items() if k != "enabled"}).token()
+    outcome["answers"] = _classify(outcome["url"], [s.image for s in samples], labels, token)
+    outcome["asked"] = [s.classname for s in samples]
+    for sample, answer in zip(samples, outcome["answers"]):
+        ranked = ", ".join(f"{a['label']} {a['score']:.0%}" for a in answer)
+        echo(f"POST {outcome['url']}/v1/classify  (a {sample.classname}) → {ranked}")
+    tracking = config.tracking_uri()
+    echo("where to look:")
+    echo(f"  MLflow UI:   mlflow ui --backend-store-uri {tracking}   (run {outcome['mlflow_run_id']}, "
+         f"model {config.registry.name} version {outcome['model_version']})")
+    if outcome.get("dashboard"):
+        echo(f"  Ray:         dashboard http://{outcome['dashboard']}")
+    echo(f"  playground:  {outcome['url']}/   API docs: {outcome['url']}/docs")
+    if keep_serving:
+        _serve_until_interrupted(echo)
+    else:
+        from ray import serve
+
+        serve.shutdown()
+    return outcome
+
+
+def _serve_until_interrupted(echo) -> None:
+    import signal
+
+    from ray import serve
+
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    echo("serving until Ctrl-C")
+    stopping.wait()
+    serve.shutdown()

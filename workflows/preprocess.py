@@ -22,6 +22,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
+from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -311,7 +312,9 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
     if fmt == "synthetic" and options.classnames is None:
         from . import synthetic
 
-        options = options.model_copy(update={"classnames": synthetic.class_names()})
+        # a synthetic set's classes are its split's: zero-shot on "heldout" ranks the unseen combinations only
+        split = urlparse(source).netloc or "train"
+        options = options.model_copy(update={"classnames": synthetic.split_class_names(split)})
 
     _ensure_ray()
     DataContext.get_current().execution_options.preserve_order = True  # dedupe keeps the first in source order
@@ -414,17 +417,14 @@ def _log_to_mlflow(manifest: dict, output: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         dataset = MetaDataset(source=resolve_dataset_source(output), name=storage.basename(output),
                               digest=manifest["digest"].removeprefix("sha256:")[:36])
-    own_run = mlflow.active_run() is None
-    if own_run:
+    nested = mlflow.active_run() is not None  # inside `rayclip run`: a child of the pipeline's run
+    if not nested:
         set_experiment("rayclip")
-        mlflow.start_run(run_name="preprocess")
-    try:
+    with mlflow.start_run(run_name=f"preprocess {storage.basename(output)}", nested=nested,
+                          tags={"rayclip.stage": "preprocess"}):
         mlflow.log_input(dataset, context="preprocess")
         mlflow.log_params({"dataset_digest": manifest["digest"], "dataset_uri": output})
         mlflow.log_metrics({f"rows_{k}": v for k, v in manifest["counts"].items() if isinstance(v, int)})
-    finally:
-        if own_run:
-            mlflow.end_run()
 
 
 # --------------------------------------------------------------------------------- reading

@@ -323,9 +323,5 @@ def _read_synthetic(uri: str, spec: SourceSpec) -> Iterator[dict]:
     for sample in synthetic.samples(stop - start, split=parsed.netloc or "train", seed=int(query.get("seed", 0)),
                                     image_size=int(query.get("image_size", 64)), start=start):
         yield {"key": sample.key, "source": uri.split("#", 1)[0], "image": sample.image_bytes(),
-               "caption": sample.caption.encode("utf-8"), "label": str(sample.label),
+               "caption": sample.caption.encode("utf-8"), "label": sample.classname,  # named; see preprocess
                "metadata": json.dumps({"classname": sample.classname})}
-
-
-def synthetic_classnames() -> list[str]:
-    return synthetic.class_names()

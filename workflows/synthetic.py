@@ -118,15 +118,20 @@ def render(shape: str, color: str, size: str, position: str, background: str, im
     return image.resize((image_size, image_size), Image.Resampling.LANCZOS)
 
 
-def samples(count: int, *, split: str = "train", seed: int = 0, image_size: int = 64,
-            start: int = 0) -> Iterator[Sample]:
-    """`count` samples of `split` ("train": the seen combinations, "heldout": the unseen ones,
-    "all": every combination), from index `start`."""
+def split_class_names(split: str) -> list[str]:
+    """The classes `split` draws from: "train" the seen combinations, "heldout" the unseen ones,
+    "all" every combination."""
     if split not in SPLITS:
         raise ValueError(f"unknown synthetic split {split!r}; choose one of {SPLITS}")
+    return {"train": train_class_names, "heldout": heldout_class_names, "all": class_names}[split]()
+
+
+def samples(count: int, *, split: str = "train", seed: int = 0, image_size: int = 64,
+            start: int = 0) -> Iterator[Sample]:
+    """`count` samples of `split` (see `split_class_names`), from index `start`."""
     if count < 0 or start < 0:
         raise ValueError("count and start must be non-negative")
-    names = {"train": train_class_names, "heldout": heldout_class_names, "all": class_names}[split]()
+    names = split_class_names(split)
     label_of = {name: i for i, name in enumerate(class_names())}
     for index in range(start, start + count):
         rng = random.Random(f"{seed}/{split}/{index}")

@@ -37,10 +37,13 @@ def set_experiment(name: str):
 
 def start_run(run_id: str | None, experiment: str, run_name: str, tags: dict | None = None):
     """`mlflow.start_run` into `run_id` when it is a run of this tracking store (a checkpoint may name a run
-    of another), else into a new run `run_name` with `tags` in `experiment`."""
+    of another), else into a new run `run_name` with `tags` in `experiment`; inside an active run (the
+    pipeline's), nested in it."""
     import mlflow
 
+    nested = mlflow.active_run() is not None
     if run_id and run_exists(run_id):
-        return mlflow.start_run(run_id=run_id)
-    set_experiment(experiment)
-    return mlflow.start_run(run_name=run_name, tags=tags)
+        return mlflow.start_run(run_id=run_id, nested=nested)
+    if not nested:
+        set_experiment(experiment)
+    return mlflow.start_run(run_name=run_name, tags=tags, nested=nested)

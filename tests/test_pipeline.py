@@ -1,0 +1,118 @@
+"""The pipeline: one config drives every stage, `rayclip demo` runs it end to end and asks the live
+service, a rerun skips every stage already done, and config mistakes name the key and its line."""
+
+import json
+import socket
+
+import mlflow
+import pytest
+import torch
+
+import clip_core
+from workflows import pipeline, synthetic
+from workflows.demo import run_demo
+from workflows.preprocess import read_manifest
+
+from micro import micro_config
+
+
+def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("data:\n  preprocess:\n    image_size: big\nregistry:\n  gate:\n    max_drop: -1\n")
+    with pytest.raises(pipeline.ConfigError) as error:
+        pipeline.load_config(str(path))
+    assert f"data.preprocess.image_size: Input should be a valid integer, unable to parse string as an integer " \
+           f"({path}, line 3)" in str(error.value)
+    assert f"registry.gate.max_drop: Input should be greater than or equal to 0 ({path}, line 6)" in str(error.value)
+
+    path.write_text("train:\n  steps: 10\n  stepz: 3\n")  # a stage section checks against the stage's own config
+    with pytest.raises(pipeline.ConfigError, match=rf"train\.stepz: Extra inputs are not permitted \({path}, line 3\)"):
+        pipeline.load_config(str(path))
+    path.write_text("train:\n  data: [elsewhere]\n")
+    with pytest.raises(ValueError, match="train: data set by the pipeline"):
+        pipeline.load_config(str(path))
+    with pytest.raises(pipeline.ConfigError, match=r"--set 'train': write KEY\.PATH=VALUE"):
+        pipeline.load_config(None, ["train"])
+
+    config = pipeline.load_config(None, ["train.steps=7", "serve.port=9001", "registry.gate.floor=0.25"])
+    assert (config.train["steps"], config.serve["port"], config.registry.gate.floor) == (7, 9001, 0.25)
+    shown = pipeline.show(config)
+    assert "steps: 7" in shown and "lr: 0.001" in shown  # the tiny preset's recipe, resolved
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _micro_pipeline(tmp_path) -> list[str]:
+    """--set overrides for a pipeline small enough for a test: the micro model, a few steps, little data."""
+    model_file = tmp_path / "micro.json"
+    model_file.write_text(json.dumps(micro_config().to_dict()))
+    return [f"storage.root={tmp_path / 'work'}", f"model.name={model_file}", "train.steps=6",
+            "train.batch_size=32", "train.checkpoint_every=3", "eval.batch_size=64",
+            "data.train=synthetic://train?count=192&seed=0", "data.val=synthetic://train?count=48&seed=5",
+            "data.zeroshot=synthetic://heldout?count=48&seed=6", f"serve.port={_free_port()}"]
+
+
+def test_demo_runs_every_stage_and_answers_from_the_live_service_then_a_rerun_skips_them(tmp_path, ray_session):
+    overrides = _micro_pipeline(tmp_path)
+    lines = []
+    outcome = run_demo(overrides, echo=lines.append)
+
+    assert outcome["stages"] == {"preprocess train": "done", "preprocess val": "done", "preprocess zeroshot": "done",
+                                 "train": "done", "evaluate": "done", "register": "done", "promote": "passed",
+                                 "deploy": "done"}, lines
+    counts = read_manifest(outcome["datasets"]["train"]["uri"])["counts"]
+    assert counts["read"] == 192 and counts["kept"] + counts["rejected"] == 192
+    # zero-shot is scored among the combinations never seen in training only
+    assert read_manifest(outcome["datasets"]["zeroshot"]["uri"])["classnames"] == synthetic.heldout_class_names()
+    # MLflow: the pipeline run holds the train run (and its evaluation) as a child; the version is champion
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    parent = client.get_run(outcome["mlflow_run_id"])
+    assert parent.data.tags["rayclip.model_version"] == "clip/1" and parent.data.tags["rayclip.promoted"] == "True"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    stages = {run.data.tags["rayclip.stage"]: run for run in children}
+    assert sorted(run.data.tags["rayclip.stage"] for run in children) == ["preprocess"] * 3 + ["train"]
+    assert "eval.zeroshot.top1" in stages["train"].data.metrics
+    assert client.get_registered_model("clip").aliases == {"champion": 1, "challenger": 1}
+    version = client.get_model_version("clip", "1")
+    assert version.tags["dataset_digests"] == outcome["datasets"]["train"]["digest"]
+
+    # the live service answered the demo's questions as the trained checkpoint does
+    model = clip_core.load_model(outcome["checkpoint"])
+    labels = synthetic.heldout_class_names()
+    images = [s.image for s in synthetic.samples(3, split="heldout", seed=2026, image_size=64)]
+    with torch.no_grad():
+        classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), labels)
+        probs, top = clip_core.predict(model, torch.stack([clip_core.image_transform(64)(i) for i in images]),
+                                       classifier, top_k=3)
+    for answer, expected_probs, expected_top in zip(outcome["answers"], probs.tolist(), top.tolist()):
+        assert [a["label"] for a in answer] == [labels[j] for j in expected_top]
+        assert [a["score"] for a in answer] == pytest.approx(expected_probs, abs=1e-4)
+    assert any(line.startswith("zero-shot top-1 on colour-shape combinations never seen") for line in lines)
+    assert any("mlflow ui --backend-store-uri" in line for line in lines)
+
+    # a rerun with the same inputs does no work again (and here, serves nothing)
+    again = pipeline.run(pipeline.load_config(None, [*overrides, "serve.enabled=false"]), echo=lines.append)
+    assert set(again["stages"].values()) == {"skipped"}, again["stages"]
+    assert [str(v.version) for v in client.search_model_versions("name = 'clip'")] == ["1"]
+
+
+def test_a_rerun_after_training_was_killed_skips_preprocessing_and_resumes_from_the_checkpoint(tmp_path, ray_session):
+    overrides = [*_micro_pipeline(tmp_path), "serve.enabled=false"]
+    marker = tmp_path / "killed"
+    with pytest.raises(Exception, match="(?i)worker"):  # rank 0 is SIGKILLed at step 5, no restarts allowed
+        pipeline.run(pipeline.load_config(None, [*overrides, "train.max_failures=0",
+                                                 f"train.fault_injection={{rank: 0, step: 5, marker: {marker}}}"]),
+                     echo=lambda *_: None)
+    assert marker.exists()
+    lines = []
+    outcome = pipeline.run(pipeline.load_config(None, overrides), echo=lines.append)
+    assert [outcome["stages"][f"preprocess {split}"] for split in ("train", "val", "zeroshot")] == ["skipped"] * 3
+    assert outcome["stages"]["train"] == "done" and outcome["stages"]["promote"] == "passed"
+    (trained,) = [line for line in lines if line.startswith("[train] done")]
+    assert "step 6" in trained and "resumed from" in trained and trained.split("resumed from ")[1].split(" ")[0] \
+        .endswith("checkpoint_00000003"), trained

@@ -1,0 +1,420 @@
+"""`rayclip run CONFIG`: preprocess → train → evaluate → register → promote → deploy from one config.
+
+Each stage's output is keyed by a digest of what it depends on (sources and options, dataset
+content digests, the resolved train config, the checkpoint), so a rerun skips every stage whose
+output exists and resumes a training run that was interrupted from its latest checkpoint.
+A parent MLflow run (`pipeline`) holds the stage runs as children: dataset digest → train run →
+model version → deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import storage
+from .preprocess import PreprocessOptions, preprocess, read_manifest
+from .registry import Gate
+
+# fields of the stage configs that the pipeline sets itself (from data/model/storage/mlflow sections)
+_TRAIN_OWNED = {"data", "val", "zeroshot", "output", "storage", "model", "init", "resume", "run_name",
+                "mlflow_tracking_uri", "mlflow_experiment", "mlflow_parent_run_id"}
+# train fields that do not change what training computes, so not part of its key
+_TRAIN_UNKEYED = {"data", "val", "zeroshot", "fault_injection", "max_failures", "log_every"}
+_EVAL_OWNED = {"model", "zeroshot", "retrieval", "linear_probe", "classnames", "output_json", "mlflow_tracking_uri",
+               "mlflow_experiment", "mlflow_run_id", "mlflow_parent_run_id"}
+_SERVE_OWNED = {"model", "mlflow_tracking_uri"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(_Section):
+    train: str = Field("synthetic://train?count=4096&seed=0", description="raw captioned pairs (any preprocess source)")
+    val: str | None = Field("synthetic://train?count=256&seed=101", description="raw pairs for retrieval and "
+                            "validation loss")
+    zeroshot: str | None = Field("synthetic://heldout?count=512&seed=102", description="raw labeled set for zero-shot "
+                                 "(the synthetic one: colour-shape combinations never seen in training)")
+    preprocess: PreprocessOptions = PreprocessOptions(image_size=64, rows_per_shard=2048)
+    split_options: dict[Literal["train", "val", "zeroshot"], dict[str, Any]] = Field(
+        {}, description="per split, PreprocessOptions fields over `preprocess` (e.g. zeroshot: {label_key: cls, "
+        "classnames: [...]})")
+
+    def options(self, split: str) -> PreprocessOptions:
+        base = self.preprocess.model_dump()
+        return PreprocessOptions(**{**base, **self.split_options.get(split, {})})
+
+
+class ModelSection(_Section):
+    name: str = Field("tiny", description="preset, or a JSON file with a model config")
+    init: str | None = Field(None, description="pretrained weights (openai:PATH | openclip:PATH | PATH)")
+
+
+class RegistrySection(_Section):
+    name: str = "clip"
+    gate: Gate = Gate()
+    force: bool = False
+
+
+class StorageSection(_Section):
+    root: str | None = Field(None, description="local directory or s3:// prefix for data, runs and checkpoints "
+                             "(default: $RAYCLIP_STORAGE, else ./work)")
+
+
+class MlflowSection(_Section):
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite under "
+                                     "storage.root (a local root only)")
+    experiment: str = "rayclip"
+
+
+class RaySection(_Section):
+    address: str | None = Field(None, description="default: $RAY_ADDRESS, else a local Ray")
+
+
+class PipelineConfig(_Section):
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    train: dict[str, Any] = Field({"steps": 100}, description="TrainConfig fields (recipe, workers, checkpoints)")
+    eval: dict[str, Any] = Field({}, description="EvaluateConfig fields (templates, batch_size, workers)")
+    registry: RegistrySection = RegistrySection()
+    serve: dict[str, Any] = Field({}, description="ServeConfig fields; enabled: false skips the deploy stage")
+    storage: StorageSection = StorageSection()
+    mlflow: MlflowSection = MlflowSection()
+    ray: RaySection = RaySection()
+
+    def root(self) -> str:
+        root = self.storage.root or os.environ.get("RAYCLIP_STORAGE") or "work"
+        return root if storage.is_s3(root) else os.path.abspath(root)
+
+    def tracking_uri(self) -> str:
+        uri = self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            return uri
+        if storage.is_s3(self.root()):
+            raise ValueError("mlflow.tracking_uri: set it (or $MLFLOW_TRACKING_URI) to an MLflow server when "
+                             "storage.root is on S3")
+        return f"sqlite:///{os.path.join(self.root(), 'mlflow.db')}"
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.root(), *parts)
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names each key, its file and line."""
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def _lines(text: str) -> dict[tuple, int]:
+    """YAML key path → line number (1-based), for error messages."""
+    import yaml
+
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                lines[(*path, key.value)] = key.start_mark.line + 1
+                walk(value, (*path, key.value))
+
+    walk(yaml.compose(text), ())
+    return lines
+
+
+def _set(values: dict, assignment: str) -> None:
+    import yaml
+
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: write KEY.PATH=VALUE, e.g. --set train.steps=50")
+    *parents, leaf = key.split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    """The pipeline config in `path` (YAML; none: the embedded defaults) with `--set` overrides applied;
+    every stage config is built once here, so a wrong key or type fails before any work starts."""
+    import yaml
+
+    text = Path(path).read_text(encoding="utf-8") if path else ""
+    values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the pipeline config must be a mapping of sections")
+    for assignment in overrides:
+        _set(values, assignment)
+    lines = _lines(text) if text.strip() else {}
+    try:
+        config = PipelineConfig(**values)
+        StageConfigs.build(config)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, (), lines, path)) from None
+    except _SectionError as exc:
+        raise ConfigError(_explain(exc.error, exc.section, lines, path)) from None
+    return config
+
+
+def _explain(exc: ValidationError, prefix: tuple, lines: dict, path: str | None) -> str:
+    problems = []
+    for error in exc.errors():
+        loc = (*prefix, *[str(p) for p in error["loc"]])
+        where = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+        at = f" ({path}, line {where})" if where and path else ""
+        problems.append(f"{'.'.join(loc)}: {error['msg']}{at}")
+    return "invalid pipeline config:\n  " + "\n  ".join(problems)
+
+
+class _SectionError(Exception):
+    def __init__(self, section: tuple[str, ...], error: ValidationError):
+        super().__init__(section)
+        self.section, self.error = section, error
+
+
+class StageConfigs:
+    """The configs of the stages that take their own (train, evaluate, serve), built from the sections."""
+
+    @staticmethod
+    def _build(section: str, schema, values: dict, owned: set[str], given: dict):
+        taken = sorted(set(values) & owned)
+        if taken:
+            raise ValueError(f"{section}: {', '.join(taken)} set by the pipeline from its data/model/storage/mlflow "
+                             "sections; set them there")
+        try:
+            return schema(**values, **given)
+        except ValidationError as exc:
+            raise _SectionError((section,), exc) from None
+
+    @classmethod
+    def build(cls, config: PipelineConfig, data: dict[str, str] | None = None, checkpoint: str = "CHECKPOINT"):
+        from deploy.serve import ServeConfig
+
+        from .evaluate import EvaluateConfig
+        from .train import TrainConfig
+
+        for split in config.data.split_options:
+            try:
+                config.data.options(split)
+            except ValidationError as exc:
+                raise _SectionError(("data", "split_options", split), exc) from None
+        data = data or {"train": "TRAIN", "val": "VAL" if config.data.val else None,
+                        "zeroshot": "ZEROSHOT" if config.data.zeroshot else None}
+        tracking = config.tracking_uri()
+        train = cls._build("train", TrainConfig, config.train, _TRAIN_OWNED, dict(
+            data=[data["train"]], val=data["val"], zeroshot=data["zeroshot"], model=config.model.name,
+            init=config.model.init, mlflow_tracking_uri=tracking, mlflow_experiment=config.mlflow.experiment))
+        evaluate = None
+        if data["zeroshot"] or data["val"]:
+            evaluate = cls._build("eval", EvaluateConfig, config.eval, _EVAL_OWNED, dict(
+                model=checkpoint, zeroshot=data["zeroshot"], retrieval=data["val"], mlflow_tracking_uri=tracking,
+                mlflow_experiment=config.mlflow.experiment))
+        serve_values = {k: v for k, v in config.serve.items() if k != "enabled"}
+        serve = cls._build("serve", ServeConfig, serve_values, _SERVE_OWNED, dict(
+            model=f"models:/{config.registry.name}@champion", mlflow_tracking_uri=tracking))
+        return train, evaluate, serve
+
+
+def show(config: PipelineConfig) -> str:
+    """The config as YAML with the train, eval and serve sections resolved (presets' recipes, defaults)."""
+    import yaml
+
+    values = config.model_dump(mode="json")
+    train, evaluate, serve = StageConfigs.build(config)
+    for section, resolved, owned in (("train", train, _TRAIN_OWNED), ("eval", evaluate, _EVAL_OWNED),
+                                     ("serve", serve, _SERVE_OWNED)):
+        if resolved is not None:
+            values[section] = {**resolved.model_dump(mode="json", exclude=owned), **config.model_dump()[section]}
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+# ------------------------------------------------------------------------------ running
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig, echo=print):
+        self.config, self.echo = config, echo
+        self.tracking = config.tracking_uri()
+        self.outcome: dict[str, Any] = {"stages": {}}
+
+    def _stage(self, name: str, status: str, detail: str) -> None:
+        self.outcome["stages"][name] = status
+        self.echo(f"[{name}] {status}: {detail}")
+
+    def run(self) -> dict:
+        import mlflow
+
+        from .runtime import init_ray
+        from .tracking import set_experiment
+
+        config = self.config
+        if not storage.is_s3(config.root()):
+            os.makedirs(config.root(), exist_ok=True)
+        mlflow.set_tracking_uri(self.tracking)  # each stage also gets it in its own config
+        from ray.data import DataContext
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # each stage prints its own progress
+        DataContext.get_current().enable_progress_bars = False
+        if config.ray.address:
+            os.environ["RAY_ADDRESS"] = config.ray.address
+        self.outcome["dashboard"] = init_ray(dashboard=True)
+        set_experiment(config.mlflow.experiment)
+        config_digest = _digest(config.model_dump(mode="json"))
+        with mlflow.start_run(run_name="pipeline", tags={"rayclip.stage": "pipeline",
+                                                         "rayclip.config_digest": config_digest}) as parent:
+            mlflow.log_dict(config.model_dump(mode="json"), "pipeline_config.json")
+            self.outcome["mlflow_run_id"] = parent.info.run_id
+            data = self.preprocess()
+            train, evaluate, serve = StageConfigs.build(config, data)
+            checkpoint, train_key = self.train(train, data, parent.info.run_id)
+            metrics = self.evaluate(evaluate, checkpoint, train_key, parent.info.run_id) if evaluate else {}
+            version = self.register(checkpoint, train_key, metrics)
+            promoted = self.promote(version)
+            mlflow.set_tags({"rayclip.model_version": f"{config.registry.name}/{version}",
+                             "rayclip.promoted": str(promoted)})
+            if config.serve.get("enabled", True):
+                self.outcome["url"] = self.deploy(serve)
+                mlflow.set_tag("rayclip.deployment", self.outcome["url"])
+            else:
+                self._stage("deploy", "skipped", "serve.enabled is false")
+        return self.outcome
+
+    # -------------------------------------------------------------------------- stages
+
+    def preprocess(self) -> dict[str, str | None]:
+        prepared: dict[str, str | None] = {}
+        for split in ("train", "val", "zeroshot"):
+            source = getattr(self.config.data, split)
+            if source is None:
+                prepared[split] = None
+                continue
+            options = self.config.data.options(split)
+            output = self.config.path("data", f"{split}-{_digest([source, options.model_dump(mode='json')])}")
+            try:
+                manifest = read_manifest(output)
+                self._stage(f"preprocess {split}", "skipped", f"{output} exists (digest {manifest['digest'][:19]}…)")
+            except (FileNotFoundError, ValueError):
+                manifest = preprocess(source, output, options, echo=lambda line: self.echo(f"  {line}"))
+                self._stage(f"preprocess {split}", "done", f"{manifest['counts']['kept']:,} of "
+                            f"{manifest['counts']['read']:,} rows kept → {output}")
+            prepared[split] = output
+            self.outcome.setdefault("datasets", {})[split] = {"uri": output, "digest": manifest["digest"]}
+        return prepared
+
+    def train(self, train_config, data: dict, parent_run_id: str) -> tuple[str, str]:
+        from .train import latest_checkpoint, train
+
+        digests = {split: read_manifest(uri)["digest"] for split, uri in data.items() if uri}
+        key = _digest([train_config.model_dump(mode="json", exclude=_TRAIN_UNKEYED), digests])
+        output = self.config.path("checkpoints", f"train-{key}")
+        self.outcome["checkpoint"] = output
+        if storage.exists(storage.join(output, "model.safetensors")):
+            self._stage("train", "skipped", f"{output} exists")
+            return output, key
+        runs = self.config.path("runs", f"train-{key}")
+        resume = latest_checkpoint(runs)
+        config = train_config.model_copy(update={"output": output, "storage": runs, "resume": resume,
+                                                 "mlflow_parent_run_id": parent_run_id})
+        result = train(config, echo=lambda line: self.echo(f"  {line}"))
+        self._stage("train", "done", f"step {result.metrics.get('step')}, loss {result.metrics.get('loss', 0):.4f}"
+                    + (f", resumed from {resume}" if resume else "") + f" → {output}")
+        return output, key
+
+    def evaluate(self, evaluate_config, checkpoint: str, train_key: str, parent_run_id: str) -> dict:
+        from .evaluate import evaluate
+
+        output = self.config.path("eval", f"{train_key}-{_digest(evaluate_config.model_dump(mode='json'))}.json")
+        if storage.exists(output):
+            metrics = json.loads(storage.read_bytes(output))
+            self._stage("evaluate", "skipped", f"{output} exists")
+        else:
+            config = evaluate_config.model_copy(update={"model": checkpoint, "output_json": output,
+                                                        "mlflow_parent_run_id": parent_run_id})
+            metrics = evaluate(config, echo=lambda line: self.echo(f"  {line}"))
+            self._stage("evaluate", "done", ", ".join(f"{section}.{k} {v:.3f}" for section in ("zeroshot", "retrieval")
+                                                      for k, v in metrics.get(section, {}).items()
+                                                      if k in ("top1", "i2t_R1", "t2i_R1")))
+        self.outcome["metrics"] = metrics
+        return metrics
+
+    def register(self, checkpoint: str, train_key: str, metrics: dict) -> str:
+        from . import registry
+
+        name = self.config.registry.name
+        try:
+            existing = [row for row in registry.list_versions(name, tracking_uri=self.tracking)
+                        if registry.get_version(name, version=row["version"], tracking_uri=self.tracking)
+                        .tags.get("rayclip.pipeline_key") == train_key]
+        except registry.RegistryError:
+            existing = []  # no such model yet
+        if existing:
+            version = existing[0]["version"]
+            self._stage("register", "skipped", f"{name} version {version} holds this checkpoint")
+        else:
+            version = registry.register(checkpoint, name, metrics=metrics, tracking_uri=self.tracking,
+                                        echo=lambda line: self.echo(f"  {line}"))["version"]
+            registry.client(self.tracking).set_model_version_tag(name, version, "rayclip.pipeline_key", train_key)
+            self._stage("register", "done", f"{name} version {version} (challenger)")
+        self.outcome["model_version"] = version
+        return version
+
+    def promote(self, version: str) -> bool:
+        from . import registry
+
+        name, section = self.config.registry.name, self.config.registry
+        champion = registry.get_registered_model(name, self.tracking).aliases.get(registry.CHAMPION)
+        if str(champion) == str(version):
+            self._stage("promote", "skipped", f"version {version} is already the champion")
+            return True
+        decision = registry.promote(name, version, gate=section.gate, force=section.force, tracking_uri=self.tracking,
+                                    echo=lambda line: self.echo(f"  {line}"))
+        promoted = decision["decision"] in ("passed", "forced")
+        self._stage("promote", decision["decision"], decision["reason"])
+        if not promoted and champion is None:
+            raise PipelineError(f"version {version} failed the gate and there is no champion to serve: "
+                                f"{decision['reason']}")
+        return promoted
+
+    def deploy(self, serve_config) -> str:
+        from ray import serve
+
+        from deploy import serve as served
+
+        try:
+            running = served.APP_NAME in (serve.status().applications or {})
+        except Exception:  # noqa: BLE001 - Serve not started on this cluster yet
+            running = False
+        if running:
+            served.reload(echo=lambda line: self.echo(f"  {line}"))
+            url = f"http://{serve_config.host}:{serve_config.port}"
+            self._stage("deploy", "done", f"{served.APP_NAME} rolled to the champion at {url}")
+        else:
+            url = served.start(serve_config)
+            self._stage("deploy", "done", f"{serve_config.model} at {url}")
+        return url
+
+
+class PipelineError(RuntimeError):
+    """A stage refused to go on (e.g. the gate failed with no champion to serve); the message says why."""
+
+
+def run(config: PipelineConfig, echo=print) -> dict:
+    started = time.monotonic()
+    outcome = Pipeline(config, echo).run()
+    echo(f"pipeline: done in {time.monotonic() - started:.0f} s")
+    return outcome
