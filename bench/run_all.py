@@ -1,16 +1,42 @@
-"""Run every benchmark in turn; each writes its own report under bench/results/.
+"""Run every benchmark in turn (each writes its report under bench/results/), then gather the
+reports into one, bench/RESULTS.md.
 
-    python bench/run_all.py [--quick]
+    python bench/run_all.py [--quick]     # run them all, then write RESULTS.md
+    python bench/run_all.py --report-only # only gather the latest reports
 """
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 BENCHMARKS = ["bench_clip_core.py", "bench_preprocess.py", "bench_train.py", "bench_serve.py"]
+HERE = Path(__file__).parent
+
+
+def gather(results: Path = HERE / "results") -> str:
+    """One markdown report from the per-benchmark ones: headings one level down, links into results/."""
+    parts = ["# rayclip benchmarks", "",
+             "Each section is one benchmark's latest report (`bench/results/`), every candidate measured side by "
+             "side with its peer in one run; the line under each title says when and on which machine. "
+             "`make bench` reruns them all and rewrites this file.", ""]
+    for name in BENCHMARKS:
+        report = results / (name.removeprefix("bench_").removesuffix(".py") + ".md")
+        if not report.exists():
+            parts += [f"## {name}: no report yet (run `python bench/{name}`)", ""]
+            continue
+        text = report.read_text(encoding="utf-8")
+        text = re.sub(r"^(#+) ", r"#\1 ", text, flags=re.MULTILINE)
+        text = re.sub(r"\]\((?!https?:|/)([^)]+)\)", rf"]({results.name}/\1)", text)
+        parts += [text.rstrip(), ""]
+    return "\n".join(parts)
+
 
 if __name__ == "__main__":
-    here = Path(__file__).parent
-    for name in BENCHMARKS:
-        print(f"== {name}", flush=True)
-        subprocess.run([sys.executable, str(here / name), *sys.argv[1:]], check=True)
+    arguments = sys.argv[1:]
+    if "--report-only" not in arguments:
+        for name in BENCHMARKS:
+            print(f"== {name}", flush=True)
+            subprocess.run([sys.executable, str(HERE / name), *arguments], check=True)
+    (HERE / "RESULTS.md").write_text(gather(), encoding="utf-8")
+    print(f"wrote {HERE / 'RESULTS.md'}")

@@ -2,6 +2,7 @@
 service, a rerun skips every stage already done, and config mistakes name the key and its line."""
 
 import json
+import os
 import socket
 
 import mlflow
@@ -36,6 +37,9 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
 
     config = pipeline.load_config(None, ["train.steps=7", "serve.port=9001", "registry.gate.floor=0.25"])
     assert (config.train["steps"], config.serve["port"], config.registry.gate.floor) == (7, 9001, 0.25)
+    # local paths are pinned to this directory: Ray's workers (and a job's driver) run elsewhere
+    local = pipeline.load_config(None, ["model.name=micro.json", "data.train=shards/{0..3}.tar"])
+    assert (local.model.name, local.data.train) == (os.path.abspath("micro.json"), os.path.abspath("shards/{0..3}.tar"))
     shown = pipeline.show(config)
     assert "steps: 7" in shown and "lr: 0.001" in shown  # the tiny preset's recipe, resolved
 
@@ -59,7 +63,11 @@ def _micro_pipeline(tmp_path) -> list[str]:
 def test_demo_runs_every_stage_and_answers_from_the_live_service_then_a_rerun_skips_them(tmp_path, ray_session):
     overrides = _micro_pipeline(tmp_path)
     lines = []
+    mlflow_before = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     outcome = run_demo(overrides, echo=lines.append)
+    # a run inside a longer-lived process leaves MLflow pointing where it did
+    assert (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == \
+        mlflow_before
 
     assert outcome["stages"] == {"preprocess train": "done", "preprocess val": "done", "preprocess zeroshot": "done",
                                  "train": "done", "evaluate": "done", "register": "done", "promote": "passed",
@@ -116,3 +124,64 @@ def test_a_rerun_after_training_was_killed_skips_preprocessing_and_resumes_from_
     (trained,) = [line for line in lines if line.startswith("[train] done")]
     assert "step 6" in trained and "resumed from" in trained and trained.split("resumed from ")[1].split(" ")[0] \
         .endswith("checkpoint_00000003"), trained
+
+
+def test_rayclip_run_succeeds_as_a_ray_job_on_a_local_head_and_its_logs_show_each_stage(tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "micro.json").write_text(json.dumps(micro_config().to_dict()))
+    overrides = dict(item.split("=", 1) for item in _micro_pipeline(tmp_path))
+    config = {"model": {"name": "micro.json"},  # a path in the job's working directory
+              "storage": {"root": overrides["storage.root"]},
+              "train": {"steps": 4, "batch_size": 32, "checkpoint_every": 2}, "eval": {"batch_size": 64},
+              "data": {split: overrides[f"data.{split}"] for split in ("train", "val", "zeroshot")},
+              "serve": {"enabled": False}}
+    (job_dir / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    dashboard = f"http://127.0.0.1:{_free_port()}"
+    # its own temp dir (short: unix socket paths), so nothing else on this machine joins this cluster
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    log = open(tmp_path / "head.log", "w+")
+    head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
+                             "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard.rsplit(':', 1)[1]}",
+                             f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", dashboard], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the head's job server did not come up in 180 s"
+            time.sleep(1)
+        while True:  # the job server answers before its agent takes jobs: that refusal says "try again later"
+            job = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", dashboard, "--working-dir",
+                                  str(job_dir), "--", "rayclip", "run", "pipeline.yaml"],
+                                 env=env, capture_output=True, text=True, timeout=600)
+            output = job.stdout + job.stderr
+            if "No available agent to submit job" not in output or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert job.returncode == 0 and "succeeded" in output, output[-5000:]
+        for line in ("[preprocess train] done", "[train] done", "[evaluate] done", "[register] done: clip version 1",
+                     "[promote] passed", "[deploy] skipped", "pipeline: done"):
+            assert line in output, (line, output[-5000:])
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)

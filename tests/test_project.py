@@ -16,6 +16,18 @@ def test_clip_core_never_imports_ray_mlflow_or_torchvision():
     assert out.strip() == "[]"
 
 
+def test_the_workflows_turn_ray_and_mlflow_telemetry_off_unless_asked():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_USAGE_STATS_ENABLED", "MLFLOW_DISABLE_TELEMETRY")}
+    code = "import os, workflows; print(os.environ['RAY_USAGE_STATS_ENABLED'], os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == ["0", "true"]
+    asked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**env, "RAY_USAGE_STATS_ENABLED": "1"}).stdout
+    assert asked.split() == ["1", "true"]
+
+
 def test_cli_errors_are_one_clear_line():
     # a config mistake fails before Ray starts (the demo itself runs end to end in test_pipeline.py)
     result = subprocess.run([str(RAYCLIP), "demo", "--set", "train.stepz=1"], capture_output=True, text=True,
@@ -106,3 +118,15 @@ def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_th
     assert in_kuberay.applications == standalone.applications
     settings = ServeConfig(**in_kuberay.applications[0].args)
     assert settings.autoscaling.max_replicas > settings.autoscaling.min_replicas
+
+
+def test_benchmark_reports_gather_into_one_with_links_into_results(tmp_path):
+    from bench import run_all
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "serve.md").write_text("# Serve\n\nMeasured now.\n\n## Ratios\n\n![Serve](serve.png) [x](https://a.b/c)\n")
+    report = run_all.gather(results)
+    assert "## Serve\n" in report and "### Ratios\n" in report and "# rayclip benchmarks" in report
+    assert "![Serve](results/serve.png)" in report and "[x](https://a.b/c)" in report
+    assert "## bench_train.py: no report yet" in report

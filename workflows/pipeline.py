@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import storage
 from .preprocess import PreprocessOptions, preprocess, read_manifest
 from .registry import Gate
 
+PIPELINE_KEY_TAG = "rayclip.pipeline_key"  # on a model version: the train key of the checkpoint it holds
 # fields of the stage configs that the pipeline sets itself (from data/model/storage/mlflow sections)
 _TRAIN_OWNED = {"data", "val", "zeroshot", "output", "storage", "model", "init", "resume", "run_name",
                 "mlflow_tracking_uri", "mlflow_experiment", "mlflow_parent_run_id"}
@@ -37,6 +38,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _absolute(value: str | None) -> str | None:
+    """A local path made absolute against this process's directory (Ray's workers run elsewhere);
+    URIs (s3://, synthetic://, models:/) and None as they are."""
+    if value is None or "://" in value or value.startswith("models:/"):
+        return value
+    prefix, sep, path = value.partition(":") if value.startswith(("openai:", "openclip:")) else ("", "", value)
+    return f"{prefix}{sep}{os.path.abspath(path)}"
+
+
 class DataSection(_Section):
     train: str = Field("synthetic://train?count=4096&seed=0", description="raw captioned pairs (any preprocess source)")
     val: str | None = Field("synthetic://train?count=256&seed=101", description="raw pairs for retrieval and "
@@ -44,6 +54,8 @@ class DataSection(_Section):
     zeroshot: str | None = Field("synthetic://heldout?count=512&seed=102", description="raw labeled set for zero-shot "
                                  "(the synthetic one: colour-shape combinations never seen in training)")
     preprocess: PreprocessOptions = PreprocessOptions(image_size=64, rows_per_shard=2048)
+
+    _local_paths = field_validator("train", "val", "zeroshot")(_absolute)
     split_options: dict[Literal["train", "val", "zeroshot"], dict[str, Any]] = Field(
         {}, description="per split, PreprocessOptions fields over `preprocess` (e.g. zeroshot: {label_key: cls, "
         "classnames: [...]})")
@@ -56,6 +68,13 @@ class DataSection(_Section):
 class ModelSection(_Section):
     name: str = Field("tiny", description="preset, or a JSON file with a model config")
     init: str | None = Field(None, description="pretrained weights (openai:PATH | openclip:PATH | PATH)")
+
+    @field_validator("name")
+    @classmethod
+    def _model_file(cls, value: str) -> str:
+        return _absolute(value) if value.endswith(".json") else value  # else a preset's name
+
+    _weights = field_validator("init")(_absolute)
 
 
 class RegistrySection(_Section):
@@ -257,7 +276,14 @@ class Pipeline:
         self.echo(f"[{name}] {status}: {detail}")
 
     def run(self) -> dict:
+        from .tracking import using
+
+        with using(self.tracking):  # each stage also gets it in its own config
+            return self._run()
+
+    def _run(self) -> dict:
         import mlflow
+        from ray.data import DataContext
 
         from .runtime import init_ray
         from .tracking import set_experiment
@@ -265,8 +291,6 @@ class Pipeline:
         config = self.config
         if not storage.is_s3(config.root()):
             os.makedirs(config.root(), exist_ok=True)
-        mlflow.set_tracking_uri(self.tracking)  # each stage also gets it in its own config
-        from ray.data import DataContext
 
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # each stage prints its own progress
         DataContext.get_current().enable_progress_bars = False
@@ -348,27 +372,24 @@ class Pipeline:
             metrics = evaluate(config, echo=lambda line: self.echo(f"  {line}"))
             self._stage("evaluate", "done", ", ".join(f"{section}.{k} {v:.3f}" for section in ("zeroshot", "retrieval")
                                                       for k, v in metrics.get(section, {}).items()
-                                                      if k in ("top1", "i2t_R1", "t2i_R1")))
+                                                      if k in ("top1", "image_to_text_R1", "text_to_image_R1")))
         self.outcome["metrics"] = metrics
         return metrics
 
     def register(self, checkpoint: str, train_key: str, metrics: dict) -> str:
         from . import registry
 
-        name = self.config.registry.name
-        try:
-            existing = [row for row in registry.list_versions(name, tracking_uri=self.tracking)
-                        if registry.get_version(name, version=row["version"], tracking_uri=self.tracking)
-                        .tags.get("rayclip.pipeline_key") == train_key]
-        except registry.RegistryError:
-            existing = []  # no such model yet
+        name, client = self.config.registry.name, registry.client(self.tracking)
+        # (search results lack some tags: each version is read whole)
+        existing = [str(found.version) for found in client.search_model_versions(f"name = '{name}'")
+                    if client.get_model_version(name, str(found.version)).tags.get(PIPELINE_KEY_TAG) == train_key]
         if existing:
-            version = existing[0]["version"]
+            version = existing[0]
             self._stage("register", "skipped", f"{name} version {version} holds this checkpoint")
         else:
             version = registry.register(checkpoint, name, metrics=metrics, tracking_uri=self.tracking,
                                         echo=lambda line: self.echo(f"  {line}"))["version"]
-            registry.client(self.tracking).set_model_version_tag(name, version, "rayclip.pipeline_key", train_key)
+            client.set_model_version_tag(name, version, PIPELINE_KEY_TAG, train_key)
             self._stage("register", "done", f"{name} version {version} (challenger)")
         self.outcome["model_version"] = version
         return version
