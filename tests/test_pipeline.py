@@ -157,7 +157,12 @@ def test_rayclip_run_succeeds_as_a_ray_job_on_a_local_head_and_its_logs_show_eac
     head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
                              "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard.rsplit(':', 1)[1]}",
-                             f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}"],
+                             f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}",
+                             # not the defaults: this session's own Ray already holds them (its job agent
+                             # would never come up, and the job server answers "no available agent")
+                             *(f"--{name}={_free_port()}" for name in (
+                                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                                 "runtime-env-agent-port"))],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "deploy from one pipeline config (a Ray job)",
                              description="Run every stage of CONFIG; each stage whose output exists for the same "
                              "inputs is skipped, so a rerun after a failure resumes at the failed stage.")
-    rn.add_argument("config")
+    rn.add_argument("config", nargs="?", help="a pipeline config (default: the embedded defaults, as the demo)")
     rn.set_defaults(handler=_run)
 
     cf = commands.add_parser("config", help="pipeline configs")
