@@ -5,9 +5,11 @@
                └──▶ TextTower   (@serve.batch: texts → normalized text embeddings; classifiers)
 
 The ingress does all CPU work on the request (base64, decoding, resizing), so the tower
-replicas only run tensors, in dynamic batches gathered across requests. Each tower loads the
-model named by `model` (models:/NAME@ALIAS, models:/NAME/N, or a checkpoint directory).
-Classifiers for a (labels, templates) set are kept in an LRU cache keyed by the model version.
+replicas only run tensors, in dynamic batches gathered across requests. `model` (models:/NAME@ALIAS,
+models:/NAME/N, or a checkpoint directory) is resolved to an exact version that every deployment
+gets as its user_config; the towers are multiplexed by version, and each request names the
+version the ingress held when it started, so a rollout (`reload`) never mixes two models in one
+answer. Classifiers for a (labels, templates) set are kept in an LRU cache keyed by the version.
 """
 
 # no `from __future__ import annotations`: FastAPI must see real types through Serve's class-based views

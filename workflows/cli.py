@@ -19,10 +19,17 @@ def _run(args: argparse.Namespace) -> int:
     from .pipeline import PipelineError, load_config, run
 
     try:
-        run(load_config(args.config, args.set))
+        outcome = run(load_config(args.config, args.set))
     except PipelineError as exc:
         print(f"rayclip run: {exc}", file=sys.stderr)
         return 1
+    if "url" in outcome and args.keep_serving:
+        from .demo import serve_until_interrupted
+
+        serve_until_interrupted(print)
+    elif "url" in outcome and not os.environ.get("RAY_ADDRESS"):
+        print("run: this command started Ray itself, so the service stops with it; --keep-serving keeps it up, "
+              "and on a cluster (RAY_ADDRESS, `ray job submit`) it stays", flush=True)
     return 0
 
 
@@ -207,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Run every stage of CONFIG; each stage whose output exists for the same "
                              "inputs is skipped, so a rerun after a failure resumes at the failed stage.")
     rn.add_argument("config", nargs="?", help="a pipeline config (default: the embedded defaults, as the demo)")
+    rn.add_argument("--keep-serving", action="store_true", help="on a local Ray: leave the service up until Ctrl-C")
     rn.set_defaults(handler=_run)
 
     cf = commands.add_parser("config", help="pipeline configs")

@@ -61,7 +61,7 @@ def run_demo(overrides: list[str] = (), *, config_path: str | None = None, keep_
         echo(f"  Ray:         dashboard http://{outcome['dashboard']}")
     echo(f"  playground:  {outcome['url']}/   API docs: {outcome['url']}/docs")
     if keep_serving:
-        _serve_until_interrupted(echo)
+        serve_until_interrupted(echo)
     else:
         from ray import serve
 
@@ -69,7 +69,7 @@ def run_demo(overrides: list[str] = (), *, config_path: str | None = None, keep_
     return outcome
 
 
-def _serve_until_interrupted(echo) -> None:
+def serve_until_interrupted(echo) -> None:
     import signal
 
     from ray import serve
