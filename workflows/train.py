@@ -93,7 +93,7 @@ class TrainConfig(BaseModel):
     workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0, description="default: this machine's cores / workers "
-                                          "on a local Ray, 1 on a cluster")
+                                          "on a local Ray (leaving Ray Data a CPU), 1 on a cluster")
     strategy: Literal["ddp", "fsdp"] = "ddp"
     storage: str | None = Field(None, description="Ray Train storage_path (local dir or s3://)")
     run_name: str | None = None
@@ -638,6 +638,17 @@ class TrainResult:
     run_path: str
 
 
+def default_cpus_per_worker(workers: int) -> float:
+    """On a cluster, 1 CPU per worker. On a local Ray, the machine's cores shared out, but never all of
+    Ray's logical CPUs: Ray Data's decoding tasks need one, or the run waits for resources forever."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return 1.0
+    logical = ray.cluster_resources().get("CPU", 1.0)
+    return float(min(max(1, (os.cpu_count() or 1) // workers), max(logical - 1, 0.25) / workers))
+
+
 def check_config(config: TrainConfig) -> None:
     """Everything that can be known wrong before any worker starts."""
     import ray
@@ -695,9 +706,7 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     if config.git_commit is None:
         config = config.model_copy(update={"git_commit": git_commit()})
     if config.cpus_per_worker is None:
-        local = not os.environ.get("RAY_ADDRESS")
-        config = config.model_copy(update={"cpus_per_worker": float(max(1, (os.cpu_count() or 1) // config.workers))
-                                           if local else 1.0})
+        config = config.model_copy(update={"cpus_per_worker": default_cpus_per_worker(config.workers)})
     check_config(config)
 
     storage_path = default_storage(config)
