@@ -14,7 +14,8 @@ import yaml
 import clip_core
 from workflows.preprocess import PreprocessOptions, preprocess
 from workflows import cli
-from workflows.train import TrainConfig, build_model, contrastive_step, latest_checkpoint, train
+from workflows.train import (TrainConfig, build_model, contrastive_step, default_cpus_per_worker, latest_checkpoint,
+                             train)
 
 from micro import micro_config
 
@@ -225,3 +226,12 @@ def test_resume_latest_finds_the_newest_checkpoint_across_runs(tmp_path):
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "train-b" / "checkpoint_00000009")
     assert latest_checkpoint(str(tmp_path / "train-c")) is None
     assert latest_checkpoint(str(tmp_path / "absent")) is None
+
+
+def test_local_default_cpus_per_worker_always_leaves_ray_data_a_cpu(ray_session):
+    import ray
+
+    # all logical CPUs taken by workers = Ray Data's decoding tasks never scheduled = a run that hangs
+    logical = ray.cluster_resources()["CPU"]
+    for workers in (1, 2, 3, 4, 8):
+        assert workers * default_cpus_per_worker(workers) <= logical - 1, workers
