@@ -759,10 +759,14 @@ def reload(name: str = APP_NAME, model: str | None = None, *, timeout_s: float =
     """Roll app `name` to the version its model URI names now (after `rayclip promote` moved the alias),
     or to `model`, without dropping a request: the towers load it beside the old one and report ready,
     then the ingress switches. Returns the live model ({"model", "alias"}); a no-op when unchanged."""
-    app = _deployed(name)
+    running = _application(name)
+    if not running.get("deployed_app_config"):
+        raise DeployError(f"no Serve application {name!r} deployed from a config on this cluster: start it with "
+                          "`rayclip serve`, `rayclip deploy` or `serve deploy deploy/serve_config.yaml`")
+    app = running["deployed_app_config"]
     config = ServeConfig(**app["args"])
     target = live_model(model or config.model, config.mlflow_tracking_uri)
-    current = _user_config(name, INGRESS)
+    current = _user_config(running, INGRESS)
     if current == target:
         return target
     echo(f"deploy: {name}: rolling {current and current['model']} → {target['model']}")
@@ -787,16 +791,12 @@ def _details() -> dict:
     return _client().get_serve_details()
 
 
-def _deployed(name: str) -> dict:
-    app = _details().get("applications", {}).get(name)
-    if not app or not app.get("deployed_app_config"):
-        raise DeployError(f"no Serve application {name!r} deployed from a config on this cluster: start it with "
-                           "`rayclip serve`, `rayclip deploy` or `serve deploy deploy/serve_config.yaml`")
-    return app["deployed_app_config"]
+def _application(name: str) -> dict:
+    """Serve's details of app `name` (status, deployments, the config it was deployed from); {} if none."""
+    return _details().get("applications", {}).get(name) or {}
 
 
-def _user_config(name: str, deployment: str) -> dict | None:
-    app = _details().get("applications", {}).get(name) or {}
+def _user_config(app: dict, deployment: str) -> dict | None:
     return ((app.get("deployments", {}).get(deployment) or {}).get("deployment_config") or {}).get("user_config")
 
 
@@ -813,15 +813,13 @@ def _wait(name: str, user_configs: dict[str, dict], timeout_s: float) -> None:
     """Until app `name` runs with every deployment in `user_configs` healthy on that user_config."""
     deadline = time.monotonic() + timeout_s
     while True:
-        app = _details().get("applications", {}).get(name) or {}
+        app = _application(name)
         status = app.get("status")
         if status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise DeployError(f"Serve application {name!r} is {status}: {app.get('message', '')[-2000:]}")
         deployments = app.get("deployments", {})
-        if status == "RUNNING" and all(
-                (deployments.get(d) or {}).get("status") == "HEALTHY"
-                and (deployments[d].get("deployment_config") or {}).get("user_config") == wanted
-                for d, wanted in user_configs.items()):
+        if status == "RUNNING" and all((deployments.get(d) or {}).get("status") == "HEALTHY"
+                                       and _user_config(app, d) == wanted for d, wanted in user_configs.items()):
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"Serve application {name!r} not running after {timeout_s:g} s (status {status})")

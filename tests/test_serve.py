@@ -434,7 +434,7 @@ def test_a_killed_tower_replica_is_replaced_under_load_and_only_requests_in_flig
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         deadline = time.monotonic() + 180
         while not any(r["state"] == "RUNNING" and r["replica_id"] != name.removeprefix(prefix)
-                      for r in served._details()["applications"][served.APP_NAME]["deployments"]["ImageTower"]["replicas"]):
+                      for r in served._application(served.APP_NAME)["deployments"]["ImageTower"]["replicas"]):
             assert time.monotonic() < deadline, "Serve did not replace the killed replica in 180 s"
             time.sleep(0.2)
 

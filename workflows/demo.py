@@ -42,12 +42,11 @@ def run_demo(overrides: list[str] = (), *, config_path: str | None = None, keep_
     if "url" not in outcome:
         return outcome
 
-    from deploy.serve import ServeConfig
-
     labels = synthetic.heldout_class_names()
     size = config.data.preprocess.image_size
     samples = list(synthetic.samples(3, split="heldout", seed=2026, image_size=size))
-    token = ServeConfig(**{k: v for k, v in config.serve.items() if k != "enabled"}).token()
+    _, _, serve_config = pipeline.StageConfigs.build(config)  # the serve settings the pipeline deployed
+    token = serve_config.token()
     outcome["answers"] = _classify(outcome["url"], [s.image for s in samples], labels, token)
     outcome["asked"] = [s.classname for s in samples]
     for sample, answer in zip(samples, outcome["answers"]):
