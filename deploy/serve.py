@@ -179,12 +179,10 @@ def load_served_model(uri: str, tracking_uri: str | None, device: str = "cpu") -
     info = {"uri": uri, "name": source.name or os.path.basename(os.path.normpath(uri)),
             "version": source.version, "metrics": {}, "lineage": {}}
     if source.name:
-        version = registry.get_version(source.name, version=source.version, tracking_uri=tracking_uri)
-        tags = version.tags or {}
-        info["metrics"] = registry.version_metrics(version)
-        info["lineage"] = {key: tags[key] for key in ("dataset_digests", "train_run_id", "git_commit", "config_hash")
-                           if key in tags}
-        info["run_id"] = version.run_id
+        info["metrics"] = registry.version_metrics(source.tags)
+        info["lineage"] = {key: source.tags[key] for key in ("dataset_digests", "train_run_id", "git_commit",
+                                                             "config_hash") if key in source.tags}
+        info["run_id"] = source.run_id
     info["image_size"] = model.image_size
     info["embed_dim"] = model.config.embed_dim
     info["logit_scale"] = float(model.logit_scale.detach().exp().clamp(max=100))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import clip_core
+from ports import free_port
 
 # OpenCLIP logs a warning for every model created without pretrained weights
 logging.getLogger().setLevel(logging.ERROR)
@@ -16,6 +17,25 @@ logging.getLogger().setLevel(logging.ERROR)
 def _seeded():
     torch.manual_seed(0)
     random.seed(0)
+
+
+def _mlflow_globals() -> tuple:
+    import os
+
+    import mlflow
+
+    return (mlflow.get_tracking_uri(), mlflow.get_registry_uri(),
+            os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI"))
+
+
+@pytest.fixture(autouse=True)
+def _leaves_mlflow_pointing_where_it_did():
+    """Every stage takes its tracking URI as an argument; none may leave MLflow's process-wide URIs
+    (or the environment variables MLflow's setters write) changed: the next caller in a notebook or a
+    test session would log into the wrong store."""
+    before = _mlflow_globals()
+    yield
+    assert _mlflow_globals() == before, "MLflow's process-wide tracking/registry URI changed"
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +105,6 @@ def mlflow_server(s3_server, tmp_path_factory):
     bucket; artifacts land under ``s3://<bucket>/mlflow/``) and ``.log`` (the server's log file).
     """
     import os
-    import socket
     import subprocess
     import sys
     import time
@@ -97,9 +116,7 @@ def mlflow_server(s3_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-server")
     bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server",
            "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",

@@ -3,7 +3,6 @@ service, a rerun skips every stage already done, and config mistakes name the ke
 
 import json
 import os
-import socket
 
 import mlflow
 import pytest
@@ -15,6 +14,7 @@ from workflows.demo import run_demo
 from workflows.preprocess import read_manifest
 
 from micro import micro_config
+from ports import free_port
 
 
 def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
@@ -44,12 +44,6 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
     assert "steps: 7" in shown and "lr: 0.001" in shown  # the tiny preset's recipe, resolved
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _micro_pipeline(tmp_path) -> list[str]:
     """--set overrides for a pipeline small enough for a test: the micro model, a few steps, little data."""
     model_file = tmp_path / "micro.json"
@@ -57,17 +51,13 @@ def _micro_pipeline(tmp_path) -> list[str]:
     return [f"storage.root={tmp_path / 'work'}", f"model.name={model_file}", "train.steps=6",
             "train.batch_size=32", "train.checkpoint_every=3", "eval.batch_size=64",
             "data.train=synthetic://train?count=192&seed=0", "data.val=synthetic://train?count=48&seed=5",
-            "data.zeroshot=synthetic://heldout?count=48&seed=6", f"serve.port={_free_port()}"]
+            "data.zeroshot=synthetic://heldout?count=48&seed=6", f"serve.port={free_port()}"]
 
 
 def test_demo_runs_every_stage_and_answers_from_the_live_service_then_a_rerun_skips_them(tmp_path, ray_session):
     overrides = _micro_pipeline(tmp_path)
     lines = []
-    mlflow_before = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    outcome = run_demo(overrides, echo=lines.append)
-    # a run inside a longer-lived process leaves MLflow pointing where it did
-    assert (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == \
-        mlflow_before
+    outcome = run_demo(overrides, echo=lines.append)  # conftest checks it leaves MLflow's URIs alone
 
     assert outcome["stages"] == {"preprocess train": "done", "preprocess val": "done", "preprocess zeroshot": "done",
                                  "train": "done", "evaluate": "done", "register": "done", "promote": "passed",
@@ -150,17 +140,17 @@ def test_rayclip_run_succeeds_as_a_ray_job_on_a_local_head_and_its_logs_show_eac
               "data": {split: overrides[f"data.{split}"] for split in ("train", "val", "zeroshot")},
               "serve": {"enabled": False}}
     (job_dir / "pipeline.yaml").write_text(yaml.safe_dump(config))
-    dashboard = f"http://127.0.0.1:{_free_port()}"
+    dashboard = f"http://127.0.0.1:{free_port()}"
     # its own temp dir (short: unix socket paths), so nothing else on this machine joins this cluster
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     log = open(tmp_path / "head.log", "w+")
-    head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
+    head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={free_port()}",
                              "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard.rsplit(':', 1)[1]}",
-                             f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}",
+                             f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
                              # not the defaults: this session's own Ray already holds them (its job agent
                              # would never come up, and the job server answers "no available agent")
-                             *(f"--{name}={_free_port()}" for name in (
+                             *(f"--{name}={free_port()}" for name in (
                                  "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                                  "runtime-env-agent-port"))],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -4,7 +4,6 @@ import asyncio
 import collections
 import base64
 import io
-import socket
 
 import boto3
 import httpx
@@ -19,6 +18,7 @@ from workflows import registry
 from workflows.synthetic import samples
 
 from micro import briefly_trained
+from ports import free_port
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 TOKEN = "test-token-123"
@@ -37,9 +37,7 @@ def app(tmp_path_factory, ray_session):
     registry.register(str(root / "ckpt"), "clip-serve", metrics={"zeroshot": {"top1": 0.5, "digest": "sha256:x"}},
                       tracking_uri=tracking, echo=quiet)
     registry.promote("clip-serve", tracking_uri=tracking, echo=quiet)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     bucket = "serve-images"  # the one bucket requests may name images in (moto's S3)
     boto3.client("s3").create_bucket(Bucket=bucket)
     boto3.client("s3").put_object(Bucket=bucket, Key="shapes/one.png", Body=base64.b64decode(_png(_images(1)[0])))
@@ -250,9 +248,7 @@ def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_p
     import time
 
     clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.pop("RAYCLIP_SERVE_TOKEN", None)
     log = open(tmp_path / "serve.log", "w+")

@@ -28,7 +28,7 @@ from clip_core.checkpoint import CONFIG_FILE
 
 from . import registry, storage
 from .preprocess import decode_batch, load_prepared, read_manifest, read_prepared_table
-from .tracking import start_run
+from .tracking import start_run, using
 
 TEMPLATE_SETS = {"default": clip_core.DEFAULT_TEMPLATES, "simple": clip_core.SIMPLE_TEMPLATES,
                  "imagenet": clip_core.IMAGENET_TEMPLATES}
@@ -336,12 +336,11 @@ def _evaluate(config: EvaluateConfig, source: registry.ModelSource, artifacts: s
 def _log_to_mlflow(config: EvaluateConfig, source: registry.ModelSource, metrics: dict, artifacts: str) -> str:
     import mlflow
 
-    if config.mlflow_tracking_uri:
-        mlflow.set_tracking_uri(config.mlflow_tracking_uri)
     tags = {"rayclip.stage": "evaluate"}
     if config.mlflow_parent_run_id:
         tags["mlflow.parentRunId"] = config.mlflow_parent_run_id
-    with start_run(config.mlflow_run_id or source.run_id, config.mlflow_experiment, "evaluate", tags) as run:
+    with using(config.mlflow_tracking_uri), \
+            start_run(config.mlflow_run_id or source.run_id, config.mlflow_experiment, "evaluate", tags) as run:
         mlflow.log_metrics({key: float(value) for key, value in registry.metric_tags(metrics).items()
                             if _is_number(value)})
         mlflow.log_artifacts(artifacts, artifact_path="eval")

@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from clip_core.checkpoint import CONFIG_FILE, OPENCLIP_CONFIG_FILE, WEIGHTS_FILE
 
 from . import storage
-from .tracking import start_run
+from .tracking import start_run, using
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 EVAL_SECTIONS = ("zeroshot", "retrieval", "linear_probe")  # what `rayclip evaluate` writes
@@ -98,6 +98,7 @@ class ModelSource:
     name: str | None = None
     version: str | None = None
     run_id: str | None = None  # the MLflow run that holds the model (registered) or trained it
+    tags: dict[str, str] = field(default_factory=dict)  # a registered version's tags (lineage, metrics)
 
 
 def fetch_checkpoint(uri: str, destination: str, *, tracking_uri: str | None = None) -> ModelSource:
@@ -108,13 +109,12 @@ def fetch_checkpoint(uri: str, destination: str, *, tracking_uri: str | None = N
 
         name, alias, number = parsed
         model_version = get_version(name, alias, number, tracking_uri=tracking_uri)
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
-        directory = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{model_version.version}/artifacts/{CHECKPOINT_ARTIFACT}",
-            dst_path=destination)
-        return ModelSource(directory, uri, name, str(model_version.version), model_version.run_id)
+        with using(tracking_uri):
+            directory = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{model_version.version}/artifacts/{CHECKPOINT_ARTIFACT}",
+                dst_path=destination)
+        return ModelSource(directory, uri, name, str(model_version.version), model_version.run_id,
+                           dict(model_version.tags or {}))
     if not storage.is_s3(uri):
         if not Path(uri, CONFIG_FILE).is_file():
             raise FileNotFoundError(f"no checkpoint at {uri}: expected a directory with {CONFIG_FILE} and "
@@ -172,10 +172,9 @@ def metric_tags(metrics: dict) -> dict[str, str]:
     return tags
 
 
-def version_metrics(model_version) -> dict[str, str]:
-    """`{"zeroshot.top1": "0.7", "zeroshot.digest": "sha256:…"}` from a version's eval tags."""
-    return {key.removeprefix("eval."): value for key, value in (model_version.tags or {}).items()
-            if key.startswith("eval.")}
+def version_metrics(tags: dict[str, str] | None) -> dict[str, str]:
+    """`{"zeroshot.top1": "0.7", "zeroshot.digest": "sha256:…"}` from a model version's eval tags."""
+    return {key.removeprefix("eval."): value for key, value in (tags or {}).items() if key.startswith("eval.")}
 
 
 def record_metrics(name: str, version: str, metrics: dict, *, tracking_uri: str | None = None) -> None:
@@ -231,10 +230,7 @@ def register(checkpoint: str, name: str, *, metrics: dict | None = None, trackin
 
     import clip_core
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as scratch:
+    with using(tracking_uri), tempfile.TemporaryDirectory() as scratch:
         source = fetch_checkpoint(checkpoint, scratch, tracking_uri=tracking_uri)
         staged = os.path.join(scratch, "staged", CHECKPOINT_ARTIFACT)  # the artifact's name inside the model
         os.makedirs(staged)
@@ -295,7 +291,7 @@ def _history(registry, name: str) -> list[str]:
 
 
 def _metric(model_version, gate: Gate) -> tuple[float | None, str | None]:
-    values = version_metrics(model_version)
+    values = version_metrics(model_version.tags)
     raw = values.get(gate.metric)
     return (float(raw) if raw is not None else None), values.get(f"{gate.section}.digest")
 
@@ -390,7 +386,7 @@ def list_versions(name: str, *, tracking_uri: str | None = None) -> list[dict]:
         model_version = registry.get_model_version(name, str(found.version))  # search results lack some tags
         tags = model_version.tags or {}
         rows.append({"version": str(model_version.version), "aliases": sorted(aliases.get(str(model_version.version), [])),
-                     "status": tags.get("validation_status", ""), "metrics": version_metrics(model_version),
+                     "status": tags.get("validation_status", ""), "metrics": version_metrics(model_version.tags),
                      "dataset_digests": tags.get("dataset_digests", ""), "train_run_id": tags.get("train_run_id", ""),
                      "run_id": model_version.run_id, "git_commit": tags.get("git_commit", ""),
                      "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(model_version.creation_timestamp / 1000))})

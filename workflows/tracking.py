@@ -51,10 +51,14 @@ def start_run(run_id: str | None, experiment: str, run_name: str, tags: dict | N
 
 
 @contextlib.contextmanager
-def using(uri: str):
+def using(uri: str | None):
     """MLflow's tracking and registry URIs set to `uri` for the block, then put back as they were,
     with $MLFLOW_TRACKING_URI and $MLFLOW_REGISTRY_URI (which MLflow's setters also write): a pipeline
-    run in a longer-lived process (a notebook, a test session) leaves MLflow pointing where it did."""
+    run in a longer-lived process (a notebook, a test session) leaves MLflow pointing where it did.
+    `None` keeps whatever MLflow points at."""
+    if not uri:
+        yield
+        return
     import mlflow
     from mlflow.tracking._model_registry import utils as registry_state  # no public way to read "unset"
     from mlflow.tracking._tracking_service import utils as tracking_state
