@@ -46,11 +46,14 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------- save
 
 
-def save_checkpoint(model: CLIP, directory: str | os.PathLike, *, extra: dict | None = None) -> Path:
-    """Write `model` as a checkpoint directory (weights, config, OpenCLIP config). Returns the path."""
+def save_checkpoint(model: CLIP, directory: str | os.PathLike, *, extra: dict | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` as a checkpoint directory (weights, config, OpenCLIP config). Returns the path.
+    `weights` replaces the model's own state dict, e.g. a sharded model's gathered in full."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    state = model.state_dict() if weights is None else weights
+    tensors = {key: value.detach().contiguous().cpu() for key, value in state.items()}
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     config = model.config
     description = {

@@ -12,10 +12,10 @@ import torch
 import yaml
 
 import clip_core
-from workflows.preprocess import PreprocessOptions, preprocess
+from workflows.preprocess import PreprocessOptions, preprocess, read_prepared_table
 from workflows import cli
-from workflows.train import (TrainConfig, build_model, contrastive_step, default_cpus_per_worker, latest_checkpoint,
-                             train)
+from workflows.train import (TrainConfig, _gathered_state, _scalar, build_model, contrastive_step,
+                             default_cpus_per_worker, distribute, latest_checkpoint, train, training_dataset)
 
 from micro import micro_config
 
@@ -87,10 +87,10 @@ def _first_update_loop(config):
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     torch.manual_seed(0)
     model = build_model(train_config)
+    runnable = distribute(model, train_config.strategy, world)
     # plain SGD: the update is the gradient itself (Adam's first step is ~sign(g), which turns
     # rounding noise on near-zero gradients into full-size differences)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    runnable = ray.train.torch.prepare_model(model) if world > 1 else model
     generator = torch.Generator().manual_seed(123)
     images = torch.randn(config["global_batch"], 3, 64, 64, generator=generator)
     tokens = clip_core.get_tokenizer()([f"a photo of thing {i}" for i in range(config["global_batch"])])
@@ -98,10 +98,14 @@ def _first_update_loop(config):
     optimizer.zero_grad()
     contrastive_step(runnable, clip_core.ClipLoss(), images[rows], tokens[rows], train_config.accum_freq,
                      torch.autocast("cpu", enabled=False))
+    grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
     optimizer.step()
+    weights, _ = _gathered_state(model, optimizer)  # every worker: FSDP gathers the shards
     with tempfile.TemporaryDirectory() as directory:
-        clip_core.save_checkpoint(model, directory)
-        ray.train.report({"rank": rank}, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
+        if rank == 0:
+            clip_core.save_checkpoint(model, directory, weights=weights)
+        ray.train.report({"rank": rank, "grad_norm": grad_norm},
+                         checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
 
 
 def _first_update_in_process(prepared, tmp_path):
@@ -113,30 +117,36 @@ def _first_update_in_process(prepared, tmp_path):
     images = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(123))
     tokens = clip_core.get_tokenizer()([f"a photo of thing {i}" for i in range(16)])
     contrastive_step(model, clip_core.ClipLoss(), images, tokens, 1, torch.autocast("cpu", enabled=False))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
     optimizer.step()
-    return model.state_dict()
+    return model.state_dict(), grad_norm
 
 
-def _first_update(prepared, tmp_path, workers, accum_freq):
+def _first_update(prepared, tmp_path, workers, accum_freq, strategy):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    train_config = _config(prepared, tmp_path, workers=workers, accum_freq=accum_freq, batch_size=16)
+    train_config = _config(prepared, tmp_path, workers=workers, accum_freq=accum_freq, batch_size=16, strategy=strategy)
+    name = f"first-update-{workers}-{accum_freq}-{strategy}"
     trainer = TorchTrainer(_first_update_loop, train_loop_config={"train": train_config.model_dump(mode="json"),
                                                                   "global_batch": 16},
                            scaling_config=ScalingConfig(num_workers=workers),
-                           run_config=RunConfig(name=f"first-update-{workers}-{accum_freq}",
-                                                storage_path=str(tmp_path / f"runs-{workers}-{accum_freq}")))
-    return clip_core.load_model(trainer.fit().checkpoint.path).state_dict()
+                           run_config=RunConfig(name=name, storage_path=str(tmp_path / name)))
+    result = trainer.fit()
+    return clip_core.load_model(result.checkpoint.path).state_dict(), result.metrics["grad_norm"]
 
 
 def test_two_workers_and_accumulation_give_the_single_big_batch_update(prepared, tmp_path):
-    reference = _first_update_in_process(prepared, tmp_path)
-    for workers, accum_freq in ((2, 1), (2, 2)):
-        update = _first_update(prepared, tmp_path, workers=workers, accum_freq=accum_freq)
+    reference, reference_norm = _first_update_in_process(prepared, tmp_path)
+    # FSDP shards every block; logit_scale (0-dim) stays whole and its gradient is averaged by hand
+    for workers, accum_freq, strategy in ((2, 1, "ddp"), (2, 2, "ddp"), (2, 2, "fsdp")):
+        update, grad_norm = _first_update(prepared, tmp_path, workers, accum_freq, strategy)
+        setup = f"{workers} workers x accum {accum_freq} ({strategy})"
+        assert grad_norm == pytest.approx(reference_norm, rel=1e-5), setup
+        assert update.keys() == reference.keys(), setup
         for key, value in reference.items():
             difference = (update[key] - value).abs().max().item()
-            assert difference < 1e-5, f"{key} differs by {difference:.2e} with {workers} workers x accum {accum_freq}"
+            assert difference < 1e-5, f"{key} differs by {difference:.2e} with {setup}"
 
 
 def test_accumulation_gradient_equals_the_big_batch_gradient():
@@ -180,8 +190,10 @@ def test_killed_worker_resumes_from_its_checkpoint_on_s3(prepared, tmp_path, s3_
 
 
 def test_resume_by_hand_reproduces_the_uninterrupted_run(prepared, tmp_path):
-    config = _config(prepared, tmp_path / "a", steps=6, checkpoint_every=3, num_to_keep=5)
+    # sample-based epochs of 2 batches: the checkpoint at step 3 is mid-epoch (epoch 1, batch 1)
+    config = _config(prepared, tmp_path / "a", steps=6, checkpoint_every=3, num_to_keep=5, train_num_samples=64)
     full = train(config, echo=lambda *_: None)
+    assert full.metrics["epoch"] == 2  # steps 5 and 6 are the third 64-sample epoch of a 256-row dataset
     midway = next((tmp_path / "a" / "runs").glob("*/checkpoint_00000003"))
     # the second run goes through the command line (in this process, on this test session's Ray)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
@@ -199,6 +211,45 @@ def test_resume_by_hand_reproduces_the_uninterrupted_run(prepared, tmp_path):
     a, b = clip_core.load_model(full.checkpoint), clip_core.load_model(tmp_path / "b" / "final")
     for (key, value), other in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(other, value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_data_weights_mix_the_datasets_by_weight_not_by_size(prepared, tmp_path):
+    heldout_tokens = read_prepared_table(str(prepared / "heldout"), ["tokens"])["tokens"].to_pylist()
+    heldout = {tuple(tokens) for tokens in heldout_tokens}
+    for weights, share in ((None, 48 / 304), ([1, 3], 0.75)):
+        config = _config(prepared, tmp_path, data=[str(prepared / "train"), str(prepared / "heldout")],
+                         data_weights=weights)
+        rows = training_dataset(config, image_size=64).select_columns(["tokens"]).take_all()
+        from_heldout = sum(tuple(int(t) for t in row["tokens"] if t) in heldout for row in rows)
+        # the epoch keeps its size (256 + 48 rows); random_sample makes the counts approximate
+        assert len(rows) == pytest.approx(304, abs=25), weights
+        assert from_heldout / len(rows) == pytest.approx(share, abs=0.06), weights
+
+
+def test_fsdp_workers_validate_save_whole_weights_and_resume_exactly(prepared, tmp_path):
+    val = dict(val=str(prepared / "heldout"), zeroshot=str(prepared / "heldout"), val_every=2)
+    config = _config(prepared, tmp_path / "a", workers=2, strategy="fsdp", steps=4, checkpoint_every=2, num_to_keep=3,
+                     **val)
+    full = train(config, echo=lambda *_: None)
+    assert full.metrics["step"] == 4 and 0 <= full.metrics["zeroshot_top1"] <= 1 and full.metrics["val_loss"] > 0
+    losses = _history(tmp_path / "a", full.mlflow_run_id)
+    assert sorted(losses) == [1, 2, 3, 4]
+    # the checkpoint holds the whole model (not one worker's shards) and loads anywhere
+    final = clip_core.load_model(full.checkpoint)
+    reference = build_model(config)
+    shapes = {key: value.shape for key, value in reference.state_dict().items()}
+    assert {key: value.shape for key, value in final.state_dict().items()} == shapes
+    # resuming from step 2 (sharded optimizer state restored from the whole one) retraces steps 3 and 4
+    midway = next((tmp_path / "a" / "runs").glob("*/checkpoint_00000002"))
+    resumed = train(_config(prepared, tmp_path / "b", workers=2, strategy="fsdp", steps=4, checkpoint_every=2,
+                            resume=str(midway), **val), echo=lambda *_: None)
+    resumed_losses = _history(tmp_path / "b", resumed.mlflow_run_id)
+    assert sorted(resumed_losses) == [3, 4]
+    for step in (3, 4):
+        assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-5)
+    again = clip_core.load_model(resumed.checkpoint).state_dict()
+    for key, value in final.state_dict().items():
+        torch.testing.assert_close(again[key], value, atol=1e-5, rtol=1e-4, msg=key)
 
 
 def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):

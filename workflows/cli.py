@@ -61,7 +61,8 @@ def _train(args: argparse.Namespace) -> int:
     values = _read_config_file(args.config) if args.config else {}
     values.update({k: v for k, v in {"data": args.data, "val": args.val, "zeroshot": args.zeroshot, "output": args.output,
               "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "workers": args.workers,
-              "storage": args.storage, "init": args.init, "resume": args.resume, "use_gpu": args.gpu or None,
+              "storage": args.storage, "strategy": args.strategy, "init": args.init, "resume": args.resume,
+              "use_gpu": args.gpu or None,
               "lr": args.lr, "accum_freq": args.accum_freq, "precision": args.precision,
               "checkpoint_every": args.checkpoint_every, "max_failures": args.max_failures,
               "mlflow_tracking_uri": args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float)
     tr.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
     tr.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    tr.add_argument("--strategy", choices=["ddp", "fsdp"],
+                    help="ddp (default) replicates the model; fsdp shards weights, gradients and optimizer state")
     tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     tr.add_argument("--storage", help="Ray Train storage for checkpoints (local dir or s3://)")
     tr.add_argument("--checkpoint-every", type=int)

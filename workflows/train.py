@@ -3,7 +3,7 @@ and logs to MLflow from rank 0.
 
 The prepared datasets are decoded by Ray Data (CPU tasks, anywhere in the cluster) and handed to
 the trainer; each worker augments on its device (random resized crop by one batched
-`grid_sample`), runs DDP, and reports a checkpoint (weights, config, full train state) every
+`grid_sample`), runs DDP (or FSDP), and reports a checkpoint (weights, config, full train state) every
 `checkpoint_every` steps. A restarted worker group resumes from the latest checkpoint with the
 same step, optimizer, schedule, RNG and data position.
 """
@@ -94,7 +94,8 @@ class TrainConfig(BaseModel):
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0, description="default: this machine's cores / workers "
                                           "on a local Ray (leaving Ray Data a CPU), 1 on a cluster")
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp replicates the model on every worker; fsdp "
+                                             "(FSDP2) shards weights, gradients and optimizer state across them")
     storage: str | None = Field(None, description="Ray Train storage_path (local dir or s3://)")
     run_name: str | None = None
     checkpoint_every: int = Field(100, gt=0)
@@ -277,8 +278,65 @@ def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor,
 # ------------------------------------------------------------------------------- the loop
 
 
-def _unwrap(model):
-    return getattr(model, "module", model)
+def distribute(model: clip_core.CLIP, strategy: str, world: int) -> torch.nn.Module:
+    """What each worker runs forward and backward: on one worker the model itself; under DDP Ray's
+    wrapper of it; under FSDP the model itself, sharded in place (FSDP2: each residual block, then the
+    rest), so `model` stays the module to save and load state through. FSDP cannot shard 0-dim
+    parameters (logit_scale, logit_bias): they stay whole on every worker and their gradients are
+    averaged across workers as they accumulate, as DDP would."""
+    if world == 1:
+        return model
+    if strategy == "ddp":
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")  # Ray's FSDP is GPU-only (FSDP1)
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from clip_core.model import Bottleneck, ResidualAttentionBlock
+
+    for module in model.modules():
+        if isinstance(module, (ResidualAttentionBlock, Bottleneck)):
+            fully_shard(module)
+    scalars = {param for param in model.parameters() if param.dim() == 0}
+    fully_shard(model, ignored_params=scalars)
+    for method in ("encode_image", "encode_text"):  # validation calls these, not forward
+        register_fsdp_forward_method(model, method)
+    for param in scalars:
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(_average_gradient)
+    return model
+
+
+def _average_gradient(param: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(param.grad)
+    param.grad /= dist.get_world_size()
+
+
+def _sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _gathered_state(model, optimizer) -> tuple[dict, dict]:
+    """The full weights and optimizer state (keyed by parameter name) on rank 0, empty elsewhere.
+    Every worker must call it: under FSDP it gathers the shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _scalar(value) -> float:
+    """A float from a tensor that may be an FSDP DTensor (e.g. the total gradient norm)."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -310,11 +368,12 @@ def _gather(obj):
     return gathered
 
 
-def _save_train_state(directory: str, model, optimizer, scheduler, scaler, position: Position, rng: list,
-                      config: TrainConfig, mlflow_run_id: str | None, metrics: dict) -> None:
-    clip_core.save_checkpoint(_unwrap(model), directory, extra={"train": {
+def _save_train_state(directory: str, model, weights: dict, optimizer_state: dict, scheduler, scaler,
+                      position: Position, rng: list, config: TrainConfig, mlflow_run_id: str | None,
+                      metrics: dict) -> None:
+    clip_core.save_checkpoint(model, directory, weights=weights, extra={"train": {
         "step": position.step, "mlflow_run_id": mlflow_run_id, "config": config.model_dump(mode="json")}})
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "step": position.step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
                 "rng": rng, "mlflow_run_id": mlflow_run_id, "metrics": metrics},
@@ -339,12 +398,7 @@ def train_loop(loop_config: dict) -> None:
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
 
     model = build_model(config).to(device)
-    optimizer = torch.optim.AdamW(_unwrap(model).param_groups(config.weight_decay), lr=config.lr,
-                                  betas=(config.beta1, config.beta2), eps=config.eps, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.warmup_steps, config.steps))
-    cast = autocast_dtype(config.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if cast == torch.float16 else None
-    position, mlflow_run_id, metrics = Position(), None, {}
+    position, mlflow_run_id, metrics, state = Position(), None, {}, None
 
     # this run's latest checkpoint after a restart; else the one to resume from by hand
     checkpoint = ray.train.get_checkpoint()
@@ -356,7 +410,15 @@ def train_loop(loop_config: dict) -> None:
             restored = clip_core.load_model(directory)
             clip_core.checkpoint.load_weights(model, restored.state_dict(), source=f"the checkpoint {checkpoint.path}")
             state = torch.load(os.path.join(directory, TRAIN_STATE), map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+
+    runnable = distribute(model, config.strategy, world)  # the optimizer must see FSDP's sharded parameters
+    optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay), lr=config.lr,
+                                  betas=(config.beta1, config.beta2), eps=config.eps, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.warmup_steps, config.steps))
+    cast = autocast_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if cast == torch.float16 else None
+    if state is not None:
+        _load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
@@ -367,12 +429,11 @@ def train_loop(loop_config: dict) -> None:
         if rank == 0:
             print(f"resumed from step {position.step} (epoch {position.epoch}, batch {position.batch_in_epoch})")
 
-    runnable = ray.train.torch.prepare_model(model, parallel_strategy=config.strategy) if world > 1 else model
     if config.compile:
         runnable = torch.compile(runnable)
     loss_fn = clip_core.create_loss(config.loss)
     autocast = torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None)
-    image_size = _unwrap(model).image_size
+    image_size = model.image_size
     augment = Augment(image_size, train=True, generator=generator)
     tracker = _RankZeroTracker(config, mlflow_run_id) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
@@ -398,15 +459,15 @@ def train_loop(loop_config: dict) -> None:
             else:
                 optimizer.step()
             scheduler.step()
-            _unwrap(model).clamp_logit_scale_()
+            model.clamp_logit_scale_()
             position.step += 1
             position.batch_in_epoch += 1
             window_steps += 1
             if position.step % config.log_every == 0 or position.step == config.steps:
                 elapsed = time.perf_counter() - window_started
                 metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0],
-                           "logit_scale": float(_unwrap(model).logit_scale.exp()),
-                           "grad_norm": float(grad_norm), "samples_per_s": window_steps * config.batch_size / elapsed,
+                           "logit_scale": float(model.logit_scale.exp()),
+                           "grad_norm": _scalar(grad_norm), "samples_per_s": window_steps * config.batch_size / elapsed,
                            "samples_per_s_per_worker": window_steps * config.batch_size / elapsed / world,
                            "data_wait_fraction": window_data_wait / elapsed, "epoch": position.epoch}
                 window_started, window_data_wait, window_steps = time.perf_counter(), 0.0, 0
@@ -415,7 +476,7 @@ def train_loop(loop_config: dict) -> None:
             checkpointing = position.step % config.checkpoint_every == 0 or position.step == config.steps
             # every checkpoint carries the validation metrics, so the best can be kept by them
             if checkpointing or (config.val_every and position.step % config.val_every == 0):
-                metrics = {**metrics, **_validate(config, _unwrap(model), device, autocast, rank)}
+                metrics = {**metrics, **_validate(config, model, device, autocast, rank)}
                 if tracker:
                     tracker.log_validation(position.step, metrics)
             if checkpointing:
@@ -455,11 +516,12 @@ def _report(config, model, optimizer, scheduler, scaler, position, generator, ra
     import ray.train
 
     rng = _gather(_rng_state(generator))
+    weights, optimizer_state = _gathered_state(model, optimizer)
     reported = {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "step": position.step,
                 "mlflow_run_id": tracker.run_id if tracker else None}
     if rank == 0:
         with tempfile.TemporaryDirectory() as directory:
-            _save_train_state(directory, model, optimizer, scheduler, scaler, position, rng, config,
+            _save_train_state(directory, model, weights, optimizer_state, scheduler, scaler, position, rng, config,
                               tracker.run_id if tracker else None, reported)
             ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"checkpoint_{position.step:08d}")
@@ -477,8 +539,9 @@ def _maybe_inject_fault(config: TrainConfig, rank: int, step: int) -> None:
 
 @torch.no_grad()
 def _validate(config: TrainConfig, model, device, autocast, rank: int) -> dict:
-    """Rank 0: contrastive loss and retrieval on `val`; zero-shot top-1 on `zeroshot`."""
-    if rank != 0 or not (config.val or config.zeroshot):
+    """Rank 0: contrastive loss and retrieval on `val`; zero-shot top-1 on `zeroshot`. A sharded
+    model runs forward on every worker together, so under FSDP every worker computes them."""
+    if not (config.val or config.zeroshot) or (rank != 0 and not _sharded(model)):
         return {}
     from .preprocess import read_manifest
 
