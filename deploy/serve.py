@@ -89,10 +89,33 @@ class ServeConfig(BaseModel):
     image_buckets: list[str] = Field([], description="S3 buckets whose objects a request may name as "
                                      "s3://BUCKET/KEY instead of sending the bytes (none by default)")
     limits: Limits = Limits()
-    auth_token: str | None = Field(None, description=f"bearer token; default: ${TOKEN_ENV} when set")
+    auth_token: str | None = Field(None, description=f"bearer token; default: ${TOKEN_ENV} when set. Serve "
+                                   "stores only its SHA-256 (auth_token_sha256), never the token")
+    auth_token_sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$",
+                                          description="the bearer token's SHA-256 in hex, instead of the token")
 
     def token(self) -> str | None:
+        """The bearer token where this process knows it (auth_token, else ${TOKEN_ENV}): what a client sends."""
         return self.auth_token or os.environ.get(TOKEN_ENV) or None
+
+    def token_digest(self) -> str | None:
+        """SHA-256 (hex) of the bearer token requests must send: auth_token's, else auth_token_sha256,
+        else ${TOKEN_ENV}'s (in the replica's environment); None: no auth."""
+        if self.auth_token_sha256 and not self.auth_token:
+            return self.auth_token_sha256
+        token = self.token()
+        return _sha256(token) if token else None
+
+    def stored(self) -> "ServeConfig":
+        """This config as Serve may keep it (application args, deployment init args): the token replaced
+        by its digest, since Serve shows an application's config to anyone who can read the dashboard."""
+        if not self.auth_token:
+            return self
+        return self.model_copy(update={"auth_token": None, "auth_token_sha256": _sha256(self.auth_token)})
+
+
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------ request bodies
@@ -405,10 +428,10 @@ def _model_ref(info: dict) -> dict:
     return {"name": info["name"], "version": info["version"]}
 
 
-def _same(given: str, expected: str) -> bool:
+def _same(given: str, expected_digest: str) -> bool:
     import hmac
 
-    return hmac.compare_digest(given.encode(), expected.encode())
+    return hmac.compare_digest(_sha256(given), expected_digest)
 
 
 # Everything the class uses must be defined above it: serve.ingress pickles it as it decorates.
@@ -534,11 +557,11 @@ class Ingress:
     # -------------------------------------------------------------------------- helpers
 
     def authorize(self, request: Request) -> None:
-        token = self.config.token()
-        if token is None:
+        digest = self.config.token_digest()
+        if digest is None:
             return
         header = request.headers.get("authorization", "")
-        if not (header.startswith("Bearer ") and _same(header.removeprefix("Bearer ").strip(), token)):
+        if not (header.startswith("Bearer ") and _same(header.removeprefix("Bearer ").strip(), digest)):
             raise RequestError(401, "unauthorized", f"send 'Authorization: Bearer <token>' (the server's {TOKEN_ENV})")
 
     async def _body(self, request: Request, schema: type[BaseModel]):
@@ -704,7 +727,7 @@ def build_app(config: ServeConfig, live: dict | None = None):
     """The Serve application graph for `config` (what `serve deploy` builds through `app_builder`);
     every deployment starts on `live` (default: `config.model` resolved now)."""
     live = live or live_model(config.model, config.mlflow_tracking_uri)
-    values = config.model_dump()
+    values = config.stored().model_dump()
     scaling = config.autoscaling
     tower_options = dict(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
@@ -748,7 +771,7 @@ def deploy(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/"
     """Deploy (or replace) app `name` on the running Serve as `serve deploy` does (from a config, so that
     a rollout can reconfigure its replicas in place), and wait until it runs."""
     app = {"name": name, "route_prefix": route_prefix, "import_path": f"{__name__}:app_builder",
-           "args": config.model_dump(mode="json", exclude_defaults=True)}
+           "args": config.stored().model_dump(mode="json", exclude_defaults=True)}
     _apply(name, app)
     _wait(name, {}, timeout_s)
 

@@ -3,7 +3,9 @@
 import asyncio
 import collections
 import base64
+import hashlib
 import io
+import json
 
 import boto3
 import httpx
@@ -138,6 +140,14 @@ def test_concurrent_requests_are_batched_and_classifiers_cached(app):
     hits = httpx.get(app["url"] + "/metrics").text
     assert _metric(hits, "rayclip_classifier_cache_total", result="hit") >= 1
     assert _metric(hits, "rayclip_requests_total", route="/v1/classify", status="200") >= 2
+
+
+def test_serve_keeps_the_tokens_digest_never_the_token(app):
+    stored = json.dumps(served._application(served.APP_NAME))  # what the dashboard shows of the app
+    assert TOKEN not in stored and hashlib.sha256(TOKEN.encode()).hexdigest() in stored
+    # a config that holds only the digest authorizes the same token
+    digest_only = served.ServeConfig(model="x", auth_token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest())
+    assert digest_only.token_digest() == app["config"].token_digest() == app["config"].stored().auth_token_sha256
 
 
 def test_model_info_health_and_docs(app):
