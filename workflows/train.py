@@ -144,7 +144,14 @@ class TrainConfig(BaseModel):
 
 
 def training_dataset(config: TrainConfig, image_size: int):
-    """The prepared datasets, mixed by weight, block order shuffled, decoded by Ray Data tasks."""
+    """The prepared rows to train on (`mixed_rows`), decoded by Ray Data tasks."""
+    return mixed_rows(config).map_batches(decode_batch, batch_size=config.decode_batch_size, batch_format="numpy",
+                                          fn_kwargs={"image_size": image_size})
+
+
+def mixed_rows(config: TrainConfig):
+    """The prepared datasets' rows, mixed by weight (an epoch keeps the datasets' total size; each
+    dataset's share follows `data_weights`), block order shuffled."""
     from .preprocess import load_prepared, read_manifest
 
     datasets, sizes = [], []
@@ -165,8 +172,7 @@ def training_dataset(config: TrainConfig, image_size: int):
     dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     if len(config.data) > 1:
         dataset = dataset.randomize_block_order(seed=config.seed)
-    return dataset.map_batches(decode_batch, batch_size=config.decode_batch_size, batch_format="numpy",
-                               fn_kwargs={"image_size": image_size})
+    return dataset
 
 
 class Augment:
