@@ -85,6 +85,7 @@ class ServeConfig(BaseModel):
     ingress_max_queued_requests: int = Field(1024, ge=-1, description="requests the HTTP proxy queues for the "
                                              "ingress; beyond, a plain-text 503 + Retry-After from Serve")
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After an overloaded server answers with")
+    access_log: bool = Field(True, description="Serve's access log: a line per request and per tower call")
     classifier_cache_size: int = Field(256, ge=0)
     image_buckets: list[str] = Field([], description="S3 buckets whose objects a request may name as "
                                      "s3://BUCKET/KEY instead of sending the bytes (none by default)")
@@ -770,10 +771,15 @@ def start(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/")
 def deploy(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = 600) -> None:
     """Deploy (or replace) app `name` on the running Serve as `serve deploy` does (from a config, so that
     a rollout can reconfigure its replicas in place), and wait until it runs."""
-    app = {"name": name, "route_prefix": route_prefix, "import_path": f"{__name__}:app_builder",
-           "args": config.stored().model_dump(mode="json", exclude_defaults=True)}
-    _apply(name, app)
+    _apply(name, app_spec(config, name, route_prefix))
     _wait(name, {}, timeout_s)
+
+
+def app_spec(config: ServeConfig, name: str = APP_NAME, route_prefix: str = "/") -> dict:
+    """The application as Serve's deploy config holds it (one entry of serve_config.yaml's `applications`)."""
+    return {"name": name, "route_prefix": route_prefix, "import_path": f"{__name__}:app_builder",
+            "args": config.stored().model_dump(mode="json", exclude_defaults=True),
+            "logging_config": {"enable_access_log": config.access_log}}
 
 
 def reload(name: str = APP_NAME, model: str | None = None, *, timeout_s: float = 600, echo=print) -> dict:

@@ -32,7 +32,8 @@ def _classify(url: str, images, labels: list[str], token: str | None) -> list[li
 
 def run_demo(overrides: list[str] = (), *, config_path: str | None = None, keep_serving: bool = False,
              echo=print) -> dict:
-    config = pipeline.load_config(config_path, list(overrides))
+    # the demo prints the service's answers itself: no access log line per request (overridable)
+    config = pipeline.load_config(config_path, ["serve.access_log=false", *overrides])
     outcome = pipeline.run(config, echo=echo)
     zeroshot = outcome.get("metrics", {}).get("zeroshot", {})
     if "top1" in zeroshot:
