@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -86,6 +86,8 @@ class ServeConfig(BaseModel):
                                              "ingress; beyond, a plain-text 503 + Retry-After from Serve")
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After an overloaded server answers with")
     access_log: bool = Field(True, description="Serve's access log: a line per request and per tower call")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Serve's logs: the controller's and proxies' when this starts Serve, and the app's")
     classifier_cache_size: int = Field(256, ge=0)
     image_buckets: list[str] = Field([], description="S3 buckets whose objects a request may name as "
                                      "s3://BUCKET/KEY instead of sending the bytes (none by default)")
@@ -763,7 +765,7 @@ def start(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/")
     from workflows.runtime import init_ray
 
     init_ray()
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(http_options={"host": config.host, "port": config.port}, logging_config={"log_level": config.log_level})
     deploy(config, name=name, route_prefix=route_prefix)
     return f"http://{config.host}:{config.port}{route_prefix.rstrip('/')}"
 
@@ -779,7 +781,7 @@ def app_spec(config: ServeConfig, name: str = APP_NAME, route_prefix: str = "/")
     """The application as Serve's deploy config holds it (one entry of serve_config.yaml's `applications`)."""
     return {"name": name, "route_prefix": route_prefix, "import_path": f"{__name__}:app_builder",
             "args": config.stored().model_dump(mode="json", exclude_defaults=True),
-            "logging_config": {"enable_access_log": config.access_log}}
+            "logging_config": {"enable_access_log": config.access_log, "log_level": config.log_level}}
 
 
 def reload(name: str = APP_NAME, model: str | None = None, *, timeout_s: float = 600, echo=print) -> dict:

@@ -145,12 +145,13 @@ def test_concurrent_requests_are_batched_and_classifiers_cached(app):
 def test_serve_keeps_the_tokens_digest_never_the_token(app):
     stored = json.dumps(served._application(served.APP_NAME))  # what the dashboard shows of the app
     assert TOKEN not in stored and hashlib.sha256(TOKEN.encode()).hexdigest() in stored
-    # the spec `rayclip deploy` sends (Ray's schema accepts it) holds the digest and the access-log switch
+    # the spec `rayclip deploy` sends (Ray's schema accepts it) holds the digest and the logging switches
     from ray.serve.schema import ServeApplicationSchema
 
-    spec = served.app_spec(served.ServeConfig(model="x", auth_token=TOKEN, access_log=False))
+    spec = served.app_spec(served.ServeConfig(model="x", auth_token=TOKEN, access_log=False, log_level="WARNING"))
     ServeApplicationSchema(**spec)
-    assert TOKEN not in json.dumps(spec) and spec["logging_config"] == {"enable_access_log": False}
+    assert TOKEN not in json.dumps(spec)
+    assert spec["logging_config"] == {"enable_access_log": False, "log_level": "WARNING"}
     assert '"enable_access_log": true' in stored and '"enable_access_log": false' not in stored  # the default
     # a config that holds only the digest authorizes the same token
     digest_only = served.ServeConfig(model="x", auth_token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest())

@@ -168,18 +168,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _deploy(args: argparse.Namespace) -> int:
     import ray
 
-    from deploy.serve import deploy, reload
+    from deploy.serve import reload, start
 
     if not ray.is_initialized():
         ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="WARNING")
     if args.reload:
         reload(args.name, args.model)
         return 0
-    from ray import serve
-
     config = _serve_config(args)
-    serve.start(http_options={"host": config.host, "port": config.port})
-    deploy(config, name=args.name, route_prefix=args.route_prefix)
+    start(config, name=args.name, route_prefix=args.route_prefix)
     print(f"deploy: {args.name} runs {config.model} on the cluster's Serve (route {args.route_prefix})")
     return 0
 
@@ -355,5 +352,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> int:
+    """The console script. Each stage prints its own progress, so Ray Data's (progress bars, INFO
+    lines per dataset execution) gives way, here and in the workers of a local Ray this process
+    starts (they inherit the environment); either variable set by the user wins."""
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

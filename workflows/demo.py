@@ -33,7 +33,7 @@ def _classify(url: str, images, labels: list[str], token: str | None) -> list[li
 def run_demo(overrides: list[str] = (), *, config_path: str | None = None, keep_serving: bool = False,
              echo=print) -> dict:
     # the demo prints the service's answers itself: no access log line per request (overridable)
-    config = pipeline.load_config(config_path, ["serve.access_log=false", *overrides])
+    config = pipeline.load_config(config_path, ["serve.access_log=false", "serve.log_level=WARNING", *overrides])
     outcome = pipeline.run(config, echo=echo)
     zeroshot = outcome.get("metrics", {}).get("zeroshot", {})
     if "top1" in zeroshot:

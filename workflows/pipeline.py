@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -283,7 +282,6 @@ class Pipeline:
 
     def _run(self) -> dict:
         import mlflow
-        from ray.data import DataContext
 
         from .runtime import init_ray
         from .tracking import set_experiment
@@ -292,8 +290,6 @@ class Pipeline:
         if not storage.is_s3(config.root()):
             os.makedirs(config.root(), exist_ok=True)
 
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # each stage prints its own progress
-        DataContext.get_current().enable_progress_bars = False
         if config.ray.address:
             os.environ["RAY_ADDRESS"] = config.ray.address
         self.outcome["dashboard"] = init_ray(dashboard=True)

@@ -302,7 +302,7 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
                echo: Callable[[str], None] = print) -> dict:
     """Run the stage; returns the manifest. Fails fast on sources it cannot read at all."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     options = options or PreprocessOptions()
     fmt = options.format or detect_format(source)
@@ -317,7 +317,6 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
         options = options.model_copy(update={"classnames": synthetic.split_class_names(split)})
 
     _ensure_ray()
-    DataContext.get_current().execution_options.preserve_order = True  # dedupe keeps the first in source order
     shards_uri = storage.join(output, SHARDS_DIR)
     started = time.monotonic()
     echo(f"preprocess: {len(files)} {fmt} source file(s) from {source} → {output}")
@@ -329,10 +328,16 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
                         fn_kwargs={"options": options}, num_cpus=options.num_cpus,
                         compute=TaskPoolStrategy(size=options.concurrency) if options.concurrency else None)
     if options.dedupe:
-        ds = ds.map_batches(Deduplicate, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
-                            compute=ActorPoolStrategy(size=1))
+        # a restarted actor would have forgotten the hashes it saw: a lost dedupe actor fails the stage
+        # (a rerun redoes it) instead of letting duplicates through. Ray 2.60 has no named parameter
+        # for max_restarts yet, and warns that the generic one is deprecated.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(Deduplicate, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
+                                compute=ActorPoolStrategy(size=1), max_restarts=0)
     ds = ds.map_batches(write_shard, batch_size=options.rows_per_shard, batch_format="pyarrow",
                         fn_kwargs={"shards_uri": shards_uri}, num_cpus=0.5)
+    ds.context.execution_options.preserve_order = True  # dedupe keeps the first in source order
 
     shards, rejects, counts, content = [], {f: [] for f in REJECT_SCHEMA.names}, Counter(), 0
     last_report = time.monotonic()

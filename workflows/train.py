@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -345,6 +346,13 @@ def _scalar(value) -> float:
     return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
+def _say(line: str) -> None:
+    """One progress line from a training worker, written to the process's own stdout. A plain print
+    reaches the driver twice: Ray Train 2.60's print patch both tees it to Ray's wrapped stdout and
+    logs it to the console."""
+    print(line, file=sys.__stdout__, flush=True)
+
+
 def _rng_state(generator: torch.Generator) -> dict:
     return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
@@ -433,7 +441,7 @@ def train_loop(loop_config: dict) -> None:
             _set_rng_state(state["rng"][rank], generator)
         mlflow_run_id = state.get("mlflow_run_id")
         if rank == 0:
-            print(f"resumed from step {position.step} (epoch {position.epoch}, batch {position.batch_in_epoch})")
+            _say(f"resumed from step {position.step} (epoch {position.epoch}, batch {position.batch_in_epoch})")
 
     if config.compile:
         runnable = torch.compile(runnable)
@@ -472,7 +480,7 @@ def train_loop(loop_config: dict) -> None:
             if position.step % config.log_every == 0 or position.step == config.steps:
                 elapsed = time.perf_counter() - window_started
                 metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0],
-                           "logit_scale": float(model.logit_scale.exp()),
+                           "logit_scale": model.logit_scale.detach().exp().item(),
                            "grad_norm": _scalar(grad_norm), "samples_per_s": window_steps * config.batch_size / elapsed,
                            "samples_per_s_per_worker": window_steps * config.batch_size / elapsed / world,
                            "data_wait_fraction": window_data_wait / elapsed, "epoch": position.epoch}
@@ -643,9 +651,9 @@ class _RankZeroTracker:
 
     def log_step(self, step: int, metrics: dict) -> None:
         eta = (self.total_steps - step) * self.batch_size / max(metrics["samples_per_s"], 1e-9)
-        print(f"step {step}/{self.total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-              f"{metrics['samples_per_s']:.1f} samples/s  data wait {metrics['data_wait_fraction']:.0%}  "
-              f"ETA {eta / 60:.1f} min", flush=True)
+        _say(f"step {step}/{self.total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+             f"{metrics['samples_per_s']:.1f} samples/s  data wait {metrics['data_wait_fraction']:.0%}  "
+             f"ETA {eta / 60:.1f} min")
         if self.enabled:
             import mlflow
 
@@ -654,8 +662,7 @@ class _RankZeroTracker:
     def log_validation(self, step: int, metrics: dict) -> None:
         validation = {k: v for k, v in metrics.items() if k.startswith(("val_", "zeroshot_"))}
         if validation:
-            print(f"validation at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in validation.items()),
-                  flush=True)
+            _say(f"validation at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in validation.items()))
         if self.enabled and validation:
             import mlflow
 
