@@ -99,24 +99,10 @@ def test_demo_runs_every_stage_and_answers_from_the_live_service_then_a_rerun_sk
     assert [str(v.version) for v in client.search_model_versions("name = 'clip'")] == ["1"]
 
 
-def test_a_rerun_after_training_was_killed_skips_preprocessing_and_resumes_from_the_checkpoint(tmp_path, ray_session):
-    overrides = [*_micro_pipeline(tmp_path), "serve.enabled=false"]
-    marker = tmp_path / "killed"
-    with pytest.raises(Exception, match="(?i)worker"):  # rank 0 is SIGKILLed at step 5, no restarts allowed
-        pipeline.run(pipeline.load_config(None, [*overrides, "train.max_failures=0",
-                                                 f"train.fault_injection={{rank: 0, step: 5, marker: {marker}}}"]),
-                     echo=lambda *_: None)
-    assert marker.exists()
-    lines = []
-    outcome = pipeline.run(pipeline.load_config(None, overrides), echo=lines.append)
-    assert [outcome["stages"][f"preprocess {split}"] for split in ("train", "val", "zeroshot")] == ["skipped"] * 3
-    assert outcome["stages"]["train"] == "done" and outcome["stages"]["promote"] == "passed"
-    (trained,) = [line for line in lines if line.startswith("[train] done")]
-    assert "step 6" in trained and "resumed from" in trained and trained.split("resumed from ")[1].split(" ")[0] \
-        .endswith("checkpoint_00000003"), trained
-
-
-def test_rayclip_run_succeeds_as_a_ray_job_on_a_local_head_and_its_logs_show_each_stage(tmp_path):
+def test_a_ray_job_stopped_during_training_reruns_from_its_checkpoint_and_logs_each_stage(tmp_path):
+    """`ray job submit` to a local head (real job submission over 127.0.0.1); the job is stopped
+    (`ray job stop`) while training; the resubmitted job skips preprocessing, resumes training from
+    its checkpoint and completes every later stage."""
     import shutil
     import signal
     import subprocess
@@ -136,7 +122,7 @@ def test_rayclip_run_succeeds_as_a_ray_job_on_a_local_head_and_its_logs_show_eac
     overrides = dict(item.split("=", 1) for item in _micro_pipeline(tmp_path))
     config = {"model": {"name": "micro.json"},  # a path in the job's working directory
               "storage": {"root": overrides["storage.root"]},
-              "train": {"steps": 4, "batch_size": 32, "checkpoint_every": 2}, "eval": {"batch_size": 64},
+              "train": {"steps": 6, "batch_size": 32, "checkpoint_every": 3}, "eval": {"batch_size": 64},
               "data": {split: overrides[f"data.{split}"] for split in ("train", "val", "zeroshot")},
               "serve": {"enabled": False}}
     (job_dir / "pipeline.yaml").write_text(yaml.safe_dump(config))
@@ -154,25 +140,59 @@ def test_rayclip_run_succeeds_as_a_ray_job_on_a_local_head_and_its_logs_show_eac
                                  "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                                  "runtime-env-agent-port"))],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    marker = tmp_path / "hung"
     try:
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
         deadline = time.monotonic() + 180
-        while subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", dashboard], env=env,
-                             capture_output=True).returncode != 0:
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the head's job server did not come up in 180 s"
-            time.sleep(1)
         while True:  # the job server answers before its agent takes jobs: that refusal says "try again later"
-            job = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", dashboard, "--working-dir",
-                                  str(job_dir), "--", "rayclip", "run", "pipeline.yaml"],
-                                 env=env, capture_output=True, text=True, timeout=600)
-            output = job.stdout + job.stderr
-            if "No available agent to submit job" not in output or time.monotonic() > deadline:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            try:
+                # the first job's rank 0 stops making progress at step 5 (after the step-3 checkpoint)
+                jobs = JobSubmissionClient(dashboard)
+                first = jobs.submit_job(entrypoint=f"rayclip run pipeline.yaml --set 'train.fault_injection="
+                                        f"{{rank: 0, step: 5, marker: {marker}, action: hang}}'",
+                                        runtime_env={"working_dir": str(job_dir)})
                 break
+            except (ConnectionError, RuntimeError) as exc:
+                assert time.monotonic() < deadline, f"the head's job server took no job in 180 s: {exc}"
+                time.sleep(1)
+        deadline = time.monotonic() + 400
+        while not marker.exists():
+            assert jobs.get_job_status(first) in (JobStatus.PENDING, JobStatus.RUNNING), jobs.get_job_logs(first)
+            assert time.monotonic() < deadline, "the first job did not reach training step 5 in 400 s"
             time.sleep(1)
+        assert jobs.stop_job(first)
+        while jobs.get_job_status(first) == JobStatus.RUNNING:  # Ray's SIGTERM, then SIGKILL after 3 s
+            time.sleep(0.5)
+        first_logs = jobs.get_job_logs(first)
+        assert jobs.get_job_status(first) == JobStatus.STOPPED, first_logs[-5000:]
+        assert "[preprocess train] done" in first_logs and "[train]" not in first_logs, first_logs[-5000:]
+
+        job = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", dashboard, "--working-dir",
+                              str(job_dir), "--", "rayclip", "run", "pipeline.yaml"],
+                             env=env, capture_output=True, text=True, timeout=600)
+        output = job.stdout + job.stderr
         assert job.returncode == 0 and "succeeded" in output, output[-5000:]
-        for line in ("[preprocess train] done", "[train] done", "[evaluate] done", "[register] done: clip version 1",
-                     "[promote] passed", "[deploy] skipped", "pipeline: done"):
+        for line in ("[preprocess train] skipped", "[preprocess val] skipped", "[preprocess zeroshot] skipped",
+                     "[evaluate] done", "[register] done: clip version 1", "[promote] passed", "[deploy] skipped",
+                     "pipeline: done"):
             assert line in output, (line, output[-5000:])
+        (trained,) = [line for line in output.splitlines() if line.startswith("[train] done")]
+        assert "step 6" in trained and trained.split("resumed from ")[1].split(" ")[0] \
+            .endswith("checkpoint_00000003"), trained
+
+        # MLflow: the stopped job's pipeline run ended as killed, the rerun's finished, and the rerun
+        # continued the interrupted training run (one train run, finished at step 6)
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("rayclip").experiment_id],
+                                  order_by=["attributes.start_time ASC"])
+        pipelines = [r.info.status for r in runs if r.data.tags.get("rayclip.stage") == "pipeline"]
+        assert pipelines == ["KILLED", "FINISHED"], [(r.info, r.data.tags) for r in runs]
+        (training,) = [r for r in runs if r.data.tags.get("rayclip.stage") == "train"]
+        assert training.info.status == "FINISHED"
+        assert max(m.step for m in client.get_metric_history(training.info.run_id, "loss")) == 6
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

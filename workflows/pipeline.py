@@ -299,20 +299,31 @@ class Pipeline:
                                                          "rayclip.config_digest": config_digest}) as parent:
             mlflow.log_dict(config.model_dump(mode="json"), "pipeline_config.json")
             self.outcome["mlflow_run_id"] = parent.info.run_id
-            data = self.preprocess()
-            train, evaluate, serve = StageConfigs.build(config, data)
-            checkpoint, train_key = self.train(train, data, parent.info.run_id)
-            metrics = self.evaluate(evaluate, checkpoint, train_key, parent.info.run_id) if evaluate else {}
-            version = self.register(checkpoint, train_key, metrics)
-            promoted = self.promote(version)
-            mlflow.set_tags({"rayclip.model_version": f"{config.registry.name}/{version}",
-                             "rayclip.promoted": str(promoted)})
-            if config.serve.get("enabled", True):
-                self.outcome["url"] = self.deploy(serve)
-                mlflow.set_tag("rayclip.deployment", self.outcome["url"])
-            else:
-                self._stage("deploy", "skipped", "serve.enabled is false")
+            try:
+                self._stages(parent.info.run_id)
+            except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (`ray job stop`): Ray's handler exits
+                while mlflow.active_run():
+                    mlflow.end_run("KILLED")
+                raise
         return self.outcome
+
+    def _stages(self, parent_run_id: str) -> None:
+        import mlflow
+
+        config = self.config
+        data = self.preprocess()
+        train, evaluate, serve = StageConfigs.build(config, data)
+        checkpoint, train_key = self.train(train, data, parent_run_id)
+        metrics = self.evaluate(evaluate, checkpoint, train_key, parent_run_id) if evaluate else {}
+        version = self.register(checkpoint, train_key, metrics)
+        promoted = self.promote(version)
+        mlflow.set_tags({"rayclip.model_version": f"{config.registry.name}/{version}",
+                         "rayclip.promoted": str(promoted)})
+        if config.serve.get("enabled", True):
+            self.outcome["url"] = self.deploy(serve)
+            mlflow.set_tag("rayclip.deployment", self.outcome["url"])
+        else:
+            self._stage("deploy", "skipped", "serve.enabled is false")
 
     # -------------------------------------------------------------------------- stages
 

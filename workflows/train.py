@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,12 +53,14 @@ RECIPES: dict[str, dict] = {
 
 
 class FaultInjection(BaseModel):
-    """Chaos rehearsal: SIGKILL worker `rank` when it reaches `step`, once (the marker file remembers)."""
+    """Chaos rehearsal: when worker `rank` reaches `step`, once (the marker file remembers), it is
+    SIGKILLed (`kill`) or stops making progress until something outside kills it (`hang`)."""
 
     model_config = ConfigDict(extra="forbid")
     rank: int = 0
     step: int = Field(gt=0)
     marker: str
+    action: Literal["kill", "hang"] = "kill"
 
 
 class TrainConfig(BaseModel):
@@ -547,7 +550,9 @@ def _maybe_inject_fault(config: TrainConfig, rank: int, step: int) -> None:
     fault = config.fault_injection
     if fault is None or fault.rank != rank or fault.step != step or os.path.exists(fault.marker):
         return
-    Path(fault.marker).write_text(f"killed rank {rank} at step {step}\n")
+    Path(fault.marker).write_text(f"{fault.action} rank {rank} at step {step}\n")
+    if fault.action == "hang":
+        threading.Event().wait()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
