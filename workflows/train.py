@@ -550,7 +550,7 @@ def _maybe_inject_fault(config: TrainConfig, rank: int, step: int) -> None:
     fault = config.fault_injection
     if fault is None or fault.rank != rank or fault.step != step or os.path.exists(fault.marker):
         return
-    Path(fault.marker).write_text(f"{fault.action} rank {rank} at step {step}\n")
+    Path(fault.marker).write_text(f"{'hung' if fault.action == 'hang' else 'killed'} rank {rank} at step {step}\n")
     if fault.action == "hang":
         threading.Event().wait()
     os.kill(os.getpid(), signal.SIGKILL)
