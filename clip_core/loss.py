@@ -27,9 +27,13 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     _, world_size = _world()
     if world_size == 1:
         return features
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(features.contiguous()), dim=0)
+    # functional collectives: their all-gather has autograd (backward is a reduce-scatter of the
+    # gradients); torch.distributed.nn's all_gather is deprecated. Older torch names it *_tensor_*.
+    try:
+        from torch.distributed._functional_collectives import all_gather_single_autograd as all_gather
+    except ImportError:
+        from torch.distributed._functional_collectives import all_gather_tensor_autograd as all_gather
+    return all_gather(features.contiguous(), 0, dist.group.WORLD)
 
 
 class ClipLoss(nn.Module):
