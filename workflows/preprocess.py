@@ -328,13 +328,16 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
                         fn_kwargs={"options": options}, num_cpus=options.num_cpus,
                         compute=TaskPoolStrategy(size=options.concurrency) if options.concurrency else None)
     if options.dedupe:
-        # a restarted actor would have forgotten the hashes it saw: a lost dedupe actor fails the stage
-        # (a rerun redoes it) instead of letting duplicates through. Ray 2.60 has no named parameter
-        # for max_restarts yet, and warns that the generic one is deprecated.
+        # One batch at a time: Ray Data's actors may run queued tasks out of order, and the first
+        # occurrence must be the first in source order. A restarted actor would have forgotten the
+        # hashes it saw: a lost dedupe actor fails the stage (a rerun redoes it) instead of letting
+        # duplicates through. Ray 2.60 has no named parameter for max_restarts yet, and warns that
+        # the generic one is deprecated.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             ds = ds.map_batches(Deduplicate, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
-                                compute=ActorPoolStrategy(size=1), max_restarts=0)
+                                compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
+                                max_restarts=0)
     ds = ds.map_batches(write_shard, batch_size=options.rows_per_shard, batch_format="pyarrow",
                         fn_kwargs={"shards_uri": shards_uri}, num_cpus=0.5)
     ds.context.execution_options.preserve_order = True  # dedupe keeps the first in source order
