@@ -10,7 +10,7 @@ def init_ray(*, dashboard: bool = False, **overrides) -> str | None:
 
     A local Ray gets at least 4 logical CPUs: on 2 cores, pools of 1-CPU actors next to tasks
     (Ray Data's actor pools, Ray Train's workers) otherwise wait forever for resources. Its dashboard
-    (≈1 GiB) starts only with `dashboard=True` (the pipeline: Ray Train's cleanup watcher and the
+    (≈1 GiB) starts only with `dashboard=True` (the pipeline and train: Ray Train's cleanup watcher and the
     state API need it). Returns the dashboard's address when this call started one.
     """
     import ray

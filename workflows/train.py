@@ -780,7 +780,7 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     from .runtime import init_ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() otherwise costs ~2 s
-    init_ray()
+    init_ray(dashboard=True)  # Ray Train's placement-group cleaner asks the state API every second
     if config.mlflow_tracking_uri and config.mlflow_tracking_uri.startswith("sqlite:///"):
         config = config.model_copy(update={"mlflow_tracking_uri": "sqlite:///" + os.path.abspath(
             config.mlflow_tracking_uri.removeprefix("sqlite:///"))})
