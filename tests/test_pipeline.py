@@ -164,8 +164,9 @@ def test_a_ray_job_stopped_during_training_reruns_from_its_checkpoint_and_logs_e
             assert time.monotonic() < deadline, "the first job did not reach training step 5 in 400 s"
             time.sleep(1)
         assert jobs.stop_job(first)
-        while jobs.get_job_status(first) == JobStatus.RUNNING:  # Ray's SIGTERM, then SIGKILL after 3 s
-            time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while jobs.get_job_status(first) == JobStatus.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.5)  # Ray sends SIGTERM, then SIGKILL 3 s later
         first_logs = jobs.get_job_logs(first)
         assert jobs.get_job_status(first) == JobStatus.STOPPED, first_logs[-5000:]
         assert "[preprocess train] done" in first_logs and "[train]" not in first_logs, first_logs[-5000:]
