@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"rayclip {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray's handlers turn SIGTERM and Ctrl-C into exits
         print(f"rayclip {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
 
