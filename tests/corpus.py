@@ -91,6 +91,7 @@ def bad_corpus() -> dict[str, tuple[dict[str, bytes], str | None]]:
         "duplicate": ({"jpg": good_jpeg, "txt": b"the same photo again"}, "duplicate"),
         "no-caption": ({"jpg": encode(photo(70, 70, seed=15))}, "missing_caption"),
         "no-image": ({"txt": b"a caption without its image"}, "missing_image"),
+        "short-caption": ({"jpg": encode(photo(70, 70, seed=16)), "txt": b"ok"}, "caption_too_short"),  # < 3 chars
     }
 
 

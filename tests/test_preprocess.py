@@ -43,11 +43,16 @@ def _rejects(output) -> dict[str, str]:
 
 def test_bad_input_corpus_every_row_is_kept_or_rejected_with_its_reason(tmp_path):
     expected = corpus.write_bad_webdataset(tmp_path / "src")
-    manifest = preprocess(str(tmp_path / "src"), str(tmp_path / "out"), PreprocessOptions(image_size=48), echo=_quiet)
+    manifest = preprocess(str(tmp_path / "src"), str(tmp_path / "out"),
+                          PreprocessOptions(image_size=48, min_caption_chars=3, rows_per_shard=8), echo=_quiet)
 
     counts = manifest["counts"]
     assert counts["read"] == len(expected) == counts["kept"] + counts["rejected"]
     assert _rejects(tmp_path / "out") == {key: reason for key, reason in expected.items() if reason}
+    source_of = {r["key"]: r["source"] for r in pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()}
+    assert source_of["corrupt-jpeg"] == str(tmp_path / "src" / "shard-00000.tar")
+    assert source_of["no-image"] == str(tmp_path / "src" / "shard-00001.tar")
+    assert source_of["shard-00002.tar#unreadable"] == str(tmp_path / "src" / "shard-00002.tar")
     kept = _shard_rows(tmp_path / "out")
     assert sorted(r["key"] for r in kept) == sorted(key for key, reason in expected.items() if reason is None)
     assert sum(counts["rejected_by_reason"].values()) == counts["rejected"]
@@ -58,25 +63,36 @@ def test_bad_input_corpus_every_row_is_kept_or_rejected_with_its_reason(tmp_path
     assert json.loads(next(r for r in kept if r["key"] == "ok-jpeg")["metadata"]) == {"url": "x"}
     for shard in manifest["shards"]:
         assert hashlib.sha256((tmp_path / "out" / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
+        # a shard holds the rows kept out of at most rows_per_shard read: rejects make it smaller, never larger
+        assert pq.read_metadata(tmp_path / "out" / shard["path"]).num_rows == shard["rows"] <= 8
     assert manifest["image_size"] == 48 and manifest["tokenizer"]["id"] == "clip-bpe-49408"
     assert manifest["digest"].startswith("sha256:") and manifest["sources"] == [str(tmp_path / "src")]
 
 
 def test_each_format_reads_locally(tmp_path):
-    pairs = corpus.clean_pairs(12)
+    pairs = corpus.clean_pairs(12)  # about 5 kB each
+    heavy = ("heavy", corpus.encode(corpus.photo(400, 400, seed=99)), "a photo of too many bytes")  # about 97 kB
     corpus.write_webdataset(tmp_path / "wds", pairs, shards=3)
-    corpus.write_parquet(tmp_path / "pq" / "part-0.parquet", pairs)
+    corpus.write_parquet(tmp_path / "pq" / "part-0.parquet",
+                         [*pairs, heavy, ("no-image", None, "a caption"), ("no-caption", pairs[0][1], None)])
     csv_path = corpus.write_csv(tmp_path / "csv", pairs)
+    # image cells: relative paths, absolute paths and file:// URIs are read; other schemes are never fetched
+    lines = csv_path.read_text().splitlines()
+    lines[1] = lines[1].replace("images/", f"file://{tmp_path}/csv/images/")
+    lines[2] = lines[2].replace("images/", f"{tmp_path}/csv/images/")
+    csv_path.write_text("\n".join([*lines, "http://example.com/a.jpg,a photo on the web",
+                                   "https://example.com/b.jpg,another photo on the web"]) + "\n")
     tsv_path = corpus.write_csv(tmp_path / "tsv", pairs, delimiter="\t")
-    corpus.write_folder(tmp_path / "folder", pairs)
+    corpus.write_folder(tmp_path / "folder", [*pairs, heavy])
     (tmp_path / "folder" / "orphan.jpg").write_bytes(pairs[0][1])  # no sidecar caption
+    (tmp_path / "folder" / "lonely.txt").write_text("a caption whose image is missing")
 
     runs = {
         "webdataset": (str(tmp_path / "wds" / "shard-{00000..00002}.tar"), {}),
-        "parquet": (str(tmp_path / "pq"), {"image_key": "jpg", "caption_key": "txt"}),
+        "parquet": (str(tmp_path / "pq"), {"image_key": "jpg", "caption_key": "txt", "max_image_bytes": 50_000}),
         "csv": (str(csv_path), {"caption_key": "title"}),
         "tsv": (str(tsv_path), {"caption_key": "title"}),
-        "folder": (str(tmp_path / "folder"), {}),
+        "folder": (str(tmp_path / "folder"), {"max_image_bytes": 50_000}),
     }
     captions = sorted(caption for _, _, caption in pairs)
     for name, (source, options) in runs.items():
@@ -84,9 +100,13 @@ def test_each_format_reads_locally(tmp_path):
                               echo=_quiet)
         rows = _shard_rows(tmp_path / f"out-{name}")
         assert sorted(r["caption"] for r in rows) == captions, name
-        expected_read = 13 if name == "folder" else 12
+        expected_read = {"parquet": 15, "csv": 14, "folder": 15}.get(name, 12)
         assert manifest["counts"]["read"] == expected_read, name
-    assert _rejects(tmp_path / "out-folder") == {"orphan": "missing_caption"}
+    assert _rejects(tmp_path / "out-parquet") == {"heavy": "image_too_large", "no-image": "missing_image",
+                                                  "no-caption": "missing_caption"}
+    assert _rejects(tmp_path / "out-csv") == {"pairs.csv:12": "unsupported_uri", "pairs.csv:13": "unsupported_uri"}
+    assert _rejects(tmp_path / "out-folder") == {"orphan": "missing_caption", "lonely": "missing_image",
+                                                 "heavy": "image_too_large"}
 
 
 def test_labeled_sets_map_labels_through_class_names(tmp_path):
@@ -118,6 +138,9 @@ def test_s3_in_and_out(tmp_path, s3_bucket):
     corpus.write_webdataset(tmp_path / "wds", pairs, shards=2)
     corpus.write_parquet(tmp_path / "pq" / "data.parquet", pairs)
     csv_path = corpus.write_csv(tmp_path / "csv", pairs)
+    lines = csv_path.read_text().splitlines()
+    lines[1] = lines[1].replace("images/", f"s3://{s3_bucket}/raw/csv/images/")  # an absolute URI in a cell
+    csv_path.write_text("\n".join(lines) + "\n")
     corpus.write_folder(tmp_path / "folder", pairs)
     for path in [*tmp_path.glob("wds/*.tar"), tmp_path / "pq" / "data.parquet", csv_path,
                  *tmp_path.glob("csv/images/*.jpg"), *tmp_path.glob("folder/*")]:
@@ -145,17 +168,23 @@ def test_s3_in_and_out(tmp_path, s3_bucket):
     assert digests["folder"] == digests["wds"], "folder keys are the file stems, as the tar's"
 
 
-def test_prepared_rows_feed_torch_batches_with_augmentation(tmp_path):
+def test_prepared_rows_feed_torch_batches_shuffled_by_seed(tmp_path):
     import torch
 
     from workflows.preprocess import decode_batch
     from workflows.train import Augment
 
-    preprocess("synthetic://all?count=24&seed=4&image_size=48", str(tmp_path / "out"),
-               PreprocessOptions(image_size=48), echo=_quiet)
-    dataset = load_prepared(str(tmp_path / "out"), shuffle_files=True, seed=0)
-    dataset = dataset.map_batches(decode_batch, batch_format="numpy", fn_kwargs={"image_size": 32})
-    batches = list(dataset.iter_torch_batches(batch_size=10, local_shuffle_buffer_size=16, local_shuffle_seed=0))
+    manifest = preprocess("synthetic://all?count=24&seed=4&image_size=48", str(tmp_path / "out"),
+                          PreprocessOptions(image_size=48, rows_per_shard=4), echo=_quiet)
+    assert len(manifest["shards"]) == 6
+
+    def torch_batches(seed: int) -> list[dict]:
+        dataset = load_prepared(str(tmp_path / "out"), shuffle_files=True, seed=seed)
+        dataset = dataset.map_batches(decode_batch, batch_format="numpy", fn_kwargs={"image_size": 32})
+        dataset.context.execution_options.preserve_order = True  # as the trainer's DataConfig sets it
+        return list(dataset.iter_torch_batches(batch_size=10, local_shuffle_buffer_size=16, local_shuffle_seed=0))
+
+    batches = torch_batches(seed=0)
     augment = Augment(32, train=True, generator=torch.Generator().manual_seed(0))
     images = augment(batches[0]["image"])
     assert images.shape == (10, 3, 32, 32) and images.dtype == torch.float32
@@ -164,13 +193,49 @@ def test_prepared_rows_feed_torch_batches_with_augmentation(tmp_path):
     assert batches[0]["label"].shape == (10,) and sum(len(b["tokens"]) for b in batches) == 24
     assert not torch.equal(augment(batches[0]["image"]), images), "two draws of the random crop differ"
 
+    def order(batches: list[dict]) -> torch.Tensor:  # every row's pixels differ
+        return torch.cat([b["image"] for b in batches])
 
-def test_same_input_same_digest_and_reruns_are_safe(tmp_path):
+    assert torch.equal(order(torch_batches(seed=0)), order(batches)), "the same seed, the same order"
+    assert not torch.equal(order(torch_batches(seed=1)), order(batches)), "another file order for another seed"
+
+
+def _files_disagreeing_with_manifest(output: Path) -> list[str]:
+    if not (output / "manifest.json").exists():
+        return []
+    manifest = read_manifest(str(output))
+    named = [*manifest["shards"], manifest["rejects"]]
+    return [entry["path"] for entry in named if not (output / entry["path"]).exists()
+            or hashlib.sha256((output / entry["path"]).read_bytes()).hexdigest() != entry["sha256"]]
+
+
+def test_same_input_same_digest_and_reruns_are_safe(tmp_path, monkeypatch):
     source = "synthetic://train?count=120&seed=9&image_size=32"
     first = preprocess(source, str(tmp_path / "a"), PreprocessOptions(image_size=32, rows_per_shard=50), echo=_quiet)
     other = preprocess(source, str(tmp_path / "b"), PreprocessOptions(image_size=32, rows_per_shard=30), echo=_quiet)
     assert first["digest"] == other["digest"], "the digest is the rows' content, not their sharding"
     assert len(first["shards"]) != len(other["shards"])
+    lower_quality = preprocess(source, str(tmp_path / "q"), PreprocessOptions(image_size=32, jpeg_quality=50),
+                               echo=_quiet)
+    assert lower_quality["digest"] != first["digest"], "other stored bytes are another dataset"
+    stored_bytes = {name: sum(len(r["image"]) for r in _shard_rows(tmp_path / name)) for name in ("a", "q")}
+    assert stored_bytes["q"] < stored_bytes["a"], "jpeg_quality takes effect"
+
+    # a run over the same output that fails just before its manifest (other rejects this time) leaves
+    # no manifest that disagrees with the files it names
+    write_atomically = stage._write_atomically
+
+    def crash_at_the_manifest(uri: str, data: bytes) -> None:
+        if uri.endswith("manifest.json"):
+            raise OSError("crashed before writing the manifest")
+        write_atomically(uri, data)
+
+    monkeypatch.setattr(stage, "_write_atomically", crash_at_the_manifest)
+    with pytest.raises(OSError, match="crashed before"):
+        preprocess(source, str(tmp_path / "a"), PreprocessOptions(image_size=32, min_caption_chars=36), echo=_quiet)
+    monkeypatch.undo()
+    assert set(pq.read_table(tmp_path / "a" / "rejects.parquet").column("reason").to_pylist()) == {"caption_too_short"}
+    assert _files_disagreeing_with_manifest(tmp_path / "a") == []
 
     # a rerun over the same output with other options replaces it cleanly
     again = preprocess(source, str(tmp_path / "a"), PreprocessOptions(image_size=32, rows_per_shard=30), echo=_quiet)
@@ -218,10 +283,30 @@ def test_missing_columns_and_sources_fail_fast_naming_them(tmp_path):
     csv_path = corpus.write_csv(tmp_path / "csv", corpus.clean_pairs(2))
     with pytest.raises(SourceError, match=r"caption column 'caption' not found .*columns are: filepath, title .*--caption-key"):
         preprocess(str(csv_path), str(tmp_path / "out"), echo=_quiet)
-    with pytest.raises(SourceError, match=r"1 of 1 source files do not exist"):
+    with pytest.raises(SourceError, match=r"1 of 1 source files do not exist, e.g. .*nowhere.tar; its folder .* holds: "
+                                          r"csv/, data.parquet$"):
         preprocess(str(tmp_path / "nowhere.tar"), str(tmp_path / "out"), echo=_quiet)
-    with pytest.raises(SourceError, match="cannot tell the format"):
+    with pytest.raises(SourceError, match=r"do not exist, e.g. .*absent/x.tar; its folder .*absent does not exist"):
+        preprocess(str(tmp_path / "absent" / "x.tar"), str(tmp_path / "out"), echo=_quiet)
+    with pytest.raises(SourceError, match=r"cannot tell the format .* nothing is at .*nowhere; its folder .* holds: "):
         preprocess(str(tmp_path / "nowhere"), str(tmp_path / "out"), echo=_quiet)
+    with pytest.raises(SourceError, match=r"image folder .*nowhere does not exist .*; its folder .* holds: csv/"):
+        preprocess(str(tmp_path / "nowhere"), str(tmp_path / "out"), PreprocessOptions(format="folder"), echo=_quiet)
+
+    # a wrong member extension fails here too, not as every row rejected; the run below rejects row by row
+    # the samples that lack a caption or an image (the bad-input corpus)
+    corpus.write_webdataset(tmp_path / "wds", corpus.clean_pairs(2), shards=1)
+    with pytest.raises(SourceError, match=r"no caption \(\.caption\) among the first 4 members of .*shard-00000.tar; "
+                                          r"extensions found: jpg, txt \(choose with --caption-key\)"):
+        preprocess(str(tmp_path / "wds"), str(tmp_path / "out"), PreprocessOptions(caption_key="caption"), echo=_quiet)
+    with pytest.raises(SourceError, match=r"no image \(\.png\) among .*extensions found: jpg, txt .*--image-key"):
+        preprocess(str(tmp_path / "wds"), str(tmp_path / "out"), PreprocessOptions(image_key="png"), echo=_quiet)
+    corpus.write_folder(tmp_path / "folder", corpus.clean_pairs(2))
+    folder = str(tmp_path / "folder")
+    with pytest.raises(SourceError, match=r"no caption \(\.caption\) among the files of .*folder; extensions found"):
+        preprocess(folder, str(tmp_path / "out"), PreprocessOptions(caption_key="caption"), echo=_quiet)
+    with pytest.raises(SourceError, match=r"no label \(\.cls\) among the files of .*folder; extensions found: jpg, txt"):
+        preprocess(folder, str(tmp_path / "out"), PreprocessOptions(label_key="cls"), echo=_quiet)
     assert not (tmp_path / "out").exists()
 
 
@@ -233,9 +318,18 @@ def test_options_are_validated():
 
 
 def test_large_jpegs_decode_at_reduced_scale_with_the_same_result_size():
+    from clip_core.transforms import center_crop, resize_shortest_side
+
     large = corpus.encode(corpus.photo(1600, 1200, seed=1), quality=90)
-    image, size, _ = stage.prepare_image(large, PreprocessOptions(image_size=224))
-    assert size == (1600, 1200) and Image.open(io.BytesIO(image)).size == (224, 224)
+    image, size, _ = stage.prepare_image(large, PreprocessOptions(image_size=224, image_format="png"))
+    stored = Image.open(io.BytesIO(image))
+    assert size == (1600, 1200) and stored.format == "PNG" and stored.size == (224, 224)
+    reduced = Image.open(io.BytesIO(large))
+    reduced.draft("RGB", (299, 224))  # the DCT scale that still covers 224 on the short side: 1/4
+    assert reduced.size == (400, 300)
+    full = Image.open(io.BytesIO(large)).convert("RGB")
+    from_reduced, from_full = (center_crop(resize_shortest_side(i, 224), 224).tobytes() for i in (reduced, full))
+    assert stored.tobytes() == from_reduced != from_full
 
 
 def test_dataset_is_logged_to_mlflow_when_tracking_is_set(tmp_path, monkeypatch):

@@ -7,6 +7,8 @@ The stream is never materialised. Every row read ends kept in a shard or rejecte
 reason in `rejects.parquet`, so `read == kept + rejected` always. Shards are content-addressed
 (`shards/shard-<sha256>.parquet`) and the manifest is written last, so a failed run leaves the
 previous manifest (and the shards it names) intact, and a rerun over the same output is safe.
+`rejects.parquet` keeps its name, so the previous manifest is removed just before it is replaced: a
+run failing in that moment leaves no manifest, never one that disagrees with the files it names.
 The dataset's digest is a hash of its rows' content, independent of sharding and order.
 """
 
@@ -47,7 +49,7 @@ SHARDS_DIR = "shards"
 REASONS = (
     "missing_image", "missing_caption", "empty_image", "unreadable_image", "undecodable_image", "image_too_large",
     "image_too_small", "extreme_aspect_ratio", "caption_not_utf8", "empty_caption", "caption_too_short",
-    "caption_too_long", "invalid_label", "duplicate", "unreadable_source",
+    "caption_too_long", "invalid_label", "duplicate", "unreadable_source", "unsupported_uri",
 )
 
 PROCESSED_SCHEMA = pa.schema([
@@ -89,7 +91,8 @@ class PreprocessOptions(BaseModel):
     min_caption_chars: int = Field(1, ge=1)
     max_caption_chars: int = Field(1000, ge=1)
     dedupe: bool = True
-    rows_per_shard: int = Field(10_000, gt=0)
+    rows_per_shard: int = Field(10_000, gt=0, description="at most this many rows per shard: a shard holds the rows "
+                                "kept out of this many read, so rejected rows make it smaller")
     batch_size: int = Field(256, gt=0, description="rows per processing task")
     concurrency: int | None = Field(None, gt=0, description="at most this many processing tasks at once")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per processing task")
@@ -199,9 +202,11 @@ def _fetch(uri: str | None, limit: int, missing: str) -> bytes | None:
         return storage.read_bytes(uri, max_bytes=limit)
     except FileNotFoundError:
         raise Reject(missing, f"no file at {uri}") from None
-    except ValueError as exc:
+    except storage.UnsupportedURI as exc:
+        raise Reject("unsupported_uri", str(exc)) from None
+    except storage.TooLarge as exc:
         raise Reject("image_too_large" if missing == "missing_image" else "caption_too_long", str(exc)) from None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise Reject("unreadable_image" if missing == "missing_image" else "missing_caption", str(exc)[:200]) from None
 
 
@@ -374,10 +379,10 @@ def _finalize(output: str, source: str, fmt: str, files: list[str], options: Pre
     reject_table = pa.table(rejects, schema=REJECT_SCHEMA)
     buffer = io.BytesIO()
     pq.write_table(reject_table, buffer)
-    _write_atomically(storage.join(output, REJECTS), buffer.getvalue())
     by_reason = Counter(rejects["reason"])
     identity = {"schema_version": SCHEMA_VERSION, "image_size": options.image_size,
                 "image_format": options.image_format, "tokenizer": TOKENIZER_ID,
+                "jpeg_quality": options.jpeg_quality if options.image_format == "jpeg" else None,
                 "classnames": options.classnames, "content": f"{content:032x}", "rows": counts["kept"]}
     digest = "sha256:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     manifest = {
@@ -400,6 +405,10 @@ def _finalize(output: str, source: str, fmt: str, files: list[str], options: Pre
     }
     if manifest["counts"]["read"] != manifest["counts"]["kept"] + manifest["counts"]["rejected"]:
         raise RuntimeError(f"row accounting broke: {manifest['counts']}")  # never expected: a bug, not bad input
+    # rejects.parquet keeps its name from run to run, so the manifest that named the previous one goes first:
+    # a run failing from here on leaves no manifest rather than one that disagrees with rejects.parquet
+    storage.delete(storage.join(output, MANIFEST))
+    _write_atomically(storage.join(output, REJECTS), buffer.getvalue())
     _write_atomically(storage.join(output, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
     live = {storage.basename(s["path"]) for s in shards}
     shards_uri = storage.join(output, SHARDS_DIR)

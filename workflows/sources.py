@@ -16,12 +16,14 @@ import csv
 import io
 import json
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlparse
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import storage, synthetic
@@ -29,6 +31,8 @@ from . import storage, synthetic
 FORMATS = ("webdataset", "parquet", "csv", "folder", "synthetic")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 READ_BATCH_ROWS = 256
+SAMPLED_MEMBERS = 100  # a WebDataset source's first shard is checked for its fields on this many members
+URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 RAW_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -84,7 +88,23 @@ def detect_format(source: str) -> str:
                 return fmt
         if any(f.lower().endswith(tuple("." + e for e in IMAGE_EXTENSIONS)) for f in files):
             return "folder"
-    raise SourceError(f"cannot tell the format of {source!r}: pass --format one of {', '.join(FORMATS)}")
+    missing = "" if "{" in source or storage.exists(source) else f"; nothing is at {source}; {_found_instead(source)}"
+    raise SourceError(f"cannot tell the format of {source!r}: pass --format one of {', '.join(FORMATS)}{missing}")
+
+
+def _found_instead(uri: str, shown: int = 10) -> str:
+    """What is where a missing `uri` was expected: the first names in its folder, or that there is no folder."""
+    folder = storage.dirname(uri)
+    if not storage.is_dir(folder):
+        return f"its folder {folder} does not exist"
+    fs, path = storage.filesystem(folder)
+    try:
+        names = sorted(posixpath.basename(i.path) + ("/" if i.type == pafs.FileType.Directory else "")
+                       for i in fs.get_file_info(pafs.FileSelector(path)))
+    except OSError as exc:
+        return f"its folder {folder} cannot be listed ({exc})"
+    more = f", … ({len(names)} in all)" if len(names) > shown else ""
+    return f"its folder {folder} holds: {', '.join(names[:shown]) or 'nothing'}{more}"
 
 
 def plan_files(source: str, spec: SourceSpec) -> list[str]:
@@ -95,7 +115,10 @@ def plan_files(source: str, spec: SourceSpec) -> list[str]:
         return _plan_synthetic(source)
     if spec.format == "folder":
         if not storage.is_dir(source):
-            raise SourceError(f"image folder {source} does not exist or is not a directory")
+            raise SourceError(f"image folder {source} does not exist or is not a directory; {_found_instead(source)}")
+        extensions = {name.rpartition(".")[2].lower() for name in storage.list_files(source)
+                      if "." in storage.basename(name)}
+        _check_extensions(extensions, f"the files of {source}", spec)
         return [source]
     suffixes = {"webdataset": (".tar",), "parquet": (".parquet",), "csv": (".csv", ".tsv")}[spec.format]
     names = storage.expand_braces(source)
@@ -106,9 +129,12 @@ def plan_files(source: str, spec: SourceSpec) -> list[str]:
     else:
         missing = [name for name in names if not storage.exists(name)]
         if missing:
-            raise SourceError(f"{len(missing)} of {len(names)} source files do not exist, e.g. {missing[0]}")
+            raise SourceError(f"{len(missing)} of {len(names)} source files do not exist, e.g. {missing[0]}; "
+                              f"{_found_instead(missing[0])}")
         files = names
-    if spec.format == "parquet":
+    if spec.format == "webdataset":
+        _check_webdataset_members(files[0], spec)
+    elif spec.format == "parquet":
         for uri in files:
             _check_parquet_columns(uri, spec)
     elif spec.format == "csv":
@@ -127,6 +153,34 @@ def _check_parquet_columns(uri: str, spec: SourceSpec) -> None:
     for role, column in (("image", spec.image_field), ("caption", spec.caption_field), ("label", spec.label_key)):
         if column and column not in names:
             raise SourceError(f"{role} column {column!r} not found in {uri}; columns are: {', '.join(names)}")
+
+
+def _check_webdataset_members(uri: str, spec: SourceSpec) -> None:
+    """Checks the first shard's first members for each field; an unreadable shard is left to the run,
+    which rejects it as a row."""
+    fs, path = storage.filesystem(uri)
+    extensions, members = set(), 0
+    try:
+        with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+            for member in archive:
+                if member.isfile():
+                    extensions.add(_webdataset_split(member.name)[1])
+                    members += 1
+                    if members == SAMPLED_MEMBERS:
+                        break
+    except (OSError, tarfile.TarError):
+        return
+    _check_extensions(extensions, f"the first {members} members of {uri}", spec)
+
+
+def _check_extensions(extensions: set[str], where: str, spec: SourceSpec) -> None:
+    """A wrong --image-key/--caption-key/--label-key fails here, not as every row rejected. A field that only
+    some samples lack is bad input, rejected row by row."""
+    image = (spec.image_key,) if spec.image_key else IMAGE_EXTENSIONS
+    for role, wanted in (("image", image), ("caption", (spec.caption_field,)), ("label", (spec.label_key,))):
+        if extensions and wanted[0] and not extensions & set(wanted):
+            raise SourceError(f"no {role} (.{'/.'.join(wanted)}) among {where}; extensions found: "
+                              f"{', '.join(sorted(extensions))} (choose with --{role}-key)")
 
 
 def _csv_dialect(uri: str) -> str:
@@ -287,7 +341,8 @@ def _read_csv(uri: str, spec: SourceSpec) -> Iterator[dict]:
             if not image:
                 yield {**row, "reason": "missing_image", "detail": f"empty {spec.image_field!r} cell"}
                 continue
-            image_uri = image if image.startswith("s3://") or posixpath.isabs(image) else storage.join(base, image)
+            # any scheme:// is absolute; storage reads file:// and s3:// and refuses the others (unsupported_uri)
+            image_uri = image if URI_SCHEME.match(image) or posixpath.isabs(image) else storage.join(base, image)
             yield {**row, "image_uri": image_uri,
                    "reason": "missing_caption" if caption is None else None}
 

@@ -16,6 +16,14 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 
+class UnsupportedURI(ValueError):
+    """A URI this project does not read: anything but a local path, file:// and s3://."""
+
+
+class TooLarge(ValueError):
+    """An object over the size limit its reader set."""
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
@@ -45,7 +53,8 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:
-        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
+        raise UnsupportedURI(f"unsupported URI scheme in {uri!r}: rayclip reads local paths, file:// and s3:// and "
+                             "never downloads at run time")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
@@ -85,14 +94,14 @@ def is_dir(uri: str) -> bool:
 
 
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
-    """The whole object; with `max_bytes`, refuse (ValueError) anything larger instead of reading it."""
+    """The whole object; with `max_bytes`, refuse (TooLarge) anything larger instead of reading it."""
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as stream:
         if max_bytes is None:
             return stream.read()
         data = stream.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise ValueError(f"{uri} is larger than the limit of {max_bytes:,} bytes")
+        raise TooLarge(f"{uri} is larger than the limit of {max_bytes:,} bytes")
     return data
 
 
