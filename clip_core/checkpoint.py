@@ -12,6 +12,7 @@ rebuilds tensors.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -63,11 +64,17 @@ def save_checkpoint(model: CLIP, directory: str | os.PathLike, *, extra: dict | 
         "tokenizer": {"id": TOKENIZER_ID, "context_length": config.text.context_length},
         "preprocess": _preprocess_config(config),
         **(extra or {}),
+        "weights_sha256": file_sha256(directory / WEIGHTS_FILE),  # checked at every load
     }
     (directory / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
     (directory / OPENCLIP_CONFIG_FILE).write_text(json.dumps(
         {"model_cfg": openclip_model_config(config), "preprocess_cfg": _preprocess_config(config)}, indent=2) + "\n")
     return directory
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as fp:
+        return hashlib.file_digest(fp, "sha256").hexdigest()
 
 
 def export_openclip(model: CLIP, path: str | os.PathLike) -> Path:
@@ -181,6 +188,10 @@ def _read_directory(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, di
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise CheckpointError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+        recorded = description.get("weights_sha256")
+        if recorded is not None and (actual := file_sha256(weights)) != recorded:
+            raise CheckpointError(f"{weights} has sha256 {actual} but {path / CONFIG_FILE} records {recorded}: the "
+                                  "weights were changed or damaged after they were saved; copy the checkpoint again")
         state_dict = load_file(weights)
     elif (path / OPENCLIP_CONFIG_FILE).is_file():
         model_cfg = json.loads((path / OPENCLIP_CONFIG_FILE).read_text()).get("model_cfg")

@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import logging
 import pathlib
@@ -93,39 +94,31 @@ def s3_bucket(s3_server, request):
 @dataclasses.dataclass(frozen=True)
 class MlflowServer:
     uri: str  # tracking URI, http://127.0.0.1:<port>
-    bucket: str  # moto S3 bucket the server proxies artifacts to, under s3://<bucket>/mlflow
     log: pathlib.Path  # the server's combined stdout/stderr
+    bucket: str | None = None  # moto S3 bucket the server proxies artifacts to, under s3://<bucket>/mlflow
+    credentials: tuple[str, str] | None = None  # (user, password) of an authenticating server's admin
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(s3_server, tmp_path_factory):
-    """A real `mlflow server` subprocess on 127.0.0.1 (sqlite backend, 1 worker), proxying artifacts to the moto S3.
-
-    Yields an ``MlflowServer`` with ``.uri`` (the tracking URI ``http://127.0.0.1:<port>``), ``.bucket`` (the moto
-    bucket; artifacts land under ``s3://<bucket>/mlflow/``) and ``.log`` (the server's log file).
-    """
+@contextlib.contextmanager
+def _mlflow_server(tmp: pathlib.Path, artifacts: str, *args: str, env: dict | None = None, **details):
+    """A real `mlflow server` subprocess on 127.0.0.1 (sqlite backend, 1 worker) serving its artifacts from
+    `artifacts`, ready when this yields."""
     import os
     import subprocess
     import sys
     import time
-    import uuid
 
-    import boto3
     import httpx
 
-    tmp = tmp_path_factory.mktemp("mlflow-server")
-    bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server",
+    cmd = [sys.executable, "-m", "mlflow", "server", *args,
            "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-           "--serve-artifacts", "--artifacts-destination", f"s3://{bucket}/mlflow",
+           "--serve-artifacts", "--artifacts-destination", artifacts,
            "--workers", "1", "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server}
     log_path = tmp / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=tmp)
 
     def fail(why):
         proc.kill()
@@ -145,7 +138,7 @@ def mlflow_server(s3_server, tmp_path_factory):
             fail("not ready after 60 s")
         time.sleep(0.2)
     try:
-        yield MlflowServer(uri=uri, bucket=bucket, log=log_path)
+        yield MlflowServer(uri=uri, log=log_path, **details)
     finally:
         proc.terminate()
         try:
@@ -153,3 +146,34 @@ def mlflow_server(s3_server, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real `mlflow server` proxying artifacts to the moto S3: ``.uri`` (the tracking URI), ``.bucket``
+    (artifacts land under ``s3://<bucket>/mlflow/``) and ``.log`` (the server's log file)."""
+    import uuid
+
+    import boto3
+
+    bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    with _mlflow_server(tmp_path_factory.mktemp("mlflow-server"), f"s3://{bucket}/mlflow",
+                        env={"MLFLOW_S3_ENDPOINT_URL": s3_server}, bucket=bucket) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_auth_server(tmp_path_factory):
+    """`mlflow server --app-name basic-auth` whose admin is ``.credentials``; unauthenticated requests get 401."""
+    tmp = tmp_path_factory.mktemp("mlflow-auth")
+    user, password = "admin", "correct-Horse-battery-9"
+    (tmp / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp}/auth.db\n"
+        f"admin_username = {user}\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": "tests-only"}
+    with _mlflow_server(tmp, str(tmp / "artifacts"), "--app-name", "basic-auth", env=env,
+                        credentials=(user, password)) as server:
+        yield server

@@ -43,21 +43,27 @@ def test_bare_safetensors_file_infers_the_architecture(tmp_path):
     assert clip_core.load_model(tmp_path / "weights.safetensors", quick_gelu=True).config.quick_gelu
 
 
+def _rewrite_weights(directory, edit) -> None:
+    """Edit a checkpoint's tensors and record the new digest, as a checkpoint assembled by hand would."""
+    tensors = load_file(directory / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, directory / "model.safetensors")
+    description = json.loads((directory / "config.json").read_text())
+    description["weights_sha256"] = clip_core.checkpoint.file_sha256(directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(description))
+
+
 def test_mismatched_shape_names_the_tensor_and_both_shapes(tmp_path):
     model = clip_core.create_model("tiny")
     directory = clip_core.save_checkpoint(model, tmp_path / "ckpt")
-    tensors = load_file(directory / "model.safetensors")
-    tensors["text_projection"] = torch.zeros(256, 128)
-    save_file(tensors, directory / "model.safetensors")
+    _rewrite_weights(directory, lambda tensors: tensors.update(text_projection=torch.zeros(256, 128)))
     with pytest.raises(CheckpointError, match=r"'text_projection' has shape \(256, 128\) in .* but \(256, 256\) in the model"):
         clip_core.load_model(directory)
 
 
 def test_missing_tensors_are_named(tmp_path):
     directory = clip_core.save_checkpoint(clip_core.create_model("tiny"), tmp_path / "ckpt")
-    tensors = load_file(directory / "model.safetensors")
-    del tensors["ln_final.bias"]
-    save_file(tensors, directory / "model.safetensors")
+    _rewrite_weights(directory, lambda tensors: tensors.pop("ln_final.bias"))
     with pytest.raises(CheckpointError, match="missing tensors: ln_final.bias"):
         clip_core.load_model(directory)
 
@@ -108,4 +114,16 @@ def test_future_checkpoint_format_asks_for_an_upgrade(tmp_path):
     description["format_version"] = 99
     (directory / "config.json").write_text(json.dumps(description))
     with pytest.raises(CheckpointError, match="upgrade rayclip"):
+        clip_core.load_model(directory)
+
+
+def test_weights_whose_digest_differs_from_the_recorded_one_are_refused(tmp_path):
+    directory = clip_core.save_checkpoint(clip_core.create_model("tiny"), tmp_path / "ckpt")
+    recorded = json.loads((directory / "config.json").read_text())["weights_sha256"]
+    assert recorded == clip_core.checkpoint.file_sha256(directory / "model.safetensors")
+    tensors = load_file(directory / "model.safetensors")
+    tensors["ln_final.bias"] = tensors["ln_final.bias"] + 1e-3  # same shapes: only the digest can tell
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model.safetensors has sha256 [0-9a-f]{64} but .*config.json records "
+                                              + recorded):
         clip_core.load_model(directory)

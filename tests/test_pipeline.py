@@ -42,6 +42,11 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
     assert (local.model.name, local.data.train) == (os.path.abspath("micro.json"), os.path.abspath("shards/{0..3}.tar"))
     shown = pipeline.show(config)
     assert "steps: 7" in shown and "lr: 0.001" in shown  # the tiny preset's recipe, resolved
+    secret = pipeline.load_config(None, ["mlflow.tracking_uri=http://ops:hunter2@127.0.0.1:5000",
+                                         "serve.auth_token=token-Secret-42"])
+    shown = pipeline.show(secret)  # what `rayclip config show` prints and the pipeline run logs
+    assert "http://***@127.0.0.1:5000" in shown and "auth_token: '***'" in shown
+    assert "hunter2" not in shown and "token-Secret-42" not in shown
 
 
 def _micro_pipeline(tmp_path) -> list[str]:
@@ -78,6 +83,8 @@ def test_demo_runs_every_stage_and_answers_from_the_live_service_then_a_rerun_sk
     assert client.get_registered_model("clip").aliases == {"champion": 1, "challenger": 1}
     version = client.get_model_version("clip", "1")
     assert version.tags["dataset_digests"] == outcome["datasets"]["train"]["digest"]
+    assert version.tags["train_run_id"] == stages["train"].info.run_id
+    assert version.tags["weights_sha256"] == clip_core.checkpoint.file_sha256(f"{outcome['checkpoint']}/model.safetensors")
 
     # the live service answered the demo's questions as the trained checkpoint does
     model = clip_core.load_model(outcome["checkpoint"])

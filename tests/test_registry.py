@@ -14,11 +14,15 @@ import torch
 
 import clip_core
 from workflows import cli, registry
+from workflows import evaluate as evaluate_module
 from workflows.evaluate import EvaluateConfig, evaluate
 from workflows.preprocess import PreprocessOptions, decode_batch, preprocess, read_manifest, read_prepared_table
 from workflows.synthetic import samples
+from workflows.tracking import using
 
+from faulty_proxy import FaultyProxy
 from micro import briefly_trained
+from ports import free_port
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -53,7 +57,7 @@ def _in_process_metrics(checkpoint, uri) -> dict:
 def test_evaluate_matches_in_process_metrics_and_logs_to_mlflow(sets, tmp_path):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = EvaluateConfig(model=str(sets / "ckpt"), zeroshot=str(sets / "heldout"), retrieval=str(sets / "heldout"),
-                            linear_probe=(str(sets / "heldout2"), str(sets / "heldout")), shots=[2], batch_size=48,
+                            linear_probe=(str(sets / "heldout2"), str(sets / "heldout")), batch_size=48,
                             output_json=str(tmp_path / "metrics.json"), mlflow_tracking_uri=tracking)
     metrics = evaluate(config, echo=lambda *_: None)
 
@@ -64,8 +68,9 @@ def test_evaluate_matches_in_process_metrics_and_logs_to_mlflow(sets, tmp_path):
     for key, value in expected["retrieval"].items():
         assert metrics["retrieval"][key.replace("R@", "R")] == pytest.approx(value, abs=1e-9)
     assert metrics["zeroshot"]["digest"] == read_manifest(str(sets / "heldout"))["digest"]
-    assert set(metrics["linear_probe"]) >= {"full_top1", "k2_top1", "digest", "train_digest"}
-    assert 0 <= metrics["linear_probe"]["k2_top1"] <= 1
+    probes = [f"k{k}_top1" for k in (1, 2, 4, 8, 16)] + ["full_top1"]  # the paper's few-shot ladder by default
+    assert set(metrics["linear_probe"]) >= {*probes, "digest", "train_digest"}
+    assert all(0 <= metrics["linear_probe"][key] <= 1 for key in probes)
     assert json.loads((tmp_path / "metrics.json").read_text())["zeroshot"] == metrics["zeroshot"]
 
     client = mlflow.MlflowClient(tracking)
@@ -73,6 +78,39 @@ def test_evaluate_matches_in_process_metrics_and_logs_to_mlflow(sets, tmp_path):
     assert run.data.metrics["eval.zeroshot.top1"] == metrics["zeroshot"]["top1"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert artifacts == {"eval/metrics.json", "eval/confusion_matrix.png", "eval/retrieval_examples.png"}
+
+
+def test_linear_probes_are_deterministic_and_use_k_examples_per_class():
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 16, generator=generator)
+    def split(n):  # noqa: E306
+        labels = torch.arange(n) % 5
+        features = centers[labels] + 0.8 * torch.randn(n, 16, generator=generator)
+        return {"image_features": features.numpy(), "label": labels.numpy()}
+    train, test = split(100), split(50)
+    first = evaluate_module.linear_probes(train, test, [1, 4, 16], seed=3)
+    assert first == evaluate_module.linear_probes(train, test, [1, 4, 16], seed=3)
+    assert set(first) == {"k1_top1", "k4_top1", "k16_top1", "full_top1"}
+    assert first["k1_top1"] < first["full_top1"] and first["full_top1"] > 0.9  # separable classes, more data helps
+    chosen = clip_core.zeroshot.few_shot_indices(torch.from_numpy(train["label"]), 4, seed=3)
+    assert torch.bincount(torch.from_numpy(train["label"])[chosen]).tolist() == [4] * 5
+
+
+def test_gate_on_a_rank_metric_wants_it_lower():
+    from types import SimpleNamespace
+
+    def version(number, rank, digest="sha256:d"):
+        return SimpleNamespace(name="clip", version=number, tags={"eval.retrieval.image_to_text_median_rank": str(rank),
+                                                                  "eval.retrieval.digest": digest})
+
+    gate = registry.Gate(metric="retrieval.image_to_text_median_rank", max_drop=0.4)
+    assert registry.evaluate_gate(version(1, 3.0), None, gate)[0]  # no floor: any first champion
+    assert not registry.evaluate_gate(version(1, 3.0), None, gate.model_copy(update={"floor": 2.0}))[0]
+    assert registry.evaluate_gate(version(1, 1.5), None, gate.model_copy(update={"floor": 2.0}))[0]
+    assert registry.evaluate_gate(version(2, 3.3), version(1, 3.0), gate)[0]
+    passed, reason, _ = registry.evaluate_gate(version(2, 3.5), version(1, 3.0), gate)
+    assert not passed and "worse than the allowed drop" in reason
+    assert registry.evaluate_gate(version(2, 1.0), version(1, 3.0), gate)[0]
 
 
 def _metrics(sets, top1: float, digest_of: str = "heldout") -> dict:
@@ -91,6 +129,16 @@ def test_register_promote_gate_and_rollback(sets, tmp_path, capsys):
     assert v1.tags["dataset_digests"] == read_manifest(str(sets / "heldout2"))["digest"]
     assert v1.tags["git_commit"] == "0123abcd" and v1.tags["config_hash"].startswith("sha256:")
     assert v1.tags["eval.zeroshot.top1"] == "0.5"
+    # the model says what it takes and gives, and pins what it needs
+    with using(tracking):
+        model_dir = mlflow.artifacts.download_artifacts(artifact_uri="models:/clip/1", dst_path=str(tmp_path / "model"))
+    signature = mlflow.models.Model.load(model_dir).signature
+    assert signature.inputs.input_names() == ["image", "text"]
+    assert signature.outputs.input_names() == ["label", "score", "labels", "scores", "embedding"]
+    assert [param.name for param in signature.params.params] == ["labels", "templates", "top_k"]
+    requirements = (tmp_path / "model" / "requirements.txt").read_text().splitlines()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+    assert os.path.isfile(tmp_path / "model" / "serving_input_example.json")
     # the sqlite store keeps its artifacts beside the database, not in ./mlruns
     assert client.get_run(v1.run_id).info.artifact_uri.startswith(f"file://{tmp_path}/mlartifacts/")
 
@@ -137,7 +185,7 @@ def test_register_promote_gate_and_rollback(sets, tmp_path, capsys):
     assert "champion" in table[4] and "rolled_back" in table[1]
 
 
-def test_registry_errors_name_the_problem(sets, tmp_path, capsys):
+def test_registry_errors_name_the_problem(sets, tmp_path, capsys, monkeypatch):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(ValueError, match="nothing to evaluate"):
         EvaluateConfig(model=str(sets / "ckpt"))
@@ -145,6 +193,10 @@ def test_registry_errors_name_the_problem(sets, tmp_path, capsys):
     assert "no prepared dataset" in capsys.readouterr().err
     assert cli.main(["register", str(tmp_path), "--name", "clip", "--mlflow-tracking-uri", tracking]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    (tmp_path / "classnames.txt").write_text("red circle\n\nblue square\n\n")  # the blank would shift every label
+    assert cli.main(["evaluate", str(sets / "ckpt"), "--zeroshot", str(sets / "heldout"),
+                     "--classnames", str(tmp_path / "classnames.txt")]) == 2
+    assert "classnames.txt, line 2: blank line" in capsys.readouterr().err
     with pytest.raises(registry.RegistryError, match="no registered model 'nope'"):
         registry.promote("nope", tracking_uri=tracking)
     registry.register(str(sets / "ckpt"), "clip", tracking_uri=tracking, echo=lambda *_: None)
@@ -152,6 +204,46 @@ def test_registry_errors_name_the_problem(sets, tmp_path, capsys):
     assert decision["decision"] == "failed" and "no zeroshot.top1 metric" in decision["reason"]
     with pytest.raises(registry.RegistryError, match="has no alias 'champion'"):
         registry.rollback("clip", tracking_uri=tracking)
+
+    # an MLflow that cannot be reached: a clear error, after bounded retries, without the URI's password
+    unreachable = ["--mlflow-tracking-uri", f"http://admin:hunter2@127.0.0.1:{free_port()}"]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # the same retries, without the ~30 s of waiting
+    capsys.readouterr()
+    assert cli.main(["models", "clip", *unreachable]) == 2
+    error = capsys.readouterr().err
+    assert "rayclip models: error: MLflow failed" in error and "Connection refused" in error, error
+    assert "***@127.0.0.1" in error and "hunter2" not in error
+
+    # weights swapped in the artifact store (with a config that matches them) are refused at load
+    version = registry.client(tracking).get_model_version("clip", "1")
+    assert version.tags["weights_sha256"] == json.loads((sets / "ckpt" / "config.json").read_text())["weights_sha256"]
+    [stored] = list(tmp_path.glob("mlartifacts/**/artifacts/checkpoint"))
+    clip_core.save_checkpoint(clip_core.create_model("tiny"), stored)
+    with pytest.raises(registry.RegistryError, match="the version records " + version.tags["weights_sha256"]):
+        registry.fetch_checkpoint("models:/clip/1", str(tmp_path / "fetched"), tracking_uri=tracking)
+
+
+def test_registration_retries_5xx_and_a_failed_one_leaves_no_version_behind(sets, mlflow_server, monkeypatch):
+    # MLflow's own retry policy, bounded by our defaults; no backoff here: the count is what is tested
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    quiet = lambda *_: None  # noqa: E731
+    with FaultyProxy(mlflow_server.uri) as proxy:
+        proxy.fail("/model-versions/set-tag", times=2)
+        proxy.fail("/registered-models/alias", times=1)
+        first = registry.register(str(sets / "ckpt"), "clip-flaky", tracking_uri=proxy.uri, echo=quiet)
+        assert proxy.statuses("/model-versions/set-tag")[:3] == [503, 503, 200]
+        assert proxy.statuses("/registered-models/alias") == [503, 200]
+
+        proxy.fail("/registered-models/alias")  # for good
+        with pytest.raises(registry.RegistryError, match=r"registering clip-flaky version 2 stopped before alias "
+                                                         r"'challenger'.*version 2 was deleted.*503"):
+            registry.register(str(sets / "ckpt"), "clip-flaky", tracking_uri=proxy.uri, echo=quiet)
+        assert proxy.statuses("/registered-models/alias")[2:] == [503] * 4  # the request and 3 retries
+    client = registry.client(mlflow_server.uri)
+    assert {k: str(v) for k, v in client.get_registered_model("clip-flaky").aliases.items()} == {"challenger": "1"}
+    assert [str(v.version) for v in client.search_model_versions("name = 'clip-flaky'")] == ["1"]
+    assert client.get_model_version("clip-flaky", "1").tags == first["tags"]
 
 
 def test_registered_model_on_mlflow_server_evaluates_promotes_and_loads_in_a_fresh_process(sets, mlflow_server, tmp_path):
@@ -171,6 +263,15 @@ def test_registered_model_on_mlflow_server_evaluates_promotes_and_loads_in_a_fre
     version = registry.client(tracking).get_model_version("clip-remote", "1")
     assert float(version.tags["eval.zeroshot.top1"]) == metrics["zeroshot"]["top1"]
     assert registry.promote("clip-remote", tracking_uri=tracking, echo=lambda *_: None)["decision"] == "passed"
+    # over REST (versions as str, aliases left out of search results): the gate, rollback and the table
+    worse = {"zeroshot": {**metrics["zeroshot"], "top1": metrics["zeroshot"]["top1"] - 0.1}}
+    registry.register(str(sets / "ckpt"), "clip-remote", metrics=worse, tracking_uri=tracking, echo=lambda *_: None)
+    assert registry.promote("clip-remote", tracking_uri=tracking, echo=lambda *_: None)["decision"] == "failed"
+    assert registry.promote("clip-remote", force=True, tracking_uri=tracking, echo=lambda *_: None)["forced"]
+    registry.rollback("clip-remote", tracking_uri=tracking, echo=lambda *_: None)
+    rows = registry.list_versions("clip-remote", tracking_uri=tracking)
+    assert [(row["version"], row["aliases"], row["status"]) for row in rows] == [
+        ("2", ["challenger"], "rolled_back"), ("1", ["champion"], "passed")]
 
     images = [sample.image_bytes() for sample in samples(3, split="heldout", seed=5, image_size=64)]
     labels = ["red circle", "blue square", "green triangle"]
@@ -197,3 +298,40 @@ def test_registered_model_on_mlflow_server_evaluates_promotes_and_loads_in_a_fre
     _, top = clip_core.predict(model, torch.stack([transform(i) for i in images]), classifier, top_k=1)
     assert [row[0] for row in answer["labels"]] == [labels[i] for i in top[:, 0].tolist()]
     assert np.isfinite(answer["scores"]).all()
+
+
+def test_basic_auth_server_credentials_come_from_the_environment_and_are_never_stored(sets, mlflow_auth_server,
+                                                                                      monkeypatch, capsys, tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    user, password = mlflow_auth_server.credentials
+    flags = ["--mlflow-tracking-uri", mlflow_auth_server.uri]
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-Password-7")
+    assert cli.main(["models", "clip-auth", *flags]) == 2
+    error = capsys.readouterr().err
+    assert "401" in error and "MLFLOW_TRACKING_PASSWORD" in error and "not-the-Password-7" not in error, error
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    (tmp_path / "m1.json").write_text(json.dumps(_metrics(sets, 0.5)))
+    assert cli.main(["register", str(sets / "ckpt"), "--name", "clip-auth", "--metrics", str(tmp_path / "m1.json"),
+                     *flags]) == 0
+    assert cli.main(["promote", "clip-auth", *flags]) == 0
+    # credentials in the URI work too (requests sends them), and are never printed
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    in_uri = mlflow_auth_server.uri.replace("http://", f"http://{user}:{password}@")
+    assert cli.main(["models", "clip-auth", "--mlflow-tracking-uri", in_uri]) == 0
+    assert cli.main(["models", "nope", "--mlflow-tracking-uri", in_uri]) == 2
+    printed = capsys.readouterr()
+    assert "champion" in printed.out and "no registered model 'nope' in http://***@127.0.0.1" in printed.err
+    assert password not in printed.out + printed.err
+
+    client = registry.client(in_uri)
+    version = client.get_model_version("clip-auth", "1")
+    assert str(client.get_registered_model("clip-auth").aliases["champion"]) == "1"
+    run = client.get_run(version.run_id)
+    stored = json.dumps([version.tags, client.get_registered_model("clip-auth").tags, run.data.params, run.data.tags])
+    assert "validation_status" in stored and password not in stored
+    with pytest.raises(MlflowException, match="401"):  # the server does authenticate
+        registry.client(mlflow_auth_server.uri).search_registered_models()

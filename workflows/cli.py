@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 
+from .tracking import failure, is_mlflow_error, redact
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -73,8 +75,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _lines(path: str) -> list[str]:
+    """One entry per line; a blank line between entries is an error (labels are counted by line)."""
     with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+        lines = [line.strip() for line in f.read().rstrip().splitlines()]
+    if "" in lines:
+        raise ValueError(f"{path}, line {lines.index('') + 1}: blank line; write one entry per line, no blank lines "
+                         "between them (a class name's line number is its label)")
+    return lines
 
 
 def _tracking_uri(args: argparse.Namespace) -> str | None:
@@ -303,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     pro.add_argument("name")
     pro.add_argument("--version", help="the candidate (default: the challenger alias)")
     pro.add_argument("--max-drop", type=float, default=0.005, help="allowed drop (default 0.005 = 0.5 points)")
-    pro.add_argument("--floor", type=float, default=0.0, help="what a first champion must reach")
+    pro.add_argument("--floor", type=float, help="what a first champion must reach (default: no floor)")
     pro.add_argument("--force", action="store_true", help="promote even if the gate fails (recorded)")
     pro.set_defaults(handler=_promote)
 
@@ -349,7 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ValueError, OSError) as exc:
-        print(f"rayclip {args.command}: error: {exc}", file=sys.stderr)
+        print(f"rayclip {args.command}: error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not is_mlflow_error(exc):
+            raise
+        print(f"rayclip {args.command}: error: {failure(exc)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray's handlers turn SIGTERM and Ctrl-C into exits
         print(f"rayclip {args.command}: interrupted", file=sys.stderr)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import storage
 from .preprocess import PreprocessOptions, preprocess, read_manifest
 from .registry import Gate
+from .tracking import redacted, set_experiment, using
 
 PIPELINE_KEY_TAG = "rayclip.pipeline_key"  # on a model version: the train key of the checkpoint it holds
 # fields of the stage configs that the pipeline sets itself (from data/model/storage/mlflow sections)
@@ -258,7 +259,15 @@ def show(config: PipelineConfig) -> str:
                                      ("serve", serve, _SERVE_OWNED)):
         if resolved is not None:
             values[section] = {**resolved.model_dump(mode="json", exclude=owned), **config.model_dump()[section]}
-    return yaml.safe_dump(values, sort_keys=False)
+    return yaml.safe_dump(_shown(values), sort_keys=False)
+
+
+def _shown(values: dict) -> dict:
+    """A dumped config fit to print or log: no URI credentials, no serve token."""
+    values = redacted(values)
+    if values.get("serve", {}).get("auth_token"):
+        values["serve"]["auth_token"] = "***"
+    return values
 
 
 # ------------------------------------------------------------------------------ running
@@ -275,8 +284,6 @@ class Pipeline:
         self.echo(f"[{name}] {status}: {detail}")
 
     def run(self) -> dict:
-        from .tracking import using
-
         with using(self.tracking):  # each stage also gets it in its own config
             return self._run()
 
@@ -284,7 +291,6 @@ class Pipeline:
         import mlflow
 
         from .runtime import init_ray
-        from .tracking import set_experiment
 
         config = self.config
         if not storage.is_s3(config.root()):
@@ -297,7 +303,7 @@ class Pipeline:
         config_digest = _digest(config.model_dump(mode="json"))
         with mlflow.start_run(run_name="pipeline", tags={"rayclip.stage": "pipeline",
                                                          "rayclip.config_digest": config_digest}) as parent:
-            mlflow.log_dict(config.model_dump(mode="json"), "pipeline_config.json")
+            mlflow.log_dict(_shown(config.model_dump(mode="json")), "pipeline_config.json")
             self.outcome["mlflow_run_id"] = parent.info.run_id
             try:
                 self._stages(parent.info.run_id)

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clip_core.checkpoint import CONFIG_FILE, OPENCLIP_CONFIG_FILE, WEIGHTS_FILE
+from clip_core.checkpoint import CONFIG_FILE, OPENCLIP_CONFIG_FILE, WEIGHTS_FILE, file_sha256
 
 from . import storage
-from .tracking import start_run, using
+from .tracking import failure, is_missing, is_mlflow_error, redact, start_run, using
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 EVAL_SECTIONS = ("zeroshot", "retrieval", "linear_probe")  # what `rayclip evaluate` writes
@@ -76,14 +76,16 @@ def get_version(name: str, alias: str | None = None, version: str | int | None =
         version = model.aliases[alias]
     try:
         return client(tracking_uri).get_model_version(name, str(version))
-    except MlflowException:
+    except MlflowException as exc:
+        if not is_missing(exc):
+            raise
         raise RegistryError(f"model {name!r} has no version {version}") from None
 
 
 def _store(tracking_uri: str | None) -> str:
     import mlflow
 
-    return tracking_uri or mlflow.get_tracking_uri()
+    return redact(tracking_uri or mlflow.get_tracking_uri())
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -113,6 +115,11 @@ def fetch_checkpoint(uri: str, destination: str, *, tracking_uri: str | None = N
             directory = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{name}/{model_version.version}/artifacts/{CHECKPOINT_ARTIFACT}",
                 dst_path=destination)
+        recorded = (model_version.tags or {}).get("weights_sha256")
+        if recorded and (actual := file_sha256(Path(directory, WEIGHTS_FILE))) != recorded:
+            raise RegistryError(f"{uri} (version {model_version.version}): its {WEIGHTS_FILE} has sha256 {actual} but "
+                                f"the version records {recorded}: the artifact store holds other weights than were "
+                                "registered; register the checkpoint again")
         return ModelSource(directory, uri, name, str(model_version.version), model_version.run_id,
                            dict(model_version.tags or {}))
     if not storage.is_s3(uri):
@@ -155,7 +162,8 @@ def lineage(directory: str) -> dict[str, str]:
                                             sort_keys=True).encode()).hexdigest()
     tags = {"dataset_digests": ",".join(digests), "train_run_id": train.get("mlflow_run_id") or "",
             "git_commit": train_config.get("git_commit") or "", "config_hash": f"sha256:{config_hash}",
-            "model_config": description.get("model", {}).get("name") or "", "train_steps": str(train.get("step", ""))}
+            "model_config": description.get("model", {}).get("name") or "",
+            "weights_sha256": description.get("weights_sha256") or "", "train_steps": str(train.get("step", ""))}
     return {key: value for key, value in tags.items() if value}
 
 
@@ -208,12 +216,16 @@ def _example_image() -> bytes:
 
 def _signature():
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
     from .pyfunc_model import DEFAULT_PARAMS
 
     inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "text", required=False)])
-    outputs = Schema([ColSpec("string", "label", required=False), ColSpec("double", "score", required=False)])
+    # with labels: the best label and score, and the top_k of each; without: the embedding
+    outputs = Schema([ColSpec("string", "label", required=False), ColSpec("double", "score", required=False),
+                      ColSpec(Array("string"), "labels", required=False),
+                      ColSpec(Array("double"), "scores", required=False),
+                      ColSpec(Array("float"), "embedding", required=False)])
     params = ParamSchema([ParamSpec("labels", "string", DEFAULT_PARAMS["labels"], shape=(-1,)),
                           ParamSpec("templates", "string", DEFAULT_PARAMS["templates"], shape=(-1,)),
                           ParamSpec("top_k", "long", DEFAULT_PARAMS["top_k"])])
@@ -248,12 +260,30 @@ def register(checkpoint: str, name: str, *, metrics: dict | None = None, trackin
                 pip_requirements=_requirements(), registered_model_name=name)
     registry = client(tracking_uri)
     version = str(info.registered_model_version)
-    for key, value in tags.items():
-        registry.set_model_version_tag(name, version, key, value)
-    registry.set_registered_model_alias(name, alias, version)
+    try:  # the alias last: a version that someone may load carries its whole lineage
+        for key, value in tags.items():
+            registry.set_model_version_tag(name, version, key, value)
+        registry.set_registered_model_alias(name, alias, version)
+    except Exception as exc:
+        if not is_mlflow_error(exc):
+            raise
+        raise RegistryError(f"registering {name} version {version} stopped before alias {alias!r} pointed at it; "
+                            f"{_discard(registry, name, version)}. {failure(exc)}") from exc
     echo(f"register: {name} version {version} ({alias}) from {checkpoint}")
     return {"name": name, "version": version, "alias": alias, "run_id": info.run_id, "model_uri": info.model_uri,
             "tags": tags}
+
+
+def _discard(registry, name: str, version: str) -> str:
+    """Delete a version whose registration failed half-way, or say what is left."""
+    try:
+        registry.delete_model_version(name, version)
+        return f"version {version} was deleted"
+    except Exception as exc:  # noqa: BLE001 - the server that failed the registration may fail this too
+        if not is_mlflow_error(exc):
+            raise
+        return (f"version {version} is left without alias and perhaps without all its tags: delete it "
+                f"(MlflowClient().delete_model_version({name!r}, {version!r})) or leave it, no alias names it")
 
 
 # ------------------------------------------------------------------------------ promote / rollback
@@ -266,7 +296,8 @@ class Gate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     metric: str = Field("zeroshot.top1", description="section.metric as `rayclip evaluate` writes it")
     max_drop: float = Field(0.005, ge=0, description="tolerated loss, in the metric's units (0.005 = 0.5 points)")
-    floor: float = Field(0.0, description="what a first champion must reach")
+    floor: float | None = Field(None, description="what a first champion must reach: at least this, or at most "
+                                "for a rank or loss (lower is better); none: any value")
 
     @property
     def lower_is_better(self) -> bool:
@@ -307,6 +338,8 @@ def evaluate_gate(challenger, champion, gate: Gate) -> tuple[bool, str, dict]:
     sign = -1 if gate.lower_is_better else 1
     if champion is None:
         compared["floor"] = gate.floor
+        if gate.floor is None:
+            return True, f"no champion yet and no floor; {gate.metric} {value:.4g}", compared
         passed = sign * (value - gate.floor) >= 0
         return passed, (f"no champion yet; {gate.metric} {value:.4g} {'meets' if passed else 'misses'} the floor "
                         f"{gate.floor:.4g}"), compared
@@ -344,9 +377,10 @@ def promote(name: str, version: str | int | None = None, *, gate: Gate | None = 
     if champion is not None:
         registry.set_model_version_tag(name, str(champion.version), "promotion.last_comparison", record)
     if passed or force:
+        # the alias before the history: an alias moved without its history entry joins it on the next read
         history = _history(registry, name) + [str(challenger.version)]
-        registry.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
         registry.set_registered_model_alias(name, CHAMPION, str(challenger.version))
+        registry.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
         if champion is not None:
             registry.set_model_version_tag(name, str(champion.version), "superseded_by", str(challenger.version))
     echo(f"promote: {name} version {challenger.version}: {status} — {reason}")
@@ -363,8 +397,9 @@ def rollback(name: str, *, tracking_uri: str | None = None, echo=print) -> dict:
     current, previous = history[-1], history[-2]
     decision = {"decision": "rolled_back", "from_version": current, "to_version": previous, "timestamp": _now()}
     record = json.dumps(decision, sort_keys=True)
-    registry.set_registered_model_alias(name, CHAMPION, previous)
+    # the history before the alias: a history cut back without the alias move heals on the next read
     registry.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
+    registry.set_registered_model_alias(name, CHAMPION, previous)
     registry.set_model_version_tag(name, current, "validation_status", "rolled_back")
     registry.set_model_version_tag(name, current, "rollback.decision", record)
     registry.set_model_version_tag(name, previous, "rollback.decision", record)
@@ -398,7 +433,9 @@ def get_registered_model(name: str, tracking_uri: str | None = None):
 
     try:
         return client(tracking_uri).get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if not is_missing(exc):
+            raise
         raise RegistryError(f"no registered model {name!r} in {_store(tracking_uri)}: "
                             f"`rayclip register CHECKPOINT --name {name}` creates it") from None
 

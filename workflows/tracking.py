@@ -4,6 +4,57 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
+
+# MLflow's HTTP client retries with exponential backoff; its defaults (7 retries, factor 2, 120 s
+# timeout) keep a command waiting about 4 minutes on a tracking server that is down. Ours give up
+# after ~30 s (5 retries: 0, 2, 4, 8, 16 s, a 503's Retry-After respected); MLflow's variables,
+# set by the user, win.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+for _key, _value in HTTP_RETRY_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of any URI in it (`scheme://user:password@host`) replaced by `***`."""
+    return _USERINFO.sub("***@", text)
+
+
+def redacted(value):
+    """A copy of a JSON-like value (a dumped config) with every URI's credentials redacted."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: redacted(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redacted(item) for item in value)
+    return value
+
+
+def is_mlflow_error(exc: BaseException) -> bool:
+    """Whether `exc` is MLflow's (a server that is down, refuses the credentials, or fails), without
+    importing MLflow for the question."""
+    errors = sys.modules.get("mlflow.exceptions")
+    return errors is not None and isinstance(exc, errors.MlflowException)
+
+
+def is_missing(exc: BaseException) -> bool:
+    """Whether an MLflow error says the run, model or version asked for does not exist (and not that
+    the server could not be asked)."""
+    return is_mlflow_error(exc) and getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def failure(exc: BaseException) -> str:
+    """One line for an MLflow failure: what MLflow said (credentials redacted) and what to do."""
+    said = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    return (f"MLflow failed: {said[:600]} (after up to {retries} retries, $MLFLOW_HTTP_REQUEST_MAX_RETRIES): check "
+            "that the tracking server is up and, for an authenticating server, $MLFLOW_TRACKING_USERNAME and "
+            "$MLFLOW_TRACKING_PASSWORD; then run the command again")
 
 
 def run_exists(run_id: str) -> bool:
@@ -14,8 +65,10 @@ def run_exists(run_id: str) -> bool:
     try:
         mlflow.MlflowClient().get_run(run_id)
         return True
-    except MlflowException:
-        return False
+    except MlflowException as exc:
+        if is_missing(exc):
+            return False
+        raise
 
 
 def set_experiment(name: str):

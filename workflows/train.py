@@ -35,7 +35,7 @@ from clip_core.transforms import normalize
 
 from . import storage
 from .preprocess import decode_batch
-from .tracking import start_run
+from .tracking import redacted, start_run
 
 TRAIN_STATE = "train_state.pt"
 
@@ -389,7 +389,7 @@ def _save_train_state(directory: str, model, weights: dict, optimizer_state: dic
                       position: Position, rng: list, config: TrainConfig, mlflow_run_id: str | None,
                       metrics: dict) -> None:
     clip_core.save_checkpoint(model, directory, weights=weights, extra={"train": {
-        "step": position.step, "mlflow_run_id": mlflow_run_id, "config": config.model_dump(mode="json")}})
+        "step": position.step, "mlflow_run_id": mlflow_run_id, "config": redacted(config.model_dump(mode="json"))}})
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "step": position.step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
@@ -632,7 +632,7 @@ class _RankZeroTracker:
         # a run resumed by hand into another tracking store gets a new run there
         self.run_id = start_run(run_id, config.mlflow_experiment, config.run_name or "train", tags).info.run_id
         if self.run_id != run_id:
-            mlflow.log_params(_flatten(config.model_dump(mode="json", exclude={"fault_injection"})))
+            mlflow.log_params(_flatten(redacted(config.model_dump(mode="json", exclude={"fault_injection"}))))
             self._log_datasets(config)
 
     def _log_datasets(self, config: TrainConfig) -> None:
