@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 
 import clip_core
 from workflows import cli, registry
@@ -240,10 +241,22 @@ def test_registration_retries_5xx_and_a_failed_one_leaves_no_version_behind(sets
                                                          r"'challenger'.*version 2 was deleted.*503"):
             registry.register(str(sets / "ckpt"), "clip-flaky", tracking_uri=proxy.uri, echo=quiet)
         assert proxy.statuses("/registered-models/alias")[2:] == [503] * 4  # the request and 3 retries
-    client = registry.client(mlflow_server.uri)
-    assert {k: str(v) for k, v in client.get_registered_model("clip-flaky").aliases.items()} == {"challenger": "1"}
-    assert [str(v.version) for v in client.search_model_versions("name = 'clip-flaky'")] == ["1"]
-    assert client.get_model_version("clip-flaky", "1").tags == first["tags"]
+        client = registry.client(mlflow_server.uri)
+        assert {k: str(v) for k, v in client.get_registered_model("clip-flaky").aliases.items()} == {"challenger": "1"}
+        assert [str(v.version) for v in client.search_model_versions("name = 'clip-flaky'")] == ["1"]
+        assert client.get_model_version("clip-flaky", "1").tags == first["tags"]
+
+        # a promotion whose alias move fails leaves the champion history as it was: rollback cannot
+        # later jump to the version that never became champion
+        proxy.faults.clear()
+        registry.promote("clip-flaky", force=True, tracking_uri=proxy.uri, echo=quiet)
+        registry.register(str(sets / "ckpt"), "clip-flaky", tracking_uri=proxy.uri, echo=quiet)
+        proxy.fail("/registered-models/alias")
+        with pytest.raises(MlflowException, match="503"):
+            registry.promote("clip-flaky", force=True, tracking_uri=proxy.uri, echo=quiet)
+    assert str(client.get_registered_model("clip-flaky").aliases["champion"]) == "1"
+    with pytest.raises(registry.RegistryError, match="no previous champion"):
+        registry.rollback("clip-flaky", tracking_uri=mlflow_server.uri, echo=quiet)
 
 
 def test_registered_model_on_mlflow_server_evaluates_promotes_and_loads_in_a_fresh_process(sets, mlflow_server, tmp_path):
@@ -302,8 +315,6 @@ def test_registered_model_on_mlflow_server_evaluates_promotes_and_loads_in_a_fre
 
 def test_basic_auth_server_credentials_come_from_the_environment_and_are_never_stored(sets, mlflow_auth_server,
                                                                                       monkeypatch, capsys, tmp_path):
-    from mlflow.exceptions import MlflowException
-
     user, password = mlflow_auth_server.credentials
     flags = ["--mlflow-tracking-uri", mlflow_auth_server.uri]
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
