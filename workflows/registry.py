@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clip_core.checkpoint import CONFIG_FILE, OPENCLIP_CONFIG_FILE, WEIGHTS_FILE, file_sha256
+from clip_core.checkpoint import CONFIG_FILE, OPENCLIP_CONFIG_FILE, WEIGHTS_FILE
 
 from . import storage
 from .tracking import failure, is_missing, is_mlflow_error, redact, start_run, using
@@ -115,11 +115,12 @@ def fetch_checkpoint(uri: str, destination: str, *, tracking_uri: str | None = N
             directory = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{name}/{model_version.version}/artifacts/{CHECKPOINT_ARTIFACT}",
                 dst_path=destination)
+        # the checkpoint must claim the registered weights; load_model then checks the file against its claim
         recorded = (model_version.tags or {}).get("weights_sha256")
-        if recorded and (actual := file_sha256(Path(directory, WEIGHTS_FILE))) != recorded:
-            raise RegistryError(f"{uri} (version {model_version.version}): its {WEIGHTS_FILE} has sha256 {actual} but "
-                                f"the version records {recorded}: the artifact store holds other weights than were "
-                                "registered; register the checkpoint again")
+        if recorded and (claimed := _description(directory).get("weights_sha256")) != recorded:
+            raise RegistryError(f"{uri} (version {model_version.version}): its {CONFIG_FILE} records weights sha256 "
+                                f"{claimed} but the version records {recorded}: the artifact store holds other weights "
+                                "than were registered; register the checkpoint again")
         return ModelSource(directory, uri, name, str(model_version.version), model_version.run_id,
                            dict(model_version.tags or {}))
     if not storage.is_s3(uri):
