@@ -110,13 +110,17 @@ def write_bad_webdataset(directory: Path) -> dict[str, str | None]:
     return expected
 
 
-def write_webdataset(directory: Path, pairs, shards: int = 2) -> None:
+def write_webdataset(directory: Path, pairs, shards: int = 2, labels=None) -> None:
+    """img2dataset's layout; with `labels`, a `<key>.cls` member per sample."""
     directory.mkdir(parents=True, exist_ok=True)
     per = -(-len(pairs) // shards)
     for index in range(shards):
         members = []
-        for key, image, caption in pairs[index * per : (index + 1) * per]:
+        for i in range(index * per, min((index + 1) * per, len(pairs))):
+            key, image, caption = pairs[i]
             members += [(f"{key}.jpg", image), (f"{key}.txt", caption.encode())]
+            if labels is not None:
+                members.append((f"{key}.cls", labels[i].encode()))
         write_tar(directory / f"shard-{index:05d}.tar", members)
 
 
@@ -128,20 +132,24 @@ def write_parquet(path: Path, pairs, labels=None, image_column="jpg", caption_co
     pq.write_table(pa.table(columns), path)
 
 
-def write_csv(directory: Path, pairs, delimiter: str = ",") -> Path:
+def write_csv(directory: Path, pairs, delimiter: str = ",", labels=None) -> Path:
+    """OpenCLIP's layout (`filepath`, `title`); with `labels`, a `label` column."""
     images = directory / "images"
     images.mkdir(parents=True, exist_ok=True)
-    lines = [delimiter.join(["filepath", "title"])]
-    for key, image, caption in pairs:
+    lines = [delimiter.join(["filepath", "title", *(["label"] if labels is not None else [])])]
+    for i, (key, image, caption) in enumerate(pairs):
         (images / f"{key}.jpg").write_bytes(image)
-        lines.append(delimiter.join([f"images/{key}.jpg", caption]))
+        lines.append(delimiter.join([f"images/{key}.jpg", caption, *([labels[i]] if labels is not None else [])]))
     path = directory / ("pairs.tsv" if delimiter == "\t" else "pairs.csv")
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def write_folder(directory: Path, pairs) -> None:
+def write_folder(directory: Path, pairs, labels=None) -> None:
+    """Images with sidecar `.txt` captions; with `labels`, sidecar `.cls` labels."""
     directory.mkdir(parents=True, exist_ok=True)
-    for key, image, caption in pairs:
+    for i, (key, image, caption) in enumerate(pairs):
         (directory / f"{key}.jpg").write_bytes(image)
         (directory / f"{key}.txt").write_text(caption)
+        if labels is not None:
+            (directory / f"{key}.cls").write_text(labels[i])

@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,8 +44,10 @@ def _rejects(output) -> dict[str, str]:
 
 def test_bad_input_corpus_every_row_is_kept_or_rejected_with_its_reason(tmp_path):
     expected = corpus.write_bad_webdataset(tmp_path / "src")
+    lines = []
     manifest = preprocess(str(tmp_path / "src"), str(tmp_path / "out"),
-                          PreprocessOptions(image_size=48, min_caption_chars=3, rows_per_shard=8), echo=_quiet)
+                          PreprocessOptions(image_size=48, min_caption_chars=3, rows_per_shard=8, batch_size=4,
+                                            progress_interval_s=0.02), echo=lines.append)
 
     counts = manifest["counts"]
     assert counts["read"] == len(expected) == counts["kept"] + counts["rejected"]
@@ -65,6 +68,11 @@ def test_bad_input_corpus_every_row_is_kept_or_rejected_with_its_reason(tmp_path
         assert hashlib.sha256((tmp_path / "out" / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
         # a shard holds the rows kept out of at most rows_per_shard read: rejects make it smaller, never larger
         assert pq.read_metadata(tmp_path / "out" / shard["path"]).num_rows == shard["rows"] <= 8
+    # progress lines arrive while rows are processed, not only when shards complete
+    progress = [tuple(int(n.replace(",", "")) for n in match.groups()) for line in lines
+                if (match := re.match(r"  ([\d,]+) rows processed, ([\d,]+) rejected before deduplication \(", line))]
+    assert progress == sorted(progress) and 0 < progress[-1][0] <= counts["read"], lines
+    assert progress[-1][1] <= counts["rejected"]
     assert manifest["image_size"] == 48 and manifest["tokenizer"]["id"] == "clip-bpe-49408"
     assert manifest["digest"].startswith("sha256:") and manifest["sources"] == [str(tmp_path / "src")]
 
@@ -109,16 +117,35 @@ def test_each_format_reads_locally(tmp_path):
                                                  "heavy": "image_too_large"}
 
 
-def test_labeled_sets_map_labels_through_class_names(tmp_path):
-    pairs = corpus.clean_pairs(5, seed=3)
-    corpus.write_parquet(tmp_path / "eval.parquet", pairs, labels=["cat", "dog", "1", "bird", "7"])
-    manifest = preprocess(str(tmp_path / "eval.parquet"), str(tmp_path / "out"),
-                          PreprocessOptions(image_size=32, image_key="jpg", caption_key="txt", label_key="label",
-                                            classnames=["cat", "dog"]), echo=_quiet)
-    labels = {r["key"]: r["label"] for r in _shard_rows(tmp_path / "out")}
-    assert labels == {pairs[0][0]: 0, pairs[1][0]: 1, pairs[2][0]: 1}
-    assert _rejects(tmp_path / "out") == {pairs[3][0]: "invalid_label", pairs[4][0]: "invalid_label"}
-    assert manifest["classnames"] == ["cat", "dog"]
+def test_labeled_sets_map_labels_through_class_names_in_every_format(tmp_path):
+    pairs = corpus.clean_pairs(6, seed=3)
+    labels = ["cat", "dog", "1", "bird", "7", ""]  # names, an index, an unknown name, an index out of range, none
+    corpus.write_parquet(tmp_path / "eval.parquet", pairs, labels=labels)
+    corpus.write_webdataset(tmp_path / "wds", pairs, shards=2, labels=labels)
+    corpus.write_csv(tmp_path / "csv", pairs, labels=labels)
+    corpus.write_folder(tmp_path / "folder", pairs, labels=labels)
+    (tmp_path / "folder" / f"{pairs[0][0]}.cls").write_text("cat" * 400)  # a sidecar over the 1 KiB label limit
+    (tmp_path / "classnames.txt").write_text("cat\ndog\n")
+    sources = {"parquet": (tmp_path / "eval.parquet", ["--image-key", "jpg", "--caption-key", "txt"]),
+               "webdataset": (tmp_path / "wds", []),
+               "csv": (tmp_path / "csv" / "pairs.csv", ["--caption-key", "title"]),
+               "folder": (tmp_path / "folder", [])}
+    for name, (source, flags) in sources.items():
+        label_key = "cls" if name in ("webdataset", "folder") else "label"
+        # the command line, as users run it: --label-key and a class-names file
+        assert cli.main(["preprocess", str(source), str(tmp_path / f"out-{name}"), "--image-size", "32",
+                         *flags, "--label-key", label_key, "--classnames", str(tmp_path / "classnames.txt")]) == 0
+        output = tmp_path / f"out-{name}"
+        # a CSV row's key is its line; the other formats keep the sample's key
+        keys = [f"pairs.csv:{i}" for i in range(len(pairs))] if name == "csv" else [key for key, _, _ in pairs]
+        expected_labels = {keys[0]: 0, keys[1]: 1, keys[2]: 1}
+        expected_rejects = {keys[3]: "invalid_label", keys[4]: "invalid_label", keys[5]: "missing_label"}
+        if name == "folder":
+            expected_rejects[keys[0]] = "invalid_label"
+            del expected_labels[keys[0]]
+        assert {r["key"]: r["label"] for r in _shard_rows(output)} == expected_labels, name
+        assert _rejects(output) == expected_rejects, name
+        assert read_manifest(str(output))["classnames"] == ["cat", "dog"], name
 
 
 def test_synthetic_source_carries_labels_and_class_names(tmp_path):
@@ -142,25 +169,33 @@ def test_s3_in_and_out(tmp_path, s3_bucket):
     lines[1] = lines[1].replace("images/", f"s3://{s3_bucket}/raw/csv/images/")  # an absolute URI in a cell
     csv_path.write_text("\n".join(lines) + "\n")
     corpus.write_folder(tmp_path / "folder", pairs)
-    for path in [*tmp_path.glob("wds/*.tar"), tmp_path / "pq" / "data.parquet", csv_path,
-                 *tmp_path.glob("csv/images/*.jpg"), *tmp_path.glob("folder/*")]:
+    # a labeled TSV whose last label is out of range: its reject lands in rejects.parquet on S3
+    tsv_path = corpus.write_csv(tmp_path / "tsv", pairs, delimiter="\t", labels=["0", "1"] * 3 + ["1", "2"])
+    for path in [*tmp_path.glob("wds/*.tar"), tmp_path / "pq" / "data.parquet", csv_path, tsv_path,
+                 *tmp_path.glob("csv/images/*.jpg"), *tmp_path.glob("tsv/images/*.jpg"), *tmp_path.glob("folder/*")]:
         s3.upload_file(str(path), s3_bucket, f"raw/{path.relative_to(tmp_path)}")
 
     runs = {"wds": (f"s3://{s3_bucket}/raw/wds", {}),
             "pq": (f"s3://{s3_bucket}/raw/pq/data.parquet", {"image_key": "jpg", "caption_key": "txt"}),
             "csv": (f"s3://{s3_bucket}/raw/csv/pairs.csv", {"caption_key": "title"}),
-            "folder": (f"s3://{s3_bucket}/raw/folder", {"format": "folder"})}
+            "folder": (f"s3://{s3_bucket}/raw/folder", {"format": "folder"}),
+            "tsv": (f"s3://{s3_bucket}/raw/tsv/pairs.tsv", {"caption_key": "title", "label_key": "label",
+                                                            "classnames": ["even", "odd"]})}
     digests = {}
     for name, (source, options) in runs.items():
         output = f"s3://{s3_bucket}/prepared/{name}"
         manifest = preprocess(source, output, PreprocessOptions(image_size=32, rows_per_shard=5, **options), echo=_quiet)
-        assert manifest["counts"]["kept"] == 8, name
+        kept = 7 if name == "tsv" else 8
+        assert manifest["counts"]["kept"] == kept, name
         stored = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"prepared/{name}/manifest.json")["Body"].read())
         assert stored["digest"] == manifest["digest"]
-        for shard in stored["shards"]:
-            body = s3.get_object(Bucket=s3_bucket, Key=f"prepared/{name}/{shard['path']}")["Body"].read()
-            assert hashlib.sha256(body).hexdigest() == shard["sha256"]
-        assert load_prepared(output).count() == 8
+        for entry in [*stored["shards"], stored["rejects"]]:
+            body = s3.get_object(Bucket=s3_bucket, Key=f"prepared/{name}/{entry['path']}")["Body"].read()
+            assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+        rejects = pq.read_table(io.BytesIO(body)).to_pylist()  # the last entry: rejects.parquet
+        assert [(r["key"], r["reason"]) for r in rejects] == ([("pairs.tsv:7", "invalid_label")] if name == "tsv"
+                                                              else []), name
+        assert load_prepared(output).count() == kept
         digests[name] = manifest["digest"]
     # the digest is the content: the same keys, pixels and captions from a tar or a Parquet file agree;
     # the CSV rows are keyed by their line, so that dataset differs

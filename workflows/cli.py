@@ -53,7 +53,8 @@ def _preprocess(args: argparse.Namespace) -> int:
                                 label_key=args.label_key, classnames=classnames, image_size=args.image_size,
                                 image_format=args.image_format, jpeg_quality=args.jpeg_quality,
                                 rows_per_shard=args.rows_per_shard,
-                                dedupe=not args.no_dedupe, concurrency=args.concurrency)
+                                dedupe=not args.no_dedupe, concurrency=args.concurrency, num_cpus=args.num_cpus,
+                                batch_size=args.batch_size)
     preprocess(args.source, args.output, options)
     return 0
 
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--jpeg-quality", type=int, default=95)
     pre.add_argument("--rows-per-shard", type=int, default=10_000)
     pre.add_argument("--concurrency", type=int, help="at most this many processing tasks at once")
+    pre.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per processing task")
+    pre.add_argument("--batch-size", type=int, default=256, help="rows per processing task")
     pre.add_argument("--no-dedupe", action="store_true", help="keep exact duplicate images")
     pre.set_defaults(handler=_preprocess)
 

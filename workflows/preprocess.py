@@ -18,6 +18,9 @@ import hashlib
 import io
 import json
 import logging
+import os
+import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -49,7 +52,7 @@ SHARDS_DIR = "shards"
 REASONS = (
     "missing_image", "missing_caption", "empty_image", "unreadable_image", "undecodable_image", "image_too_large",
     "image_too_small", "extreme_aspect_ratio", "caption_not_utf8", "empty_caption", "caption_too_short",
-    "caption_too_long", "invalid_label", "duplicate", "unreadable_source", "unsupported_uri",
+    "caption_too_long", "missing_label", "invalid_label", "duplicate", "unreadable_source", "unsupported_uri",
 )
 
 PROCESSED_SCHEMA = pa.schema([
@@ -178,10 +181,13 @@ def prepare_caption(data: bytes | None, options: PreprocessOptions) -> str:
     return caption
 
 
-def resolve_label(raw: str | None, classnames: list[str] | None) -> int | None:
-    if raw is None:
+def resolve_label(raw: str | None, classnames: list[str] | None, required: bool = False) -> int | None:
+    """A label as found (an index or a class name) → its index; None for unlabeled sets."""
+    raw = raw.strip() if raw is not None else None
+    if not raw:
+        if required:
+            raise Reject("missing_label", "empty label" if raw is not None else "no label")
         return None
-    raw = raw.strip()
     if raw.lstrip("-").isdigit():
         label = int(raw)
         if label < 0 or (classnames is not None and label >= len(classnames)):
@@ -210,7 +216,37 @@ def _fetch(uri: str | None, limit: int, missing: str) -> bytes | None:
         raise Reject("unreadable_image" if missing == "missing_image" else "missing_caption", str(exc)[:200]) from None
 
 
-def process_batch(batch: pa.Table, options: PreprocessOptions) -> pa.Table:
+class Progress:
+    """Rows processed and rejected so far, as processing tasks finish batches: an actor, so the
+    driver can log while the stream is still filling its first shard."""
+
+    def __init__(self):
+        self.processed = self.rejected = 0
+
+    def add(self, processed: int, rejected: int) -> None:
+        self.processed += processed
+        self.rejected += rejected
+
+    def totals(self) -> tuple[int, int]:
+        return self.processed, self.rejected
+
+
+def _report_progress(progress, interval_s: float, started: float, echo: Callable[[str], None],
+                     stop: threading.Event) -> None:
+    import ray
+
+    while not stop.wait(interval_s):
+        try:
+            processed, rejected = ray.get(progress.totals.remote(), timeout=interval_s)
+        except ray.exceptions.GetTimeoutError:
+            continue
+        except ray.exceptions.RayError:  # a lost counter costs the progress lines, never the run
+            return
+        echo(f"  {processed:,} rows processed, {rejected:,} rejected before deduplication "
+             f"({processed / (time.monotonic() - started):,.0f} rows/s)")
+
+
+def process_batch(batch: pa.Table, options: PreprocessOptions, progress=None) -> pa.Table:
     """Ray Data UDF: raw rows → processed rows; unusable rows keep flowing with their reason."""
     tokenize = get_tokenizer()
     out = []
@@ -221,7 +257,7 @@ def process_batch(batch: pa.Table, options: PreprocessOptions) -> pa.Table:
                 raise Reject(row["reason"], row["detail"] or "")
             caption_bytes = row["caption"] if row["caption_uri"] is None else _fetch(row["caption_uri"], 1 << 20, "missing_caption")
             caption = prepare_caption(caption_bytes, options)
-            label = resolve_label(row["label"], options.classnames)
+            label = resolve_label(row["label"], options.classnames, required=options.label_key is not None)
             image_bytes = row["image"] if row["image_uri"] is None else _fetch(row["image_uri"], options.max_image_bytes, "missing_image")
             image, (width, height), pixel_hash = prepare_image(image_bytes, options)
             ids = [tokenize.sot_token_id, *tokenize.encode(caption)][: tokenize.context_length - 1]
@@ -230,6 +266,8 @@ def process_batch(batch: pa.Table, options: PreprocessOptions) -> pa.Table:
         except Reject as reject:
             result.update(reason=reject.reason, detail=reject.detail or None)
         out.append(result)
+    if progress is not None:
+        progress.add.remote(len(out), sum(1 for row in out if row.get("reason")))
     return pa.Table.from_pylist(out, schema=PROCESSED_SCHEMA)
 
 
@@ -252,8 +290,8 @@ class Deduplicate:
         return batch.set_column(batch.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
 
 
-def _row_digest(key: str, pixel_hash: str, caption: str, label) -> int:
-    text = json.dumps([key, pixel_hash, caption, label], ensure_ascii=False)
+def _row_digest(key: str, pixel_hash: str, caption: str, label, metadata) -> int:
+    text = json.dumps([key, pixel_hash, caption, label, metadata], ensure_ascii=False)
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:16], "big")
 
 
@@ -274,14 +312,53 @@ def write_shard(batch: pa.Table, shards_uri: str) -> pa.Table:
         digest, size = hashlib.sha256(data).hexdigest(), len(data)
         shard = f"{SHARDS_DIR}/shard-{digest[:32]}.parquet"
         _write_atomically(storage.join(shards_uri, storage.basename(shard)), data)
-        for key, pixel_hash, caption, label in zip(*(kept.column(c).to_pylist() for c in ("key", "pixel_hash", "caption", "label"))):
-            content = (content + _row_digest(key, pixel_hash, caption, label)) % (1 << 128)
+        columns = ("key", "pixel_hash", "caption", "label", "metadata")
+        for row in zip(*(kept.column(c).to_pylist() for c in columns)):
+            content = (content + _row_digest(*row)) % (1 << 128)
     return pa.table({
         "shard": [shard], "sha256": [digest], "rows": [kept.num_rows], "bytes": [size], "read": [batch.num_rows],
         "content": [f"{content:032x}"],
         "reject_key": [rejected.column("key").to_pylist()], "reject_source": [rejected.column("source").to_pylist()],
         "reject_reason": [rejected.column("reason").to_pylist()], "reject_detail": [rejected.column("detail").to_pylist()],
     })
+
+
+class RejectLog:
+    """Rejected rows streamed to a local Parquet file as their shards finish, so the driver holds
+    none of them however many there are; counted by reason on the way."""
+
+    def __init__(self):
+        descriptor, self.path = tempfile.mkstemp(prefix="rayclip-rejects-", suffix=".parquet")
+        os.close(descriptor)
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self.path, REJECT_SCHEMA)
+        self.by_reason: Counter = Counter()
+        self.rows = 0
+
+    def add(self, columns: dict[str, list]) -> None:
+        table = pa.table(columns, schema=REJECT_SCHEMA)
+        if table.num_rows:
+            self._writer.write_table(table)
+            self.by_reason.update(columns["reason"])
+            self.rows += table.num_rows
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def __enter__(self) -> RejectLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        os.remove(self.path)
 
 
 def _write_atomically(uri: str, data: bytes) -> None:
@@ -307,7 +384,6 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
                echo: Callable[[str], None] = print) -> dict:
     """Run the stage; returns the manifest. Fails fast on sources it cannot read at all."""
     import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     options = options or PreprocessOptions()
     fmt = options.format or detect_format(source)
@@ -326,11 +402,36 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
     started = time.monotonic()
     echo(f"preprocess: {len(files)} {fmt} source file(s) from {source} → {output}")
 
+    progress, stop = ray.remote(num_cpus=0)(Progress).remote(), threading.Event()
+    reporter = threading.Thread(target=_report_progress, args=(progress, options.progress_interval_s, started, echo,
+                                                                 stop), daemon=True)
+    reporter.start()
+    try:
+        manifest = _run(source, output, fmt, files, spec, options, shards_uri, progress)
+    finally:
+        stop.set()
+        reporter.join()
+        ray.kill(progress)
+    elapsed = time.monotonic() - started
+    manifest_counts = manifest["counts"]
+    echo(f"preprocess: read {manifest_counts['read']:,}, kept {manifest_counts['kept']:,}, rejected "
+         f"{manifest_counts['rejected']:,} {dict(manifest_counts['rejected_by_reason'])} in {elapsed:.1f}s "
+         f"({manifest_counts['read'] / max(elapsed, 1e-9):,.0f} rows/s) → {output} (digest {manifest['digest'][:19]}…)")
+    _log_to_mlflow(manifest, output)
+    return manifest
+
+
+def _run(source: str, output: str, fmt: str, files: list[str], spec: SourceSpec, options: PreprocessOptions,
+         shards_uri: str, progress) -> dict:
+    """The Ray Data pipeline, its shard summaries gathered into the manifest."""
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
     ds = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
     ds = ds.map_batches(read_source_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec},
                         num_cpus=options.num_cpus)
     ds = ds.map_batches(process_batch, batch_size=options.batch_size, batch_format="pyarrow",
-                        fn_kwargs={"options": options}, num_cpus=options.num_cpus,
+                        fn_kwargs={"options": options, "progress": progress}, num_cpus=options.num_cpus,
                         compute=TaskPoolStrategy(size=options.concurrency) if options.concurrency else None)
     if options.dedupe:
         # One batch at a time: Ray Data's actors may run queued tasks out of order, and the first
@@ -347,39 +448,23 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
                         fn_kwargs={"shards_uri": shards_uri}, num_cpus=0.5)
     ds.context.execution_options.preserve_order = True  # dedupe keeps the first in source order
 
-    shards, rejects, counts, content = [], {f: [] for f in REJECT_SCHEMA.names}, Counter(), 0
-    last_report = time.monotonic()
-    for summary in ds.iter_rows():
-        counts["read"] += summary["read"]
-        counts["kept"] += summary["rows"]
-        if summary["shard"]:
-            shards.append({"path": summary["shard"], "rows": summary["rows"], "sha256": summary["sha256"],
-                           "bytes": summary["bytes"]})
-        for field in REJECT_SCHEMA.names:
-            rejects[field].extend(summary[f"reject_{field}"])
-        content = (content + int(summary["content"], 16)) % (1 << 128)
-        if time.monotonic() - last_report > options.progress_interval_s:
-            last_report = time.monotonic()
-            echo(f"  {counts['read']:,} rows read, {counts['kept']:,} kept, {len(rejects['key']):,} rejected "
-                 f"({counts['read'] / (last_report - started):,.0f} rows/s)")
-
-    manifest = _finalize(output, source, fmt, files, options, shards, rejects, counts, content)
-    elapsed = time.monotonic() - started
-    manifest_counts = manifest["counts"]
-    echo(f"preprocess: read {manifest_counts['read']:,}, kept {manifest_counts['kept']:,}, rejected "
-         f"{manifest_counts['rejected']:,} {dict(manifest_counts['rejected_by_reason'])} in {elapsed:.1f}s "
-         f"({manifest_counts['read'] / max(elapsed, 1e-9):,.0f} rows/s) → {output} (digest {manifest['digest'][:19]}…)")
-    _log_to_mlflow(manifest, output)
-    return manifest
+    shards, counts, content = [], Counter(), 0
+    with RejectLog() as rejects:
+        for summary in ds.iter_rows():
+            counts["read"] += summary["read"]
+            counts["kept"] += summary["rows"]
+            if summary["shard"]:
+                shards.append({"path": summary["shard"], "rows": summary["rows"], "sha256": summary["sha256"],
+                               "bytes": summary["bytes"]})
+            rejects.add({field: summary[f"reject_{field}"] for field in REJECT_SCHEMA.names})
+            content = (content + int(summary["content"], 16)) % (1 << 128)
+        return _finalize(output, source, fmt, files, options, shards, rejects, counts, content)
 
 
 def _finalize(output: str, source: str, fmt: str, files: list[str], options: PreprocessOptions, shards: list[dict],
-              rejects: dict[str, list], counts: Counter, content: int) -> dict:
+              rejects: RejectLog, counts: Counter, content: int) -> dict:
     """Rejects, then the manifest (last, atomically), then garbage shards of earlier runs."""
-    reject_table = pa.table(rejects, schema=REJECT_SCHEMA)
-    buffer = io.BytesIO()
-    pq.write_table(reject_table, buffer)
-    by_reason = Counter(rejects["reason"])
+    rejects.close()
     identity = {"schema_version": SCHEMA_VERSION, "image_size": options.image_size,
                 "image_format": options.image_format, "tokenizer": TOKENIZER_ID,
                 "jpeg_quality": options.jpeg_quality if options.image_format == "jpeg" else None,
@@ -396,11 +481,10 @@ def _finalize(output: str, source: str, fmt: str, files: list[str], options: Pre
         "image_format": options.image_format,
         "tokenizer": {"id": TOKENIZER_ID, "context_length": get_tokenizer().context_length},
         "classnames": options.classnames,
-        "counts": {"read": counts["read"], "kept": counts["kept"], "rejected": len(rejects["key"]),
-                   "rejected_by_reason": dict(sorted(by_reason.items()))},
+        "counts": {"read": counts["read"], "kept": counts["kept"], "rejected": rejects.rows,
+                   "rejected_by_reason": dict(sorted(rejects.by_reason.items()))},
         "shards": shards,
-        "rejects": {"path": REJECTS, "rows": reject_table.num_rows,
-                    "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()},
+        "rejects": {"path": REJECTS, "rows": rejects.rows, "sha256": rejects.sha256()},
         "options": options.model_dump(exclude={"classnames"}),
     }
     if manifest["counts"]["read"] != manifest["counts"]["kept"] + manifest["counts"]["rejected"]:
@@ -408,7 +492,7 @@ def _finalize(output: str, source: str, fmt: str, files: list[str], options: Pre
     # rejects.parquet keeps its name from run to run, so the manifest that named the previous one goes first:
     # a run failing from here on leaves no manifest rather than one that disagrees with rejects.parquet
     storage.delete(storage.join(output, MANIFEST))
-    _write_atomically(storage.join(output, REJECTS), buffer.getvalue())
+    storage.upload(rejects.path, storage.join(output, REJECTS))
     _write_atomically(storage.join(output, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
     live = {storage.basename(s["path"]) for s in shards}
     shards_uri = storage.join(output, SHARDS_DIR)
@@ -421,8 +505,6 @@ def _finalize(output: str, source: str, fmt: str, files: list[str], options: Pre
 
 def _log_to_mlflow(manifest: dict, output: str) -> None:
     """Record the dataset as an MLflow input (digest, source, counts) when tracking is configured."""
-    import os
-
     import mlflow
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and mlflow.active_run() is None:

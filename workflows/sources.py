@@ -367,7 +367,11 @@ def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
             yield {**row, "reason": "missing_caption", "detail": f"no {stem[len(root):]}.{spec.caption_field} sidecar"}
             continue
         label_uri = members.get(spec.label_key) if spec.label_key else None
-        label = storage.read_bytes(label_uri, max_bytes=1024).decode("utf-8", "replace").strip() if label_uri else None
+        try:
+            label = storage.read_bytes(label_uri, max_bytes=1024).decode("utf-8", "replace") if label_uri else None
+        except storage.TooLarge as exc:
+            yield {**row, "reason": "invalid_label", "detail": str(exc)}
+            continue
         yield {**row, "caption_uri": members[spec.caption_field], "label": label}
 
 

@@ -11,6 +11,8 @@ import functools
 import os
 import posixpath
 import re
+import shutil
+import uuid
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -111,6 +113,24 @@ def write_bytes(uri: str, data: bytes) -> None:
                   recursive=True)
     with fs.open_output_stream(path) as stream:
         stream.write(data)
+
+
+def upload(local_path: str, uri: str) -> None:
+    """Copy a local file to `uri` without ever showing a partial object there: an S3 upload appears
+    whole when it completes; locally, the copy goes to a temporary name renamed over the target."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.S3FileSystem):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        shutil.copyfile(local_path, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None, recursive: bool = True) -> list[str]:
