@@ -94,6 +94,7 @@ def test_each_format_reads_locally(tmp_path):
     corpus.write_folder(tmp_path / "folder", [*pairs, heavy])
     (tmp_path / "folder" / "orphan.jpg").write_bytes(pairs[0][1])  # no sidecar caption
     (tmp_path / "folder" / "lonely.txt").write_text("a caption whose image is missing")
+    (tmp_path / "folder" / f"{pairs[0][0]}.json").write_text('{"url": "https://example.com/0.jpg"}')  # img2dataset's
 
     runs = {
         "webdataset": (str(tmp_path / "wds" / "shard-{00000..00002}.tar"), {}),
@@ -115,6 +116,9 @@ def test_each_format_reads_locally(tmp_path):
     assert _rejects(tmp_path / "out-csv") == {"pairs.csv:12": "unsupported_uri", "pairs.csv:13": "unsupported_uri"}
     assert _rejects(tmp_path / "out-folder") == {"orphan": "missing_caption", "lonely": "missing_image",
                                                  "heavy": "image_too_large"}
+    metadata = {r["key"]: r["metadata"] for r in _shard_rows(tmp_path / "out-folder")}
+    assert json.loads(metadata.pop(pairs[0][0])) == {"url": "https://example.com/0.jpg"}
+    assert set(metadata.values()) == {None}, "a sidecar .json is passed through as the row's metadata"
 
 
 def test_labeled_sets_map_labels_through_class_names_in_every_format(tmp_path):

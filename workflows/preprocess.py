@@ -411,7 +411,7 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
     finally:
         stop.set()
         reporter.join()
-        ray.kill(progress)
+        progress.__ray_terminate__.remote()  # after the adds already queued (ray.kill would fail them)
     elapsed = time.monotonic() - started
     manifest_counts = manifest["counts"]
     echo(f"preprocess: read {manifest_counts['read']:,}, kept {manifest_counts['kept']:,}, rejected "

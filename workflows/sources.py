@@ -348,7 +348,8 @@ def _read_csv(uri: str, spec: SourceSpec) -> Iterator[dict]:
 
 
 def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
-    """Images with a sidecar caption file of the same stem (`cat1.jpg` + `cat1.txt`)."""
+    """Images with a sidecar caption file of the same stem (`cat1.jpg` + `cat1.txt`), and optionally a
+    label and a `.json` passed through as metadata (img2dataset's `files` output)."""
     files = storage.list_files(uri)
     by_stem: dict[str, dict[str, str]] = {}
     for name in files:
@@ -372,7 +373,14 @@ def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
         except storage.TooLarge as exc:
             yield {**row, "reason": "invalid_label", "detail": str(exc)}
             continue
-        yield {**row, "caption_uri": members[spec.caption_field], "label": label}
+        metadata = None
+        if "json" in members:  # held to the per-member limit, as a tar's members are
+            try:
+                metadata = storage.read_bytes(members["json"], max_bytes=spec.max_image_bytes).decode("utf-8", "replace")
+            except storage.TooLarge as exc:
+                yield {**row, "reason": "image_too_large", "detail": f"sidecar: {exc}"}
+                continue
+        yield {**row, "caption_uri": members[spec.caption_field], "label": label, "metadata": metadata}
 
 
 def _read_synthetic(uri: str, spec: SourceSpec) -> Iterator[dict]:
