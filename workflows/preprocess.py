@@ -40,6 +40,7 @@ from clip_core.tokenizer import TOKENIZER_ID, get_tokenizer, normalize_caption
 from clip_core.transforms import center_crop, resize_shortest_side, to_rgb
 
 from . import storage
+from .preprocess_actors import Deduplicate, Progress
 from .sources import SourceSpec, detect_format, plan_files, read_source_batch
 from .tracking import set_experiment
 
@@ -216,21 +217,6 @@ def _fetch(uri: str | None, limit: int, missing: str) -> bytes | None:
         raise Reject("unreadable_image" if missing == "missing_image" else "missing_caption", str(exc)[:200]) from None
 
 
-class Progress:
-    """Rows processed and rejected so far, as processing tasks finish batches: an actor, so the
-    driver can log while the stream is still filling its first shard."""
-
-    def __init__(self):
-        self.processed = self.rejected = 0
-
-    def add(self, processed: int, rejected: int) -> None:
-        self.processed += processed
-        self.rejected += rejected
-
-    def totals(self) -> tuple[int, int]:
-        return self.processed, self.rejected
-
-
 def _report_progress(progress, interval_s: float, started: float, echo: Callable[[str], None],
                      stop: threading.Event) -> None:
     import ray
@@ -269,25 +255,6 @@ def process_batch(batch: pa.Table, options: PreprocessOptions, progress=None) ->
     if progress is not None:
         progress.add.remote(len(out), sum(1 for row in out if row.get("reason")))
     return pa.Table.from_pylist(out, schema=PROCESSED_SCHEMA)
-
-
-class Deduplicate:
-    """Marks rows whose pixels equal an earlier row's. One actor sees the ordered stream, so the
-    first occurrence in source order is kept, run after run."""
-
-    def __init__(self):
-        self.first_key_of: dict[str, str] = {}
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        reasons, details = batch.column("reason").to_pylist(), batch.column("detail").to_pylist()
-        for i, (key, pixel_hash) in enumerate(zip(batch.column("key").to_pylist(), batch.column("pixel_hash").to_pylist())):
-            if reasons[i] is not None:
-                continue
-            first = self.first_key_of.setdefault(pixel_hash, key)
-            if first != key:
-                reasons[i], details[i] = "duplicate", f"same pixels as {first}"
-        batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
-        return batch.set_column(batch.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
 
 
 def _row_digest(key: str, pixel_hash: str, caption: str, label, metadata) -> int:

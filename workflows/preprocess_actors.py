@@ -1,0 +1,41 @@
+"""The preprocess stream's two actors, in a module of their own: an actor's process imports its
+class's module, and `preprocess.py`'s imports (torch, through clip_core) cost each actor ~2 s of
+start-up on 2 cores, during which Ray Data holds the stream back for the dedupe actor."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+class Deduplicate:
+    """Marks rows whose pixels equal an earlier row's. One actor sees the ordered stream, so the
+    first occurrence in source order is kept, run after run."""
+
+    def __init__(self):
+        self.first_key_of: dict[str, str] = {}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        reasons, details = batch.column("reason").to_pylist(), batch.column("detail").to_pylist()
+        for i, (key, pixel_hash) in enumerate(zip(batch.column("key").to_pylist(), batch.column("pixel_hash").to_pylist())):
+            if reasons[i] is not None:
+                continue
+            first = self.first_key_of.setdefault(pixel_hash, key)
+            if first != key:
+                reasons[i], details[i] = "duplicate", f"same pixels as {first}"
+        batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+        return batch.set_column(batch.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
+
+
+class Progress:
+    """Rows processed and rejected so far, as processing tasks finish batches: an actor, so the
+    driver can log while the stream is still filling its first shard."""
+
+    def __init__(self):
+        self.processed = self.rejected = 0
+
+    def add(self, processed: int, rejected: int) -> None:
+        self.processed += processed
+        self.rejected += rejected
+
+    def totals(self) -> tuple[int, int]:
+        return self.processed, self.rejected
