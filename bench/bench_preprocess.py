@@ -156,8 +156,8 @@ def main() -> None:
         "Naive: `Image.open().convert('RGB')`, bicubic resize of the shortest side, center crop, encode. Ours: the "
         "same geometry after Pillow's `draft()` reduced-scale JPEG decoding, plus validation (size, aspect, bomb "
         "limits) and a pixel hash for deduplication.",
-        f"The pipeline row (median of {len(pipeline_seconds)} runs) takes {len(pipeline_images)} rows (the JPEGs above, mirrored, flipped and turned) in 8 tar "
-        "shards through the whole stage: reading tars, tokenizing captions, deduplication, writing shards and the "
+        f"The pipeline row (median of {len(pipeline_seconds)} runs) takes {len(pipeline_images)} rows (the JPEGs above, mirrored, flipped and turned) in {shards} "
+        "tar shards through the whole stage: reading tars, tokenizing captions, deduplication, writing shards and the "
         "manifest, next to Ray's own processes on the same cores.",
         f"Exact deduplication keeps the first occurrence in source order, so one actor sees every row: it holds "
         f"{dedupe_bytes:.0f} bytes per distinct row (tracemalloc), {dedupe_bytes * 1e8 / 2**30:.1f} GiB per "

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from clip_core.checkpoint import file_sha256
 from clip_core.tokenizer import TOKENIZER_ID, get_tokenizer, normalize_caption
 from clip_core.transforms import center_crop, resize_shortest_side, to_rgb
 
@@ -313,13 +314,6 @@ class RejectLog:
             self._writer.close()
             self._writer = None
 
-    def sha256(self) -> str:
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
-
     def __enter__(self) -> RejectLog:
         return self
 
@@ -451,7 +445,7 @@ def _finalize(output: str, source: str, fmt: str, files: list[str], options: Pre
         "counts": {"read": counts["read"], "kept": counts["kept"], "rejected": rejects.rows,
                    "rejected_by_reason": dict(sorted(rejects.by_reason.items()))},
         "shards": shards,
-        "rejects": {"path": REJECTS, "rows": rejects.rows, "sha256": rejects.sha256()},
+        "rejects": {"path": REJECTS, "rows": rejects.rows, "sha256": file_sha256(rejects.path)},
         "options": options.model_dump(exclude={"classnames"}),
     }
     if manifest["counts"]["read"] != manifest["counts"]["kept"] + manifest["counts"]["rejected"]:
