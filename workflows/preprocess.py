@@ -544,5 +544,15 @@ def load_prepared(uri: str, *, shuffle_files: bool = False, seed: int | None = N
     fs, _ = storage.filesystem(uri)
     paths = [storage.filesystem(storage.join(uri, shard["path"]))[1] for shard in manifest["shards"]]
     _ensure_ray()
-    return ray.data.read_parquet(paths, filesystem=fs, shuffle=FileShuffleConfig(seed=seed) if shuffle_files else None)
+    # The manifest already lists every shard, so the reader whose plan is fixed when the dataset is
+    # made. Ray 2.60's default (datasource V2) lists the files and reads their footers again on
+    # every execution, i.e. every epoch, in a pool of 32 fresh FooterReader actor processes: on
+    # 2 cores, 8-17 s of stall per epoch against 0.7 s here (measured in the train stage).
+    context = ray.data.DataContext.get_current()
+    default, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(paths, filesystem=fs,
+                                     shuffle=FileShuffleConfig(seed=seed) if shuffle_files else None)
+    finally:
+        context.use_datasource_v2 = default
 
