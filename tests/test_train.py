@@ -98,32 +98,35 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(prepared, tmp_path):
 
 
 def _first_update_loop(config):
-    """One optimizer step on a fixed global batch, split over the workers as the train stage splits it."""
+    """One optimizer step on a fixed global batch for each setup, split over the workers as the train
+    stage splits it (one worker group for all setups: starting one costs more than the steps)."""
     import ray.train
     import ray.train.torch
 
-    train_config = TrainConfig(**config["train"])
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    torch.manual_seed(0)
-    model = build_model(train_config)
-    runnable = distribute(model, train_config.strategy, world)
-    # plain SGD: the update is the gradient itself (Adam's first step is ~sign(g), which turns
-    # rounding noise on near-zero gradients into full-size differences)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     generator = torch.Generator().manual_seed(123)
     images = torch.randn(config["global_batch"], 3, 64, 64, generator=generator)
     tokens = clip_core.get_tokenizer()([f"a photo of thing {i}" for i in range(config["global_batch"])])
     rows = slice(rank * config["global_batch"] // world, (rank + 1) * config["global_batch"] // world)
-    optimizer.zero_grad()
-    contrastive_step(runnable, clip_core.ClipLoss(), images[rows], tokens[rows], train_config.accum_freq,
-                     torch.autocast("cpu", enabled=False))
-    grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
-    optimizer.step()
-    weights, _ = _gathered_state(model, optimizer)  # every worker: FSDP gathers the shards
+    grad_norms = {}
     with tempfile.TemporaryDirectory() as directory:
-        if rank == 0:
-            clip_core.save_checkpoint(model, directory, weights=weights)
-        ray.train.report({"rank": rank, "grad_norm": grad_norm},
+        for name, setup in config["setups"].items():
+            train_config = TrainConfig(**setup)
+            torch.manual_seed(0)
+            model = build_model(train_config)
+            runnable = distribute(model, train_config.strategy, world)
+            # plain SGD: the update is the gradient itself (Adam's first step is ~sign(g), which turns
+            # rounding noise on near-zero gradients into full-size differences)
+            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+            optimizer.zero_grad()
+            contrastive_step(runnable, clip_core.ClipLoss(), images[rows], tokens[rows], train_config.accum_freq,
+                             torch.autocast("cpu", enabled=False))
+            grad_norms[name] = _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+            optimizer.step()
+            weights, _ = _gathered_state(model, optimizer)  # every worker: FSDP gathers the shards
+            if rank == 0:
+                clip_core.save_checkpoint(model, f"{directory}/{name}", weights=weights)
+        ray.train.report({"rank": rank, **grad_norms},
                          checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
 
 
@@ -141,27 +144,25 @@ def _first_update_in_process(prepared, tmp_path):
     return model.state_dict(), grad_norm
 
 
-def _first_update(prepared, tmp_path, workers, accum_freq, strategy):
+def test_two_workers_and_accumulation_give_the_single_big_batch_update(prepared, tmp_path):
+    from pathlib import Path
+
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    train_config = _config(prepared, tmp_path, workers=workers, accum_freq=accum_freq, batch_size=16, strategy=strategy)
-    name = f"first-update-{workers}-{accum_freq}-{strategy}"
-    trainer = TorchTrainer(_first_update_loop, train_loop_config={"train": train_config.model_dump(mode="json"),
-                                                                  "global_batch": 16},
-                           scaling_config=ScalingConfig(num_workers=workers),
-                           run_config=RunConfig(name=name, storage_path=str(tmp_path / name)))
-    result = trainer.fit()
-    return clip_core.load_model(result.checkpoint.path).state_dict(), result.metrics["grad_norm"]
-
-
-def test_two_workers_and_accumulation_give_the_single_big_batch_update(prepared, tmp_path):
     reference, reference_norm = _first_update_in_process(prepared, tmp_path)
     # FSDP shards every block; logit_scale (0-dim) stays whole and its gradient is averaged by hand
-    for workers, accum_freq, strategy in ((2, 1, "ddp"), (2, 2, "ddp"), (2, 2, "fsdp")):
-        update, grad_norm = _first_update(prepared, tmp_path, workers, accum_freq, strategy)
-        setup = f"{workers} workers x accum {accum_freq} ({strategy})"
-        assert grad_norm == pytest.approx(reference_norm, rel=1e-5), setup
+    setups = {f"accum{accum_freq}-{strategy}": _config(prepared, tmp_path, workers=2, accum_freq=accum_freq,
+                                                       batch_size=16, strategy=strategy).model_dump(mode="json")
+              for accum_freq, strategy in ((1, "ddp"), (2, "ddp"), (2, "fsdp"))}
+    trainer = TorchTrainer(_first_update_loop, train_loop_config={"setups": setups, "global_batch": 16},
+                           scaling_config=ScalingConfig(num_workers=2),
+                           run_config=RunConfig(name="first-update", storage_path=str(tmp_path / "first-update")))
+    result = trainer.fit()
+    for name in setups:
+        update = clip_core.load_model(Path(result.checkpoint.path) / name).state_dict()
+        setup = f"2 workers, {name}"
+        assert result.metrics[name] == pytest.approx(reference_norm, rel=1e-5), setup
         assert update.keys() == reference.keys(), setup
         for key, value in reference.items():
             difference = (update[key] - value).abs().max().item()
