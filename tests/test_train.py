@@ -209,30 +209,6 @@ def test_killed_worker_resumes_from_its_checkpoint_on_s3(prepared, tmp_path, s3_
         assert losses == pytest.approx([losses[0]] * len(losses), abs=1e-5), (step, losses)
 
 
-def test_resume_by_hand_reproduces_the_uninterrupted_run(prepared, tmp_path):
-    # sample-based epochs of 2 batches: the checkpoint at step 3 is mid-epoch (epoch 1, batch 1)
-    config = _config(prepared, tmp_path / "a", steps=6, checkpoint_every=3, num_to_keep=5, train_num_samples=64)
-    full = train(config, echo=lambda *_: None)
-    assert full.metrics["epoch"] == 2  # steps 5 and 6 are the third 64-sample epoch of a 256-row dataset
-    midway = next((tmp_path / "a" / "runs").glob("*/checkpoint_00000003"))
-    # the second run goes through the command line (in this process, on this test session's Ray)
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    exit_code = cli.main(["train", "--config", str(tmp_path / "train.yaml"), "--storage", str(tmp_path / "b" / "runs"),
-                          "--output", str(tmp_path / "b" / "final"),
-                          "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "--resume", str(midway)])
-    assert exit_code == 0
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
-    resumed_run = client.search_runs([client.get_experiment_by_name("rayclip").experiment_id])[0]
-    full_losses = _history(tmp_path / "a", full.mlflow_run_id)
-    resumed_losses = _history(tmp_path / "b", resumed_run.info.run_id)
-    assert sorted(resumed_losses) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert resumed_losses[step] == pytest.approx(full_losses[step], abs=1e-4)
-    a, b = clip_core.load_model(full.checkpoint), clip_core.load_model(tmp_path / "b" / "final")
-    for (key, value), other in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(other, value, atol=1e-5, rtol=1e-4, msg=key)
-
-
 def test_data_weights_mix_the_datasets_by_weight_not_by_size(prepared, tmp_path):
     heldout_tokens = read_prepared_table(str(prepared / "heldout"), ["tokens"])["tokens"].to_pylist()
     heldout = {tuple(tokens) for tokens in heldout_tokens}
@@ -245,28 +221,36 @@ def test_data_weights_mix_the_datasets_by_weight_not_by_size(prepared, tmp_path)
     assert from_heldout / len(rows) == pytest.approx(0.75, abs=0.06)
 
 
-def test_fsdp_workers_validate_save_whole_weights_and_resume_exactly(prepared, tmp_path):
-    val = dict(val=str(prepared / "heldout"), zeroshot=str(prepared / "heldout"), val_every=2)
-    config = _config(prepared, tmp_path / "a", workers=2, strategy="fsdp", steps=4, checkpoint_every=2, num_to_keep=3,
-                     **val)
+def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(prepared, tmp_path):
+    # sample-based epochs of 2 batches: the checkpoint at step 3 is mid-epoch (epoch 1, batch 1)
+    config = _config(prepared, tmp_path / "a", workers=2, strategy="fsdp", steps=6, checkpoint_every=3, num_to_keep=3,
+                     train_num_samples=64, val=str(prepared / "heldout"), zeroshot=str(prepared / "heldout"))
     full = train(config, echo=lambda *_: None)
-    assert full.metrics["step"] == 4 and 0 <= full.metrics["zeroshot_top1"] <= 1 and full.metrics["val_loss"] > 0
+    assert full.metrics["step"] == 6 and 0 <= full.metrics["zeroshot_top1"] <= 1 and full.metrics["val_loss"] > 0
+    assert full.metrics["epoch"] == 2  # steps 5 and 6 are the third 64-sample epoch of a 256-row dataset
     losses = _history(tmp_path / "a", full.mlflow_run_id)
-    assert sorted(losses) == [1, 2, 3, 4]
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     # the checkpoint holds the whole model (not one worker's shards) and loads anywhere
     final = clip_core.load_model(full.checkpoint)
     reference = build_model(config)
     shapes = {key: value.shape for key, value in reference.state_dict().items()}
     assert {key: value.shape for key, value in final.state_dict().items()} == shapes
-    # resuming from step 2 (sharded optimizer state restored from the whole one) retraces steps 3 and 4
-    midway = next((tmp_path / "a" / "runs").glob("*/checkpoint_00000002"))
-    resumed = train(_config(prepared, tmp_path / "b", workers=2, strategy="fsdp", steps=4, checkpoint_every=2,
-                            resume=str(midway), **val), echo=lambda *_: None)
-    resumed_losses = _history(tmp_path / "b", resumed.mlflow_run_id)
-    assert sorted(resumed_losses) == [3, 4]
-    for step in (3, 4):
+
+    # resuming by hand from step 3 (sharded optimizer state restored from the whole one, the data
+    # stream mid-epoch) retraces steps 4-6; through the command line, in this process and Ray
+    midway = next((tmp_path / "a" / "runs").glob("*/checkpoint_00000003"))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    exit_code = cli.main(["train", "--config", str(tmp_path / "train.yaml"), "--storage", str(tmp_path / "b" / "runs"),
+                          "--output", str(tmp_path / "b" / "final"),
+                          "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "--resume", str(midway)])
+    assert exit_code == 0
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    resumed_run = client.search_runs([client.get_experiment_by_name("rayclip").experiment_id])[0]
+    resumed_losses = _history(tmp_path / "b", resumed_run.info.run_id)
+    assert sorted(resumed_losses) == [4, 5, 6]
+    for step in (4, 5, 6):
         assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-5)
-    again = clip_core.load_model(resumed.checkpoint).state_dict()
+    again = clip_core.load_model(tmp_path / "b" / "final").state_dict()
     for key, value in final.state_dict().items():
         torch.testing.assert_close(again[key], value, atol=1e-5, rtol=1e-4, msg=key)
 
