@@ -14,6 +14,7 @@ import yaml
 import clip_core
 from workflows.preprocess import PreprocessOptions, preprocess, read_prepared_table
 from workflows import cli
+from workflows.data_passes import checkpoint_pass
 from workflows.train import (TrainConfig, _gathered_state, _scalar, build_model, contrastive_step,
                              default_cpus_per_worker, distribute, latest_checkpoint, mixed_rows, train)
 
@@ -27,8 +28,9 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run t
 def prepared(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("prepared")
     quiet = lambda *_: None  # noqa: E731
+    # 4 shards: each pass over the data reads them in its own order
     preprocess("synthetic://train?count=256&seed=0&image_size=64", str(root / "train"),
-               PreprocessOptions(image_size=64), echo=quiet)
+               PreprocessOptions(image_size=64, rows_per_shard=64), echo=quiet)
     preprocess("synthetic://heldout?count=48&seed=1&image_size=64", str(root / "heldout"),
                PreprocessOptions(image_size=64), echo=quiet)
     # a 64-wide, 2-layer CLIP at 64 px: the train stage's machinery without the compute
@@ -187,24 +189,26 @@ def test_killed_worker_resumes_from_its_checkpoint_on_s3(prepared, tmp_path, s3_
     marker = tmp_path / "killed"
     # max_failures=2: one spare restart, because a 2-core CI machine has (rarely) lost a second worker right
     # after the injected kill; the assertions below hold however many restarts it took
-    config = _config(prepared, tmp_path, workers=2, steps=8, checkpoint_every=4, num_to_keep=1, max_failures=2,
+    # 8 steps per pass over the data: the restart resumes from step 9, in the second pass
+    config = _config(prepared, tmp_path, workers=2, steps=12, checkpoint_every=9, num_to_keep=1, max_failures=2,
                      storage=f"s3://{s3_bucket}/runs", output=f"s3://{s3_bucket}/final",
-                     fault_injection={"rank": 1, "step": 6, "marker": str(marker)})
+                     fault_injection={"rank": 1, "step": 11, "marker": str(marker)})
     result = train(config, echo=lambda *_: None)
 
-    assert marker.read_text().startswith("killed rank 1 at step 6")
-    assert result.metrics["step"] == 8
+    assert marker.read_text().startswith("killed rank 1 at step 11")
+    assert result.metrics["step"] == 12
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
-    assert any(k.startswith("runs/") and k.endswith("checkpoint_00000008/train_state.pt") for k in keys), keys
+    assert any(k.startswith("runs/") and k.endswith("checkpoint_00000012/train_state.pt") for k in keys), keys
     assert "final/model.safetensors" in keys
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     history = {}
     for metric in client.get_metric_history(result.mlflow_run_id, "loss"):
         history.setdefault(metric.step, []).append(metric.value)
-    # one MLflow run through the restart; step 5 ran before the kill and again after resuming from the
-    # step-4 checkpoint (not from scratch: step 4 ran fewer times), on the same data with the same result
-    assert sorted(history) == list(range(1, 9))
-    assert len(history[5]) >= 2 and len(history[4]) < len(history[5]), history
+    # one MLflow run through the restart; step 10 ran before the kill and again after resuming from the
+    # step-9 checkpoint (not from scratch: step 9 ran fewer times), on the same data (that pass's shard
+    # order) with the same result
+    assert sorted(history) == list(range(1, 13))
+    assert len(history[10]) >= 2 and len(history[9]) < len(history[10]), history
     for step, losses in history.items():
         assert losses == pytest.approx([losses[0]] * len(losses), abs=1e-5), (step, losses)
 
@@ -222,23 +226,28 @@ def test_data_weights_mix_the_datasets_by_weight_not_by_size(prepared, tmp_path)
 
 
 def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(prepared, tmp_path):
-    # sample-based epochs of 2 batches: the checkpoint at step 3 is mid-epoch (epoch 1, batch 1)
-    config = _config(prepared, tmp_path / "a", workers=2, strategy="fsdp", steps=6, checkpoint_every=3, num_to_keep=3,
-                     train_num_samples=64, val=str(prepared / "heldout"), zeroshot=str(prepared / "heldout"))
+    # sample-based epochs of 2 batches; a pass over the 256 rows is 8 steps: the checkpoint at step 10
+    # is mid-epoch (epoch 4, batch 1) in the second pass (batch 2)
+    config = _config(prepared, tmp_path / "a", workers=2, strategy="fsdp", steps=12, checkpoint_every=10,
+                     num_to_keep=3, train_num_samples=64, val=str(prepared / "heldout"),
+                     zeroshot=str(prepared / "heldout"))
     full = train(config, echo=lambda *_: None)
-    assert full.metrics["step"] == 6 and 0 <= full.metrics["zeroshot_top1"] <= 1 and full.metrics["val_loss"] > 0
-    assert full.metrics["epoch"] == 2  # steps 5 and 6 are the third 64-sample epoch of a 256-row dataset
+    assert full.metrics["step"] == 12 and 0 <= full.metrics["zeroshot_top1"] <= 1 and full.metrics["val_loss"] > 0
+    assert full.metrics["epoch"] == 5  # steps 11 and 12 are the sixth 64-sample epoch
     losses = _history(tmp_path / "a", full.mlflow_run_id)
-    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert sorted(losses) == list(range(1, 13))
     # the checkpoint holds the whole model (not one worker's shards) and loads anywhere
     final = clip_core.load_model(full.checkpoint)
     reference = build_model(config)
     shapes = {key: value.shape for key, value in reference.state_dict().items()}
     assert {key: value.shape for key, value in final.state_dict().items()} == shapes
 
-    # resuming by hand from step 3 (sharded optimizer state restored from the whole one, the data
-    # stream mid-epoch) retraces steps 4-6; through the command line, in this process and Ray
-    midway = next((tmp_path / "a" / "runs").glob("*/checkpoint_00000003"))
+    # sample-based epochs do not restart the data: the stream ran on into its second pass
+    midway = next((tmp_path / "a" / "runs").glob("*/checkpoint_00000010"))
+    assert checkpoint_pass(str(midway)) == 1
+    # resuming by hand from step 10 (sharded optimizer state restored from the whole one, the data
+    # stream mid-pass, in that pass's shard order) retraces steps 11 and 12; through the command line
+    # in this process and Ray
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
     exit_code = cli.main(["train", "--config", str(tmp_path / "train.yaml"), "--storage", str(tmp_path / "b" / "runs"),
                           "--output", str(tmp_path / "b" / "final"),
@@ -247,8 +256,8 @@ def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(pre
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
     resumed_run = client.search_runs([client.get_experiment_by_name("rayclip").experiment_id])[0]
     resumed_losses = _history(tmp_path / "b", resumed_run.info.run_id)
-    assert sorted(resumed_losses) == [4, 5, 6]
-    for step in (4, 5, 6):
+    assert sorted(resumed_losses) == [11, 12]
+    for step in (11, 12):
         assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-5)
     again = clip_core.load_model(tmp_path / "b" / "final").state_dict()
     for key, value in final.state_dict().items():
@@ -262,6 +271,8 @@ def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):
         _config(prepared, tmp_path, workers=4, accum_freq=2, batch_size=30)
     with pytest.raises(FileNotFoundError, match="no prepared dataset at .*nowhere"):
         train(_config(prepared, tmp_path, data=[str(tmp_path / "nowhere")]), echo=lambda *_: None)
+    with pytest.raises(ValueError, match=r"the training data has 256 rows, fewer than one global batch \(512\)"):
+        train(_config(prepared, tmp_path, batch_size=512), echo=lambda *_: None)
     with pytest.raises(ValueError, match="needs 1 GPU"):
         train(_config(prepared, tmp_path, use_gpu=True), echo=lambda *_: None)
     with pytest.raises(FileNotFoundError, match="no pretrained weights at"):

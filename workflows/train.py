@@ -78,7 +78,8 @@ class TrainConfig(BaseModel):
     steps: int | None = Field(None, gt=0)
     batch_size: int | None = Field(None, gt=0, description="global contrastive batch")
     accum_freq: int = Field(1, gt=0, description="micro-batches per step, the contrastive batch kept whole")
-    train_num_samples: int | None = Field(None, gt=0, description="samples per epoch (default: the dataset)")
+    train_num_samples: int | None = Field(None, gt=0, description="samples per epoch (default: one pass over the "
+                                          "data); such epochs only number the steps, the data runs on through them")
     lr: float | None = Field(None, gt=0)
     warmup_steps: int | None = Field(None, ge=0)
     weight_decay: float | None = Field(None, ge=0)
@@ -247,9 +248,19 @@ def cosine_schedule(warmup: int, total: int):
 
 @dataclass
 class Position:
+    """Where a run is: optimizer steps taken, and the data stream's place: the pass over the data
+    (one run of the Ray Dataset, with its own shard order and local shuffle) and the batches
+    taken from that pass."""
     step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
+    data_pass: int = 0
+    batch_in_pass: int = 0
+
+    def epoch(self, config: TrainConfig) -> int:
+        """The pass over the data, or with sample-based epochs (train_num_samples) the epoch of the
+        last step; the stream runs on through those, so every row is seen, not each epoch's first."""
+        if config.train_num_samples:
+            return max(0, self.step - 1) // max(1, config.train_num_samples // config.batch_size)
+        return self.data_pass
 
 
 def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor, accum_freq: int,
@@ -389,10 +400,11 @@ def _save_train_state(directory: str, model, weights: dict, optimizer_state: dic
                       position: Position, rng: list, config: TrainConfig, mlflow_run_id: str | None,
                       metrics: dict) -> None:
     clip_core.save_checkpoint(model, directory, weights=weights, extra={"train": {
-        "step": position.step, "mlflow_run_id": mlflow_run_id, "config": redacted(config.model_dump(mode="json"))}})
+        "step": position.step, "data_pass": position.data_pass, "mlflow_run_id": mlflow_run_id,
+        "config": redacted(config.model_dump(mode="json"))}})
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "step": position.step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
+                "step": position.step, "data_pass": position.data_pass, "batch_in_pass": position.batch_in_pass,
                 "rng": rng, "mlflow_run_id": mlflow_run_id, "metrics": metrics},
                os.path.join(directory, TRAIN_STATE))
 
@@ -439,12 +451,15 @@ def train_loop(loop_config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
-        position = Position(state["step"], state["epoch"], state["batch_in_epoch"])
+        # checkpoints from before passes counted epochs, one pass each
+        position = Position(state["step"], state.get("data_pass", state.get("epoch", 0)),
+                            state.get("batch_in_pass", state.get("batch_in_epoch", 0)))
         if rank < len(state["rng"]):
             _set_rng_state(state["rng"][rank], generator)
         mlflow_run_id = state.get("mlflow_run_id")
         if rank == 0:
-            _say(f"resumed from step {position.step} (epoch {position.epoch}, batch {position.batch_in_epoch})")
+            _say(f"resumed from step {position.step} (pass {position.data_pass} over the data, "
+                 f"batch {position.batch_in_pass})")
 
     if config.compile:
         runnable = torch.compile(runnable)
@@ -457,76 +472,74 @@ def train_loop(loop_config: dict) -> None:
     local_batch = config.batch_size // world
 
     window_started, window_data_wait, window_steps = time.perf_counter(), 0.0, 0
-    while position.step < config.steps:
-        trained_in_epoch = 0
-        for batch, waited in _epoch_batches(shard, config, position, local_batch, device, rank):
-            window_data_wait += waited
-            trained_in_epoch += 1
-            _maybe_inject_fault(config, rank, position.step + 1)
-            runnable.train()
-            images = augment(batch["image"])
-            optimizer.zero_grad(set_to_none=True)
-            loss = contrastive_step(runnable, loss_fn, images, batch["tokens"], config.accum_freq, autocast)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm or float("inf"))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            model.clamp_logit_scale_()
-            position.step += 1
-            position.batch_in_epoch += 1
-            window_steps += 1
-            if position.step % config.log_every == 0 or position.step == config.steps:
-                elapsed = time.perf_counter() - window_started
-                metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0],
-                           "logit_scale": model.logit_scale.detach().exp().item(),
-                           "grad_norm": _scalar(grad_norm), "samples_per_s": window_steps * config.batch_size / elapsed,
-                           "samples_per_s_per_worker": window_steps * config.batch_size / elapsed / world,
-                           "data_wait_fraction": window_data_wait / elapsed, "epoch": position.epoch}
-                window_started, window_data_wait, window_steps = time.perf_counter(), 0.0, 0
-                if tracker:
-                    tracker.log_step(position.step, metrics)
-            checkpointing = position.step % config.checkpoint_every == 0 or position.step == config.steps
-            # every checkpoint carries the validation metrics, so the best can be kept by them
-            if checkpointing or (config.val_every and position.step % config.val_every == 0):
-                metrics = {**metrics, **_validate(config, model, device, autocast, rank)}
-                if tracker:
-                    tracker.log_validation(position.step, metrics)
-            if checkpointing:
-                _report(config, model, optimizer, scheduler, scaler, position, generator, rank, tracker, metrics)
-            if position.step >= config.steps:
-                break
+    for batch, waited in _batches(shard, config, position, local_batch, device, rank):
+        window_data_wait += waited
+        _maybe_inject_fault(config, rank, position.step + 1)
+        runnable.train()
+        images = augment(batch["image"])
+        optimizer.zero_grad(set_to_none=True)
+        loss = contrastive_step(runnable, loss_fn, images, batch["tokens"], config.accum_freq, autocast)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm or float("inf"))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
         else:
-            if trained_in_epoch == 0 and position.batch_in_epoch == 0:
-                raise ValueError(f"an epoch yielded no batch of {local_batch} rows per worker: the training data "
-                                 f"is smaller than one global batch ({config.batch_size})")
-            position.epoch += 1
-            position.batch_in_epoch = 0
+            optimizer.step()
+        scheduler.step()
+        model.clamp_logit_scale_()
+        position.step += 1
+        window_steps += 1
+        if position.step % config.log_every == 0 or position.step == config.steps:
+            elapsed = time.perf_counter() - window_started
+            metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0],
+                       "logit_scale": model.logit_scale.detach().exp().item(),
+                       "grad_norm": _scalar(grad_norm), "samples_per_s": window_steps * config.batch_size / elapsed,
+                       "samples_per_s_per_worker": window_steps * config.batch_size / elapsed / world,
+                       "data_wait_fraction": window_data_wait / elapsed, "epoch": position.epoch(config)}
+            window_started, window_data_wait, window_steps = time.perf_counter(), 0.0, 0
+            if tracker:
+                tracker.log_step(position.step, metrics)
+        checkpointing = position.step % config.checkpoint_every == 0 or position.step == config.steps
+        # every checkpoint carries the validation metrics, so the best can be kept by them
+        if checkpointing or (config.val_every and position.step % config.val_every == 0):
+            metrics = {**metrics, **_validate(config, model, device, autocast, rank)}
+            if tracker:
+                tracker.log_validation(position.step, metrics)
+        if checkpointing:
+            _report(config, model, optimizer, scheduler, scaler, position, generator, rank, tracker, metrics)
+        if position.step >= config.steps:
+            break
     if tracker:
         tracker.finish()
     if world > 1:
         dist.barrier()
 
 
-def _epoch_batches(shard, config: TrainConfig, position: Position, local_batch: int, device, rank: int):
-    """(batch, seconds waited for it) for the rest of the current epoch: batches already trained on
-    in this epoch are skipped, and a sample-based epoch ends after train_num_samples."""
-    steps_per_epoch = config.train_num_samples // config.batch_size if config.train_num_samples else None
-    iterator = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
-                                             local_shuffle_buffer_size=config.shuffle_buffer or None,
-                                             local_shuffle_seed=config.seed + 7919 * position.epoch + rank))
-    for _ in range(position.batch_in_epoch):
-        next(iterator, None)
-    while steps_per_epoch is None or position.batch_in_epoch < steps_per_epoch:
-        waited = time.perf_counter()
-        batch = next(iterator, None)
-        if batch is None:
-            return
-        yield batch, time.perf_counter() - waited
+def _batches(shard, config: TrainConfig, position: Position, local_batch: int, device, rank: int):
+    """(batch, seconds waited for it) from the data stream, pass after pass, from `position` on
+    (which it advances). Each pass runs the dataset again (Ray Data shuffles the shard order per
+    run; `PassDataConfig` keeps that count right after a restart) under its own local shuffle;
+    the batches a resumed run already trained on in its pass are read and skipped."""
+    while position.step < config.steps:
+        iterator = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
+                                                 local_shuffle_buffer_size=config.shuffle_buffer or None,
+                                                 local_shuffle_seed=config.seed + 7919 * position.data_pass + rank))
+        for _ in range(position.batch_in_pass):
+            next(iterator, None)
+        while True:
+            waited = time.perf_counter()
+            batch = next(iterator, None)
+            if batch is None:
+                break
+            position.batch_in_pass += 1
+            yield batch, time.perf_counter() - waited
+        if position.batch_in_pass == 0:
+            raise ValueError(f"a pass over the data yielded no batch of {local_batch} rows per worker: the "
+                             f"training data is smaller than one global batch ({config.batch_size})")
+        position.data_pass += 1
+        position.batch_in_pass = 0
 
 
 def _report(config, model, optimizer, scheduler, scaler, position, generator, rank, tracker, metrics) -> None:
@@ -736,9 +749,13 @@ def check_config(config: TrainConfig) -> None:
 
     from .preprocess import read_manifest
 
-    for uri in [*config.data, config.val, config.zeroshot]:
+    for uri in [config.val, config.zeroshot]:
         if uri:
             read_manifest(uri)  # raises naming the missing dataset
+    rows = sum(read_manifest(uri)["counts"]["kept"] for uri in config.data)
+    if rows < config.batch_size:
+        raise ValueError(f"the training data has {rows} rows, fewer than one global batch ({config.batch_size}): "
+                         f"lower --batch-size or add data")
     if config.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus < config.workers and not os.environ.get("RAY_ADDRESS"):
@@ -808,6 +825,8 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
 
     from ray.data import ExecutionOptions
 
+    from .data_passes import PassDataConfig
+
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "resume_checkpoint": resume_from},
@@ -821,7 +840,8 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
                 num_to_keep=config.num_to_keep, checkpoint_score_attribute=config.checkpoint_metric,
                 checkpoint_score_order="min" if (config.checkpoint_metric or "").endswith("loss") else "max")),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=PassDataConfig(storage.join(storage_path, run_name), resume_from,
+                                      execution_options=ExecutionOptions(preserve_order=True)),
     )
     echo(f"train: {config.model} on {config.workers} worker(s), global batch {config.batch_size} "
          f"({config.micro_batch} x {config.accum_freq} per worker), {config.steps} steps → {storage_path}/{run_name}")

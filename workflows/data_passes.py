@@ -1,0 +1,41 @@
+"""Ray Train's DataConfig for the train stage: a resumed run's data stream starts in the pass over
+the data (and so in the shard order) where its checkpoint stopped. Apart from train.py so that
+importing the stage does not import Ray Train."""
+
+from __future__ import annotations
+
+import json
+
+import ray.train
+
+from . import storage
+
+
+class PassDataConfig(ray.train.DataConfig):
+    """Ray Data reshuffles the shard order on every run of a dataset, seeded by how many runs it has
+    had (one per pass over the data). A worker group restarted after a failure, like a run resumed
+    by hand, gets the dataset with that count at 0 again: it would read the first pass's order
+    while skipping the batches it trained on in pass p's, seeing some rows twice and others never.
+    The workers ask for their shards after loading the checkpoint, so here the count is set to the
+    pass the newest checkpoint of the run (else the one resumed from) stopped in."""
+
+    def __init__(self, run_path: str, resume_from: str | None, **kwargs):
+        super().__init__(**kwargs)
+        self._run_path, self._resume_from = run_path, resume_from
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        from .train import latest_checkpoint
+
+        checkpoint = latest_checkpoint(self._run_path) or self._resume_from
+        data_pass = checkpoint_pass(checkpoint) if checkpoint else 0
+        for dataset in datasets.values():
+            dataset.context._execution_idx = data_pass  # no public setter for Ray Data's run count
+        return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+
+
+def checkpoint_pass(uri: str) -> int:
+    """The pass over the data a train checkpoint stopped in (0 for checkpoints that predate passes)."""
+    from clip_core.checkpoint import CONFIG_FILE
+
+    description = json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE)))
+    return int(description.get("train", {}).get("data_pass", 0))
