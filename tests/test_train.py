@@ -293,6 +293,17 @@ def test_resume_latest_finds_the_newest_checkpoint_across_runs(tmp_path):
     assert latest_checkpoint(str(tmp_path / "absent")) is None
 
 
+def test_checkpoint_pass_comes_from_config_json_or_an_older_checkpoints_epoch(tmp_path):
+    new, old = tmp_path / "new", tmp_path / "old"
+    for directory, train_section, state in ((new, {"step": 10, "data_pass": 1}, {"data_pass": 1, "batch_in_pass": 2}),
+                                            (old, {"step": 30}, {"epoch": 3, "batch_in_epoch": 6})):
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps({"train": train_section}))
+        torch.save({"step": train_section["step"], **state}, directory / "train_state.pt")
+    assert checkpoint_pass(str(new)) == 1
+    assert checkpoint_pass(str(old)) == 3  # before passes, each epoch was one run of the dataset
+
+
 def test_local_default_cpus_per_worker_always_leaves_ray_data_a_cpu(ray_session):
     import ray
 

@@ -34,8 +34,20 @@ class PassDataConfig(ray.train.DataConfig):
 
 
 def checkpoint_pass(uri: str) -> int:
-    """The pass over the data a train checkpoint stopped in (0 for checkpoints that predate passes)."""
+    """The pass over the data a train checkpoint stopped in: its config.json says so; checkpoints
+    from before passes only have the epoch in train_state.pt, and each of their epochs was one run
+    of the dataset (as the train loop reads them too)."""
+    import io
+
+    import torch
+
     from clip_core.checkpoint import CONFIG_FILE
 
+    from .train import TRAIN_STATE
+
     description = json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE)))
-    return int(description.get("train", {}).get("data_pass", 0))
+    if "data_pass" in description.get("train", {}):
+        return int(description["train"]["data_pass"])
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, TRAIN_STATE))), map_location="cpu",
+                       weights_only=True)
+    return int(state.get("epoch", 0))
