@@ -121,7 +121,7 @@ def test_each_format_reads_locally(tmp_path):
     assert set(metadata.values()) == {None}, "a sidecar .json is passed through as the row's metadata"
 
 
-def test_labeled_sets_map_labels_through_class_names_in_every_format(tmp_path):
+def test_labeled_sets_map_labels_through_class_names_in_every_format(tmp_path, capsys):
     pairs = corpus.clean_pairs(6, seed=3)
     labels = ["cat", "dog", "1", "bird", "7", ""]  # names, an index, an unknown name, an index out of range, none
     corpus.write_parquet(tmp_path / "eval.parquet", pairs, labels=labels)
@@ -136,6 +136,12 @@ def test_labeled_sets_map_labels_through_class_names_in_every_format(tmp_path):
                "folder": (tmp_path / "folder", [])}
     for name, (source, flags) in sources.items():
         label_key = "cls" if name in ("webdataset", "folder") else "label"
+        # names as labels with nothing to map them through fail before the run, not as every row rejected
+        assert cli.main(["preprocess", str(source), str(tmp_path / "unmapped"), *flags, "--label-key", label_key]) == 2
+        error = capsys.readouterr().err
+        assert re.search(r"the labels in .* are class names \('.*'dog'.*\), but no class names were given .*"
+                         r"pass --classnames FILE", error), (name, error)
+        assert not (tmp_path / "unmapped").exists()
         # the command line, as users run it: --label-key and a class-names file
         assert cli.main(["preprocess", str(source), str(tmp_path / f"out-{name}"), "--image-size", "32",
                          *flags, "--label-key", label_key, "--classnames", str(tmp_path / "classnames.txt")]) == 0
@@ -150,6 +156,12 @@ def test_labeled_sets_map_labels_through_class_names_in_every_format(tmp_path):
         assert {r["key"]: r["label"] for r in _shard_rows(output)} == expected_labels, name
         assert _rejects(output) == expected_rejects, name
         assert read_manifest(str(output))["classnames"] == ["cat", "dog"], name
+
+    # indices need no class names
+    corpus.write_parquet(tmp_path / "indexed.parquet", pairs[:3], labels=["0", "3", "2"])
+    preprocess(str(tmp_path / "indexed.parquet"), str(tmp_path / "out-indexed"),
+               PreprocessOptions(image_key="jpg", caption_key="txt", label_key="label", image_size=32), echo=_quiet)
+    assert sorted(r["label"] for r in _shard_rows(tmp_path / "out-indexed")) == [0, 2, 3]
 
 
 def test_synthetic_source_carries_labels_and_class_names(tmp_path):

@@ -42,7 +42,7 @@ from clip_core.transforms import center_crop, resize_shortest_side, to_rgb
 
 from . import storage
 from .preprocess_actors import Deduplicate, Progress
-from .sources import SourceSpec, detect_format, plan_files, read_source_batch
+from .sources import SourceError, SourceSpec, detect_format, plan_files, read_source_batch, sample_labels
 from .tracking import set_experiment
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def resolve_label(raw: str | None, classnames: list[str] | None, required: bool 
         if required:
             raise Reject("missing_label", "empty label" if raw is not None else "no label")
         return None
-    if raw.lstrip("-").isdigit():
+    if _is_index(raw):
         label = int(raw)
         if label < 0 or (classnames is not None and label >= len(classnames)):
             raise Reject("invalid_label", f"label {label} outside 0..{len(classnames or []) - 1}")
@@ -201,6 +201,20 @@ def resolve_label(raw: str | None, classnames: list[str] | None, required: bool 
         return classnames.index(raw)
     except ValueError:
         raise Reject("invalid_label", f"label {raw!r} is not one of the {len(classnames)} class names") from None
+
+
+def _is_index(label: str) -> bool:
+    return label.lstrip("-").isdigit()
+
+
+def _check_label_names(uri: str, spec: SourceSpec) -> None:
+    """Names as labels with no class names to map them through would reject every row: fail before the run."""
+    names = sorted({label for label in sample_labels(uri, spec) if not _is_index(label)})
+    if names:
+        shown = ", ".join(repr(name) for name in names[:5]) + (", …" if len(names) > 5 else "")
+        raise SourceError(f"the labels in {uri} are class names ({shown}), but no class names were given to map "
+                          f"them to indices: pass --classnames FILE (one name per line; line i is label i), "
+                          f"or store the labels as indices")
 
 
 def _fetch(uri: str | None, limit: int, missing: str) -> bytes | None:
@@ -357,6 +371,8 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
         # a synthetic set's classes are its split's: zero-shot on "heldout" ranks the unseen combinations only
         split = urlparse(source).netloc or "train"
         options = options.model_copy(update={"classnames": synthetic.split_class_names(split)})
+    if spec.label_key and options.classnames is None:
+        _check_label_names(files[0], spec)
 
     _ensure_ray()
     shards_uri = storage.join(output, SHARDS_DIR)

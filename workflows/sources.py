@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import posixpath
 import re
@@ -238,8 +239,7 @@ class _Rows:
 
 def read_source_batch(batch: pa.Table, spec: SourceSpec) -> Iterator[pa.Table]:
     """Ray Data map_batches UDF: a batch of file URIs → raw-row tables, one file at a time."""
-    reader = {"webdataset": _read_webdataset, "parquet": _read_parquet, "csv": _read_csv,
-              "folder": _read_folder, "synthetic": _read_synthetic}[spec.format]
+    reader = _READERS[spec.format]
     for uri in batch.column("uri").to_pylist():
         rows = _Rows()
         try:
@@ -253,6 +253,19 @@ def read_source_batch(batch: pa.Table, spec: SourceSpec) -> Iterator[pa.Table]:
         table = rows.flush()
         if table is not None:
             yield table
+
+
+def sample_labels(uri: str, spec: SourceSpec, rows: int = SAMPLED_MEMBERS) -> list[str]:
+    """The non-empty labels among the first `rows` samples of one source file, for planning to check;
+    what cannot be read here is left to the run, which rejects it row by row."""
+    labels = []
+    try:
+        for row in itertools.islice(_READERS[spec.format](uri, spec), rows):
+            if (row.get("label") or "").strip():
+                labels.append(row["label"].strip())
+    except Exception:  # as in read_source_batch: an unreadable file becomes the run's rejected row
+        pass
+    return labels
 
 
 def _webdataset_split(name: str) -> tuple[str, str]:
@@ -392,3 +405,7 @@ def _read_synthetic(uri: str, spec: SourceSpec) -> Iterator[dict]:
         yield {"key": sample.key, "source": uri.split("#", 1)[0], "image": sample.image_bytes(),
                "caption": sample.caption.encode("utf-8"), "label": sample.classname,  # named; see preprocess
                "metadata": json.dumps({"classname": sample.classname})}
+
+
+_READERS = {"webdataset": _read_webdataset, "parquet": _read_parquet, "csv": _read_csv, "folder": _read_folder,
+            "synthetic": _read_synthetic}
