@@ -309,9 +309,10 @@ class CLIP(nn.Module):
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         # features are taken at [EOT], the highest token id in each row; under the causal mask,
         # positions after the batch's last [EOT] cannot reach it, so they are never computed,
-        # and the last block computes only the [EOT] row
+        # and the last block computes only the [EOT] row. Under torch.compile the whole context is
+        # computed: a length read from the data would break the graph and vary its shapes.
         eot = text.argmax(dim=-1)
-        length = int(eot.max()) + 1
+        length = text.shape[1] if torch.compiler.is_compiling() else int(eot.max()) + 1
         x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]  # shape = [*, length, width]
         x = self.ln_final(self.transformer(x, causal=True, pool_index=eot))  # shape = [*, width]
         features = x @ self.text_projection

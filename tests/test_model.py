@@ -102,6 +102,17 @@ def test_text_tower_skips_positions_after_the_last_eot_without_changing_features
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name,image_size,checkpointing", [("tiny", 64, False), ("tiny", 64, True), ("RN50", 64, False)])
+def test_torch_compile_sees_the_model_as_one_graph(name, image_size, checkpointing):
+    # a break (such as a length read from the data) splits what inductor fuses and recompiles per shape
+    model = clip_core.create_model(name, image_size=image_size)
+    model.set_grad_checkpointing(checkpointing)
+    images, texts = torch.randn(2, 3, image_size, image_size), clip_core.get_tokenizer()(["a cat", "a dog"])
+    explained = torch._dynamo.explain(model)(images, texts)
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 @pytest.mark.parametrize("name,image_size", [("tiny", 64), ("RN50", 64)])
 def test_gradient_checkpointing_gives_the_same_gradients(name, image_size):
     model = clip_core.create_model(name, image_size=image_size)

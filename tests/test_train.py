@@ -116,7 +116,7 @@ def _first_update_loop(config):
             train_config = TrainConfig(**setup)
             torch.manual_seed(0)
             model = build_model(train_config)
-            runnable = distribute(model, train_config.strategy, world)
+            runnable = distribute(model, train_config.strategy, world, train_config.compile)
             # plain SGD: the update is the gradient itself (Adam's first step is ~sign(g), which turns
             # rounding noise on near-zero gradients into full-size differences)
             optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -153,10 +153,13 @@ def test_two_workers_and_accumulation_give_the_single_big_batch_update(prepared,
     from ray.train.torch import TorchTrainer
 
     reference, reference_norm = _first_update_in_process(prepared, tmp_path)
-    # FSDP shards every block; logit_scale (0-dim) stays whole and its gradient is averaged by hand
-    setups = {f"accum{accum_freq}-{strategy}": _config(prepared, tmp_path, workers=2, accum_freq=accum_freq,
-                                                       batch_size=16, strategy=strategy).model_dump(mode="json")
-              for accum_freq, strategy in ((1, "ddp"), (2, "ddp"), (2, "fsdp"))}
+    # FSDP shards every block; logit_scale (0-dim) stays whole and its gradient is averaged by hand;
+    # torch.compile (inductor) runs DDP's model as one compiled graph per bucket
+    setups = {f"accum{accum_freq}-{strategy}{'-compiled' if compiled else ''}":
+              _config(prepared, tmp_path, workers=2, accum_freq=accum_freq, batch_size=16, strategy=strategy,
+                      compile=compiled).model_dump(mode="json")
+              for accum_freq, strategy, compiled in ((1, "ddp", False), (2, "ddp", False), (2, "fsdp", False),
+                                                     (1, "ddp", True))}
     trainer = TorchTrainer(_first_update_loop, train_loop_config={"setups": setups, "global_batch": 16},
                            scaling_config=ScalingConfig(num_workers=2),
                            run_config=RunConfig(name="first-update", storage_path=str(tmp_path / "first-update")))

@@ -299,12 +299,18 @@ def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor,
 # ------------------------------------------------------------------------------- the loop
 
 
-def distribute(model: clip_core.CLIP, strategy: str, world: int) -> torch.nn.Module:
+def distribute(model: clip_core.CLIP, strategy: str, world: int, compiled: bool = False) -> torch.nn.Module:
     """What each worker runs forward and backward: on one worker the model itself; under DDP Ray's
     wrapper of it; under FSDP the model itself, sharded in place (FSDP2: each residual block, then the
     rest), so `model` stays the module to save and load state through. FSDP cannot shard 0-dim
     parameters (logit_scale, logit_bias): they stay whole on every worker and their gradients are
-    averaged across workers as they accumulate, as DDP would."""
+    averaged across workers as they accumulate, as DDP would. `compiled` wraps the result in
+    torch.compile, outside DDP and FSDP as both expect."""
+    runnable = _parallel(model, strategy, world)
+    return torch.compile(runnable) if compiled else runnable
+
+
+def _parallel(model: clip_core.CLIP, strategy: str, world: int) -> torch.nn.Module:
     if world == 1:
         return model
     if strategy == "ddp":
@@ -440,7 +446,7 @@ def train_loop(loop_config: dict) -> None:
             clip_core.checkpoint.load_weights(model, restored.state_dict(), source=f"the checkpoint {checkpoint.path}")
             state = torch.load(os.path.join(directory, TRAIN_STATE), map_location="cpu", weights_only=True)
 
-    runnable = distribute(model, config.strategy, world)  # the optimizer must see FSDP's sharded parameters
+    runnable = distribute(model, config.strategy, world, config.compile)  # the optimizer must see FSDP's shards
     optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay), lr=config.lr,
                                   betas=(config.beta1, config.beta2), eps=config.eps, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.warmup_steps, config.steps))
@@ -461,8 +467,6 @@ def train_loop(loop_config: dict) -> None:
             _say(f"resumed from step {position.step} (pass {position.data_pass} over the data, "
                  f"batch {position.batch_in_pass})")
 
-    if config.compile:
-        runnable = torch.compile(runnable)
     loss_fn = clip_core.create_loss(config.loss)
     autocast = torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None)
     image_size = model.image_size
