@@ -274,14 +274,14 @@ def test_same_input_same_digest_and_reruns_are_safe(tmp_path, monkeypatch):
 
     # a run over the same output that fails just before its manifest (other rejects this time) leaves
     # no manifest that disagrees with the files it names
-    write_atomically = stage._write_atomically
+    write_bytes = stage.storage.write_bytes
 
     def crash_at_the_manifest(uri: str, data: bytes) -> None:
         if uri.endswith("manifest.json"):
             raise OSError("crashed before writing the manifest")
-        write_atomically(uri, data)
+        write_bytes(uri, data)
 
-    monkeypatch.setattr(stage, "_write_atomically", crash_at_the_manifest)
+    monkeypatch.setattr(stage.storage, "write_bytes", crash_at_the_manifest)
     with pytest.raises(OSError, match="crashed before"):
         preprocess(source, str(tmp_path / "a"), PreprocessOptions(image_size=32, min_caption_chars=36), echo=_quiet)
     monkeypatch.undo()

@@ -22,7 +22,6 @@ import os
 import tempfile
 import threading
 import time
-import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -293,7 +292,7 @@ def write_shard(batch: pa.Table, shards_uri: str) -> pa.Table:
         data = buffer.getvalue()
         digest, size = hashlib.sha256(data).hexdigest(), len(data)
         shard = f"{SHARDS_DIR}/shard-{digest[:32]}.parquet"
-        _write_atomically(storage.join(shards_uri, storage.basename(shard)), data)
+        storage.write_bytes(storage.join(shards_uri, storage.basename(shard)), data)
         columns = ("key", "pixel_hash", "caption", "label", "metadata")
         for row in zip(*(kept.column(c).to_pylist() for c in columns)):
             content = (content + _row_digest(*row)) % (1 << 128)
@@ -334,16 +333,6 @@ class RejectLog:
     def __exit__(self, *exc) -> None:
         self.close()
         os.remove(self.path)
-
-
-def _write_atomically(uri: str, data: bytes) -> None:
-    """S3 PUTs are atomic; locally, write a temporary name and rename over."""
-    if storage.is_s3(uri):
-        storage.write_bytes(uri, data)
-        return
-    temporary = f"{uri}.tmp-{uuid.uuid4().hex}"
-    storage.write_bytes(temporary, data)
-    storage.move(temporary, uri)
 
 
 # ------------------------------------------------------------------------------------- run
@@ -470,7 +459,7 @@ def _finalize(output: str, source: str, fmt: str, files: list[str], options: Pre
     # a run failing from here on leaves no manifest rather than one that disagrees with rejects.parquet
     storage.delete(storage.join(output, MANIFEST))
     storage.upload(rejects.path, storage.join(output, REJECTS))
-    _write_atomically(storage.join(output, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+    storage.write_bytes(storage.join(output, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
     live = {storage.basename(s["path"]) for s in shards}
     shards_uri = storage.join(output, SHARDS_DIR)
     if storage.exists(shards_uri):

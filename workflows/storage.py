@@ -13,6 +13,8 @@ import posixpath
 import re
 import shutil
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -108,11 +110,14 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` to `uri` without ever showing a partial object there (see `upload`)."""
     fs, path = filesystem(uri)
-    fs.create_dir(posixpath.dirname(path) if isinstance(fs, pafs.S3FileSystem) else os.path.dirname(path),
-                  recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
+    if isinstance(fs, pafs.S3FileSystem):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    _replace_locally(path, lambda temporary: Path(temporary).write_bytes(data))
 
 
 def upload(local_path: str, uri: str) -> None:
@@ -123,10 +128,14 @@ def upload(local_path: str, uri: str) -> None:
         fs.create_dir(posixpath.dirname(path), recursive=True)
         pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         return
+    _replace_locally(path, lambda temporary: shutil.copyfile(local_path, temporary))
+
+
+def _replace_locally(path: str, write: Callable[[str], object]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
-        shutil.copyfile(local_path, temporary)
+        write(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -150,13 +159,6 @@ def delete(uri: str) -> None:
         fs.delete_dir(path)
     elif found == pafs.FileType.File:
         fs.delete_file(path)
-
-
-def move(source: str, destination: str) -> None:
-    """Rename within one filesystem (S3: copy then delete)."""
-    fs, src = filesystem(source)
-    _, dst = filesystem(destination)
-    fs.move(src, dst)
 
 
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
