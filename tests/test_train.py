@@ -1,6 +1,7 @@
 """The train stage on a real local Ray (2 workers), real MLflow (sqlite) and a real S3 server."""
 
 import json
+import shutil
 import sys
 import tempfile
 
@@ -14,7 +15,7 @@ import yaml
 import clip_core
 from workflows.preprocess import PreprocessOptions, preprocess, read_prepared_table
 from workflows import cli
-from workflows.data_passes import checkpoint_pass
+from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
 from workflows.train import (TrainConfig, _gathered_state, _scalar, build_model, contrastive_step,
                              default_cpus_per_worker, distribute, latest_checkpoint, mixed_rows, train)
 
@@ -97,6 +98,21 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(prepared, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "checkpoint")}
     assert {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/train_state.pt"} <= artifacts
     assert client.list_artifacts(result.mlflow_run_id, "best_checkpoint")
+
+    # a restarted worker group reads the shard order of the checkpoint Ray hands its workers: the latest
+    # registered one (step 10, in the second pass over 256 rows), not a newer directory a worker uploaded
+    # before dying in report()
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    unregistered = run_dir / "checkpoint_00000012"
+    shutil.copytree(run_dir / "checkpoint_00000010", unregistered)
+    description = json.loads((unregistered / "config.json").read_text())
+    description["train"]["data_pass"] = 5
+    (unregistered / "config.json").write_text(json.dumps(description))
+    assert latest_checkpoint(str(run_dir)) == str(unregistered)
+    assert registered_checkpoint(str(run_dir)) == str(run_dir / "checkpoint_00000010")
+    assert resume_pass(str(run_dir), None) == 1
+    no_run = str(tmp_path / "no-run")
+    assert resume_pass(no_run, str(unregistered)) == 5 and resume_pass(no_run, None) == 0
 
 
 def _first_update_loop(config):

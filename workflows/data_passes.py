@@ -17,20 +17,37 @@ class PassDataConfig(ray.train.DataConfig):
     by hand, gets the dataset with that count at 0 again: it would read the first pass's order
     while skipping the batches it trained on in pass p's, seeing some rows twice and others never.
     The workers ask for their shards after loading the checkpoint, so here the count is set to the
-    pass the newest checkpoint of the run (else the one resumed from) stopped in."""
+    pass of the checkpoint they resume from (`resume_pass`)."""
 
     def __init__(self, run_path: str, resume_from: str | None, **kwargs):
         super().__init__(**kwargs)
         self._run_path, self._resume_from = run_path, resume_from
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        from .train import latest_checkpoint
-
-        checkpoint = latest_checkpoint(self._run_path) or self._resume_from
-        data_pass = checkpoint_pass(checkpoint) if checkpoint else 0
+        data_pass = resume_pass(self._run_path, self._resume_from)
         for dataset in datasets.values():
             dataset.context._execution_idx = data_pass  # no public setter for Ray Data's run count
         return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+
+
+def resume_pass(run_path: str, resume_from: str | None) -> int:
+    """The pass over the data the workers resume in: that of the run's latest checkpoint as Ray Train
+    registered it (what `ray.train.get_checkpoint()` hands them), else that of the one resumed from
+    by hand, else the first."""
+    checkpoint = registered_checkpoint(run_path) or resume_from
+    return checkpoint_pass(checkpoint) if checkpoint else 0
+
+
+def registered_checkpoint(run_path: str) -> str | None:
+    """A run's latest registered checkpoint, read from the snapshot Ray Train's checkpoint manager
+    writes on each registration. Listing the run's directories instead could also find one whose
+    upload finished but whose worker died before `report()` registered it."""
+    fs, path = storage.filesystem(run_path)
+    try:
+        result = ray.train.Result.from_path(path, storage_filesystem=fs)
+    except RuntimeError:  # no run there yet, or none of its checkpoints registered
+        return None
+    return storage.to_uri(fs, result.checkpoint.path) if result.checkpoint is not None else None
 
 
 def checkpoint_pass(uri: str) -> int:
