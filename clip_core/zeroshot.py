@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Callable, Sequence
 
 import torch
@@ -43,10 +44,23 @@ def check_templates(templates: Sequence[str]) -> list[str]:
     templates = list(templates)
     if not templates:
         raise ValueError("at least one prompt template is needed, e.g. 'a photo of a {}.'")
-    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    bad = [t for t in templates if not _one_name_field(t)]
     if bad:
-        raise ValueError(f"each template needs exactly one '{{}}' where the class name goes; these do not: {bad[:5]}")
+        raise ValueError(f"each template needs exactly one '{{}}' where the class name goes and no other "
+                         f"braces (write a literal brace as '{{{{' or '}}}}'); these do not: {bad[:5]}")
     return templates
+
+
+def _one_name_field(template) -> bool:
+    """`template.format(name)` fills exactly one `{}` and can fail on nothing else."""
+    if not isinstance(template, str):
+        return False
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError:  # a lone brace
+        return False
+    return fields == [("", "", None)]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

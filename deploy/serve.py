@@ -49,6 +49,8 @@ class Limits(BaseModel):
     max_body_bytes: int = Field(32 * 2**20, gt=0)
     max_image_bytes: int = Field(10 * 2**20, gt=0, description="one decoded-from-base64 image")
     max_image_pixels: int = Field(40_000_000, gt=0, description="width x height; above is a decompression bomb")
+    max_aspect_ratio: float = Field(50.0, ge=1.0, description="longer / shorter side; a thin strip's resize to "
+                                    "the model's size would otherwise take gigabytes")
     max_images: int = Field(32, gt=0, description="images per request")
     max_texts: int = Field(256, gt=0, description="texts per request")
     max_labels: int = Field(1000, gt=0)
@@ -310,6 +312,10 @@ def prepare_image(data: bytes, index: int, image_size: int, limits: Limits) -> n
             raise RequestError(415, "unsupported_image_format", f"images[{index}] is not an image format this "
                                "server reads (JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
         raise RequestError(400, "invalid_image", f"images[{index}]: {exc}") from None
+    width, height = image.size
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise RequestError(422, "extreme_aspect_ratio", f"images[{index}] is {width}x{height}, over "
+                           f"{limits.max_aspect_ratio:g}:1; crop it to the part to classify")
     return np.asarray(clip_core.image_transform(image_size).crop(image), dtype=np.uint8)
 
 
@@ -474,9 +480,12 @@ class Ingress:
         labels = check_texts(body.labels, "labels", limits.max_labels, limits)
         templates = body.templates or self.default_templates
         check_texts(templates, "templates", limits.max_templates, limits)
-        bad = [t for t in templates if t.count("{}") != 1]
-        if bad:
-            raise RequestError(422, "invalid_template", f"each template needs exactly one '{{}}': {bad[:3]}")
+        from clip_core.zeroshot import check_templates
+
+        try:
+            check_templates(templates)
+        except ValueError as exc:
+            raise RequestError(422, "invalid_template", str(exc)) from None
         info = await self.model_info()
         pixels = await self._pixels(images, info)
         classifier, features = await asyncio.gather(self._classifier(info, labels, templates),

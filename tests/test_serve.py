@@ -206,16 +206,26 @@ def test_bad_text_requests_get_a_4xx_with_a_json_error(app, case, payload, heade
     ("truncated image", ["TRUNCATED"], ["a"], 400, "invalid_image"),
     ("decompression bomb", ["BOMB"], ["a"], 413, "image_too_large"),
     ("image bytes over the limit", [base64.b64encode(b"\0" * (600 * 2**10)).decode()], ["a"], 413, "image_too_large"),
+    # 100 bytes of PNG whose resize to the model's size alone would take gigabytes
+    ("a thin strip", ["STRIP"], ["a"], 422, "extreme_aspect_ratio"),
     ("too many images", ["PNG"] * 5, ["a"], 422, "too_many"),
     ("empty labels", ["PNG"], [], 422, "invalid_request"),
     ("blank label", ["PNG"], ["cat", ""], 422, "empty_label"),
     ("too many labels", ["PNG"], [f"l{i}" for i in range(21)], 422, "too_many"),
+    ("a template without {}", ["PNG"], {"labels": ["a"], "templates": ["a photo"]}, 422, "invalid_template"),
+    ("a template with another field", ["PNG"], {"labels": ["a"], "templates": ["a {} of {kind}"]}, 422,
+     "invalid_template"),
+    ("a template with a stray brace", ["PNG"], {"labels": ["a"], "templates": ["a {} }"]}, 422, "invalid_template"),
 ])
 def test_bad_classify_requests_get_a_4xx_and_the_replicas_survive(app, case, images, labels, status, kind):
     png = _png(_images(1)[0])
     full = base64.b64decode(png)
-    substitutes = {"PNG": png, "TRUNCATED": base64.b64encode(full[: len(full) // 2]).decode(), "BOMB": _bomb()}
-    payload = {"images": [substitutes.get(i, i) for i in images], "labels": labels}
+    strip = io.BytesIO()
+    Image.new("L", (40000, 1)).save(strip, format="PNG")
+    substitutes = {"PNG": png, "TRUNCATED": base64.b64encode(full[: len(full) // 2]).decode(), "BOMB": _bomb(),
+                   "STRIP": base64.b64encode(strip.getvalue()).decode()}
+    payload = {"images": [substitutes.get(i, i) for i in images],
+               **(labels if isinstance(labels, dict) else {"labels": labels})}
     response = _post(app, "/v1/classify", payload)
     assert response.status_code == status, (case, response.text)
     assert response.json()["error"]["type"] == kind, case

@@ -26,8 +26,11 @@ def test_classifier_is_the_renormalized_mean_of_prompt_embeddings(tokenize):
 
 def test_bad_class_names_and_templates_are_rejected(tokenize):
     model = clip_core.create_model("tiny")
-    with pytest.raises(ValueError, match="exactly one '{}'"):
-        clip_core.zero_shot_classifier(model, tokenize, ["dog"], ["a photo of a dog"])
+    # each would fail inside str.format (KeyError, IndexError, ValueError) or drop the class name
+    for template in ("a photo of a dog", "a {} of {kind}", "a {} }", "a {0}", "a {!r}", "{} and {}"):
+        with pytest.raises(ValueError, match="exactly one '{}' .* no other braces"):
+            clip_core.zero_shot_classifier(model, tokenize, ["dog"], [template])
+    assert clip_core.zero_shot_classifier(model, tokenize, ["dog"], ["a {{literal}} {}"]).shape == (256, 1)
     with pytest.raises(ValueError, match="entries \\[1\\] are not"):
         clip_core.zero_shot_classifier(model, tokenize, ["dog", " "])
     with pytest.raises(ValueError, match="at least one class name"):
