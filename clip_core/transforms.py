@@ -180,6 +180,11 @@ class ImageTransform:
         """The geometric part alone: RGB image → RGB image of image_size x image_size."""
         if self.train:
             return random_resized_crop(image, self.image_size, self._rng, scale=self.scale)
+        width, height = image.size
+        resized = self.image_size * self.image_size * max(width, height) // max(min(width, height), 1)
+        if resized > self.max_pixels:  # a thin strip: few pixels in, but its resize would be huge
+            raise ImageError(f"the image is {width}x{height}: resizing its short side to {self.image_size} makes "
+                             f"{resized:,} pixels, over the limit of {self.max_pixels:,}; crop it first", "too_large")
         return center_crop(resize_shortest_side(image, self.image_size), self.image_size)
 
     def __call__(self, image) -> torch.Tensor:

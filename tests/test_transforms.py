@@ -78,6 +78,13 @@ def test_decompression_bomb_is_refused_before_decoding():
     with pytest.raises(ImageError, match="over the limit of 1,000,000") as info:
         clip_core.image_transform(64, max_pixels=1_000_000)(buffer.getvalue())
     assert info.value.reason == "too_large"
+    # a thin strip passes the pixel limit, but its resize to 64 px high would not (64 x 64 x 300,000)
+    strip = io.BytesIO()
+    Image.new("L", (300_000, 1)).save(strip, format="PNG")
+    with pytest.raises(ImageError, match=r"300000x1: resizing .* makes 1,228,800,000 pixels, over .*crop it") as info:
+        clip_core.image_transform(64)(strip.getvalue())
+    assert info.value.reason == "too_large"
+    assert clip_core.image_transform(64)(Image.new("RGB", (640, 64))).shape == (3, 64, 64)  # 10:1 is fine
 
 
 def test_broken_images_raise_clear_errors():
