@@ -3,13 +3,14 @@ service, a rerun skips every stage already done, and config mistakes name the ke
 
 import json
 import os
+import re
 
 import mlflow
 import pytest
 import torch
 
 import clip_core
-from workflows import pipeline, synthetic
+from workflows import cli, pipeline, synthetic
 from workflows.demo import run_demo
 from workflows.preprocess import read_manifest
 
@@ -59,7 +60,8 @@ def _micro_pipeline(tmp_path) -> list[str]:
             "data.zeroshot=synthetic://heldout?count=48&seed=6", f"serve.port={free_port()}"]
 
 
-def test_demo_runs_every_stage_and_answers_from_the_live_service_then_a_rerun_skips_them(tmp_path, ray_session):
+def test_demo_runs_every_stage_and_answers_from_the_live_service_then_a_rerun_skips_them(tmp_path, ray_session,
+                                                                                         monkeypatch, capsys):
     overrides = _micro_pipeline(tmp_path)
     lines = []
     outcome = run_demo(overrides, echo=lines.append)  # conftest checks it leaves MLflow's URIs alone
@@ -99,6 +101,14 @@ def test_demo_runs_every_stage_and_answers_from_the_live_service_then_a_rerun_sk
         assert [a["score"] for a in answer] == pytest.approx(expected_probs, abs=1e-4)
     assert any(line.startswith("zero-shot top-1 on colour-shape combinations never seen") for line in lines)
     assert any("mlflow ui --backend-store-uri" in line for line in lines)
+    # the stages' own commands find the demo's registry as the demo says
+    (hint,) = [line.split()[1:4] for line in lines if line.lstrip().startswith("registry:")]
+    assert hint[1:] == ["rayclip", "models"] and hint[0].startswith("MLFLOW_TRACKING_URI=")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", hint[0].partition("=")[2])
+    capsys.readouterr()
+    assert cli.main(["models", "clip"]) == 0
+    assert re.search(r"^1 +\S*champion", capsys.readouterr().out, re.MULTILINE)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
     # a rerun with the same inputs does no work again (and here, serves nothing)
     again = pipeline.run(pipeline.load_config(None, [*overrides, "serve.enabled=false"]), echo=lines.append)

@@ -57,6 +57,8 @@ def run_demo(overrides: list[str] = (), *, config_path: str | None = None, keep_
     echo("where to look:")
     echo(f"  MLflow UI:   mlflow ui --backend-store-uri {tracking}   (run {outcome['mlflow_run_id']}, "
          f"model {config.registry.name} version {outcome['model_version']})")
+    echo(f"  registry:    MLFLOW_TRACKING_URI={tracking} rayclip models {config.registry.name}   "
+         "(and promote, rollback, serve)")
     if outcome.get("dashboard"):
         echo(f"  Ray:         dashboard http://{outcome['dashboard']}")
     echo(f"  playground:  {outcome['url']}/   API docs: {outcome['url']}/docs")
