@@ -768,6 +768,20 @@ def app_builder(args: dict):
     return build_app(ServeConfig(**args))
 
 
+def deploy_file_options(document: dict, name: str = APP_NAME, source: str = "the serve config") -> tuple[dict, str]:
+    """A `serve deploy` file (deploy/serve_config.yaml) → app `name`'s ServeConfig fields, with
+    `http_options`' host and port, and its route prefix."""
+    apps = {app.get("name"): app for app in document.get("applications") or []}
+    if name not in apps:
+        raise ValueError(f"{source} has no application {name!r}, only {sorted(map(str, apps))}: choose one with --name")
+    app, builder = apps[name], f"{__name__}:app_builder"
+    if app.get("import_path") != builder:
+        raise ValueError(f"application {name!r} in {source} imports {app.get('import_path')!r}, not {builder!r}")
+    http = document.get("http_options") or {}
+    return {**{key: http[key] for key in ("host", "port") if key in http}, **(app.get("args") or {})}, \
+        app.get("route_prefix", "/")
+
+
 def start(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/") -> str:
     """Start Serve on `config.host:port` (joining or starting Ray), deploy the app and wait until it
     runs; returns its URL."""

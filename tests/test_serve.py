@@ -382,6 +382,20 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tm
     with pytest.raises(ValueError, match="unknown_option"):
         builder({**application.args, "unknown_option": 1})
 
+    # `rayclip deploy --config deploy/serve_config.yaml` (and `serve --config`) read the same file
+    from workflows import cli
+
+    parser = cli.build_parser()
+    settings, route_prefix = cli._serve_config(parser.parse_args(["deploy", "--config", str(path)]))
+    assert (settings.model, settings.host, settings.port, route_prefix) == ("models:/clip@champion", "0.0.0.0",
+                                                                            8000, "/")
+    assert settings.limits.max_images == 32 and settings.autoscaling.max_replicas == 8
+    settings, route_prefix = cli._serve_config(parser.parse_args(
+        ["serve", "--config", str(path), "--port", "9000", "--model", str(tmp_path / "ckpt")]))
+    assert (settings.port, settings.model, settings.num_gpus) == (9000, str(tmp_path / "ckpt"), 0.25)
+    with pytest.raises(ValueError, match=r"no application 'other', only \['rayclip'\]: choose one with --name"):
+        cli._serve_config(parser.parse_args(["deploy", "--config", str(path), "--name", "other"]))
+
 
 def _classify_load(url: str, payload: dict, during) -> tuple[list[tuple[float, int, dict]], float]:
     """Four clients sending `payload` back to back while `during()` runs in a thread, each until two of its

@@ -139,13 +139,16 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _serve_config(args: argparse.Namespace):
-    from deploy.serve import ServeConfig
+    """The app's ServeConfig and route prefix: --config (ServeConfig fields, or a `serve deploy` file such
+    as deploy/serve_config.yaml), then the flags."""
+    from deploy.serve import APP_NAME, ServeConfig, deploy_file_options
 
-    values = _read_config_file(args.config) if args.config else {}
-    values.update({k: v for k, v in {"model": args.model, "host": getattr(args, "host", None),
-                                     "port": getattr(args, "port", None),
+    values, route_prefix = _read_config_file(args.config) if args.config else {}, "/"
+    if "applications" in values:
+        values, route_prefix = deploy_file_options(values, getattr(args, "name", APP_NAME), args.config)
+    values.update({k: v for k, v in {"model": args.model, "host": args.host, "port": args.port,
                                      "mlflow_tracking_uri": _tracking_uri(args)}.items() if v is not None})
-    return ServeConfig(**values)
+    return ServeConfig(**values), getattr(args, "route_prefix", None) or route_prefix
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -157,8 +160,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from deploy.serve import reload, start
 
-    config = _serve_config(args)
-    url = start(config)
+    config, route_prefix = _serve_config(args)
+    url = start(config, route_prefix=route_prefix)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's init, which installs its own handlers
         signal.signal(sig, lambda *_: stopping.set())
@@ -184,9 +187,9 @@ def _deploy(args: argparse.Namespace) -> int:
     if args.reload:
         reload(args.name, args.model)
         return 0
-    config = _serve_config(args)
-    start(config, name=args.name, route_prefix=args.route_prefix)
-    print(f"deploy: {args.name} runs {config.model} on the cluster's Serve (route {args.route_prefix})")
+    config, route_prefix = _serve_config(args)
+    start(config, name=args.name, route_prefix=route_prefix)
+    print(f"deploy: {args.name} runs {config.model} on the cluster's Serve (route {route_prefix})")
     return 0
 
 
@@ -332,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default models:/clip@champion)")
     sv.add_argument("--host", help="default 127.0.0.1")
     sv.add_argument("--port", type=int, help="default 8000")
-    sv.add_argument("--config", help="YAML file of serve options (any ServeConfig field); flags override it")
+    sv.add_argument("--config", help="YAML file of serve options (ServeConfig fields, or a `serve deploy` file such "
+                    "as deploy/serve_config.yaml); flags override it")
     sv.add_argument("--poll-registry", type=float, metavar="SECONDS",
                     help="check the model's alias this often and roll to the version it names (off by default)")
     sv.set_defaults(handler=_serve)
@@ -346,9 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "ingress switches; no request fails.")
     de.add_argument("--reload", action="store_true", help="roll the running app to its alias's current version")
     de.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory")
-    de.add_argument("--config", help="YAML file of serve options (any ServeConfig field); flags override it")
+    de.add_argument("--config", help="YAML file of serve options (ServeConfig fields, or a `serve deploy` file such "
+                    "as deploy/serve_config.yaml); flags override it")
+    de.add_argument("--host", help="where Serve listens if it is not running yet (default 127.0.0.1)")
+    de.add_argument("--port", type=int, help="default 8000")
     de.add_argument("--name", default="rayclip", help="the Serve application (default rayclip)")
-    de.add_argument("--route-prefix", default="/")
+    de.add_argument("--route-prefix", help="default: the config file's, else /")
     de.add_argument("--address", help="the Ray cluster (default $RAY_ADDRESS, else the local one)")
     de.set_defaults(handler=_deploy)
     return parser
