@@ -35,6 +35,10 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
         pipeline.load_config(str(path))
     with pytest.raises(pipeline.ConfigError, match=r"--set 'train': write KEY\.PATH=VALUE"):
         pipeline.load_config(None, ["train"])
+    path.write_text("data:\n  zeroshot: s3://bucket/imagenet/val.csv\n")  # labels, but nothing names them
+    with pytest.raises(pipeline.ConfigError, match=rf"data: .*needs the class names: set data\.split_options\."
+                                                   rf"zeroshot\.classnames .*\({path}, line 1\)"):
+        pipeline.load_config(str(path))
 
     config = pipeline.load_config(None, ["train.steps=7", "serve.port=9001", "registry.gate.floor=0.25"])
     assert (config.train["steps"], config.serve["port"], config.registry.gate.floor) == (7, 9001, 0.25)

@@ -1,5 +1,6 @@
 """The project's promises about itself: the library's import boundary, the command line."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,18 @@ def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_th
     assert in_kuberay.applications == standalone.applications
     settings = ServeConfig(**in_kuberay.applications[0].args)
     assert settings.autoscaling.max_replicas > settings.autoscaling.min_replicas
+    # what the pipeline registers and promotes is what the service serves, from the same MLflow
+    assert settings.model == f"models:/{cluster_pipeline.registry.name}@champion"
+    tracking = cluster_pipeline.tracking_uri()
+    assert settings.mlflow_tracking_uri == tracking == yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"][
+        "MLFLOW_TRACKING_URI"]
+    # the zero-shot split can be scored: its class names are given (evaluate would fail after training)
+    assert cluster_pipeline.data.options("zeroshot").classnames.startswith("s3://")
+    # the image the manifests run is deploy/Dockerfile's, on the Ray version the project pins
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    pinned_ray = re.search(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), re.MULTILINE).group(1)
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(pinned_ray)}-py311-gpu$", dockerfile, re.MULTILINE)
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == pinned_ray
 
 
 def test_benchmark_reports_gather_into_one_with_links_into_results(tmp_path):

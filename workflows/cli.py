@@ -46,11 +46,8 @@ def _config_show(args: argparse.Namespace) -> int:
 def _preprocess(args: argparse.Namespace) -> int:
     from .preprocess import PreprocessOptions, preprocess
 
-    classnames = None
-    if args.classnames:
-        classnames = _lines(args.classnames)
     options = PreprocessOptions(format=args.format, image_key=args.image_key, caption_key=args.caption_key,
-                                label_key=args.label_key, classnames=classnames, image_size=args.image_size,
+                                label_key=args.label_key, classnames=args.classnames, image_size=args.image_size,
                                 image_format=args.image_format, jpeg_quality=args.jpeg_quality,
                                 rows_per_shard=args.rows_per_shard,
                                 dedupe=not args.no_dedupe, concurrency=args.concurrency, num_cpus=args.num_cpus,
@@ -75,28 +72,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lines(path: str) -> list[str]:
-    """One entry per line; a blank line between entries is an error (labels are counted by line)."""
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f.read().rstrip().splitlines()]
-    if "" in lines:
-        raise ValueError(f"{path}, line {lines.index('') + 1}: blank line; write one entry per line, no blank lines "
-                         "between them (a class name's line number is its label)")
-    return lines
-
-
 def _tracking_uri(args: argparse.Namespace) -> str | None:
     return args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from . import storage
     from .evaluate import TEMPLATE_SETS, EvaluateConfig, evaluate
 
-    templates = args.templates if args.templates in TEMPLATE_SETS else _lines(args.templates) if args.templates \
-        else "default"
+    templates = args.templates if args.templates in TEMPLATE_SETS else storage.read_lines(args.templates) \
+        if args.templates else "default"
     config = EvaluateConfig(model=args.model, zeroshot=args.zeroshot, retrieval=args.retrieval,
-                            linear_probe=args.linear_probe, classnames=_lines(args.classnames) if args.classnames
-                            else None, templates=templates, batch_size=args.batch_size, workers=args.workers,
+                            linear_probe=args.linear_probe,
+                            classnames=storage.read_lines(args.classnames) if args.classnames else None,
+                            templates=templates, batch_size=args.batch_size, workers=args.workers,
                             use_gpu=args.gpu, output_json=args.json, mlflow_tracking_uri=_tracking_uri(args),
                             **({"shots": args.shots} if args.shots else {}))
     evaluate(config)
@@ -243,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--image-key", help="image column (parquet/csv) or member extension (webdataset/folder)")
     pre.add_argument("--caption-key", help="caption column or member extension (default txt/caption)")
     pre.add_argument("--label-key", help="label column or member extension, for labeled evaluation sets")
-    pre.add_argument("--classnames", help="file with one class name per line; line i is label i")
+    pre.add_argument("--classnames", help="file (local or s3://) with one class name per line; line i is label i")
     pre.add_argument("--image-size", type=int, default=224)
     pre.add_argument("--image-format", choices=["jpeg", "png", "webp"], default="jpeg")
     pre.add_argument("--jpeg-quality", type=int, default=95)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import storage
 from .preprocess import PreprocessOptions, preprocess, read_manifest
@@ -63,6 +63,15 @@ class DataSection(_Section):
     def options(self, split: str) -> PreprocessOptions:
         base = self.preprocess.model_dump()
         return PreprocessOptions(**{**base, **self.split_options.get(split, {})})
+
+    @model_validator(mode="after")
+    def _zeroshot_has_class_names(self):
+        # a synthetic set brings its own; without them evaluate would fail only after training
+        if self.zeroshot and not self.zeroshot.startswith("synthetic://") and \
+                not self.split_options.get("zeroshot", {}).get("classnames"):
+            raise ValueError("zero-shot scoring needs the class names: set data.split_options.zeroshot.classnames "
+                             "to a list, or to a file (local or s3://) with one per line, line i naming label i")
+        return self
 
 
 class ModelSection(_Section):

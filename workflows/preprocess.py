@@ -84,7 +84,8 @@ class PreprocessOptions(BaseModel):
     image_key: str | None = None
     caption_key: str | None = None
     label_key: str | None = None
-    classnames: list[str] | None = Field(None, description="label i is classnames[i]; string labels map through it")
+    classnames: list[str] | str | None = Field(None, description="label i is classnames[i]; string labels map "
+                                               "through it. A string is a file (local or s3://) with one per line")
     image_size: int = Field(224, gt=0, le=4096)
     image_format: str = Field("jpeg", pattern="^(jpeg|png|webp)$")
     jpeg_quality: int = Field(95, ge=1, le=100)
@@ -354,6 +355,8 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
     spec = SourceSpec(format=fmt, image_key=options.image_key, caption_key=options.caption_key,
                       label_key=options.label_key, max_image_bytes=options.max_image_bytes)
     files = plan_files(source, spec)
+    if isinstance(options.classnames, str):
+        options = options.model_copy(update={"classnames": storage.read_lines(options.classnames)})
     if fmt == "synthetic" and options.classnames is None:
         from . import synthetic
 

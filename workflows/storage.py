@@ -109,6 +109,16 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     return data
 
 
+def read_lines(uri: str, max_bytes: int = 16 * 2**20) -> list[str]:
+    """One entry per line (class names, prompt templates); a blank line between entries is an error,
+    since an entry's line number can be its label."""
+    lines = [line.strip() for line in read_bytes(uri, max_bytes=max_bytes).decode("utf-8").rstrip().splitlines()]
+    if "" in lines:
+        raise ValueError(f"{uri}, line {lines.index('') + 1}: blank line; write one entry per line, no blank lines "
+                         "between them (a class name's line number is its label)")
+    return lines
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` to `uri` without ever showing a partial object there (see `upload`)."""
     fs, path = filesystem(uri)
