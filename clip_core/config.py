@@ -90,6 +90,11 @@ class CLIPConfig:
         if problems:
             raise ValueError("invalid CLIP config: " + "; ".join(problems))
 
+    @property
+    def image_size(self) -> int:
+        """The input resolution (`vision.image_size`): what `image_transform` takes."""
+        return self.vision.image_size
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

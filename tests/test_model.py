@@ -200,3 +200,18 @@ def test_locked_image_tower_keeps_its_weights_and_batchnorm_statistics():
     vit.lock_text_tower()
     assert not any(p.requires_grad for n, p in vit.named_parameters() if not n.startswith(("visual.", "logit_")))
     assert all(p.requires_grad for p in vit.visual.parameters())
+
+
+def test_the_notebook_interface_runs_as_design_writes_it(tmp_path):
+    model = clip_core.create_model("tiny")
+    tokenize = clip_core.get_tokenizer()
+    preprocess = clip_core.image_transform(model.config.image_size, train=False)
+    images = torch.stack([preprocess(sample.image) for sample in synthetic.samples(2, image_size=80)])
+    assert images.shape == (2, 3, 64, 64)
+    with torch.no_grad():
+        image_features = model.encode_image(images, normalize=True)
+        text_features = model.encode_text(tokenize(["a red circle", "a blue square"]), normalize=True)
+    assert image_features.norm(dim=-1) == pytest.approx([1, 1]) and text_features.shape == (2, 256)
+    clip_core.save_checkpoint(model, tmp_path / "ckpt")
+    loaded = clip_core.load_model(tmp_path / "ckpt")
+    assert clip_core.zero_shot_classifier(loaded, tokenize, ["circle", "square"], ["a {}"]).shape == (256, 2)
