@@ -42,6 +42,12 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
 
     config = pipeline.load_config(None, ["train.steps=7", "serve.port=9001", "registry.gate.floor=0.25"])
     assert (config.train["steps"], config.serve["port"], config.registry.gate.floor) == (7, 9001, 0.25)
+    # DESIGN's cluster spellings: `storage: URI` for storage.root, Ray's num_workers for train.workers
+    path.write_text("storage: s3://bucket/runs\nmlflow:\n  tracking_uri: http://127.0.0.1:5000\ntrain:\n"
+                    "  num_workers: 4\n  use_gpu: true\n")
+    cluster = pipeline.load_config(str(path))
+    assert cluster.root() == "s3://bucket/runs" and cluster.train == {"workers": 4, "use_gpu": True}
+    assert "  workers: 4\n" in pipeline.show(cluster) and "num_workers" not in pipeline.show(cluster)
     # local paths are pinned to this directory: Ray's workers (and a job's driver) run elsewhere
     local = pipeline.load_config(None, ["model.name=micro.json", "data.train=shards/{0..3}.tar"])
     assert (local.model.name, local.data.train) == (os.path.abspath("micro.json"), os.path.abspath("shards/{0..3}.tar"))

@@ -286,6 +286,9 @@ def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(pre
 def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):
     with pytest.raises(ValueError, match="greater than 0"):
         _config(prepared, tmp_path, workers=0)
+    with pytest.raises(ValueError, match="greater than 0"):
+        _config(prepared, tmp_path, num_workers=0)  # Ray's ScalingConfig spelling
+    assert _config(prepared, tmp_path, num_workers=2).workers == 2
     with pytest.raises(ValueError, match=r"batch_size 30 must divide evenly into workers \(4\) x accum_freq \(2\)"):
         _config(prepared, tmp_path, workers=4, accum_freq=2, batch_size=30)
     with pytest.raises(FileNotFoundError, match="no prepared dataset at .*nowhere"):

@@ -115,6 +115,19 @@ class PipelineConfig(_Section):
     registry: RegistrySection = RegistrySection()
     serve: dict[str, Any] = Field({}, description="ServeConfig fields; enabled: false skips the deploy stage")
     storage: StorageSection = StorageSection()
+
+    @field_validator("storage", mode="before")
+    @classmethod
+    def _storage_shorthand(cls, value):
+        return {"root": value} if isinstance(value, str) else value  # `storage: s3://…` for `storage.root`
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _ray_spelling(cls, value):
+        # Ray's ScalingConfig(num_workers=…) spelling, kept under one key (TrainConfig takes both)
+        if isinstance(value, dict) and "num_workers" in value and "workers" not in value:
+            value = {("workers" if key == "num_workers" else key): item for key, item in value.items()}
+        return value
     mlflow: MlflowSection = MlflowSection()
     ray: RaySection = RaySection()
 

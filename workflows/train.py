@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 import clip_core
 from clip_core.transforms import normalize
@@ -95,7 +95,8 @@ class TrainConfig(BaseModel):
     lock_image_unlocked_layers: int = Field(0, ge=0)
     lock_text: bool = False
     lock_text_unlocked_layers: int = Field(0, ge=0)
-    workers: int = Field(1, gt=0)
+    workers: int = Field(1, gt=0, validation_alias=AliasChoices("workers", "num_workers"),
+                         description="Ray Train workers (ScalingConfig's num_workers, which is accepted too)")
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0, description="default: this machine's cores / workers "
                                           "on a local Ray (leaving Ray Data a CPU), 1 on a cluster")
