@@ -114,6 +114,15 @@ def test_gate_on_a_rank_metric_wants_it_lower():
     assert registry.evaluate_gate(version(2, 1.0), version(1, 3.0), gate)[0]
 
 
+def test_lineage_names_the_data_a_checkpoint_trained_on_even_if_it_changed_since(sets, tmp_path):
+    recorded = "sha256:" + "ab" * 32  # what train recorded; heldout2's manifest says otherwise now
+    clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt", extra={"train": {
+        "step": 1, "config": {"data": [str(sets / "heldout2")], "data_digests": [recorded]}}})
+    assert registry.lineage(str(tmp_path / "ckpt"))["dataset_digests"] == recorded
+    # a checkpoint from before train recorded them: the manifest at its data URI
+    assert registry.lineage(str(sets / "ckpt"))["dataset_digests"] == read_manifest(str(sets / "heldout2"))["digest"]
+
+
 def _metrics(sets, top1: float, digest_of: str = "heldout") -> dict:
     return {"zeroshot": {"top1": top1, "top5": min(1.0, top1 + 0.2), "digest": read_manifest(str(sets / digest_of))["digest"]}}
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import clip_core
-from workflows.preprocess import PreprocessOptions, preprocess, read_prepared_table
+from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, read_prepared_table
 from workflows import cli
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
 from workflows.train import (TrainConfig, _gathered_state, _scalar, build_model, contrastive_step,
@@ -85,6 +85,7 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(prepared, tmp_path):
     # the registry finds the train run (lineage) from the checkpoint itself
     description = json.loads((tmp_path / "final" / "config.json").read_text())
     assert description["train"]["mlflow_run_id"] == result.mlflow_run_id and description["train"]["step"] == 10
+    assert description["train"]["config"]["data_digests"] == [read_manifest(str(prepared / "train"))["digest"]]
     checkpoints = sorted(p.name for p in (tmp_path / "runs").glob("*/checkpoint_0*"))
     assert checkpoints and len(checkpoints) <= config.num_to_keep and "checkpoint_00000010" in checkpoints
 

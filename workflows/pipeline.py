@@ -26,9 +26,9 @@ from .tracking import redacted, set_experiment, using
 PIPELINE_KEY_TAG = "rayclip.pipeline_key"  # on a model version: the train key of the checkpoint it holds
 # fields of the stage configs that the pipeline sets itself (from data/model/storage/mlflow sections)
 _TRAIN_OWNED = {"data", "val", "zeroshot", "output", "storage", "model", "init", "resume", "run_name",
-                "mlflow_tracking_uri", "mlflow_experiment", "mlflow_parent_run_id"}
+                "mlflow_tracking_uri", "mlflow_experiment", "mlflow_parent_run_id", "data_digests"}
 # train fields that do not change what training computes, so not part of its key
-_TRAIN_UNKEYED = {"data", "val", "zeroshot", "fault_injection", "max_failures", "log_every"}
+_TRAIN_UNKEYED = {"data", "val", "zeroshot", "fault_injection", "max_failures", "log_every", "data_digests"}
 _EVAL_OWNED = {"model", "zeroshot", "retrieval", "linear_probe", "classnames", "output_json", "mlflow_tracking_uri",
                "mlflow_experiment", "mlflow_run_id", "mlflow_parent_run_id"}
 _SERVE_OWNED = {"model", "mlflow_tracking_uri"}

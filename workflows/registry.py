@@ -151,14 +151,15 @@ def lineage(directory: str) -> dict[str, str]:
     description = _description(directory)
     train = description.get("train", {})
     train_config = train.get("config", {})
-    digests = []
-    for uri in train_config.get("data", []):
+    digests = train_config.get("data_digests") or []
+    if not digests:  # a checkpoint from before train recorded them: what its data URIs hold now
         from .preprocess import read_manifest
 
-        try:
-            digests.append(read_manifest(uri)["digest"])
-        except (OSError, ValueError, KeyError):
-            digests.append(f"unreadable:{uri}")
+        for uri in train_config.get("data", []):
+            try:
+                digests.append(read_manifest(uri)["digest"])
+            except (OSError, ValueError, KeyError):
+                digests.append(f"unreadable:{uri}")
     config_hash = hashlib.sha256(json.dumps({"model": description.get("model"), "train": train_config},
                                             sort_keys=True).encode()).hexdigest()
     tags = {"dataset_digests": ",".join(digests), "train_run_id": train.get("mlflow_run_id") or "",

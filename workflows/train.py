@@ -118,6 +118,8 @@ class TrainConfig(BaseModel):
     mlflow_experiment: str = "rayclip"
     mlflow_parent_run_id: str | None = None
     git_commit: str | None = None
+    data_digests: list[str] | None = Field(None, description="set by train(): the content digest of each `data` "
+                                           "set as it trained, recorded in every checkpoint for lineage")
     fault_injection: FaultInjection | None = None
 
     @model_validator(mode="after")
@@ -799,6 +801,7 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from .preprocess import read_manifest
     from .runtime import init_ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() otherwise costs ~2 s
@@ -811,6 +814,8 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     if config.cpus_per_worker is None:
         config = config.model_copy(update={"cpus_per_worker": default_cpus_per_worker(config.workers)})
     check_config(config)
+    # the data's identity as trained on, not whatever sits at these URIs when the model is registered
+    config = config.model_copy(update={"data_digests": [read_manifest(uri)["digest"] for uri in config.data]})
 
     storage_path = default_storage(config)
     resume_from = None
