@@ -839,6 +839,23 @@ def _client():
     return _get_global_client()
 
 
+def deployed_config(name: str = APP_NAME) -> ServeConfig | None:
+    """The ServeConfig app `name` runs with on this cluster (as stored: the token as its digest); None
+    when Serve is not running or the app was not deployed from a config."""
+    try:
+        app = _application(name).get("deployed_app_config")
+    except Exception:  # noqa: BLE001 - Serve not started on this cluster
+        return None
+    return ServeConfig(**app["args"]) if app else None
+
+
+def runs_as(running: ServeConfig, wanted: ServeConfig) -> bool:
+    """Whether an app running with `running` already is `wanted`, apart from where Serve listens (fixed
+    when Serve started): then a new champion is a `reload`, else the app must be deployed again."""
+    where = {"host": wanted.host, "port": wanted.port}
+    return running.model_copy(update=where) == wanted.stored()
+
+
 def _details() -> dict:
     return _client().get_serve_details()
 

@@ -397,6 +397,16 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tm
         cli._serve_config(parser.parse_args(["deploy", "--config", str(path), "--name", "other"]))
 
 
+def test_a_running_app_is_reloaded_only_when_it_runs_the_wanted_settings():
+    wanted = served.ServeConfig(model="models:/clip@champion", auth_token="s3cret", port=8123)
+    stored = wanted.stored()  # what Serve keeps and `deployed_config` reads back: the token's digest
+    assert stored.auth_token is None and served.runs_as(stored, wanted)
+    assert served.runs_as(stored.model_copy(update={"port": 8000}), wanted), "Serve's port is fixed when it starts"
+    assert not served.runs_as(stored.model_copy(update={"model": "models:/other@champion"}), wanted)
+    assert not served.runs_as(stored.model_copy(update={"max_batch_size": 2}), wanted)
+    assert not served.runs_as(served.ServeConfig(model="models:/clip@champion", auth_token="other").stored(), wanted)
+
+
 def _classify_load(url: str, payload: dict, during) -> tuple[list[tuple[float, int, dict]], float]:
     """Four clients sending `payload` back to back while `during()` runs in a thread, each until two of its
     requests began after `during` returned: ((start time, status, body) per request, when `during` returned)."""

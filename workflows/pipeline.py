@@ -447,21 +447,17 @@ class Pipeline:
         return promoted
 
     def deploy(self, serve_config) -> str:
-        from ray import serve
-
         from deploy import serve as served
 
-        try:
-            running = served.APP_NAME in (serve.status().applications or {})
-        except Exception:  # noqa: BLE001 - Serve not started on this cluster yet
-            running = False
-        if running:
-            served.reload(echo=lambda line: self.echo(f"  {line}"))
+        running = served.deployed_config()
+        if running is not None and served.runs_as(running, serve_config):
+            served.reload(echo=lambda line: self.echo(f"  {line}"))  # the alias may have moved: roll in place
             url = f"http://{serve_config.host}:{serve_config.port}"
             self._stage("deploy", "done", f"{served.APP_NAME} rolled to the champion at {url}")
-        else:
+        else:  # not running, or running another model or settings: deploy this pipeline's
             url = served.start(serve_config)
-            self._stage("deploy", "done", f"{serve_config.model} at {url}")
+            replaced = f" (replacing {running.model})" if running is not None else ""
+            self._stage("deploy", "done", f"{serve_config.model} at {url}{replaced}")
         return url
 
 
