@@ -16,8 +16,8 @@ import clip_core
 from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, read_prepared_table
 from workflows import cli
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
-from workflows.train import (TrainConfig, _gathered_state, _scalar, build_model, contrastive_step,
-                             default_cpus_per_worker, distribute, latest_checkpoint, mixed_rows, train)
+from workflows.train import (TrainConfig, _gathered_state, _scalar, build_model, check_config, contrastive_step,
+                             default_cpus_per_worker, distribute, init_source, latest_checkpoint, mixed_rows, train)
 
 from micro import micro_config
 
@@ -282,6 +282,23 @@ def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(pre
     again = clip_core.load_model(tmp_path / "b" / "final").state_dict()
     for key, value in final.state_dict().items():
         torch.testing.assert_close(again[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket):
+    from workflows import storage
+
+    torch.manual_seed(1)
+    pretrained = clip_core.CLIP(micro_config())
+    clip_core.save_checkpoint(pretrained, tmp_path / "pretrained")
+    for file in (tmp_path / "pretrained").iterdir():
+        storage.upload(str(file), f"s3://{s3_bucket}/weights/pretrained/{file.name}")
+    config = _config(prepared, tmp_path, init=f"s3://{s3_bucket}/weights/pretrained", cpus_per_worker=1)
+    check_config(config)
+    built = build_model(config)
+    assert all(torch.equal(built.state_dict()[key], value) for key, value in pretrained.state_dict().items())
+    assert init_source(f"openai:s3://{s3_bucket}/ViT-B-32.pt") == ("openai", f"s3://{s3_bucket}/ViT-B-32.pt")
+    with pytest.raises(FileNotFoundError, match=rf"no pretrained weights at s3://{s3_bucket}/ViT-B-32.pt"):
+        check_config(_config(prepared, tmp_path, init=f"openai:s3://{s3_bucket}/ViT-B-32.pt", cpus_per_worker=1))
 
 
 def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):

@@ -152,6 +152,16 @@ def _replace_locally(path: str, write: Callable[[str], object]) -> None:
             os.remove(temporary)
 
 
+def download(uri: str, local_dir: str) -> str:
+    """Copy the file or directory at `uri` into `local_dir`; returns its local path."""
+    fs, path = filesystem(uri)
+    local = os.path.join(local_dir, posixpath.basename(path))
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        os.makedirs(local, exist_ok=True)  # copying out of S3 does not create it
+    pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None, recursive: bool = True) -> list[str]:
     """Files under a directory/prefix (sorted), optionally only those ending in `suffixes`."""
     fs, path = filesystem(uri)

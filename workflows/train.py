@@ -215,11 +215,18 @@ class Augment:
 # ------------------------------------------------------------------------------- model
 
 
+def init_source(init: str) -> tuple[str, str]:
+    """`openai:PATH`, `openclip:PATH` or `PATH` → (kind, PATH); PATH is local or s3://."""
+    kind, _, path = init.partition(":")
+    return (kind, path) if kind in ("openai", "openclip") else ("", init)
+
+
 def build_model(config: TrainConfig) -> clip_core.CLIP:
     if config.init:
-        kind, _, path = config.init.rpartition(":") if config.init.split(":", 1)[0] in ("openai", "openclip") \
-            else ("", "", config.init)
-        model = clip_core.load_model(path, quick_gelu=True if kind == "openai" else None)
+        kind, path = init_source(config.init)
+        with tempfile.TemporaryDirectory() as scratch:  # load_model reads the weights into memory
+            local = storage.download(path, scratch) if storage.is_s3(path) else path
+            model = clip_core.load_model(local, quick_gelu=True if kind == "openai" else None)
     else:
         model = clip_core.create_model(config.model, init_logit_bias=-10.0 if config.loss == "siglip" else None)
     if config.loss == "siglip" and model.logit_bias is None:
@@ -775,8 +782,8 @@ def check_config(config: TrainConfig) -> None:
     if config.resume and config.resume != "latest" and not storage.exists(config.resume):
         raise FileNotFoundError(f"no checkpoint to resume at {config.resume}")
     if config.init:
-        path = config.init.split(":", 1)[1] if config.init.split(":", 1)[0] in ("openai", "openclip") else config.init
-        if not os.path.exists(path):
+        _, path = init_source(config.init)
+        if not storage.exists(path):
             raise FileNotFoundError(f"no pretrained weights at {path} (from --init {config.init})")
 
 
