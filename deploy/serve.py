@@ -98,10 +98,23 @@ class ServeConfig(BaseModel):
                                    "stores only its SHA-256 (auth_token_sha256), never the token")
     auth_token_sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$",
                                           description="the bearer token's SHA-256 in hex, instead of the token")
+    auth_token_file: str | None = Field(None, description="a file holding the bearer token (a mounted secret), "
+                                        "read where the app runs")
 
     def token(self) -> str | None:
-        """The bearer token where this process knows it (auth_token, else ${TOKEN_ENV}): what a client sends."""
-        return self.auth_token or os.environ.get(TOKEN_ENV) or None
+        """The bearer token where this process knows it (auth_token, else auth_token_file's, else
+        ${TOKEN_ENV}): what a client sends."""
+        if self.auth_token:
+            return self.auth_token
+        if self.auth_token_file:
+            try:
+                token = Path(self.auth_token_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"auth_token_file: cannot read the token: {exc}") from None
+            if not token:
+                raise ValueError(f"auth_token_file: {self.auth_token_file} is empty")
+            return token
+        return os.environ.get(TOKEN_ENV) or None
 
     def token_digest(self) -> str | None:
         """SHA-256 (hex) of the bearer token requests must send: auth_token's, else auth_token_sha256,
@@ -358,7 +371,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("rayclip_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
-        self.latency = Histogram("rayclip_request_seconds", "HTTP request latency by route", ["route"],
+        self.latency = Histogram("rayclip_request_seconds", "HTTP request latency by route and status",
+                                 ["route", "status"],
                                  registry=self.registry)
         self.batch_sizes = Histogram("rayclip_batch_size", "dynamic batch sizes the towers ran", ["tower"],
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
@@ -398,7 +412,7 @@ async def _count_requests(request: Request, call_next):
     path = request.url.path if request.url.path in _ROUTES else "other"  # bounded label values
     metrics = serve.get_replica_context().servable_object.metrics
     metrics.requests.labels(path, str(response.status_code)).inc()
-    metrics.latency.labels(path).observe(time.perf_counter() - started)
+    metrics.latency.labels(path, str(response.status_code)).observe(time.perf_counter() - started)
     return response
 
 

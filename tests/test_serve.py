@@ -111,11 +111,14 @@ def test_embeddings_and_rank_match_clip_core(app):
     assert ranked[0]["cosine"] == pytest.approx(float(np.max(expected_images @ expected_texts[1])), abs=1e-4)
 
 
-def _metric(text: str, name: str, **labels) -> float:
+def _metric(text: str, name: str, default: float | None = None, **labels) -> float:
+    """A sample's value; `default` where it is absent (a counter no request has touched yet)."""
     wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
     for line in text.splitlines():
         if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
+    if default is not None:
+        return default
     raise AssertionError(f"no {name}{{{wanted}}} in /metrics")
 
 
@@ -129,9 +132,10 @@ def test_concurrent_requests_are_batched_and_classifiers_cached(app):
     responses = asyncio.run(burst())
     assert all(r.status_code == 200 for r in responses)
     after = httpx.get(app["url"] + "/metrics").text
-    ran = _metric(after, "rayclip_batch_size_count", tower="text") - _metric(before, "rayclip_batch_size_count", tower="text")
+    ran = (_metric(after, "rayclip_batch_size_count", tower="text")
+           - _metric(before, "rayclip_batch_size_count", 0.0, tower="text"))
     single = (_metric(after, "rayclip_batch_size_bucket", tower="text", le="1.0")
-              - _metric(before, "rayclip_batch_size_bucket", tower="text", le="1.0"))
+              - _metric(before, "rayclip_batch_size_bucket", 0.0, tower="text", le="1.0"))
     assert ran == 24 and single < 24, "no request shared a batch with another"
 
     payload = {"images": [_png(_images(1)[0])], "labels": ["cat", "dog"]}
@@ -140,6 +144,7 @@ def test_concurrent_requests_are_batched_and_classifiers_cached(app):
     hits = httpx.get(app["url"] + "/metrics").text
     assert _metric(hits, "rayclip_classifier_cache_total", result="hit") >= 1
     assert _metric(hits, "rayclip_requests_total", route="/v1/classify", status="200") >= 2
+    assert _metric(hits, "rayclip_request_seconds_count", route="/v1/classify", status="200") >= 2
 
 
 def test_serve_keeps_the_tokens_digest_never_the_token(app):
@@ -395,6 +400,18 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tm
     assert (settings.port, settings.model, settings.num_gpus) == (9000, str(tmp_path / "ckpt"), 0.25)
     with pytest.raises(ValueError, match=r"no application 'other', only \['rayclip'\]: choose one with --name"):
         cli._serve_config(parser.parse_args(["deploy", "--config", str(path), "--name", "other"]))
+
+
+def test_the_token_can_come_from_a_mounted_secret_file(tmp_path):
+    (tmp_path / "token").write_text("from-a-secret\n")
+    settings = served.ServeConfig(auth_token_file=str(tmp_path / "token"))
+    assert settings.token_digest() == hashlib.sha256(b"from-a-secret").hexdigest()
+    assert settings.stored() == settings, "only the file's path is stored, never the token"
+    with pytest.raises(ValueError, match="auth_token_file: cannot read the token"):
+        served.ServeConfig(auth_token_file=str(tmp_path / "absent")).token_digest()
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="auth_token_file: .*empty is empty"):
+        served.ServeConfig(auth_token_file=str(tmp_path / "empty")).token_digest()
 
 
 def test_a_running_app_is_reloaded_only_when_it_runs_the_wanted_settings():

@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--storage", help="Ray Train storage for checkpoints (local dir or s3://)")
     tr.add_argument("--checkpoint-every", type=int)
     tr.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint")
-    tr.add_argument("--init", help="pretrained weights: openai:PATH, openclip:PATH or a checkpoint path (local or s3://)")
+    tr.add_argument("--init", help="pretrained weights: openai:PATH, openclip:PATH or a checkpoint path "
+                    "(local or s3://)")
     tr.add_argument("--resume", help="'latest' (the newest checkpoint under --storage) or a checkpoint path")
     tr.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI; no tracking when unset")
     tr.add_argument("--seed", type=int)
