@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import clip_core  # noqa: E402
-from bench.common import markdown_table, write_report  # noqa: E402
+from bench.common import markdown_table, plot_cdf, write_report  # noqa: E402
 from deploy import serve as served  # noqa: E402
 from workflows.synthetic import samples  # noqa: E402
 
@@ -76,7 +76,8 @@ async def _load(url: str, payloads: list[dict], concurrency: int, requests: int)
     def pct(p):
         return 1000 * ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
-    return {"rps": requests / elapsed, "p50": pct(50), "p95": pct(95), "p99": pct(99), "failures": failures}
+    return {"rps": requests / elapsed, "p50": pct(50), "p95": pct(95), "p99": pct(99), "failures": failures,
+            "latencies_ms": [1000 * latency for latency in ordered]}
 
 
 def _direct_ms(checkpoint: str, payloads: list[dict], repeats: int) -> float:
@@ -123,7 +124,8 @@ def main(quick: bool = False) -> None:
         for concurrency in levels:
             for mode, url in urls.items():  # side by side at each level
                 results[(mode, concurrency)] = asyncio.run(_load(url, payloads, concurrency, per_level))
-                print(mode, concurrency, results[(mode, concurrency)], flush=True)
+                print(mode, concurrency, {k: v for k, v in results[(mode, concurrency)].items()
+                                          if k != "latencies_ms"}, flush=True)
         direct = _direct_ms(checkpoint, payloads, 30 if quick else 100)
         serve.shutdown()
         ray.shutdown()
@@ -143,6 +145,10 @@ def main(quick: bool = False) -> None:
         f"The same request's work in-process (base64, decode, crop, image tower, cached classifier): {direct:.1f} ms "
         f"median; through Serve at concurrency 1 (batching off): {results[('batching off', 1)]['p50']:.1f} ms p50, "
         f"so Serve (HTTP proxy, ingress, handle call to the tower) adds about {overhead:.1f} ms per request.",
+        "", "## Latency distribution", "",
+        plot_cdf("serve_latency", "Serve: /v1/classify latency CDF",
+                 {f"c={c}, {mode}": results[(mode, c)]["latencies_ms"] for c in levels[-2:]
+                  for mode in ("batching on", "batching off")}),
     ]
     bars = {f"c={c}": {"throughput, batching on / off": results[("batching on", c)]["rps"]
                        / results[("batching off", c)]["rps"]} for c in levels}

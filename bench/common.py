@@ -63,6 +63,30 @@ def write_report(name: str, title: str, sections: list[str], bars: dict[str, dic
     return path
 
 
+def plot_cdf(name: str, title: str, samples: dict[str, list[float]], unit: str = "ms") -> str:
+    """bench/results/<name>.png: one empirical CDF per entry of `samples`; returns the markdown image line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for label, values in samples.items():
+        ordered = sorted(values)
+        axis.step(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], where="post", label=label)
+    axis.set_xscale("log")
+    axis.set_xlabel(f"latency ({unit}, log scale)")
+    axis.set_ylabel("fraction of requests")
+    axis.set_title(title)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(RESULTS / f"{name}.png", dpi=120)
+    plt.close(figure)
+    return f"![{title}]({name}.png)"
+
+
 def _plot(path: Path, title: str, bars: dict[str, dict[str, float]], label: str) -> None:
     import matplotlib
 

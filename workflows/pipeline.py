@@ -68,7 +68,7 @@ class DataSection(_Section):
     def _zeroshot_has_class_names(self):
         # a synthetic set brings its own; without them evaluate would fail only after training
         if self.zeroshot and not self.zeroshot.startswith("synthetic://") and \
-                not self.split_options.get("zeroshot", {}).get("classnames"):
+                not (self.split_options.get("zeroshot", {}).get("classnames") or self.preprocess.classnames):
             raise ValueError("zero-shot scoring needs the class names: set data.split_options.zeroshot.classnames "
                              "to a list, or to a file (local or s3://) with one per line, line i naming label i")
         return self
@@ -115,6 +115,8 @@ class PipelineConfig(_Section):
     registry: RegistrySection = RegistrySection()
     serve: dict[str, Any] = Field({}, description="ServeConfig fields; enabled: false skips the deploy stage")
     storage: StorageSection = StorageSection()
+    mlflow: MlflowSection = MlflowSection()
+    ray: RaySection = RaySection()
 
     @field_validator("storage", mode="before")
     @classmethod
@@ -128,8 +130,6 @@ class PipelineConfig(_Section):
         if isinstance(value, dict) and "num_workers" in value and "workers" not in value:
             value = {("workers" if key == "num_workers" else key): item for key, item in value.items()}
         return value
-    mlflow: MlflowSection = MlflowSection()
-    ray: RaySection = RaySection()
 
     def root(self) -> str:
         root = self.storage.root or os.environ.get("RAYCLIP_STORAGE") or "work"
