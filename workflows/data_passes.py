@@ -65,6 +65,6 @@ def checkpoint_pass(uri: str) -> int:
     description = json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE)))
     if "data_pass" in description.get("train", {}):
         return int(description["train"]["data_pass"])
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, TRAIN_STATE))), map_location="cpu",
-                       weights_only=True)
+    data = storage.read_bytes(storage.join(uri, TRAIN_STATE))
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return int(state.get("epoch", 0))
