@@ -11,10 +11,13 @@ import functools
 import gzip
 import html
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
 import regex
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # OpenCLIP's spellings: the same strings inside a caption become the special ids, as there
 SOT_TOKEN = "<start_of_text>"
@@ -135,6 +138,8 @@ class Tokenizer:
             ids = [self.sot_token_id, *self.encode(text)][: length - 1]
             ids.append(self.eot_token_id)  # truncation keeps [EOT]
             out[row, : len(ids)] = ids
+        import torch  # here: preprocessing uses `encode` alone, without torch
+
         return torch.from_numpy(out)
 
 

@@ -13,10 +13,13 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -142,6 +145,8 @@ def random_resized_crop(image: Image.Image, size: int, rng: random.Random, scale
 
 def to_tensor(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Tensor:
     """RGB image → normalized FloatTensor [3, H, W]."""
+    import torch  # in the functions that make tensors: the Pillow part runs without torch
+
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -150,6 +155,8 @@ def to_tensor(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Ten
 
 def normalize(images: torch.Tensor, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Tensor:
     """Images in [0, 1] [B, 3, H, W], or uint8 [B, H, W, 3] as decoders give them → normalized float [B, 3, H, W]."""
+    import torch
+
     if images.dtype == torch.uint8:
         images = images.permute(0, 3, 1, 2).float().div_(255.0)
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)

@@ -407,3 +407,31 @@ def test_cli_prints_a_summary_and_names_bad_columns(tmp_path, capsys):
     assert cli.main(["preprocess", str(tmp_path / "x.parquet"), str(tmp_path / "out2")]) == 2
     error = capsys.readouterr().err
     assert "image column 'image' not found" in error and "columns are: key, jpg, txt" in error
+
+
+
+def test_preprocessing_and_decoding_run_without_torch(tmp_path):
+    """Ray Data runs these UDFs in worker processes of their own (a cluster's CPU nodes run nothing
+    else): importing torch there would cost each process ~260 MiB of private memory and seconds of
+    start-up for code that only reads, resizes, tokenizes and decodes."""
+    code = f"""
+import sys
+import pyarrow as pa
+import pyarrow.parquet as pq
+from workflows.preprocess import PreprocessOptions, decode_batch, process_batch, write_shard
+from workflows.preprocess_actors import Deduplicate
+from workflows.sources import SourceSpec, plan_files, read_source_batch
+from workflows.synthetic import split_class_names
+
+spec = SourceSpec(format="synthetic")
+(chunk,) = plan_files("synthetic://train?count=12&image_size=64", spec)
+raw = pa.concat_tables(read_source_batch(pa.table({{"uri": [chunk]}}), spec))
+summary = write_shard(Deduplicate()(process_batch(raw, PreprocessOptions(image_size=64, classnames=split_class_names("train")))), {str(tmp_path)!r})
+shard = summary.column("shard")[0].as_py()
+decoded = decode_batch(pq.read_table({str(tmp_path)!r} + "/" + shard.rsplit("/", 1)[-1]).to_pydict(), 64)
+assert decoded["image"].shape == (12, 64, 64, 3) and decoded["tokens"].shape == (12, 77), summary
+loaded = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
+assert not loaded, f"{{len(loaded)}} torch modules imported: {{loaded[:3]}}…"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -35,7 +35,6 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clip_core.checkpoint import file_sha256
 from clip_core.tokenizer import TOKENIZER_ID, get_tokenizer, normalize_caption
 from clip_core.transforms import center_crop, resize_shortest_side, to_rgb
 
@@ -439,6 +438,8 @@ def _finalize(output: str, source: str, fmt: str, files: list[str], options: Pre
                 "jpeg_quality": options.jpeg_quality if options.image_format == "jpeg" else None,
                 "classnames": options.classnames, "content": f"{content:032x}", "rows": counts["kept"]}
     digest = "sha256:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    with open(rejects.path, "rb") as fp:
+        rejects_sha256 = hashlib.file_digest(fp, "sha256").hexdigest()
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -453,7 +454,7 @@ def _finalize(output: str, source: str, fmt: str, files: list[str], options: Pre
         "counts": {"read": counts["read"], "kept": counts["kept"], "rejected": rejects.rows,
                    "rejected_by_reason": dict(sorted(rejects.by_reason.items()))},
         "shards": shards,
-        "rejects": {"path": REJECTS, "rows": rejects.rows, "sha256": file_sha256(rejects.path)},
+        "rejects": {"path": REJECTS, "rows": rejects.rows, "sha256": rejects_sha256},
         "options": options.model_dump(exclude={"classnames"}),
     }
     if manifest["counts"]["read"] != manifest["counts"]["kept"] + manifest["counts"]["rejected"]:
