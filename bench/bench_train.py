@@ -1,6 +1,7 @@
 """Ray Train overhead: samples/s of the train stage (Ray Data decoding, Ray Train worker, DDP
 wrapper, checkpoint reporting) vs a plain single-process torch loop over the same model, data,
-batch and augmentation on this machine. Writes bench/results/train.md and train.png.
+batch and augmentation on this machine; and Ray Train's scaling with workers (1, 2, 4; the batch
+per worker fixed). Writes bench/results/train.md, train.png and train_scaling.png.
 
     python bench/bench_train.py [--quick]
 """
@@ -20,9 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import clip_core  # noqa: E402
-from bench.common import markdown_table, write_report  # noqa: E402
+from bench.common import markdown_table, plot_bars, plot_lines, write_report  # noqa: E402
 from workflows.preprocess import PreprocessOptions, preprocess, read_prepared_table  # noqa: E402
 from workflows.preprocess import decode_batch  # noqa: E402
+from workflows.runtime import init_ray  # noqa: E402
 from workflows.train import Augment, TrainConfig, contrastive_step, train  # noqa: E402
 
 
@@ -49,49 +51,57 @@ def plain_loop(data_uri: str, model_name: str, batch_size: int, steps: int, warm
     return (steps - warmup) * batch_size / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, help="plain/Ray pairs, interleaved (default 3, quick 1)")
-    args = parser.parse_args()
-    steps = 12 if args.quick else 40
-    window = 4 if args.quick else 20  # Ray's figure: the last `window` steps, after start-up
-    rounds = args.rounds or (1 if args.quick else 3)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+SCALING_WORKERS = (1, 2, 4)
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.1f}-{max(values):.1f}"
+
+
+def prepared(tmp: str, model: str, count: int) -> str:
+    data = str(Path(tmp) / f"data-{count}")
+    image_size = clip_core.get_config(model).vision.image_size
+    preprocess(f"synthetic://train?count={count}&image_size={image_size}", data,
+               PreprocessOptions(image_size=image_size), echo=lambda *_: None)
+    return data
+
+
+def ray_train(data: str, storage: str, model: str, batch_size: int, steps: int, window: int, **scaling) -> dict:
+    """Ray Train's metrics over the last `window` of `steps` steps."""
+    return train(TrainConfig(data=[data], model=model, batch_size=batch_size, steps=steps, warmup_steps=1,
+                             log_every=window, checkpoint_every=steps, storage=storage, **scaling),
+                 echo=lambda *_: None).metrics
+
+
+def overhead(args, tmp: str, steps: int, window: int, rounds: int) -> tuple[list[str], dict]:
+    """Ray Train (one worker, default CPUs) vs the plain loop, interleaved round by round."""
     # one epoch of fresh data, and the same steps over a 5-batch dataset, where the measured steps
     # cross epoch boundaries (Ray Data runs the dataset again at each)
     boundaries = sum(1 for step in range(steps - window + 1, steps + 1) if step > 1 and (step - 1) % 5 == 0)
     layouts = {"one epoch": args.batch_size * (steps + 4), "5-batch epochs": args.batch_size * 5}
     rows, ratios = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for layout, count in layouts.items():
-            data = str(Path(tmp) / f"data-{count}")
-            image_size = clip_core.get_config(args.model).vision.image_size
-            preprocess(f"synthetic://train?count={count}&image_size={image_size}", data,
-                       PreprocessOptions(image_size=image_size), echo=lambda *_: None)
-            plain, ray_rates, data_waits = [], [], []
-            # one pair swings by a third on a shared 2-core machine: interleave pairs, compare medians
-            for round_ in range(rounds):
-                plain.append(plain_loop(data, args.model, args.batch_size, steps, warmup=steps - window))
-                result = train(TrainConfig(data=[data], model=args.model, batch_size=args.batch_size, steps=steps,
-                                           warmup_steps=1, log_every=window, checkpoint_every=steps,
-                                           storage=str(Path(tmp) / f"runs-{count}-{round_}")), echo=lambda *_: None)
-                ray_rates.append(result.metrics["samples_per_s"])
-                data_waits.append(result.metrics["data_wait_fraction"])
-                print(f"{layout}, round {round_ + 1}: plain {plain[-1]:.1f}, Ray Train {ray_rates[-1]:.1f} "
-                      f"samples/s, data wait {data_waits[-1]:.1%}", flush=True)
-            plain_rate, ray_rate = statistics.median(plain), statistics.median(ray_rates)
-            overhead = 1 - ray_rate / plain_rate
-            print(f"{layout} median: plain {plain_rate:.1f}, Ray Train {ray_rate:.1f} samples/s, "
-                  f"overhead {overhead:.1%}", flush=True)
-            spread = lambda values: f"{min(values):.1f}-{max(values):.1f}"  # noqa: E731
-            rows.append([f"{args.model}, batch {args.batch_size}, {layout}", f"{plain_rate:.1f} ({spread(plain)})",
-                         f"{ray_rate:.1f} ({spread(ray_rates)})", f"{statistics.median(data_waits):.1%}",
-                         f"**{overhead:+.1%}**"])
-            ratios[f"{args.model} batch {args.batch_size}, {layout}"] = {"Ray Train / plain": ray_rate / plain_rate}
-    notes = [
+    for layout, count in layouts.items():
+        data = prepared(tmp, args.model, count)
+        plain, ray_rates, data_waits = [], [], []
+        # one pair swings by a third on a shared 2-core machine: interleave pairs, compare medians
+        for round_ in range(rounds):
+            plain.append(plain_loop(data, args.model, args.batch_size, steps, warmup=steps - window))
+            metrics = ray_train(data, str(Path(tmp) / f"runs-{count}-{round_}"), args.model, args.batch_size,
+                                steps, window)
+            ray_rates.append(metrics["samples_per_s"])
+            data_waits.append(metrics["data_wait_fraction"])
+            print(f"{layout}, round {round_ + 1}: plain {plain[-1]:.1f}, Ray Train {ray_rates[-1]:.1f} "
+                  f"samples/s, data wait {data_waits[-1]:.1%}", flush=True)
+        plain_rate, ray_rate = statistics.median(plain), statistics.median(ray_rates)
+        overhead = 1 - ray_rate / plain_rate
+        print(f"{layout} median: plain {plain_rate:.1f}, Ray Train {ray_rate:.1f} samples/s, "
+              f"overhead {overhead:.1%}", flush=True)
+        rows.append([f"{args.model}, batch {args.batch_size}, {layout}", f"{plain_rate:.1f} ({spread(plain)})",
+                     f"{ray_rate:.1f} ({spread(ray_rates)})", f"{statistics.median(data_waits):.1%}",
+                     f"**{overhead:+.1%}**"])
+        ratios[f"{args.model} batch {args.batch_size}, {layout}"] = {"Ray Train / plain": ray_rate / plain_rate}
+    return [
+        "## Ray Train vs a plain torch loop", "",
         f"Samples/s over the last {window} of {steps} steps (start-up excluded), fp32, {os.cpu_count()} cores; "
         f"median of {rounds} interleaved plain/Ray rounds (range in brackets). "
         "Plain: one process decodes, augments and steps. Ray Train: one worker with all cores; Ray Data decodes "
@@ -103,9 +113,83 @@ def main() -> None:
         "Data wait is the fraction of the Ray worker's time spent waiting for the next batch.",
         "",
         markdown_table(["run", "plain loop samples/s", "Ray Train samples/s", "data wait", "overhead"], rows),
+        "",
+        plot_bars("train", "Ray Train vs a plain torch loop (CPU)", ratios, "throughput ratio (x)"),
     ]
-    path = write_report("train", "Train: Ray Train vs a plain torch loop (CPU)", notes, ratios,
-                        bar_label="throughput ratio (x)")
+
+
+def scaling(args, tmp: str, steps: int, window: int, rounds: int) -> list[str]:
+    """Ray Train samples/s at 1, 2 and 4 workers, weak scaling: the batch per worker stays fixed."""
+    import ray
+
+    cores = os.cpu_count() or 1
+    # one epoch for the largest global batch: no run reaches the end of the data
+    data = prepared(tmp, args.model, args.worker_batch * max(SCALING_WORKERS) * (steps + 4))
+    init_ray()  # the local Ray that train() joins (preprocess started it)
+    logical = ray.cluster_resources().get("CPU", 1.0)
+    # a worker gets at most one core's worth of torch threads, so 1 -> `cores` workers scale over cores; beyond
+    # that workers share cores. Ray Data keeps at least one logical CPU, or the run waits forever for resources.
+    cpus = {n: min(1.0, cores / n, (logical - 1) / n) for n in SCALING_WORKERS}
+    rates: dict[int, list[float]] = {n: [] for n in SCALING_WORKERS}
+    waits: dict[int, list[float]] = {n: [] for n in SCALING_WORKERS}
+    for round_ in range(rounds):  # interleaved, so drift hits every worker count alike
+        for n in SCALING_WORKERS:
+            metrics = ray_train(data, str(Path(tmp) / f"scaling-{n}-{round_}"), args.model, args.worker_batch * n,
+                                steps, window, workers=n, cpus_per_worker=cpus[n])
+            rates[n].append(metrics["samples_per_s"])
+            waits[n].append(metrics["data_wait_fraction"])
+            print(f"scaling, round {round_ + 1}: {n} worker(s) x {cpus[n]:g} CPU: {rates[n][-1]:.1f} samples/s, "
+                  f"data wait {waits[n][-1]:.1%}", flush=True)
+    rate = {n: statistics.median(values) for n, values in rates.items()}
+    rows = []
+    for n in SCALING_WORKERS:
+        efficiency = rate[n] / (n * rate[1])
+        print(f"scaling median: {n} worker(s) {rate[n]:.1f} samples/s, efficiency {efficiency:.0%}", flush=True)
+        rows.append([n, f"{cpus[n]:g} ({max(1, int(cpus[n]))})", args.worker_batch * n,
+                     f"{rate[n]:.1f} ({spread(rates[n])})", f"{rate[n] / n:.1f}", f"**{efficiency:.0%}**",
+                     f"{statistics.median(waits[n]):.1%}"])
+    oversubscribed = [n for n in SCALING_WORKERS if n > cores]
+    return [
+        "## Scaling with workers", "",
+        f"Weak scaling: {args.worker_batch} samples per worker per step, so the global batch is "
+        f"{args.worker_batch} x workers; {args.model}, fp32, one epoch of fresh data, samples/s over the last "
+        f"{window} of {steps} steps, median of {rounds} round(s) (range in brackets), the worker counts "
+        "interleaved in each round. Each worker gets at most one core's worth of torch threads (torch threads in "
+        f"brackets); Ray Data decodes in separate tasks on the rest of the machine's {cores} cores.",
+        f"1 -> {min(cores, max(SCALING_WORKERS))} workers is real scaling over this machine's {cores} "
+        "cores" + (f"; {', '.join(map(str, oversubscribed))} workers are oversubscribed: more workers than cores, "
+                   f"each still on 1 torch thread, all sharing {cores} cores with each other and with Ray Data's "
+                   "decoding, so any gain there comes from overlapping one worker's waits with another's work, "
+                   "not from more compute." if oversubscribed else "."),
+        "Efficiency is rate(n) / (n x rate(1)) on the medians (100%: linear). Data wait is the fraction of the "
+        "rank-0 worker's time spent waiting for its next batch.",
+        "",
+        markdown_table(["workers", "CPUs per worker (threads)", "global batch", "samples/s", "samples/s per worker",
+                        "efficiency", "data wait"], rows),
+        "",
+        plot_lines("train_scaling", "Ray Train: scaling with workers (CPU, weak scaling)",
+                   {"Ray Train (median)": {n: rate[n] for n in SCALING_WORKERS},
+                    "linear from 1 worker": {n: n * rate[1] for n in SCALING_WORKERS}},
+                   "workers", "samples/s", dashed=("linear from 1 worker",)),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--batch-size", type=int, default=64, help="Ray Train vs plain: the batch")
+    parser.add_argument("--worker-batch", type=int, default=32, help="scaling: the batch per worker")
+    parser.add_argument("--rounds", type=int, help="rounds of each comparison, interleaved (default 3, quick 1)")
+    args = parser.parse_args()
+    steps = 12 if args.quick else 40
+    window = 4 if args.quick else 20  # Ray's figure: the last `window` steps, after start-up
+    rounds = args.rounds or (1 if args.quick else 3)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with tempfile.TemporaryDirectory() as tmp:
+        sections = overhead(args, tmp, steps, window, rounds)
+        sections += ["", *scaling(args, tmp, steps, window, rounds)]
+    path = write_report("train", "Train: Ray Train overhead and scaling with workers (CPU)", sections)
     print(path.read_text())
 
 

@@ -56,8 +56,7 @@ def write_report(name: str, title: str, sections: list[str], bars: dict[str, dic
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [f"# {title}", "", f"Measured {stamp} on {machine()}.", "", *sections]
     if bars:
-        _plot(RESULTS / f"{name}.png", title, bars, bar_label)
-        body += ["", f"![{title}]({name}.png)"]
+        body += ["", plot_bars(name, title, bars, bar_label)]
     path = RESULTS / f"{name}.md"
     path.write_text("\n".join(body) + "\n")
     return path
@@ -65,37 +64,40 @@ def write_report(name: str, title: str, sections: list[str], bars: dict[str, dic
 
 def plot_cdf(name: str, title: str, samples: dict[str, list[float]], unit: str = "ms") -> str:
     """bench/results/<name>.png: one empirical CDF per entry of `samples`; returns the markdown image line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = _figure()
     for label, values in samples.items():
         ordered = sorted(values)
         axis.step(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], where="post", label=label)
     axis.set_xscale("log")
     axis.set_xlabel(f"latency ({unit}, log scale)")
     axis.set_ylabel("fraction of requests")
-    axis.set_title(title)
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(RESULTS / f"{name}.png", dpi=120)
-    plt.close(figure)
-    return f"![{title}]({name}.png)"
+    return _save(figure, axis, name, title)
 
 
-def _plot(path: Path, title: str, bars: dict[str, dict[str, float]], label: str) -> None:
-    import matplotlib
+def plot_lines(name: str, title: str, lines: dict[str, dict[float, float]], xlabel: str, ylabel: str,
+               dashed: tuple[str, ...] = ()) -> str:
+    """bench/results/<name>.png: one line (x -> y) per entry of `lines`, those named in `dashed` dashed;
+    returns the markdown image line."""
+    figure, axis = _figure()
+    for label, points in lines.items():
+        xs = sorted(points)
+        axis.plot(xs, [points[x] for x in xs], linestyle="--" if label in dashed else "-",
+                  marker=None if label in dashed else "o", label=label)
+    axis.set_xticks(sorted({x for points in lines.values() for x in points}))
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_ylim(bottom=0)
+    axis.grid(True, alpha=0.3)
+    return _save(figure, axis, name, title)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot_bars(name: str, title: str, bars: dict[str, dict[str, float]], label: str) -> str:
+    """bench/results/<name>.png: one bar group per entry of `bars`, a dashed line at 1; returns the markdown
+    image line."""
     names = list(bars)
     series = sorted({peer for values in bars.values() for peer in values})
-    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4))
+    figure, axis = _figure(width=max(6, 1.6 * len(names)))
     width = 0.8 / max(1, len(series))
     for i, peer in enumerate(series):
         xs = [n + i * width for n in range(len(names))]
@@ -103,8 +105,26 @@ def _plot(path: Path, title: str, bars: dict[str, dict[str, float]], label: str)
     axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     axis.set_xticks([n + width * (len(series) - 1) / 2 for n in range(len(names))], names, rotation=15)
     axis.set_ylabel(label)
+    return _save(figure, axis, name, title)
+
+
+def _figure(width: float = 7, height: float = 4):
+    """A figure and its one axis, drawn off-screen (the bench machines have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def _save(figure, axis, name: str, title: str) -> str:
+    import matplotlib.pyplot as plt
+
     axis.set_title(title)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    figure.savefig(RESULTS / f"{name}.png", dpi=120)
     plt.close(figure)
+    return f"![{title}]({name}.png)"
