@@ -409,7 +409,6 @@ def test_cli_prints_a_summary_and_names_bad_columns(tmp_path, capsys):
     assert "image column 'image' not found" in error and "columns are: key, jpg, txt" in error
 
 
-
 def test_preprocessing_and_decoding_run_without_torch(tmp_path):
     """Ray Data runs these UDFs in worker processes of their own (a cluster's CPU nodes run nothing
     else): importing torch there would cost each process ~260 MiB of private memory and seconds of
