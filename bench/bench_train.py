@@ -25,7 +25,7 @@ from bench.common import markdown_table, plot_bars, plot_lines, write_report  # 
 from workflows.preprocess import PreprocessOptions, preprocess, read_prepared_table  # noqa: E402
 from workflows.preprocess import decode_batch  # noqa: E402
 from workflows.runtime import init_ray  # noqa: E402
-from workflows.train import Augment, TrainConfig, contrastive_step, train  # noqa: E402
+from workflows.train import Augment, TrainConfig, contrastive_step, default_cpus_per_worker, train  # noqa: E402
 
 
 def plain_loop(data_uri: str, model_name: str, batch_size: int, steps: int, warmup: int) -> float:
@@ -73,7 +73,7 @@ def ray_train(data: str, storage: str, model: str, batch_size: int, steps: int, 
                  echo=lambda *_: None).metrics
 
 
-def overhead(args, tmp: str, steps: int, window: int, rounds: int) -> tuple[list[str], dict]:
+def overhead(args, tmp: str, steps: int, window: int, rounds: int) -> list[str]:
     """Ray Train (one worker, default CPUs) vs the plain loop, interleaved round by round."""
     # one epoch of fresh data, and the same steps over a 5-batch dataset, where the measured steps
     # cross epoch boundaries (Ray Data runs the dataset again at each)
@@ -120,16 +120,13 @@ def overhead(args, tmp: str, steps: int, window: int, rounds: int) -> tuple[list
 
 def scaling(args, tmp: str, steps: int, window: int, rounds: int) -> list[str]:
     """Ray Train samples/s at 1, 2 and 4 workers, weak scaling: the batch per worker stays fixed."""
-    import ray
-
     cores = os.cpu_count() or 1
     # one epoch for the largest global batch: no run reaches the end of the data
     data = prepared(tmp, args.model, args.worker_batch * max(SCALING_WORKERS) * (steps + 4))
     init_ray()  # the local Ray that train() joins (preprocess started it)
-    logical = ray.cluster_resources().get("CPU", 1.0)
     # a worker gets at most one core's worth of torch threads, so 1 -> `cores` workers scale over cores; beyond
-    # that workers share cores. Ray Data keeps at least one logical CPU, or the run waits forever for resources.
-    cpus = {n: min(1.0, cores / n, (logical - 1) / n) for n in SCALING_WORKERS}
+    # that workers share cores. The train stage's default keeps Ray Data a logical CPU (else the run waits forever).
+    cpus = {n: min(1.0, cores / n, default_cpus_per_worker(n)) for n in SCALING_WORKERS}
     rates: dict[int, list[float]] = {n: [] for n in SCALING_WORKERS}
     waits: dict[int, list[float]] = {n: [] for n in SCALING_WORKERS}
     for round_ in range(rounds):  # interleaved, so drift hits every worker count alike
