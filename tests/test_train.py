@@ -351,3 +351,28 @@ def test_local_default_cpus_per_worker_always_leaves_ray_data_a_cpu(ray_session)
     logical = ray.cluster_resources()["CPU"]
     for workers in (1, 2, 3, 4, 8):
         assert workers * default_cpus_per_worker(workers) <= logical - 1, workers
+        # a GPU worker takes one CPU: the others decode and augment its batches
+        assert default_cpus_per_worker(workers, use_gpu=True) == 1.0, workers
+
+
+def test_training_without_a_tracking_uri_never_imports_mlflow(tmp_path):
+    """A run with MLflow off (no tracking URI) works where MLflow is not installed, and its workers skip
+    the import (~3 s each): the tracker, and preprocess's dataset logging, import it only when used."""
+    import os
+    import subprocess
+
+    code = """
+import sys
+from workflows.preprocess import _log_to_mlflow
+from workflows.train import TrainConfig, _RankZeroTracker
+tracker = _RankZeroTracker(TrainConfig(data=["prepared"], steps=4), None)
+tracker.log_step(1, {"loss": 1.0, "lr": 0.1, "samples_per_s": 10.0, "data_wait_fraction": 0.0})
+tracker.log_validation(1, {"val_loss": 1.0})
+tracker.finish()
+_log_to_mlflow({"digest": "sha256:0"}, "prepared")
+assert "mlflow" not in sys.modules, "mlflow imported"
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 1/4  loss 1.0000" in result.stdout + result.stderr

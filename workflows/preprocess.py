@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -475,6 +476,8 @@ def _finalize(output: str, source: str, fmt: str, files: list[str], options: Pre
 
 def _log_to_mlflow(manifest: dict, output: str) -> None:
     """Record the dataset as an MLflow input (digest, source, counts) when tracking is configured."""
+    if not os.environ.get("MLFLOW_TRACKING_URI") and "mlflow" not in sys.modules:
+        return  # nothing configured and no run can be active: MLflow need not even be installed
     import mlflow
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and mlflow.active_run() is None:

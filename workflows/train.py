@@ -99,7 +99,7 @@ class TrainConfig(BaseModel):
                          description="Ray Train workers (ScalingConfig's num_workers, which is accepted too)")
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0, description="default: this machine's cores / workers "
-                                          "on a local Ray (leaving Ray Data a CPU), 1 on a cluster")
+                                          "on a local Ray (leaving Ray Data a CPU), 1 with GPUs or on a cluster")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp replicates the model on every worker; fsdp "
                                              "(FSDP2) shards weights, gradients and optimizer state across them")
     storage: str | None = Field(None, description="Ray Train storage_path (local dir or s3://)")
@@ -643,13 +643,13 @@ class _RankZeroTracker:
     """MLflow logging from rank 0: params, per-step and validation metrics, dataset inputs, tags."""
 
     def __init__(self, config: TrainConfig, run_id: str | None):
-        import mlflow
-
         self.enabled = bool(config.mlflow_tracking_uri)
         self.run_id = run_id
         self.total_steps, self.batch_size = config.steps, config.batch_size
         if not self.enabled:
-            return
+            return  # a run without MLflow never imports it (not installed everywhere, ~3 s per worker)
+        import mlflow
+
         mlflow.set_tracking_uri(config.mlflow_tracking_uri)
         tags = {"rayclip.stage": "train", "rayclip.version": _version(), "git_commit": config.git_commit or "",
                 "torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
@@ -746,12 +746,14 @@ class TrainResult:
     run_path: str
 
 
-def default_cpus_per_worker(workers: int) -> float:
-    """On a cluster, 1 CPU per worker. On a local Ray, the machine's cores shared out, but never all of
-    Ray's logical CPUs: Ray Data's decoding tasks need one, or the run waits for resources forever."""
+def default_cpus_per_worker(workers: int, use_gpu: bool = False) -> float:
+    """On a cluster or with GPUs, 1 CPU per worker: a GPU worker's CPU work is feeding its device, and
+    the machine's other cores decode and augment for it (Ray Data tasks). On a local Ray without GPUs,
+    the cores shared out, but never all of Ray's logical CPUs: Ray Data's decoding tasks need one, or
+    the run waits for resources forever."""
     import ray
 
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") or use_gpu:
         return 1.0
     logical = ray.cluster_resources().get("CPU", 1.0)
     return float(min(max(1, (os.cpu_count() or 1) // workers), max(logical - 1, 0.25) / workers))
@@ -819,7 +821,8 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     if config.git_commit is None:
         config = config.model_copy(update={"git_commit": git_commit()})
     if config.cpus_per_worker is None:
-        config = config.model_copy(update={"cpus_per_worker": default_cpus_per_worker(config.workers)})
+        cpus = default_cpus_per_worker(config.workers, config.use_gpu)
+        config = config.model_copy(update={"cpus_per_worker": cpus})
     check_config(config)
     # the data's identity as trained on, not whatever sits at these URIs when the model is registered
     config = config.model_copy(update={"data_digests": [read_manifest(uri)["digest"] for uri in config.data]})
