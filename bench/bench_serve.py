@@ -3,6 +3,7 @@
 and Serve's per-request overhead vs calling the model in-process.
 
     python bench/bench_serve.py [--quick]
+    python bench/bench_serve.py --model ViT-B-16 --num-gpus 0.25   # on a GPU: both apps' 4 towers share one
 
 Goal (issue: serve): >= 4x throughput with batching at concurrency 32, at equal or better p99.
 """
@@ -80,41 +81,44 @@ async def _load(url: str, payloads: list[dict], concurrency: int, requests: int)
             "latencies_ms": [1000 * latency for latency in ordered]}
 
 
-def _direct_ms(checkpoint: str, payloads: list[dict], repeats: int) -> float:
-    """One request's work in-process: base64 + decode + crop + image tower + cached classifier."""
+def _direct_ms(checkpoint: str, payloads: list[dict], repeats: int, device: str) -> float:
+    """One request's work in-process: base64 + decode + crop + image tower (bf16 on a GPU, as the
+    replicas run it) + cached classifier."""
     import torch
 
     from clip_core.transforms import normalize
 
-    model = clip_core.load_model(checkpoint)
+    model = clip_core.load_model(checkpoint).to(device)
     limits = served.Limits()
-    classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), LABELS)
+    classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), LABELS).float().cpu().numpy()
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     times = []
     for i in range(repeats):
         started = time.perf_counter()
         data = served.decode_base64(payloads[i % len(payloads)]["images"][0], 0, limits)
         pixels = served.prepare_image(data, 0, model.image_size, limits)
-        with torch.inference_mode():
-            features = model.encode_image(normalize(torch.from_numpy(pixels[None])), normalize=True)
-            served.softmax(float(model.logit_scale.exp()) * features.numpy() @ classifier.numpy())
+        with torch.inference_mode(), autocast:
+            features = model.encode_image(normalize(torch.from_numpy(pixels[None]).to(device)), normalize=True)
+            served.softmax(float(model.logit_scale.exp()) * features.float().cpu().numpy() @ classifier)
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
 
 
-def main(quick: bool = False) -> None:
+def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0) -> None:
     import ray
     from ray import serve
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop(served.TOKEN_ENV, None)
+    name = "serve_gpu" if num_gpus else "serve"  # the report's files: a GPU run keeps the CPU run's
     levels = [1, 8, 32] if quick else [1, 8, 32, 64]
     per_level = 64 if quick else 256
     payloads = _payloads(32)
     with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = os.path.join(scratch, "tiny")
-        clip_core.save_checkpoint(clip_core.create_model("tiny"), checkpoint)
+        checkpoint = os.path.join(scratch, "model")
+        clip_core.save_checkpoint(clip_core.create_model(model), checkpoint)
         port = _free_port()
-        base = dict(model=checkpoint, port=port, num_cpus=0.5, max_ongoing_requests=64,
+        base = dict(model=checkpoint, port=port, num_cpus=0.5, num_gpus=num_gpus, max_ongoing_requests=64,
                     autoscaling=served.Autoscaling(min_replicas=1, max_replicas=1))
         urls = {"batching on": served.start(served.ServeConfig(**base, max_batch_size=32, batch_wait_timeout_s=0.005),
                                             name="batched", route_prefix="/batched"),
@@ -126,7 +130,7 @@ def main(quick: bool = False) -> None:
                 results[(mode, concurrency)] = asyncio.run(_load(url, payloads, concurrency, per_level))
                 print(mode, concurrency, {k: v for k, v in results[(mode, concurrency)].items()
                                           if k != "latencies_ms"}, flush=True)
-        direct = _direct_ms(checkpoint, payloads, 30 if quick else 100)
+        direct = _direct_ms(checkpoint, payloads, 30 if quick else 100, "cuda" if num_gpus else "cpu")
         serve.shutdown()
         ray.shutdown()
 
@@ -136,8 +140,9 @@ def main(quick: bool = False) -> None:
                f"{results[('batching on', c)]['p99'] / results[('batching off', c)]['p99']:.2f}"] for c in levels]
     overhead = results[("batching off", 1)]["p50"] - direct
     sections = [
-        "`/v1/classify`, one 224 px JPEG and 10 labels per request, `tiny` preset on CPU, one replica per tower "
-        f"(0.5 CPU each), {per_level} requests per level after a warm-up, httpx async client in the same machine.",
+        f"`/v1/classify`, one 224 px JPEG and 10 labels per request, `{model}` preset "
+        f"{f'on a GPU (bf16, {num_gpus:g} GPU' if num_gpus else 'on CPU (0.5 CPU'} per tower replica), one replica per "
+        f"tower, {per_level} requests per level after a warm-up, httpx async client in the same machine.",
         "", markdown_table(["concurrency", "mode", "req/s", "p50 ms", "p95 ms", "p99 ms", "failed"], rows), "",
         "## Batching on vs off", "",
         markdown_table(["concurrency", "throughput ratio (on/off)", "p99 ratio (on/off, < 1 is better)"], ratios), "",
@@ -146,14 +151,22 @@ def main(quick: bool = False) -> None:
         f"median; through Serve at concurrency 1 (batching off): {results[('batching off', 1)]['p50']:.1f} ms p50, "
         f"so Serve (HTTP proxy, ingress, handle call to the tower) adds about {overhead:.1f} ms per request.",
         "", "## Latency distribution", "",
-        plot_cdf("serve_latency", "Serve: /v1/classify latency CDF",
+        plot_cdf(f"{name}_latency", "Serve: /v1/classify latency CDF",
                  {f"c={c}, {mode}": results[(mode, c)]["latencies_ms"] for c in levels[-2:]
                   for mode in ("batching on", "batching off")}),
     ]
     bars = {f"c={c}": {"throughput, batching on / off": results[("batching on", c)]["rps"]
                        / results[("batching off", c)]["rps"]} for c in levels}
-    print(write_report("serve", "Serve: dynamic batching under load", sections, bars, bar_label="ratio (x)"))
+    print(write_report(name, f"Serve: dynamic batching under load ({model}, {'GPU' if num_gpus else 'CPU'})",
+                       sections, bars, bar_label="ratio (x)"))
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default="tiny", help="preset to serve (random weights)")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPU per tower replica (0: CPU)")
+    args = parser.parse_args()
+    main(args.quick, args.model, args.num_gpus)

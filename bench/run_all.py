@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = ["bench_clip_core.py", "bench_preprocess.py", "bench_train.py", "bench_serve.py"]
+# written on a GPU machine by bench/device_run.sh (not run here); gathered when present
+GPU_REPORTS = ["gpu_check", "gpu_check_compiled", "gpu_train", "serve_gpu"]
 HERE = Path(__file__).parent
 
 
@@ -20,10 +22,11 @@ def gather(results: Path = HERE / "results") -> str:
              "Each section is one benchmark's latest report (`bench/results/`), every candidate measured side by "
              "side with its peer in one run; the line under each title says when and on which machine. "
              "`make bench` reruns them all and rewrites this file.", ""]
-    for name in BENCHMARKS:
-        report = results / (name.removeprefix("bench_").removesuffix(".py") + ".md")
+    names = [name.removeprefix("bench_").removesuffix(".py") for name in BENCHMARKS]
+    for name in names + [name for name in GPU_REPORTS if (results / f"{name}.md").exists()]:
+        report = results / f"{name}.md"
         if not report.exists():
-            parts += [f"## {name}: no report yet (run `python bench/{name}`)", ""]
+            parts += [f"## bench_{name}.py: no report yet (run `python bench/bench_{name}.py`)", ""]
             continue
         text = report.read_text(encoding="utf-8")
         text = re.sub(r"^(#+) ", r"#\1 ", text, flags=re.MULTILINE)

@@ -146,3 +146,47 @@ def test_benchmark_reports_gather_into_one_with_links_into_results(tmp_path):
     assert "## Serve\n" in report and "### Ratios\n" in report and "# rayclip benchmarks" in report
     assert "![Serve](results/serve.png)" in report and "[x](https://a.b/c)" in report
     assert "## bench_train.py: no report yet" in report
+    # the GPU machine's reports join when present, and only then
+    assert "gpu_train" not in report
+    (results / "gpu_train.md").write_text("# Train stage from prepared shards\n\n| mfu | 0.41 |\n")
+    assert "## Train stage from prepared shards\n\n| mfu | 0.41 |" in run_all.gather(results)
+
+
+def test_gpu_train_counts_the_training_flops_of_a_sample():
+    from bench import gpu_train
+
+    # forward + backward ≈ 6 FLOPs per block weight per token, as in the gpu_check test (one sample)
+    expected = 6 * (6 * 12 * 256**2) * (65 + 15)
+    assert 0.8 * expected < gpu_train.flops_per_sample("tiny") < 1.2 * expected
+
+
+def test_device_wheels_leave_out_the_dropped_members_and_still_install(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    from bench import device_wheels
+
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    files = {"demo/__init__.py": b"VALUE = 42\n", "demo/jars/big.jar": b"x" * 1000, "demo/app.js.map": b"{}",
+             "demo-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n",
+             "demo-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                         b"Tag: py3-none-any\n"}
+    record = "".join(f"{name},{device_wheels._record_hash(data)},{len(data)}\n" for name, data in files.items())
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+        archive.writestr("demo-1.0.dist-info/RECORD", record + "demo-1.0.dist-info/RECORD,,\n")
+
+    assert device_wheels.strip_wheel(wheel, ("demo/jars/", ".js.map")) > 0
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        kept_record = archive.read("demo-1.0.dist-info/RECORD").decode()
+    assert "demo/jars/big.jar" not in names and "demo/app.js.map" not in names and "demo/__init__.py" in names
+    assert "jars" not in kept_record and "js.map" not in kept_record
+    assert f"demo/__init__.py,{device_wheels._record_hash(files['demo/__init__.py'])},11" in kept_record
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(target),
+                    str(wheel)], check=True)
+    assert (target / "demo" / "__init__.py").read_text() == "VALUE = 42\n"
+    assert not (target / "demo" / "jars").exists()
