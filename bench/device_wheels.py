@@ -31,7 +31,9 @@ NEEDED = ["ray", "pydantic", "pydantic-core", "annotated-types", "typing-inspect
           # the dashboard (Ray Train's placement-group cleaner asks its state API)
           "aiohttp-cors", "opencensus", "opencensus-context", "colorful", "smart-open",
           # Serve's gRPC side: reflection's generated stubs refuse an older grpcio, or protobuf runtime
-          "grpcio-reflection", "grpcio", "protobuf", "mmh3", "googleapis-common-protos"]
+          "grpcio-reflection", "grpcio", "protobuf", "mmh3", "googleapis-common-protos",
+          # small, and newer than an image may hold (pydantic wants typing-extensions >= 4.16)
+          "typing-extensions", "packaging", "annotated-doc", "anyio"]
 DROPPED = ("ray/jars/", ".js.map")  # Java workers; the dashboard's source maps
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64"]
