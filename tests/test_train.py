@@ -17,7 +17,8 @@ from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, r
 from workflows import cli
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
 from workflows.train import (TrainConfig, _gathered_state, _scalar, build_model, check_config, contrastive_step,
-                             default_cpus_per_worker, distribute, init_source, latest_checkpoint, mixed_rows, train)
+                             default_cpus_per_worker, distribute, init_image_size, init_source, latest_checkpoint,
+                             mixed_rows, train)
 
 from micro import micro_config
 
@@ -284,7 +285,7 @@ def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(pre
         torch.testing.assert_close(again[key], value, atol=1e-5, rtol=1e-4, msg=key)
 
 
-def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket):
+def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket, monkeypatch):
     from workflows import storage
 
     torch.manual_seed(1)
@@ -296,6 +297,17 @@ def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket):
     check_config(config)
     built = build_model(config)
     assert all(torch.equal(built.state_dict()[key], value) for key, value in pretrained.state_dict().items())
+    # the driver learns the resolution from the checkpoint's config alone: the weights are the workers' to fetch
+    downloads, download = [], storage.download
+    monkeypatch.setattr(storage, "download", lambda uri, *rest: downloads.append(uri) or download(uri, *rest))
+    assert init_image_size(config) == 64 and not downloads
+    # a bare weights file has no config to read: the driver builds the model to see
+    from safetensors.torch import save_file
+
+    save_file(pretrained.state_dict(), tmp_path / "bare.safetensors")
+    storage.upload(str(tmp_path / "bare.safetensors"), f"s3://{s3_bucket}/weights/bare.safetensors")
+    assert init_image_size(_config(prepared, tmp_path, init=f"s3://{s3_bucket}/weights/bare.safetensors")) == 64
+    assert downloads == [f"s3://{s3_bucket}/weights/bare.safetensors"]
     assert init_source(f"openai:s3://{s3_bucket}/ViT-B-32.pt") == ("openai", f"s3://{s3_bucket}/ViT-B-32.pt")
     with pytest.raises(FileNotFoundError, match=rf"no pretrained weights at s3://{s3_bucket}/ViT-B-32.pt"):
         check_config(_config(prepared, tmp_path, init=f"openai:s3://{s3_bucket}/ViT-B-32.pt", cpus_per_worker=1))
