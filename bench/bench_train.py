@@ -123,7 +123,6 @@ def scaling(args, tmp: str, steps: int, window: int, rounds: int) -> list[str]:
     cores = os.cpu_count() or 1
     # one epoch for the largest global batch: no run reaches the end of the data
     data = prepared(tmp, args.model, args.worker_batch * max(SCALING_WORKERS) * (steps + 4))
-    init_ray()  # the local Ray that train() joins (preprocess started it)
     # a worker gets at most one core's worth of torch threads, so 1 -> `cores` workers scale over cores; beyond
     # that workers share cores. The train stage's default keeps Ray Data a logical CPU (else the run waits forever).
     cpus = {n: min(1.0, cores / n, default_cpus_per_worker(n)) for n in SCALING_WORKERS}
@@ -183,6 +182,7 @@ def main() -> None:
     window = 4 if args.quick else 20  # Ray's figure: the last `window` steps, after start-up
     rounds = args.rounds or (1 if args.quick else 3)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    init_ray(dashboard=True)  # as train() starts it: Ray Train's placement-group cleaner asks the state API
     with tempfile.TemporaryDirectory() as tmp:
         sections = overhead(args, tmp, steps, window, rounds)
         sections += ["", *scaling(args, tmp, steps, window, rounds)]
