@@ -110,6 +110,7 @@ def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0) -> Non
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop(served.TOKEN_ENV, None)
+    device = "cuda" if num_gpus else "cpu"
     name = "serve_gpu" if num_gpus else "serve"  # the report's files: a GPU run keeps the CPU run's
     levels = [1, 8, 32] if quick else [1, 8, 32, 64]
     per_level = 64 if quick else 256
@@ -130,7 +131,7 @@ def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0) -> Non
                 results[(mode, concurrency)] = asyncio.run(_load(url, payloads, concurrency, per_level))
                 print(mode, concurrency, {k: v for k, v in results[(mode, concurrency)].items()
                                           if k != "latencies_ms"}, flush=True)
-        direct = _direct_ms(checkpoint, payloads, 30 if quick else 100, "cuda" if num_gpus else "cpu")
+        direct = _direct_ms(checkpoint, payloads, 30 if quick else 100, device)
         serve.shutdown()
         ray.shutdown()
 

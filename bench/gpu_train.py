@@ -28,9 +28,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import clip_core  # noqa: E402
+from bench.bench_train import prepared  # noqa: E402
 from bench.common import markdown_table, write_report  # noqa: E402
 from workflows import synthetic  # noqa: E402
-from workflows.preprocess import PreprocessOptions, preprocess  # noqa: E402
+from workflows.preprocess import read_manifest  # noqa: E402
 from workflows.runtime import init_ray  # noqa: E402
 from workflows.train import TrainConfig, train  # noqa: E402
 
@@ -65,14 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     init_ray(dashboard=True)
-    image_size = clip_core.get_config(args.model).vision.image_size
-    quiet = lambda *_: None  # noqa: E731
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        manifest = preprocess(f"synthetic://train?count={args.samples}&seed=0&image_size={image_size}",
-                              f"{scratch}/prepared", PreprocessOptions(image_size=image_size), echo=quiet)
+        data = prepared(scratch, args.model, args.samples)
         prepare_s = time.perf_counter() - started
-        config = TrainConfig(data=[f"{scratch}/prepared"], model=args.model, steps=args.steps,
+        rows = read_manifest(data)["counts"]["kept"]
+        config = TrainConfig(data=[data], model=args.model, steps=args.steps,
                              batch_size=args.batch_size, workers=1, use_gpu=use_gpu, log_every=args.steps // 2,
                              checkpoint_every=args.steps, storage=f"{scratch}/runs", output=f"{scratch}/final")
         started = time.perf_counter()
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "model": args.model, "batch_size": args.batch_size, "steps": args.steps, "device":
         torch.cuda.get_device_name() if use_gpu else "cpu", "cpus": os.cpu_count(),
-        "prepared_rows": manifest["counts"]["kept"], "prepare_s": prepare_s, "train_s": train_s,
+        "prepared_rows": rows, "prepare_s": prepare_s, "train_s": train_s,
         "samples_per_s": samples_per_s, "data_wait_fraction": result.metrics["data_wait_fraction"],
         "gflops_per_sample": per_sample / 1e9, "achieved_tflops": achieved / 1e12,
         "mfu": achieved / (args.peak_tflops * 1e12), "peak_tflops": args.peak_tflops,

@@ -175,16 +175,21 @@ def _few(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def described_config(description: dict, directory: str) -> CLIPConfig:
+    """The model config in the `config.json` (parsed: `description`) of the checkpoint at `directory`."""
+    if description.get("format") != FORMAT or "model" not in description:
+        raise CheckpointError(f"{directory}/{CONFIG_FILE} is not a rayclip checkpoint config "
+                              f"(expected \"format\": \"{FORMAT}\" and a \"model\" section)")
+    if description.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{directory} has checkpoint format version {description['format_version']}; "
+                              f"this rayclip reads up to {FORMAT_VERSION}: upgrade rayclip")
+    return CLIPConfig.from_dict(description["model"])
+
+
 def _read_directory(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, dict]:
     if (path / CONFIG_FILE).is_file():
         description = json.loads((path / CONFIG_FILE).read_text())
-        if description.get("format") != FORMAT or "model" not in description:
-            raise CheckpointError(f"{path / CONFIG_FILE} is not a rayclip checkpoint config "
-                                  f"(expected \"format\": \"{FORMAT}\" and a \"model\" section)")
-        if description.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{path} has checkpoint format version {description['format_version']}; "
-                                  f"this rayclip reads up to {FORMAT_VERSION}: upgrade rayclip")
-        config = CLIPConfig.from_dict(description["model"])
+        config = described_config(description, str(path))
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise CheckpointError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}")

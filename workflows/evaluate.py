@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import clip_core
-from clip_core.checkpoint import CONFIG_FILE
+from clip_core.checkpoint import CONFIG_FILE, described_config
 
 from . import registry, storage
 from .preprocess import decode_batch, load_prepared, read_manifest, read_prepared_table
@@ -294,7 +294,7 @@ def _evaluate(config: EvaluateConfig, source: registry.ModelSource, artifacts: s
 
     files = {path.name: path.read_bytes() for path in Path(source.directory).iterdir()
              if path.name in registry.INFERENCE_FILES}
-    image_size = clip_core.CLIPConfig.from_dict(json.loads(files[CONFIG_FILE])["model"]).vision.image_size
+    image_size = described_config(json.loads(files[CONFIG_FILE]), source.directory).vision.image_size
     files_ref = ray.put(files)
     metrics: dict = {"model": {"uri": config.model, "name": source.name, "version": source.version}}
     echo(f"evaluate: {config.model} (image size {image_size}) on {config.workers} model actor(s)")

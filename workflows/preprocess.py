@@ -476,12 +476,12 @@ def _finalize(output: str, source: str, fmt: str, files: list[str], options: Pre
 
 def _log_to_mlflow(manifest: dict, output: str) -> None:
     """Record the dataset as an MLflow input (digest, source, counts) when tracking is configured."""
-    if not os.environ.get("MLFLOW_TRACKING_URI") and "mlflow" not in sys.modules:
-        return  # nothing configured and no run can be active: MLflow need not even be installed
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        imported = sys.modules.get("mlflow")  # no run can be active where MLflow was never imported
+        if imported is None or imported.active_run() is None:
+            return
     import mlflow
 
-    if not os.environ.get("MLFLOW_TRACKING_URI") and mlflow.active_run() is None:
-        return
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 

@@ -245,14 +245,13 @@ def init_image_size(config: TrainConfig) -> int:
     says it in its config file: the driver reads that alone, and only the workers fetch the weights (the
     head node would otherwise download and hold them once more: 1.7 GB for ViT-L/14). Other formats
     are built to see."""
-    from clip_core.checkpoint import CONFIG_FILE, FORMAT
+    from clip_core.checkpoint import CONFIG_FILE, described_config
 
     _, path = init_source(config.init)
     description = storage.join(path, CONFIG_FILE)
     if storage.exists(description):
         described = json.loads(storage.read_bytes(description, max_bytes=1 << 20))
-        if described.get("format") == FORMAT and "model" in described:
-            return clip_core.CLIPConfig.from_dict(described["model"]).vision.image_size
+        return described_config(described, path).vision.image_size
     return build_model(config).image_size
 
 
