@@ -14,11 +14,11 @@ import yaml
 
 import clip_core
 from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, read_prepared_table
-from workflows import cli
+from workflows import cli, storage
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
 from workflows.train import (TrainConfig, _gathered_state, _scalar, build_model, check_config, contrastive_step,
                              default_cpus_per_worker, distribute, init_image_size, init_source, latest_checkpoint,
-                             mixed_rows, train)
+                             mixed_rows, own_copy, train)
 
 from micro import micro_config
 
@@ -234,6 +234,33 @@ def test_killed_worker_resumes_from_its_checkpoint_on_s3(prepared, tmp_path, s3_
         assert losses == pytest.approx([losses[0]] * len(losses), abs=1e-5), (step, losses)
 
 
+def test_each_worker_reads_its_own_copy_of_a_remote_checkpoint(tmp_path, s3_bucket):
+    """Workers restarted on one node all get the same checkpoint: with one shared download, a worker
+    that came later downloaded again over the files another was reading (a torn train_state.pt, a
+    segfault in the memory-mapped weights; seen on resume from S3 on 2 cores)."""
+    from pathlib import Path
+
+    clip_core.save_checkpoint(clip_core.CLIP(micro_config()), tmp_path / "ckpt")
+    written = {file.name: file.read_bytes() for file in (tmp_path / "ckpt").iterdir()}
+    for name in written:
+        storage.upload(str(tmp_path / "ckpt" / name), f"s3://{s3_bucket}/runs/checkpoint_00000009/{name}")
+    uri = f"s3://{s3_bucket}/runs/checkpoint_00000009"
+    checkpoint = ray.train.Checkpoint(path=storage.filesystem(uri)[1], filesystem=storage.filesystem(uri)[0])
+    copy_of = ray.cloudpickle.loads(ray.cloudpickle.dumps(checkpoint))  # as each worker receives it
+
+    with own_copy(checkpoint) as first, own_copy(copy_of) as second:
+        assert first != second
+        assert {file.name: file.read_bytes() for file in Path(first).iterdir()} == written
+        for file in Path(second).iterdir():
+            file.write_bytes(b"")  # what another worker's download does to the files of a shared one
+        assert {file.name: file.read_bytes() for file in Path(first).iterdir()} == written
+    assert not Path(first).exists() and not Path(second).exists()
+    # a local checkpoint is read in place, and stays
+    with own_copy(ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt"))) as directory:
+        assert directory == str(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").exists()
+
+
 def test_data_weights_mix_the_datasets_by_weight_not_by_size(prepared, tmp_path):
     heldout_tokens = read_prepared_table(str(prepared / "heldout"), ["tokens"])["tokens"].to_pylist()
     heldout = {tuple(tokens) for tokens in heldout_tokens}
@@ -286,8 +313,6 @@ def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(pre
 
 
 def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket, monkeypatch):
-    from workflows import storage
-
     torch.manual_seed(1)
     pretrained = clip_core.CLIP(micro_config())
     clip_core.save_checkpoint(pretrained, tmp_path / "pretrained")

@@ -440,6 +440,21 @@ def _save_train_state(directory: str, model, weights: dict, optimizer_state: dic
                os.path.join(directory, TRAIN_STATE))
 
 
+@contextlib.contextmanager
+def own_copy(checkpoint):
+    """A Ray Train checkpoint as a local directory that this process alone reads: a local one in place, a
+    remote one downloaded here and deleted afterwards. Ray's `Checkpoint.as_directory` shares one download
+    per node, and a worker that comes after it finished downloads again over the files the others are
+    reading: on resume from S3 that tore train_state.pt or crashed a worker in the memory-mapped weights."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="rayclip-checkpoint-") as directory:
+        yield checkpoint.to_directory(directory)
+
+
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -466,7 +481,7 @@ def train_loop(loop_config: dict) -> None:
         uri = loop_config["resume_checkpoint"]
         checkpoint = ray.train.Checkpoint(path=_checkpoint_path(uri), filesystem=storage.filesystem(uri)[0])
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+        with own_copy(checkpoint) as directory:
             restored = clip_core.load_model(directory)
             clip_core.checkpoint.load_weights(model, restored.state_dict(), source=f"the checkpoint {checkpoint.path}")
             state = torch.load(os.path.join(directory, TRAIN_STATE), map_location="cpu", weights_only=True)
