@@ -67,56 +67,6 @@ def _history(tmp_path, run_id, key="loss"):
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
-def test_two_workers_train_checkpoint_and_log_to_mlflow(prepared, tmp_path):
-    config = _config(prepared, tmp_path, workers=2, steps=10, val=str(prepared / "heldout"),
-                     zeroshot=str(prepared / "heldout"), checkpoint_metric="val_loss", val_every=5)
-    result = train(config, echo=lambda *_: None)
-
-    assert result.metrics["step"] == 10
-    losses = _history(tmp_path, result.mlflow_run_id)
-    assert sorted(losses) == list(range(1, 11))
-    assert sum(losses[s] for s in (8, 9, 10)) / 3 < sum(losses[s] for s in (1, 2, 3)) / 3 - 0.2, losses
-    # rank 0 prints each step's progress and each validation once: the driver shows them once
-    printed = _lines_by_worker_process(("step ", "validation at step "))
-    assert any(any("/10  loss" in x for x in lines) for lines in printed), printed
-    assert any(any(x.startswith("validation at step ") for x in lines) for lines in printed), printed
-    assert all(len(lines) == len(set(lines)) for lines in printed), [lines for lines in printed if lines]
-    model = clip_core.load_model(result.checkpoint)
-    assert model.config.name == "micro" and model.config.vision.width == 64
-    # the registry finds the train run (lineage) from the checkpoint itself
-    description = json.loads((tmp_path / "final" / "config.json").read_text())
-    assert description["train"]["mlflow_run_id"] == result.mlflow_run_id and description["train"]["step"] == 10
-    assert description["train"]["config"]["data_digests"] == [read_manifest(str(prepared / "train"))["digest"]]
-    checkpoints = sorted(p.name for p in (tmp_path / "runs").glob("*/checkpoint_0*"))
-    assert checkpoints and len(checkpoints) <= config.num_to_keep and "checkpoint_00000010" in checkpoints
-
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.get_run(result.mlflow_run_id)
-    assert run.data.params["model"].endswith("micro.json") and run.data.params["workers"] == "2"
-    for key in ("lr", "logit_scale", "samples_per_s", "samples_per_s_per_worker", "data_wait_fraction",
-                "grad_norm", "val_loss", "val_image_to_text_R1", "zeroshot_top1"):
-        assert key in run.data.metrics, key
-    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"train", "heldout"}
-    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "checkpoint")}
-    assert {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/train_state.pt"} <= artifacts
-    assert client.list_artifacts(result.mlflow_run_id, "best_checkpoint")
-
-    # a restarted worker group reads the shard order of the checkpoint Ray hands its workers: the latest
-    # registered one (step 10, in the second pass over 256 rows), not a newer directory a worker uploaded
-    # before dying in report()
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    unregistered = run_dir / "checkpoint_00000012"
-    shutil.copytree(run_dir / "checkpoint_00000010", unregistered)
-    description = json.loads((unregistered / "config.json").read_text())
-    description["train"]["data_pass"] = 5
-    (unregistered / "config.json").write_text(json.dumps(description))
-    assert latest_checkpoint(str(run_dir)) == str(unregistered)
-    assert registered_checkpoint(str(run_dir)) == str(run_dir / "checkpoint_00000010")
-    assert resume_pass(str(run_dir), None) == 1
-    no_run = str(tmp_path / "no-run")
-    assert resume_pass(no_run, str(unregistered)) == 5 and resume_pass(no_run, None) == 0
-
-
 def _first_update_loop(config):
     """One optimizer step on a fixed global batch for each setup, split over the workers as the train
     stage splits it (one worker group for all setups: starting one costs more than the steps)."""
@@ -206,21 +156,34 @@ def test_accumulation_gradient_equals_the_big_batch_gradient():
         torch.testing.assert_close(grads[3][key], grad, atol=1e-6, rtol=1e-4, msg=key)
 
 
-def test_killed_worker_resumes_from_its_checkpoint_on_s3(prepared, tmp_path, s3_bucket):
+def test_two_workers_train_log_to_mlflow_and_resume_from_the_s3_checkpoint_when_a_worker_is_killed(
+        prepared, tmp_path, s3_bucket):
     marker = tmp_path / "killed"
     # max_failures=2: one spare restart, because a 2-core CI machine has (rarely) lost a second worker right
     # after the injected kill; the assertions below hold however many restarts it took
     # 8 steps per pass over the data: the restart resumes from step 9, in the second pass
-    config = _config(prepared, tmp_path, workers=2, steps=12, checkpoint_every=9, num_to_keep=1, max_failures=2,
+    config = _config(prepared, tmp_path, workers=2, steps=12, checkpoint_every=9, max_failures=2,
                      storage=f"s3://{s3_bucket}/runs", output=f"s3://{s3_bucket}/final",
-                     fault_injection={"rank": 1, "step": 11, "marker": str(marker)})
+                     val=str(prepared / "heldout"), zeroshot=str(prepared / "heldout"), checkpoint_metric="val_loss",
+                     val_every=5, fault_injection={"rank": 1, "step": 11, "marker": str(marker)})
     result = train(config, echo=lambda *_: None)
 
     assert marker.read_text().startswith("killed rank 1 at step 11")
     assert result.metrics["step"] == 12
-    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    s3 = boto3.client("s3")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert any(k.startswith("runs/") and k.endswith("checkpoint_00000012/train_state.pt") for k in keys), keys
     assert "final/model.safetensors" in keys
+    checkpoints = {k.split("/")[2] for k in keys if k.startswith("runs/") and "/checkpoint_0" in k}
+    assert checkpoints and len(checkpoints) <= config.num_to_keep and "checkpoint_00000012" in checkpoints, keys
+    final = storage.download(result.checkpoint, str(tmp_path))
+    model = clip_core.load_model(final)
+    assert model.config.name == "micro" and model.config.vision.width == 64
+    # the registry finds the train run (lineage) from the checkpoint itself
+    description = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert description["train"]["mlflow_run_id"] == result.mlflow_run_id and description["train"]["step"] == 12
+    assert description["train"]["config"]["data_digests"] == [read_manifest(str(prepared / "train"))["digest"]]
+
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     history = {}
     for metric in client.get_metric_history(result.mlflow_run_id, "loss"):
@@ -232,6 +195,22 @@ def test_killed_worker_resumes_from_its_checkpoint_on_s3(prepared, tmp_path, s3_
     assert len(history[10]) >= 2 and len(history[9]) < len(history[10]), history
     for step, losses in history.items():
         assert losses == pytest.approx([losses[0]] * len(losses), abs=1e-5), (step, losses)
+    assert sum(history[s][0] for s in (10, 11, 12)) / 3 < sum(history[s][0] for s in (1, 2, 3)) / 3 - 0.2, history
+    # rank 0 prints each step's progress and each validation once: the driver shows them once
+    printed = _lines_by_worker_process(("step ", "validation at step "))
+    assert any(any("/12  loss" in x for x in lines) for lines in printed), printed
+    assert any(any(x.startswith("validation at step ") for x in lines) for lines in printed), printed
+    assert all(len(lines) == len(set(lines)) for lines in printed), [lines for lines in printed if lines]
+
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["model"].endswith("micro.json") and run.data.params["workers"] == "2"
+    for key in ("lr", "logit_scale", "samples_per_s", "samples_per_s_per_worker", "data_wait_fraction",
+                "grad_norm", "val_loss", "val_image_to_text_R1", "zeroshot_top1"):
+        assert key in run.data.metrics, key
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"train", "heldout"}
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "checkpoint")}
+    assert {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/train_state.pt"} <= artifacts
+    assert client.list_artifacts(result.mlflow_run_id, "best_checkpoint")
 
 
 def test_each_worker_reads_its_own_copy_of_a_remote_checkpoint(tmp_path, s3_bucket):
@@ -310,6 +289,21 @@ def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(pre
     again = clip_core.load_model(tmp_path / "b" / "final").state_dict()
     for key, value in final.state_dict().items():
         torch.testing.assert_close(again[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+    # a restarted worker group reads the shard order of the checkpoint Ray hands its workers: the latest
+    # registered one (step 12, in the second pass over 256 rows), not a newer directory a worker uploaded
+    # before dying in report()
+    run_dir = midway.parent
+    unregistered = run_dir / "checkpoint_00000014"
+    shutil.copytree(run_dir / "checkpoint_00000012", unregistered)
+    description = json.loads((unregistered / "config.json").read_text())
+    description["train"]["data_pass"] = 5
+    (unregistered / "config.json").write_text(json.dumps(description))
+    assert latest_checkpoint(str(run_dir)) == str(unregistered)
+    assert registered_checkpoint(str(run_dir)) == str(run_dir / "checkpoint_00000012")
+    assert resume_pass(str(run_dir), None) == 1
+    no_run = str(tmp_path / "no-run")
+    assert resume_pass(no_run, str(unregistered)) == 5 and resume_pass(no_run, None) == 0
 
 
 def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket, monkeypatch):
