@@ -18,7 +18,7 @@ from workflows import cli, storage
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
 from workflows.train import (TrainConfig, _gathered_state, _scalar, build_model, check_config, contrastive_step,
                              default_cpus_per_worker, distribute, init_image_size, init_source, latest_checkpoint,
-                             mixed_rows, own_copy, train)
+                             mixed_rows, train)
 
 from micro import micro_config
 
@@ -213,31 +213,37 @@ def test_two_workers_train_log_to_mlflow_and_resume_from_the_s3_checkpoint_when_
     assert client.list_artifacts(result.mlflow_run_id, "best_checkpoint")
 
 
-def test_each_worker_reads_its_own_copy_of_a_remote_checkpoint(tmp_path, s3_bucket):
-    """Workers restarted on one node all get the same checkpoint: with one shared download, a worker
-    that came later downloaded again over the files another was reading (a torn train_state.pt, a
-    segfault in the memory-mapped weights; seen on resume from S3 on 2 cores)."""
+def test_workers_on_a_node_share_one_download_of_a_remote_checkpoint_never_repeated_under_a_reader(
+        tmp_path, s3_bucket):
+    """Workers restarted on one node all read the same checkpoint. With Ray's shared download, a worker that
+    came later downloaded again over the files another was reading (a torn train_state.pt, a segfault in
+    the memory-mapped weights; seen on resume from S3 on 2 cores)."""
     from pathlib import Path
 
     clip_core.save_checkpoint(clip_core.CLIP(micro_config()), tmp_path / "ckpt")
     written = {file.name: file.read_bytes() for file in (tmp_path / "ckpt").iterdir()}
-    for name in written:
-        storage.upload(str(tmp_path / "ckpt" / name), f"s3://{s3_bucket}/runs/checkpoint_00000009/{name}")
     uri = f"s3://{s3_bucket}/runs/checkpoint_00000009"
-    checkpoint = ray.train.Checkpoint(path=storage.filesystem(uri)[1], filesystem=storage.filesystem(uri)[0])
-    copy_of = ray.cloudpickle.loads(ray.cloudpickle.dumps(checkpoint))  # as each worker receives it
+    for name in written:
+        storage.upload(str(tmp_path / "ckpt" / name), f"{uri}/{name}")
 
-    with own_copy(checkpoint) as first, own_copy(copy_of) as second:
-        assert first != second
-        assert {file.name: file.read_bytes() for file in Path(first).iterdir()} == written
-        for file in Path(second).iterdir():
-            file.write_bytes(b"")  # what another worker's download does to the files of a shared one
-        assert {file.name: file.read_bytes() for file in Path(first).iterdir()} == written
-    assert not Path(first).exists() and not Path(second).exists()
-    # a local checkpoint is read in place, and stays
-    with own_copy(ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt"))) as directory:
+    def files(directory):
+        return {file.name: file.read_bytes() for file in Path(directory).iterdir()}
+
+    with storage.local_copy(uri) as first:
+        assert Path(first).name == "checkpoint_00000009" and files(first) == written
+        storage.delete(uri)  # a second download would now find nothing, or write over the first's files
+        with storage.local_copy(uri) as second:
+            assert second == first and files(second) == written
+        assert files(first) == written  # the second reader leaving deletes nothing under the first
+    assert not Path(first).exists()
+    # a single file too; a local path is read where it is, and stays
+    storage.upload(str(tmp_path / "ckpt" / "model.safetensors"), f"s3://{s3_bucket}/weights/bare.safetensors")
+    with storage.local_copy(f"s3://{s3_bucket}/weights/bare.safetensors") as local:
+        assert Path(local).name == "bare.safetensors" and Path(local).read_bytes() == written["model.safetensors"]
+    assert not Path(local).exists()
+    with storage.local_copy(str(tmp_path / "ckpt")) as directory:
         assert directory == str(tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "model.safetensors").exists()
+    assert files(tmp_path / "ckpt") == written
 
 
 def test_data_weights_mix_the_datasets_by_weight_not_by_size(prepared, tmp_path):

@@ -7,11 +7,15 @@ pyarrow does not on its own (apache/arrow#49643): they are passed to pyarrow her
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import os
 import posixpath
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -160,6 +164,48 @@ def download(uri: str, local_dir: str) -> str:
         os.makedirs(local, exist_ok=True)  # copying out of S3 does not create it
     pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local
+
+
+@contextlib.contextmanager
+def local_copy(uri: str):
+    """A local path to read `uri` from: a local path as it is; an s3:// file or directory downloaded once
+    per machine for all the processes reading it at the same time (the workers of a node resuming from a
+    checkpoint), and deleted when the last of them is done.
+
+    Ray's `Checkpoint.as_directory` does this too, but a process that comes after its download finished
+    downloads again into the same directory, over the files the others are reading (on resume from S3
+    that tore train_state.pt and crashed a worker in the memory-mapped weights). Here a download lands
+    whole (a rename) and is never repeated while anyone reads it. A reader that dies inside leaves the copy
+    in the temporary directory, where the next reader of `uri` finds it."""
+    if not is_s3(uri):
+        yield uri
+        return
+    base = Path(tempfile.gettempdir()) / f"rayclip-{hashlib.sha256(uri.encode()).hexdigest()[:20]}"
+    done, partial, readers = base, Path(f"{base}.partial"), Path(f"{base}.readers")
+
+    @contextlib.contextmanager
+    def locked():
+        with open(f"{base}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
+
+    me = readers / f"{os.getpid()}-{uuid.uuid4().hex}"
+    with locked():
+        if not done.exists():
+            shutil.rmtree(partial, ignore_errors=True)  # what a download that died left
+            partial.mkdir()
+            download(uri, str(partial))
+            partial.rename(done)
+        readers.mkdir(exist_ok=True)
+        me.touch()
+    try:
+        yield str(done / posixpath.basename(filesystem(uri)[1]))
+    finally:
+        with locked():
+            me.unlink()
+            if not any(readers.iterdir()):
+                shutil.rmtree(done, ignore_errors=True)
+                readers.rmdir()
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None, recursive: bool = True) -> list[str]:

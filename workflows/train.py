@@ -224,8 +224,7 @@ def init_source(init: str) -> tuple[str, str]:
 def build_model(config: TrainConfig) -> clip_core.CLIP:
     if config.init:
         kind, path = init_source(config.init)
-        with tempfile.TemporaryDirectory() as scratch:  # load_model reads the weights into memory
-            local = storage.download(path, scratch) if storage.is_s3(path) else path
+        with storage.local_copy(path) as local:  # load_model reads the weights into memory
             model = clip_core.load_model(local, quick_gelu=True if kind == "openai" else None)
     else:
         model = clip_core.create_model(config.model, init_logit_bias=-10.0 if config.loss == "siglip" else None)
@@ -440,21 +439,6 @@ def _save_train_state(directory: str, model, weights: dict, optimizer_state: dic
                os.path.join(directory, TRAIN_STATE))
 
 
-@contextlib.contextmanager
-def own_copy(checkpoint):
-    """A Ray Train checkpoint as a local directory that this process alone reads: a local one in place, a
-    remote one downloaded here and deleted afterwards. Ray's `Checkpoint.as_directory` shares one download
-    per node, and a worker that comes after it finished downloads again over the files the others are
-    reading: on resume from S3 that tore train_state.pt or crashed a worker in the memory-mapped weights."""
-    import pyarrow.fs
-
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        yield checkpoint.path
-        return
-    with tempfile.TemporaryDirectory(prefix="rayclip-checkpoint-") as directory:
-        yield checkpoint.to_directory(directory)
-
-
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -481,7 +465,7 @@ def train_loop(loop_config: dict) -> None:
         uri = loop_config["resume_checkpoint"]
         checkpoint = ray.train.Checkpoint(path=_checkpoint_path(uri), filesystem=storage.filesystem(uri)[0])
     if checkpoint is not None:
-        with own_copy(checkpoint) as directory:
+        with storage.local_copy(_checkpoint_uri(checkpoint)) as directory:
             restored = clip_core.load_model(directory)
             clip_core.checkpoint.load_weights(model, restored.state_dict(), source=f"the checkpoint {checkpoint.path}")
             state = torch.load(os.path.join(directory, TRAIN_STATE), map_location="cpu", weights_only=True)
