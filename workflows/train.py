@@ -461,13 +461,11 @@ def train_loop(loop_config: dict) -> None:
 
     # this run's latest checkpoint after a restart; else the one to resume from by hand
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("resume_checkpoint"):
-        uri = loop_config["resume_checkpoint"]
-        checkpoint = ray.train.Checkpoint(path=_checkpoint_path(uri), filesystem=storage.filesystem(uri)[0])
-    if checkpoint is not None:
-        with storage.local_copy(_checkpoint_uri(checkpoint)) as directory:
+    resume = _checkpoint_uri(checkpoint) if checkpoint is not None else loop_config.get("resume_checkpoint")
+    if resume:
+        with storage.local_copy(resume) as directory:
             restored = clip_core.load_model(directory)
-            clip_core.checkpoint.load_weights(model, restored.state_dict(), source=f"the checkpoint {checkpoint.path}")
+            clip_core.checkpoint.load_weights(model, restored.state_dict(), source=f"the checkpoint {resume}")
             state = torch.load(os.path.join(directory, TRAIN_STATE), map_location="cpu", weights_only=True)
 
     runnable = distribute(model, config.strategy, world, config.compile)  # the optimizer must see FSDP's shards
@@ -893,10 +891,6 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     echo(f"train: done at step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f} → {final}")
     return TrainResult(checkpoint=final, metrics=metrics, mlflow_run_id=run_id, best_checkpoint=best,
                        run_path=storage.join(storage_path, run_name))
-
-
-def _checkpoint_path(uri: str) -> str:
-    return storage.filesystem(uri)[1] if storage.is_s3(uri) else uri
 
 
 def _checkpoint_uri(checkpoint) -> str:
