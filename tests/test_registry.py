@@ -123,6 +123,25 @@ def test_lineage_names_the_data_a_checkpoint_trained_on_even_if_it_changed_since
     assert registry.lineage(str(sets / "ckpt"))["dataset_digests"] == read_manifest(str(sets / "heldout2"))["digest"]
 
 
+def test_a_checkpoint_on_s3_is_fetched_with_its_inference_files_only(sets, tmp_path, s3_bucket):
+    from workflows import storage
+
+    checkpoint = f"s3://{s3_bucket}/runs/checkpoint_00000005"
+    written = {file.name: file.read_bytes() for file in (sets / "ckpt").iterdir()}
+    for name in written:
+        storage.copy(str(sets / "ckpt" / name), f"{checkpoint}/{name}")
+    storage.write_bytes(f"{checkpoint}/train_state.pt", b"optimizer state the model does not need")
+
+    source = registry.fetch_checkpoint(checkpoint, str(tmp_path / "fetched"))
+    fetched = {file.name: file.read_bytes() for file in (tmp_path / "fetched" / "checkpoint").iterdir()}
+    assert source.directory == str(tmp_path / "fetched" / "checkpoint") and source.uri == checkpoint
+    assert fetched == {name: data for name, data in written.items() if name in registry.INFERENCE_FILES}, fetched.keys()
+    assert clip_core.load_model(source.directory).config.name == "micro"
+    storage.delete(f"{checkpoint}/config.json")
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        registry.fetch_checkpoint(checkpoint, str(tmp_path / "again"))
+
+
 def _metrics(sets, top1: float, digest_of: str = "heldout") -> dict:
     return {"zeroshot": {"top1": top1, "top5": min(1.0, top1 + 0.2), "digest": read_manifest(str(sets / digest_of))["digest"]}}
 

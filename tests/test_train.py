@@ -224,7 +224,7 @@ def test_workers_on_a_node_share_one_download_of_a_remote_checkpoint_never_repea
     written = {file.name: file.read_bytes() for file in (tmp_path / "ckpt").iterdir()}
     uri = f"s3://{s3_bucket}/runs/checkpoint_00000009"
     for name in written:
-        storage.upload(str(tmp_path / "ckpt" / name), f"{uri}/{name}")
+        storage.copy(str(tmp_path / "ckpt" / name), f"{uri}/{name}")
 
     def files(directory):
         return {file.name: file.read_bytes() for file in Path(directory).iterdir()}
@@ -237,7 +237,7 @@ def test_workers_on_a_node_share_one_download_of_a_remote_checkpoint_never_repea
         assert files(first) == written  # the second reader leaving deletes nothing under the first
     assert not Path(first).exists()
     # a single file too; a local path is read where it is, and stays
-    storage.upload(str(tmp_path / "ckpt" / "model.safetensors"), f"s3://{s3_bucket}/weights/bare.safetensors")
+    storage.copy(str(tmp_path / "ckpt" / "model.safetensors"), f"s3://{s3_bucket}/weights/bare.safetensors")
     with storage.local_copy(f"s3://{s3_bucket}/weights/bare.safetensors") as local:
         assert Path(local).name == "bare.safetensors" and Path(local).read_bytes() == written["model.safetensors"]
     assert not Path(local).exists()
@@ -317,7 +317,7 @@ def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket, mo
     pretrained = clip_core.CLIP(micro_config())
     clip_core.save_checkpoint(pretrained, tmp_path / "pretrained")
     for file in (tmp_path / "pretrained").iterdir():
-        storage.upload(str(file), f"s3://{s3_bucket}/weights/pretrained/{file.name}")
+        storage.copy(str(file), f"s3://{s3_bucket}/weights/pretrained/{file.name}")
     config = _config(prepared, tmp_path, init=f"s3://{s3_bucket}/weights/pretrained", cpus_per_worker=1)
     check_config(config)
     built = build_model(config)
@@ -330,7 +330,7 @@ def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket, mo
     from safetensors.torch import save_file
 
     save_file(pretrained.state_dict(), tmp_path / "bare.safetensors")
-    storage.upload(str(tmp_path / "bare.safetensors"), f"s3://{s3_bucket}/weights/bare.safetensors")
+    storage.copy(str(tmp_path / "bare.safetensors"), f"s3://{s3_bucket}/weights/bare.safetensors")
     assert init_image_size(_config(prepared, tmp_path, init=f"s3://{s3_bucket}/weights/bare.safetensors")) == 64
     assert downloads == [f"s3://{s3_bucket}/weights/bare.safetensors"]
     assert init_source(f"openai:s3://{s3_bucket}/ViT-B-32.pt") == ("openai", f"s3://{s3_bucket}/ViT-B-32.pt")

@@ -463,7 +463,7 @@ def _finalize(output: str, source: str, fmt: str, files: list[str], options: Pre
     # rejects.parquet keeps its name from run to run, so the manifest that named the previous one goes first:
     # a run failing from here on leaves no manifest rather than one that disagrees with rejects.parquet
     storage.delete(storage.join(output, MANIFEST))
-    storage.upload(rejects.path, storage.join(output, REJECTS))
+    storage.copy(rejects.path, storage.join(output, REJECTS))
     storage.write_bytes(storage.join(output, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
     live = {storage.basename(s["path"]) for s in shards}
     shards_uri = storage.join(output, SHARDS_DIR)

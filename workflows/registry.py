@@ -134,7 +134,7 @@ def fetch_checkpoint(uri: str, destination: str, *, tracking_uri: str | None = N
     os.makedirs(directory, exist_ok=True)
     for file in INFERENCE_FILES:
         if storage.exists(storage.join(uri, file)):
-            Path(directory, file).write_bytes(storage.read_bytes(storage.join(uri, file)))
+            storage.copy(storage.join(uri, file), os.path.join(directory, file))
     return ModelSource(directory, uri, run_id=_train_run_id(directory))
 
 

@@ -134,15 +134,21 @@ def write_bytes(uri: str, data: bytes) -> None:
     _replace_locally(path, lambda temporary: Path(temporary).write_bytes(data))
 
 
-def upload(local_path: str, uri: str) -> None:
-    """Copy a local file to `uri` without ever showing a partial object there: an S3 upload appears
-    whole when it completes; locally, the copy goes to a temporary name renamed over the target."""
-    fs, path = filesystem(uri)
+def copy(source: str, destination: str) -> None:
+    """Copy the file at `source` to `destination` (each a local path or s3:// URI), streamed, never held
+    whole in memory, and without ever showing a partial object there: an S3 upload appears whole when it
+    completes; locally, the copy goes to a temporary name renamed over the target."""
+    source_fs, source_path = filesystem(source)
+    fs, path = filesystem(destination)
+
+    def write(target: str) -> None:
+        pafs.copy_files(source_path, target, source_filesystem=source_fs, destination_filesystem=fs)
+
     if isinstance(fs, pafs.S3FileSystem):
         fs.create_dir(posixpath.dirname(path), recursive=True)
-        pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        write(path)
         return
-    _replace_locally(path, lambda temporary: shutil.copyfile(local_path, temporary))
+    _replace_locally(path, write)
 
 
 def _replace_locally(path: str, write: Callable[[str], object]) -> None:

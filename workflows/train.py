@@ -903,7 +903,7 @@ def _copy_checkpoint(source: str, destination: str) -> None:
     if source == destination:
         return
     for uri in storage.list_files(source):
-        storage.write_bytes(storage.join(destination, uri[len(source):].lstrip("/")), storage.read_bytes(uri))
+        storage.copy(uri, storage.join(destination, uri[len(source):].lstrip("/")))
 
 
 def _log_checkpoints(config: TrainConfig, run_id: str, final: str, best: str | None) -> None:
