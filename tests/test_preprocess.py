@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -308,7 +309,10 @@ def test_a_killed_run_leaves_the_previous_manifest_and_its_shards(tmp_path):
     script = ("import sys; from workflows.preprocess import preprocess, PreprocessOptions; "
               f"preprocess('synthetic://train?count=4000&seed=2&image_size=32', {str(output)!r}, "
               "PreprocessOptions(image_size=32, rows_per_shard=40))")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # its temporary files (the rejects it had not yet copied out) die with it under tmp_path; Ray's stay put
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": str(tmp_path / "tmp"),
+           "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", tempfile.gettempdir())}
     env.pop("RAY_ADDRESS", None)
     child = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
