@@ -117,8 +117,11 @@ def _mlflow_server(tmp: pathlib.Path, artifacts: str, *args: str, env: dict | No
            "--serve-artifacts", "--artifacts-destination", artifacts,
            "--workers", "1", "--host", "127.0.0.1", "--port", str(port)]
     log_path = tmp / "server.log"
+    # MLflow's job runner (GenAI jobs, which the project never submits) starts 8 more processes that take
+    # ~40 CPU-s importing mlflow in the minute after the server is ready: off
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=tmp)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
 
     def fail(why):
         proc.kill()
