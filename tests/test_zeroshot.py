@@ -80,6 +80,26 @@ def test_linear_probe_learns_separable_features_and_tunes_l2():
     assert chance["top1"] < 0.6
 
 
+def test_logistic_fit_reaches_the_optimum_autograd_sees_from_any_start():
+    """The probe's hand-written gradient: at its solution the objective's autograd gradient vanishes, and a
+    warm start (the regularization path) ends at the same optimum as a cold one."""
+    from clip_core.zeroshot import _fit_logistic
+
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(6).repeat(20)
+    features = F.normalize(torch.randn(6, 24, generator=generator)[labels] + torch.randn(120, 24, generator=generator),
+                           dim=-1).double()
+    l2 = 1e-2
+    cold = _fit_logistic(features, labels, 6, l2)
+    warm = _fit_logistic(features, labels, 6, l2, start=_fit_logistic(features, labels, 6, 1.0))
+    weight, bias = (t.clone().requires_grad_() for t in cold)
+    loss = F.cross_entropy(features @ weight + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
+    loss.backward()
+    assert weight.grad.abs().max() < 1e-6 and bias.grad.abs().max() < 1e-6
+    for a, b in zip(cold, warm):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_few_shot_indices_take_k_per_class():
     labels = torch.tensor([0, 0, 0, 1, 1, 2])
     chosen = few_shot_indices(labels, shots=2)
