@@ -11,7 +11,6 @@ import torch
 
 import clip_core
 from workflows import cli, pipeline, synthetic
-from workflows.demo import run_demo
 from workflows.preprocess import read_manifest
 
 from micro import micro_config
@@ -70,66 +69,12 @@ def _micro_pipeline(tmp_path) -> list[str]:
             "data.zeroshot=synthetic://heldout?count=48&seed=6", f"serve.port={free_port()}"]
 
 
-def test_demo_runs_every_stage_and_answers_from_the_live_service_then_a_rerun_skips_them(tmp_path, ray_session,
-                                                                                         monkeypatch, capsys):
-    overrides = _micro_pipeline(tmp_path)
-    lines = []
-    outcome = run_demo(overrides, echo=lines.append)  # conftest checks it leaves MLflow's URIs alone
-
-    assert outcome["stages"] == {"preprocess train": "done", "preprocess val": "done", "preprocess zeroshot": "done",
-                                 "train": "done", "evaluate": "done", "register": "done", "promote": "passed",
-                                 "deploy": "done"}, lines
-    counts = read_manifest(outcome["datasets"]["train"]["uri"])["counts"]
-    assert counts["read"] == 192 and counts["kept"] + counts["rejected"] == 192
-    # zero-shot is scored among the combinations never seen in training only
-    assert read_manifest(outcome["datasets"]["zeroshot"]["uri"])["classnames"] == synthetic.heldout_class_names()
-    # MLflow: the pipeline run holds the train run (and its evaluation) as a child; the version is champion
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
-    parent = client.get_run(outcome["mlflow_run_id"])
-    assert parent.data.tags["rayclip.model_version"] == "clip/1" and parent.data.tags["rayclip.promoted"] == "True"
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    stages = {run.data.tags["rayclip.stage"]: run for run in children}
-    assert sorted(run.data.tags["rayclip.stage"] for run in children) == ["preprocess"] * 3 + ["train"]
-    assert "eval.zeroshot.top1" in stages["train"].data.metrics
-    assert client.get_registered_model("clip").aliases == {"champion": 1, "challenger": 1}
-    version = client.get_model_version("clip", "1")
-    assert version.tags["dataset_digests"] == outcome["datasets"]["train"]["digest"]
-    assert version.tags["train_run_id"] == stages["train"].info.run_id
-    assert version.tags["weights_sha256"] == clip_core.checkpoint.file_sha256(f"{outcome['checkpoint']}/model.safetensors")
-
-    # the live service answered the demo's questions as the trained checkpoint does
-    model = clip_core.load_model(outcome["checkpoint"])
-    labels = synthetic.heldout_class_names()
-    images = [s.image for s in synthetic.samples(3, split="heldout", seed=2026, image_size=64)]
-    with torch.no_grad():
-        classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), labels)
-        probs, top = clip_core.predict(model, torch.stack([clip_core.image_transform(64)(i) for i in images]),
-                                       classifier, top_k=3)
-    for answer, expected_probs, expected_top in zip(outcome["answers"], probs.tolist(), top.tolist()):
-        assert [a["label"] for a in answer] == [labels[j] for j in expected_top]
-        assert [a["score"] for a in answer] == pytest.approx(expected_probs, abs=1e-4)
-    assert any(line.startswith("zero-shot top-1 on colour-shape combinations never seen") for line in lines)
-    assert any("mlflow ui --backend-store-uri" in line for line in lines)
-    # the stages' own commands find the demo's registry as the demo says
-    (hint,) = [line.split()[1:4] for line in lines if line.lstrip().startswith("registry:")]
-    assert hint[1:] == ["rayclip", "models"] and hint[0].startswith("MLFLOW_TRACKING_URI=")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", hint[0].partition("=")[2])
-    capsys.readouterr()
-    assert cli.main(["models", "clip"]) == 0
-    assert re.search(r"^1 +\S*champion", capsys.readouterr().out, re.MULTILINE)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-
-    # a rerun with the same inputs does no work again (and here, serves nothing)
-    again = pipeline.run(pipeline.load_config(None, [*overrides, "serve.enabled=false"]), echo=lines.append)
-    assert set(again["stages"].values()) == {"skipped"}, again["stages"]
-    assert [str(v.version) for v in client.search_model_versions("name = 'clip'")] == ["1"]
-
-
-def test_a_ray_job_stopped_during_training_reruns_from_its_checkpoint_and_logs_each_stage(tmp_path):
-    """`ray job submit` to a local head (real job submission over 127.0.0.1); the job is stopped
-    (`ray job stop`) while training; the resubmitted job skips preprocessing, resumes training from
-    its checkpoint and completes every later stage."""
+def test_the_demo_as_a_ray_job_stopped_in_training_resumes_serves_answers_then_a_rerun_skips_every_stage(
+        tmp_path, ray_session, monkeypatch, capsys):
+    """`ray job submit` to a local head (real job submission over 127.0.0.1). The first job (`rayclip run`)
+    is stopped (`ray job stop`) while training; `rayclip demo` submitted on the same config skips
+    preprocessing, resumes training from the checkpoint, completes every later stage and answers from the
+    live service as the trained checkpoint does; a rerun then skips every stage."""
     import contextlib
     import shutil
     import signal
@@ -154,7 +99,7 @@ def test_a_ray_job_stopped_during_training_reruns_from_its_checkpoint_and_logs_e
               "storage": {"root": overrides["storage.root"]},
               "train": {"steps": 6, "batch_size": 32, "checkpoint_every": 3}, "eval": {"batch_size": 64},
               "data": {split: overrides[f"data.{split}"] for split in ("train", "val", "zeroshot")},
-              "serve": {"enabled": False}}
+              "serve": {"port": int(overrides["serve.port"])}}
     (job_dir / "pipeline.yaml").write_text(yaml.safe_dump(config))
     dashboard = f"http://127.0.0.1:{free_port()}"
     # its own temp dir (short: unix socket paths), so nothing else on this machine joins this cluster
@@ -203,28 +148,83 @@ def test_a_ray_job_stopped_during_training_reruns_from_its_checkpoint_and_logs_e
         assert "rayclip run: interrupted" in first_logs, first_logs[-5000:]
 
         job = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", dashboard, "--working-dir",
-                              str(job_dir), "--", "rayclip", "run", "pipeline.yaml"],
+                              str(job_dir), "--", "rayclip", "demo", "--config", "pipeline.yaml"],
                              env=env, capture_output=True, text=True, timeout=600)
         output = job.stdout + job.stderr
+        lines = output.splitlines()
         assert job.returncode == 0 and "succeeded" in output, output[-5000:]
         for line in ("[preprocess train] skipped", "[preprocess val] skipped", "[preprocess zeroshot] skipped",
-                     "[evaluate] done", "[register] done: clip version 1", "[promote] passed", "[deploy] skipped",
-                     "pipeline: done"):
+                     "[evaluate] done", "[register] done: clip version 1", "[promote] passed", "[deploy] done",
+                     "pipeline: done", "zero-shot top-1 on colour-shape combinations never seen",
+                     "mlflow ui --backend-store-uri"):
             assert line in output, (line, output[-5000:])
-        (trained,) = [line for line in output.splitlines() if line.startswith("[train] done")]
+        (trained,) = [line for line in lines if line.startswith("[train] done")]
         assert "step 6" in trained and trained.split("resumed from ")[1].split(" ")[0] \
             .endswith("checkpoint_00000003"), trained
+        checkpoint = trained.rsplit("→ ", 1)[1].strip()
 
-        # MLflow: the stopped job's pipeline run ended as killed, the rerun's finished, and the rerun
-        # continued the interrupted training run (one train run, finished at step 6)
+        def uri_of(split):
+            (skipped,) = [line for line in lines if line.startswith(f"[preprocess {split}] skipped: ")]
+            return skipped.split(": ", 1)[1].split(" exists")[0]
+
+        counts = read_manifest(uri_of("train"))["counts"]
+        assert counts["read"] == 192 and counts["kept"] + counts["rejected"] == 192
+        # zero-shot is scored among the combinations never seen in training only
+        assert read_manifest(uri_of("zeroshot"))["classnames"] == synthetic.heldout_class_names()
+
+        # the live service answered the demo's questions as the trained checkpoint does (printed to the %)
+        model = clip_core.load_model(checkpoint)
+        labels = synthetic.heldout_class_names()
+        images = [s.image for s in synthetic.samples(3, split="heldout", seed=2026, image_size=64)]
+        with torch.no_grad():
+            classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), labels)
+            probs, top = clip_core.predict(model, torch.stack([clip_core.image_transform(64)(i) for i in images]),
+                                           classifier, top_k=3)
+        answers = [line.split(" → ", 1)[1].split(", ") for line in lines if line.startswith("POST ")]
+        assert len(answers) == 3, output[-5000:]
+        for answer, expected_probs, expected_top in zip(answers, probs.tolist(), top.tolist()):
+            ranked = [item.rsplit(" ", 1) for item in answer]
+            assert [label for label, _ in ranked] == [labels[j] for j in expected_top], (answer, expected_top)
+            for (_, score), expected in zip(ranked, expected_probs):
+                assert abs(float(score.rstrip("%")) - 100 * expected) <= 0.5 + 1e-6, (answer, expected_probs)
+
+        # MLflow: the stopped job's pipeline run ended as killed and holds the stage runs as children; the
+        # demo's finished, continuing the interrupted training run (one train run, finished at step 6)
         client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
         runs = client.search_runs([client.get_experiment_by_name("rayclip").experiment_id],
                                   order_by=["attributes.start_time ASC"])
-        pipelines = [r.info.status for r in runs if r.data.tags.get("rayclip.stage") == "pipeline"]
-        assert pipelines == ["KILLED", "FINISHED"], [(r.info, r.data.tags) for r in runs]
+        pipelines = [r for r in runs if r.data.tags.get("rayclip.stage") == "pipeline"]
+        assert [r.info.status for r in pipelines] == ["KILLED", "FINISHED"], [(r.info, r.data.tags) for r in runs]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pipelines[0].info.run_id]
+        assert sorted(r.data.tags["rayclip.stage"] for r in children) == ["preprocess"] * 3 + ["train"]
         (training,) = [r for r in runs if r.data.tags.get("rayclip.stage") == "train"]
-        assert training.info.status == "FINISHED"
+        assert training.info.status == "FINISHED" and "eval.zeroshot.top1" in training.data.metrics
         assert max(m.step for m in client.get_metric_history(training.info.run_id, "loss")) == 6
+        assert pipelines[1].data.tags["rayclip.model_version"] == "clip/1"
+        assert pipelines[1].data.tags["rayclip.promoted"] == "True"
+        assert client.get_registered_model("clip").aliases == {"champion": 1, "challenger": 1}
+        version = client.get_model_version("clip", "1")
+        assert version.tags["dataset_digests"] == read_manifest(uri_of("train"))["digest"]
+        assert version.tags["train_run_id"] == training.info.run_id
+        assert version.tags["weights_sha256"] == clip_core.checkpoint.file_sha256(f"{checkpoint}/model.safetensors")
+
+        # the stages' own commands find the demo's registry as the demo says
+        (hint,) = [line.split()[1:4] for line in lines if line.lstrip().startswith("registry:")]
+        assert hint[1:] == ["rayclip", "models"] and hint[0].startswith("MLFLOW_TRACKING_URI=")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", hint[0].partition("=")[2])
+        capsys.readouterr()
+        assert cli.main(["models", "clip"]) == 0
+        assert re.search(r"^1 +\S*champion", capsys.readouterr().out, re.MULTILINE)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+        # a rerun with the same inputs (here, in this process and its Ray) does no work again, and serves nothing
+        (described,) = [line for line in lines if line.lstrip().startswith("train: ") and " on 1 worker(s)" in line]
+        model_file = described.split("train: ", 1)[1].split(" on 1 worker(s)")[0]  # the job's copy of micro.json
+        again = pipeline.run(pipeline.load_config(str(job_dir / "pipeline.yaml"),
+                                                  [f"model.name={model_file}", "serve.enabled=false"]),
+                             echo=lambda *_: None)
+        assert set(again["stages"].values()) == {"skipped"}, again["stages"]
+        assert [str(v.version) for v in client.search_model_versions("name = 'clip'")] == ["1"]
     finally:
         # `ray start --block` stops its processes in ~2 s on SIGINT (on SIGTERM: ~34 s here)
         head.send_signal(signal.SIGINT)
