@@ -183,6 +183,7 @@ def _fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int
         return -(log_probs * onehot).sum() / len(labels) + 0.5 * l2 * weight.pow(2).sum()
 
     optimizer.step(closure)
+    weight.grad = bias.grad = None
     return weight, bias
 
 
