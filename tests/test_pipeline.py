@@ -186,7 +186,8 @@ def test_the_demo_as_a_ray_job_stopped_in_training_resumes_serves_answers_then_a
             ranked = [item.rsplit(" ", 1) for item in answer]
             assert [label for label, _ in ranked] == [labels[j] for j in expected_top], (answer, expected_top)
             for (_, score), expected in zip(ranked, expected_probs):
-                assert abs(float(score.rstrip("%")) - 100 * expected) <= 0.5 + 1e-6, (answer, expected_probs)
+                # within half a percent, plus the service's float32 rounding at the edge of one
+                assert abs(float(score.rstrip("%")) - 100 * expected) <= 0.51, (answer, expected_probs)
 
         # MLflow: the stopped job's pipeline run ended as killed and holds the stage runs as children; the
         # demo's finished, continuing the interrupted training run (one train run, finished at step 6)
