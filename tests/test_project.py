@@ -190,3 +190,11 @@ def test_device_wheels_leave_out_the_dropped_members_and_still_install(tmp_path)
                     str(wheel)], check=True)
     assert (target / "demo" / "__init__.py").read_text() == "VALUE = 42\n"
     assert not (target / "demo" / "jars").exists()
+
+
+def test_free_ports_are_never_given_twice_in_a_session():
+    # the OS offers a closed probe's port again: a Ray head once got one port for two of its components
+    from ports import free_port
+
+    ports = [free_port() for _ in range(2000)]
+    assert len(set(ports)) == len(ports)
