@@ -894,9 +894,7 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
 
 
 def _checkpoint_uri(checkpoint) -> str:
-    import pyarrow.fs as pafs
-
-    return f"s3://{checkpoint.path}" if isinstance(checkpoint.filesystem, pafs.S3FileSystem) else checkpoint.path
+    return storage.to_uri(checkpoint.filesystem, checkpoint.path)
 
 
 def _copy_checkpoint(source: str, destination: str) -> None:
