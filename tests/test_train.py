@@ -16,9 +16,9 @@ import clip_core
 from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, read_prepared_table
 from workflows import cli, storage
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
-from workflows.train import (TrainConfig, _gathered_state, _scalar, build_model, check_config, contrastive_step,
-                             default_cpus_per_worker, distribute, init_image_size, init_source, latest_checkpoint,
-                             mixed_rows, train)
+from workflows.train import (TrainConfig, _RankZeroTracker, _gathered_state, _scalar, build_model, check_config,
+                             contrastive_step, default_cpus_per_worker, distribute, init_image_size, init_source,
+                             latest_checkpoint, mixed_rows, train)
 
 from micro import micro_config
 
@@ -392,6 +392,16 @@ def test_local_default_cpus_per_worker_always_leaves_ray_data_a_cpu(ray_session)
         assert default_cpus_per_worker(workers, use_gpu=True) == 1.0, workers
 
 
+def test_a_local_ray_keeps_more_worker_processes_than_logical_cpus(ray_session):
+    from ray._private.worker import _global_node
+
+    from workflows.runtime import IDLE_WORKERS_KEPT
+
+    # with Ray's default limit (one per logical CPU) a fit's 8 actors leave every data task a fresh process
+    assert IDLE_WORKERS_KEPT >= 16
+    assert _global_node._ray_params._system_config["num_workers_soft_limit"] == IDLE_WORKERS_KEPT
+
+
 def test_training_without_a_tracking_uri_never_imports_mlflow(tmp_path):
     """A run with MLflow off (no tracking URI) works where MLflow is not installed, and its workers skip
     the import (~3 s each): the tracker, and preprocess's dataset logging, import it only when used."""
@@ -413,3 +423,25 @@ assert "mlflow" not in sys.modules, "mlflow imported"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 1/4  loss 1.0000" in result.stdout + result.stderr
+
+
+def test_rank_zero_opens_its_run_beside_the_loop_and_the_first_log_raises_what_failed(prepared, tmp_path):
+    """Rank 0 opens its MLflow run in a thread while its data stream starts: the logging calls write to
+    that run, and a run that could not be opened fails the first of them, naming why."""
+    from workflows.tracking import using
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = _config(prepared, tmp_path, steps=4, mlflow_tracking_uri=uri)
+    step = {"loss": 1.5, "lr": 0.1, "samples_per_s": 10.0, "data_wait_fraction": 0.0}
+    with using(uri):
+        tracker = _RankZeroTracker(config, None)
+        tracker.log_step(1, step)
+        tracker.finish()
+        run = mlflow.MlflowClient().get_run(tracker.run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 1.5 and run.data.params["steps"] == "4"
+        assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["train"]
+        assert mlflow.active_run() is None  # the run is named by id, never left active in the caller's thread
+
+        broken = _RankZeroTracker(config.model_copy(update={"mlflow_tracking_uri": "bogus://nowhere"}), None)
+        with pytest.raises(Exception, match="bogus://nowhere"):
+            broken.log_step(1, step)

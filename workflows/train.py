@@ -10,6 +10,7 @@ same step, optimizer, schedule, RNG and data position.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -652,14 +653,32 @@ def _eval_features(uri: str, model, device, autocast, batch_size: int = 256):
 
 
 class _RankZeroTracker:
-    """MLflow logging from rank 0: params, per-step and validation metrics, dataset inputs, tags."""
+    """MLflow logging from rank 0: params, per-step and validation metrics, dataset inputs, tags.
+
+    The run opens in a thread while the loop starts its data stream: importing MLflow, opening or
+    resuming the run and logging its params and dataset inputs took rank 0 ~6 s on 2 cores (longer
+    against a remote server), and no worker gets a batch before every worker has asked for one. The
+    logging calls wait for it; a failure to open the run is raised by the first of them."""
 
     def __init__(self, config: TrainConfig, run_id: str | None):
         self.enabled = bool(config.mlflow_tracking_uri)
-        self.run_id = run_id
+        self._run_id, self._opening = run_id, None
         self.total_steps, self.batch_size = config.steps, config.batch_size
         if not self.enabled:
             return  # a run without MLflow never imports it (not installed everywhere, ~3 s per worker)
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-run")
+        self._opening = pool.submit(self._open, config, run_id)
+        pool.shutdown(wait=False)
+
+    @property
+    def run_id(self) -> str | None:
+        if self._opening is not None:
+            self._run_id, self._opening = self._opening.result(), None
+        return self._run_id
+
+    @staticmethod
+    def _open(config: TrainConfig, run_id: str | None) -> str:
+        """The run's id; the run stays active in this thread only: the logging calls name it."""
         import mlflow
 
         mlflow.set_tracking_uri(config.mlflow_tracking_uri)
@@ -669,12 +688,14 @@ class _RankZeroTracker:
         if config.mlflow_parent_run_id:
             tags["mlflow.parentRunId"] = config.mlflow_parent_run_id
         # a run resumed by hand into another tracking store gets a new run there
-        self.run_id = start_run(run_id, config.mlflow_experiment, config.run_name or "train", tags).info.run_id
-        if self.run_id != run_id:
+        opened = start_run(run_id, config.mlflow_experiment, config.run_name or "train", tags).info.run_id
+        if opened != run_id:
             mlflow.log_params(_flatten(redacted(config.model_dump(mode="json", exclude={"fault_injection"}))))
-            self._log_datasets(config)
+            _RankZeroTracker._log_datasets(config)
+        return opened
 
-    def _log_datasets(self, config: TrainConfig) -> None:
+    @staticmethod
+    def _log_datasets(config: TrainConfig) -> None:
         import warnings
 
         import mlflow
@@ -701,7 +722,7 @@ class _RankZeroTracker:
         if self.enabled:
             import mlflow
 
-            mlflow.log_metrics(metrics, step=step)
+            mlflow.log_metrics(metrics, step=step, run_id=self.run_id)
 
     def log_validation(self, step: int, metrics: dict) -> None:
         validation = {k: v for k, v in metrics.items() if k.startswith(("val_", "zeroshot_"))}
@@ -710,13 +731,13 @@ class _RankZeroTracker:
         if self.enabled and validation:
             import mlflow
 
-            mlflow.log_metrics(validation, step=step)
+            mlflow.log_metrics(validation, step=step, run_id=self.run_id)
 
     def finish(self) -> None:
         if self.enabled:
             import mlflow
 
-            mlflow.end_run()
+            mlflow.MlflowClient().set_terminated(self.run_id)
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
