@@ -80,11 +80,14 @@ def plot_lines(name: str, title: str, lines: dict[str, dict[float, float]], xlab
     """bench/results/<name>.png: one line (x -> y) per entry of `lines`, those named in `dashed` dashed;
     returns the markdown image line."""
     figure, axis = _figure()
+    xs_all = sorted({x for points in lines.values() for x in points})
+    few = len(xs_all) <= 12  # a few measured points are marked and ticked; a long curve is just drawn
     for label, points in lines.items():
         xs = sorted(points)
         axis.plot(xs, [points[x] for x in xs], linestyle="--" if label in dashed else "-",
-                  marker=None if label in dashed else "o", label=label)
-    axis.set_xticks(sorted({x for points in lines.values() for x in points}))
+                  marker="o" if few and label not in dashed else None, label=label)
+    if few:
+        axis.set_xticks(xs_all)
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     axis.set_ylim(bottom=0)
