@@ -120,16 +120,17 @@ def prepared_images(out: Path) -> list[str]:
     return [originals[int(key.rsplit(":", 1)[1])] for key in table["key"]]
 
 
-def folder_share(out: Path, window: int) -> float:
+def folder_share(out: Path, window: int) -> tuple[float, float]:
     """The mean share of the most common top-level folder among each `window` consecutive rows of the
-    prepared training set in its stored order: what a shuffle buffer of `window` rows draws a batch from."""
+    prepared training set in its stored order (what a shuffle buffer of `window` rows draws a batch from),
+    and the largest folder's share of the whole set (what a shuffled order's windows would show)."""
     keys = read_prepared_table(str(out / "prepared-train"), ["key"])["key"].to_pylist()
     with open(out / "train.csv", newline="", encoding="utf-8") as file:
         folders = [row["filepath"].rsplit("/png/", 1)[1].split("/", 1)[0] for row in csv.DictReader(file)]
     order = [folders[int(key.rsplit(":", 1)[1])] for key in keys]
     shares = [collections.Counter(order[i:i + window]).most_common(1)[0][1] / len(order[i:i + window])
               for i in range(0, len(order), window)]
-    return statistics.mean(shares)
+    return statistics.mean(shares), collections.Counter(order).most_common(1)[0][1] / len(order)
 
 
 def transparency(paths: list[str], sample: int = 200) -> dict:
@@ -264,7 +265,7 @@ def main() -> None:
         config = TrainConfig(data=[str(out / "prepared-train")], model=MODEL, steps=steps, workers=1, log_every=1,
                              checkpoint_every=steps, storage=str(out / "runs"), output=str(out / "ours"),
                              mlflow_tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-        mixing = folder_share(out, config.shuffle_buffer)
+        mixing, largest = folder_share(out, config.shuffle_buffer)
         shards = len(read_manifest(str(out / "prepared-train"))["shards"])
         runs = {"rayclip": train_ours(out, config), "OpenCLIP": train_openclip(out, epochs, config)}
         untrained = out / "untrained"
@@ -327,7 +328,8 @@ def main() -> None:
         f"Data order: the prepared shards keep the CSV's order, which is sorted by folder, and the train stage "
         f"streams them through its default {config.shuffle_buffer}-row shuffle buffer, shuffling only the order "
         f"of the shards ({shards} here): in {config.shuffle_buffer}-row windows of the stored order one folder "
-        f"makes up {mixing:.0%} of the rows on average, so a rayclip batch holds mostly one folder. OpenCLIP's "
+        f"makes up {mixing:.0%} of the rows on average (shuffled, it would be near the largest folder's share "
+        f"of the set, {largest:.0%}): a rayclip batch is drawn from such a window. OpenCLIP's "
         "CSV loader shuffles the whole set every epoch. A gap in the results below can come from that rather "
         "than from the recipe: the train stage, not the benchmark, has to fix it (shuffle rows when shards "
         "are written, or a buffer that spans the data).",
