@@ -120,14 +120,12 @@ def prepared_images(out: Path) -> list[str]:
     return [originals[int(key.rsplit(":", 1)[1])] for key in table["key"]]
 
 
-def folder_share(out: Path, window: int) -> tuple[float, float]:
+def folder_share(kept: list[str], window: int) -> tuple[float, float]:
     """The mean share of the most common top-level folder among each `window` consecutive rows of the
-    prepared training set in its stored order (what a shuffle buffer of `window` rows draws a batch from),
-    and the largest folder's share of the whole set (what a shuffled order's windows would show)."""
-    keys = read_prepared_table(str(out / "prepared-train"), ["key"])["key"].to_pylist()
-    with open(out / "train.csv", newline="", encoding="utf-8") as file:
-        folders = [row["filepath"].rsplit("/png/", 1)[1].split("/", 1)[0] for row in csv.DictReader(file)]
-    order = [folders[int(key.rsplit(":", 1)[1])] for key in keys]
+    prepared training set (`kept`: its images' paths in stored order, from prepared_images), what a shuffle
+    buffer of `window` rows draws a batch from; and the largest folder's share of the whole set (what a
+    shuffled order's windows would show)."""
+    order = [path.rsplit("/png/", 1)[1].split("/", 1)[0] for path in kept]
     shares = [collections.Counter(order[i:i + window]).most_common(1)[0][1] / len(order[i:i + window])
               for i in range(0, len(order), window)]
     return statistics.mean(shares), collections.Counter(order).most_common(1)[0][1] / len(order)
@@ -265,7 +263,7 @@ def main() -> None:
         config = TrainConfig(data=[str(out / "prepared-train")], model=MODEL, steps=steps, workers=1, log_every=1,
                              checkpoint_every=steps, storage=str(out / "runs"), output=str(out / "ours"),
                              mlflow_tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-        mixing, largest = folder_share(out, config.shuffle_buffer)
+        mixing, largest = folder_share(kept, config.shuffle_buffer)
         shards = len(read_manifest(str(out / "prepared-train"))["shards"])
         runs = {"rayclip": train_ours(out, config), "OpenCLIP": train_openclip(out, epochs, config)}
         untrained = out / "untrained"
