@@ -323,14 +323,13 @@ def main() -> None:
         "rejects and counts them). Training OpenCLIP on rayclip's prepared images keeps both out of the "
         "comparison.",
         "",
-        f"Data order: the prepared shards keep the CSV's order, which is sorted by folder, and the train stage "
-        f"streams them through its default {config.shuffle_buffer}-row shuffle buffer, shuffling only the order "
-        f"of the shards ({shards} here): in {config.shuffle_buffer}-row windows of the stored order one folder "
-        f"makes up {mixing:.0%} of the rows on average (shuffled, it would be near the largest folder's share "
-        f"of the set, {largest:.0%}): a rayclip batch is drawn from such a window. OpenCLIP's "
-        "CSV loader shuffles the whole set every epoch. A gap in the results below can come from that rather "
-        "than from the recipe: the train stage, not the benchmark, has to fix it (shuffle rows when shards "
-        "are written, or a buffer that spans the data).",
+        f"Data order: the CSV is sorted by folder; `rayclip preprocess` writes the kept rows in a seeded random "
+        f"order (its default), and the train stage shuffles the order of the shards ({shards} here) and streams "
+        f"them through its default {config.shuffle_buffer}-row shuffle buffer, from which a batch is drawn: in "
+        f"{config.shuffle_buffer}-row windows of the stored order one folder makes up {mixing:.0%} of the rows on "
+        f"average, against {largest:.0%} for the largest folder's share of the whole set (in the CSV's order, "
+        "one folder filled 74% of each window, and the train stage's retrieval was a quarter of OpenCLIP's). "
+        "OpenCLIP's CSV loader shuffles the whole set every epoch.",
         "",
         "One run each, from one seed: a difference of a few points in a metric is within what another seed "
         "could change.",

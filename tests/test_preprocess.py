@@ -251,6 +251,35 @@ def test_prepared_rows_feed_torch_batches_shuffled_by_seed(tmp_path):
     assert not torch.equal(order(torch_batches(seed=1)), order(batches)), "another file order for another seed"
 
 
+def test_a_source_sorted_by_class_is_stored_mixed_unless_told_to_keep_its_order(tmp_path):
+    # an evaluation set or a crawl is often sorted (by class, by site): shards written in that
+    # order, read through a few hundred rows of shuffle buffer, give training batches of one class
+    pairs = corpus.clean_pairs(160, seed=5)
+    corpus.write_parquet(tmp_path / "sorted.parquet", pairs, labels=[str(i // 40) for i in range(160)])
+
+    def stored_labels(name: str, **options) -> list[list[int]]:
+        preprocess(str(tmp_path / "sorted.parquet"), str(tmp_path / name),
+                   PreprocessOptions(image_key="jpg", caption_key="txt", label_key="label", image_size=32,
+                                     rows_per_shard=40, batch_size=16, **options), echo=_quiet)
+        manifest = read_manifest(str(tmp_path / name))
+        return [pq.read_table(tmp_path / name / s["path"]).column("label").to_pylist() for s in manifest["shards"]]
+
+    in_order = stored_labels("kept-order", shuffle=False)
+    assert [label for shard in in_order for label in shard] == [i // 40 for i in range(160)]
+
+    mixed = stored_labels("mixed")
+    assert sorted(label for shard in mixed for label in shard) == [i // 40 for i in range(160)], "no row lost"
+    assert all(len(set(shard)) == 4 for shard in mixed), mixed
+    stream = [label for shard in mixed for label in shard]
+    repeats = sum(a == b for a, b in zip(stream, stream[1:])) / (len(stream) - 1)
+    assert repeats < 0.45, f"{repeats:.0%} of neighbours share a class (about 25% when shuffled, 98% sorted)"
+    assert stored_labels("mixed-again") == mixed, "the shuffle is seeded: a rerun writes the same shards"
+
+    # what the train stage reads: the first batches of 16 hold several classes, not one
+    batches = load_prepared(str(tmp_path / "mixed"), shuffle_files=True, seed=0).iter_batches(batch_size=16)
+    assert all(len(set(batch["label"].tolist())) >= 2 for batch, _ in zip(batches, range(4)))
+
+
 def _files_disagreeing_with_manifest(output: Path) -> list[str]:
     if not (output / "manifest.json").exists():
         return []

@@ -50,7 +50,7 @@ def _preprocess(args: argparse.Namespace) -> int:
                                 label_key=args.label_key, classnames=args.classnames, image_size=args.image_size,
                                 image_format=args.image_format, jpeg_quality=args.jpeg_quality,
                                 rows_per_shard=args.rows_per_shard,
-                                dedupe=not args.no_dedupe, concurrency=args.concurrency, num_cpus=args.num_cpus,
+                                dedupe=not args.no_dedupe, shuffle=not args.no_shuffle, concurrency=args.concurrency, num_cpus=args.num_cpus,
                                 batch_size=args.batch_size)
     preprocess(args.source, args.output, options)
     return 0
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per processing task")
     pre.add_argument("--batch-size", type=int, default=256, help="rows per processing task")
     pre.add_argument("--no-dedupe", action="store_true", help="keep exact duplicate images")
+    pre.add_argument("--no-shuffle", action="store_true", help="write rows in source order (default: a seeded "
+                     "random order, so every shard is a sample of the whole source)")
     pre.set_defaults(handler=_preprocess)
 
     tr = commands.add_parser("train", help="contrastive training on Ray Train; the final checkpoint goes to --output",

@@ -96,6 +96,10 @@ class PreprocessOptions(BaseModel):
     min_caption_chars: int = Field(1, ge=1)
     max_caption_chars: int = Field(1000, ge=1)
     dedupe: bool = True
+    shuffle: bool = Field(True, description="write the kept rows in a random order (after dedupe), so that every "
+                          "shard, and every training batch read from one, is a sample of the whole source; in "
+                          "source order a source sorted by class gives batches of one class")
+    shuffle_seed: int = 0
     rows_per_shard: int = Field(10_000, gt=0, description="at most this many rows per shard: a shard holds the rows "
                                 "kept out of this many read, so rejected rows make it smaller")
     batch_size: int = Field(256, gt=0, description="rows per processing task")
@@ -413,9 +417,11 @@ def _run(source: str, output: str, fmt: str, files: list[str], spec: SourceSpec,
             ds = ds.map_batches(Deduplicate, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
                                 compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
                                 max_restarts=0)
+    if options.shuffle:
+        ds = ds.random_shuffle(seed=options.shuffle_seed)
     ds = ds.map_batches(write_shard, batch_size=options.rows_per_shard, batch_format="pyarrow",
                         fn_kwargs={"shards_uri": shards_uri}, num_cpus=0.5)
-    ds.context.execution_options.preserve_order = True  # dedupe keeps the first in source order
+    ds.context.execution_options.preserve_order = True  # dedupe keeps the first in source order; shards are seeded
 
     shards, counts, content = [], Counter(), 0
     with RejectLog() as rejects:
