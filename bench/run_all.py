@@ -22,7 +22,8 @@ def gather(results: Path = HERE / "results") -> str:
     parts = ["# rayclip benchmarks", "",
              "Each section is one benchmark's latest report (`bench/results/`), every candidate measured side by "
              "side with its peer in one run; the line under each title says when and on which machine. "
-             "`make bench` reruns them all and rewrites this file.", ""]
+             "`make bench` reruns the four CPU benchmarks and rewrites this file; the real-data report "
+             "(`bench/bench_openclipart.py`) and the GPU ones (`bench/device_run.sh`) are rerun by hand.", ""]
     names = [name.removeprefix("bench_").removesuffix(".py") for name in BENCHMARKS]
     for name in names + [name for name in OTHER_REPORTS if (results / f"{name}.md").exists()]:
         report = results / f"{name}.md"
