@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -123,36 +125,48 @@ def main() -> None:
     init_ray()
     pipeline_images = mirrored_variants(images)  # 4x the rows, all distinct: Ray's fixed costs amortise
     with tempfile.TemporaryDirectory() as tmp:
-        shards = 8
+        shards, tars = 8, Path(tmp) / "tars"
+        tars.mkdir()
         for s in range(shards):
-            with tarfile.open(Path(tmp) / f"shard-{s:05d}.tar", "w") as archive:
+            with tarfile.open(tars / f"shard-{s:05d}.tar", "w") as archive:
                 for i in range(s, len(pipeline_images), shards):
                     for name, payload in ((f"{i:06d}.jpg", pipeline_images[i]),
                                           (f"{i:06d}.txt", f"photo {i}".encode())):
                         info = tarfile.TarInfo(name)
                         info.size = len(payload)
                         archive.addfile(info, io.BytesIO(payload))
-        preprocess(tmp, str(Path(tmp) / "warmup"), options.model_copy(update={"image_size": 32}), echo=lambda *_: None)
-        pipeline_seconds = {True: [], False: []}  # shuffled before writing (the default), source order
-        for run in range(1 if args.quick else 3):
-            for shuffle in (True, False):  # interleaved, so drift on the machine hits both alike
+        one_file = Path(tmp) / "pairs.parquet"  # the same rows as one file, as a single CSV or Parquet source is
+        pq.write_table(pa.table({"key": [f"{i:06d}" for i in range(len(pipeline_images))], "jpg": pipeline_images,
+                                 "txt": [f"photo {i}" for i in range(len(pipeline_images))]}), one_file)
+        variants = {  # name: (source, options)
+            f"{shards} tar shards": (tars, options),
+            f"{shards} tar shards, rows written in source order (`shuffle: false`)":
+                (tars, options.model_copy(update={"shuffle": False})),
+            "1 Parquet file": (one_file, options.model_copy(update={"image_key": "jpg", "caption_key": "txt"})),
+        }
+        preprocess(str(tars), str(Path(tmp) / "warmup"), options.model_copy(update={"image_size": 32}),
+                   echo=lambda *_: None)
+        pipeline_seconds = {name: [] for name in variants}
+        runs = 1 if args.quick else 3
+        for run in range(runs):
+            for index, (name, (source, variant)) in enumerate(variants.items()):  # interleaved: drift hits all alike
                 started = time.perf_counter()
-                manifest = preprocess(tmp, str(Path(tmp) / f"out-{run}-{shuffle}"),
-                                      options.model_copy(update={"shuffle": shuffle}), echo=lambda *_: None)
-                pipeline_seconds[shuffle].append(time.perf_counter() - started)
+                manifest = preprocess(str(source), str(Path(tmp) / f"out-{run}-{index}"), variant, echo=lambda *_: None)
+                pipeline_seconds[name].append(time.perf_counter() - started)
                 assert manifest["counts"]["kept"] == len(pipeline_images), manifest["counts"]  # all distinct, all kept
-    pipeline_rate, in_order_rate = (manifest["counts"]["read"] / statistics.median(pipeline_seconds[shuffle])
-                                    for shuffle in (True, False))
+    pipeline_rates = {name: len(pipeline_images) / statistics.median(seconds)
+                      for name, seconds in pipeline_seconds.items()}
     cores = os.cpu_count()
-    print(f"pipeline on {cores} cores: {pipeline_rate:.1f} rows/s ({in_order_rate:.1f} without the shuffle)", flush=True)
+    for name, rate in pipeline_rates.items():
+        print(f"pipeline on {cores} cores, {name}: {rate:.1f} rows/s", flush=True)
 
     dedupe_bytes = dedupe_bytes_per_row(20_000 if args.quick else 200_000)
     print(f"deduplication holds {dedupe_bytes:.0f} bytes per distinct row", flush=True)
 
     rows = [
         ["decode+resize+encode, 1 core", f"{ours_rate:.1f}", f"{naive_rate:.1f}", f"**{ours_rate / naive_rate:.2f}x**"],
-        [f"Ray Data pipeline, {cores} cores (WebDataset → shards)", f"{pipeline_rate:.1f}", "", ""],
-        ["the same, rows written in source order (`shuffle: false`)", f"{in_order_rate:.1f}", "", ""],
+        *([f"Ray Data pipeline, {cores} cores, {name} → shards", f"{rate:.1f}", "", ""]
+          for name, rate in pipeline_rates.items()),
     ]
     notes = [
         f"{count} JPEGs, {megapixels / count:.2f} megapixels on average (500x375 to 1600x1200, quality 90), to "
@@ -160,8 +174,8 @@ def main() -> None:
         "Naive: `Image.open().convert('RGB')`, bicubic resize of the shortest side, center crop, encode. Ours: the "
         "same geometry after Pillow's `draft()` reduced-scale JPEG decoding, plus validation (size, aspect, bomb "
         "limits) and a pixel hash for deduplication.",
-        f"The pipeline rows (median of {len(pipeline_seconds[True])} runs each, interleaved) take {len(pipeline_images)} rows (the JPEGs above, mirrored, flipped and turned) in {shards} "
-        "tar shards through the whole stage: reading tars, tokenizing captions, deduplication, writing shards and the "
+        f"The pipeline rows (median of {runs} runs each, interleaved) take {len(pipeline_images)} rows (the JPEGs above, mirrored, flipped and turned) in {shards} "
+        "tar shards, or in one Parquet file, through the whole stage: reading, tokenizing captions, deduplication, writing shards and the "
         "manifest, next to Ray's own processes on the same cores; by default the kept rows pass Ray Data's "
         "`random_shuffle` before the shards are written (an all-to-all exchange through the object store).",
         f"Exact deduplication keeps the first occurrence in source order, so one actor sees every row: it holds "

@@ -269,6 +269,7 @@ def test_a_source_sorted_by_class_is_stored_mixed_unless_told_to_keep_its_order(
 
     mixed = stored_labels("mixed")
     assert sorted(label for shard in mixed for label in shard) == [i // 40 for i in range(160)], "no row lost"
+    assert [len(shard) for shard in mixed] == [40] * 4, "rows_per_shard rows a shard, none left over in a small one"
     assert all(len(set(shard)) == 4 for shard in mixed), mixed
     stream = [label for shard in mixed for label in shard]
     repeats = sum(a == b for a, b in zip(stream, stream[1:])) / (len(stream) - 1)

@@ -403,6 +403,9 @@ def _run(source: str, output: str, fmt: str, files: list[str], spec: SourceSpec,
     ds = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=len(files))
     ds = ds.map_batches(read_source_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec},
                         num_cpus=options.num_cpus)
+    # a source file is read by one task: a single CSV or Parquet file would otherwise be processed in
+    # that one task too (Ray Data fuses the two maps), on one core however many the cluster has
+    ds = ds.repartition(target_num_rows_per_block=options.batch_size)
     ds = ds.map_batches(process_batch, batch_size=options.batch_size, batch_format="pyarrow",
                         fn_kwargs={"options": options, "progress": progress}, num_cpus=options.num_cpus,
                         compute=TaskPoolStrategy(size=options.concurrency) if options.concurrency else None)
@@ -419,6 +422,9 @@ def _run(source: str, output: str, fmt: str, files: list[str], spec: SourceSpec,
                                 max_restarts=0)
     if options.shuffle:
         ds = ds.random_shuffle(seed=options.shuffle_seed)
+    # exactly rows_per_shard rows a block, one block a shard: a batch may not straddle blocks, so a
+    # task given blocks of other sizes would also write a shard of its few remaining rows
+    ds = ds.repartition(target_num_rows_per_block=options.rows_per_shard, strict=True)
     ds = ds.map_batches(write_shard, batch_size=options.rows_per_shard, batch_format="pyarrow",
                         fn_kwargs={"shards_uri": shards_uri}, num_cpus=0.5)
     ds.context.execution_options.preserve_order = True  # dedupe keeps the first in source order; shards are seeded
