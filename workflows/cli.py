@@ -49,8 +49,8 @@ def _preprocess(args: argparse.Namespace) -> int:
     options = PreprocessOptions(format=args.format, image_key=args.image_key, caption_key=args.caption_key,
                                 label_key=args.label_key, classnames=args.classnames, image_size=args.image_size,
                                 image_format=args.image_format, jpeg_quality=args.jpeg_quality,
-                                rows_per_shard=args.rows_per_shard,
-                                dedupe=not args.no_dedupe, shuffle=not args.no_shuffle, concurrency=args.concurrency, num_cpus=args.num_cpus,
+                                rows_per_shard=args.rows_per_shard, dedupe=not args.no_dedupe,
+                                shuffle=not args.no_shuffle, concurrency=args.concurrency, num_cpus=args.num_cpus,
                                 batch_size=args.batch_size)
     preprocess(args.source, args.output, options)
     return 0

@@ -422,8 +422,8 @@ def _run(source: str, output: str, fmt: str, files: list[str], spec: SourceSpec,
                                 max_restarts=0)
     if options.shuffle:
         ds = ds.random_shuffle(seed=options.shuffle_seed)
-    # exactly rows_per_shard rows a block, one block a shard: a batch may not straddle blocks, so a
-    # task given blocks of other sizes would also write a shard of its few remaining rows
+    # exactly rows_per_shard rows a block, one block a shard: a write task's last batch holds what is
+    # left of the blocks it was given, so blocks of other sizes would make shards of a few rows
     ds = ds.repartition(target_num_rows_per_block=options.rows_per_shard, strict=True)
     ds = ds.map_batches(write_shard, batch_size=options.rows_per_shard, batch_format="pyarrow",
                         fn_kwargs={"shards_uri": shards_uri}, num_cpus=0.5)
