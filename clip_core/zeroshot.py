@@ -121,11 +121,15 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1,
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
-                      text_to_image: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+                      text_to_image: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10),
+                      tie_tolerance: float = 1e-6) -> dict[str, float]:
     """Image→text and text→image recall@k and mean/median rank (1-based).
 
     `text_to_image[j]` is the image index caption j describes (default: caption j ↔ image j);
-    an image counts as found at the best rank of any of its captions.
+    an image counts as found at the best rank of any of its captions. A wrong answer scoring within
+    `tie_tolerance` of the true one ties with it, and ties count against: a caption or image that
+    occurs twice embeds identically only up to float rounding (~1e-7 in fp32), which depends on the
+    batch it was encoded in, so without the tolerance the metrics would change with the batching.
     """
     image_features = F.normalize(image_features.float(), dim=-1)
     text_features = F.normalize(text_features.float(), dim=-1)
@@ -141,10 +145,10 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     # ranks are 1 + the number of wrong answers scoring at least as high (ties count against)
     # text→image: the true image among all images, per caption
     true_score = similarity.T[torch.arange(n_texts), text_to_image]
-    t2i_rank = ((similarity.T >= true_score[:, None]) & ~positive.T).sum(dim=1) + 1
+    t2i_rank = ((similarity.T >= true_score[:, None] - tie_tolerance) & ~positive.T).sum(dim=1) + 1
     # image→text: the best-scoring true caption among all captions, per image
     best_true = similarity.masked_fill(~positive, -math.inf).max(dim=1).values
-    i2t_rank = ((similarity >= best_true[:, None]) & ~positive).sum(dim=1) + 1
+    i2t_rank = ((similarity >= best_true[:, None] - tie_tolerance) & ~positive).sum(dim=1) + 1
 
     out = {}
     for direction, ranks in (("image_to_text", i2t_rank), ("text_to_image", t2i_rank)):

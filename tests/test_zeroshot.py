@@ -65,6 +65,20 @@ def test_retrieval_metrics_on_a_known_ranking():
     assert multi["image_to_text_median_rank"] == 1.0
 
 
+def test_retrieval_metrics_do_not_depend_on_the_rounding_of_duplicate_captions():
+    """A caption that occurs twice embeds identically only up to float rounding, which depends on
+    the batch it was encoded in: the tie must count the same however it rounded."""
+    generator = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(8, 16, generator=generator), dim=-1)
+    text = F.normalize(image + 0.9 * torch.randn(8, 16, generator=generator), dim=-1)
+    text[5] = text[2]  # caption 5 is caption 2 again (as "a photo of a dog" recurs in real sets)
+    exact = clip_core.retrieval_metrics(image, text)
+    for rounding in (1e-7, -1e-7):  # what encoding in another batch does (measured: ~6e-8 per feature)
+        rounded = text.clone()
+        rounded[5] = F.normalize(text[5] + rounding * image[2], dim=-1)  # image 2 scores it above or below its own
+        assert clip_core.retrieval_metrics(image, rounded) == exact
+
+
 def test_linear_probe_learns_separable_features_and_tunes_l2():
     generator = torch.Generator().manual_seed(0)
     centers = torch.randn(5, 32, generator=generator) * 3
