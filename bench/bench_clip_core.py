@@ -1,6 +1,7 @@
 """clip_core against its peers, side by side in one run, reported as ratios.
 
-- training step (forward + backward + AdamW) for ViT-B/32 and `small`, ours vs OpenCLIP;
+- training step (forward + backward + AdamW) for ViT-B/32 and `small`, ours vs OpenCLIP, also with
+  patch dropout 0.5 in both;
 - image and text embedding throughput, ours vs OpenCLIP vs transformers' CLIPModel, same weights;
 - tokenizer captions/s on one core, ours vs OpenCLIP.
 
@@ -43,18 +44,20 @@ def _captions(count: int, seed: int = 0) -> list[str]:
     return out
 
 
-def _pair(name: str):
+def _pair(name: str, patch_dropout: float = 0.0):
     import open_clip
 
     # OpenCLIP's CLIP class built from the same config (its registry has no `small`)
-    theirs = open_clip.model.CLIP(**openclip_model_config(clip_core.get_config(name)))
+    config = openclip_model_config(clip_core.get_config(name))
+    config["vision_cfg"]["patch_dropout"] = patch_dropout  # applied in training mode only, as ours
+    theirs = open_clip.model.CLIP(**config)
     ours = clip_core.create_model(name)
     ours.load_state_dict(theirs.state_dict())
     return ours, theirs
 
 
-def bench_train_step(name: str, batch: int, repeats: int) -> list:
-    ours, theirs = _pair(name)
+def bench_train_step(name: str, batch: int, repeats: int, patch_dropout: float = 0.0) -> list:
+    ours, theirs = _pair(name, patch_dropout)
     size = ours.image_size
     images = torch.randn(batch, 3, size, size)
     tokens = clip_core.get_tokenizer()(_captions(batch))
@@ -64,17 +67,22 @@ def bench_train_step(name: str, batch: int, repeats: int) -> list:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
         def step():
-            image_features, text_features, scale = model(images, tokens)[:3]
+            # each step draws its own patches, as the train loop and OpenCLIP's PatchDropout do
+            keep = {"patch_keep": ours.sample_patches(batch, patch_dropout)} if model is ours and patch_dropout else {}
+            image_features, text_features, scale = model(images, tokens, **keep)[:3]
             loss = loss_fn(image_features, text_features, scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         return step
 
-    with torch.no_grad():
+    with torch.no_grad():  # (OpenCLIP drops patches in training mode only)
+        theirs.eval()
         torch.testing.assert_close(ours(images[:2], tokens[:2])[0], theirs(images[:2], tokens[:2])[0], atol=1e-5, rtol=0)
+        theirs.train()
     seconds = time_side_by_side({"ours": step_fn(ours), "open_clip": step_fn(theirs)}, repeats=repeats)
-    return [f"{name} train step", batch, f"{batch / seconds['ours']:.1f}", f"{batch / seconds['open_clip']:.1f}",
+    label = f"{name} train step" + (f", patch dropout {patch_dropout:g}" if patch_dropout else "")
+    return [label, batch, f"{batch / seconds['ours']:.1f}", f"{batch / seconds['open_clip']:.1f}",
             "", f"**{seconds['open_clip'] / seconds['ours']:.2f}x**", ""]
 
 
@@ -140,8 +148,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     rows = [bench_tokenizer(5_000 if args.quick else 50_000)]
-    for name in ("small", "ViT-B-32"):
-        rows.append(bench_train_step(name, train_batch, repeats))
+    for name, patch_dropout in (("small", 0.0), ("ViT-B-32", 0.0), ("small", 0.5), ("ViT-B-32", 0.5)):
+        rows.append(bench_train_step(name, train_batch, repeats, patch_dropout))
         print(rows[-1], flush=True)
     for name in ("small", "ViT-B-32"):
         rows += bench_embedding(name, embed_batch, repeats)
@@ -159,6 +167,9 @@ def main() -> None:
         "Captions are realistic short ones (5-15 tokens). OpenCLIP runs its text tower over the full 77-token "
         "context as its tokenizer pads; ours stops at the batch's last [EOT] (exact under the causal mask); "
         "transformers is given its best case, input padded only to the batch's longest caption.",
+        "Patch dropout (FLIP): both keep a random int(patches x 0.5) of each image's patches per step, drawn anew "
+        "each step (OpenCLIP's `patch_dropout`, ours `sample_patches`); a model's two train-step rows give the "
+        "speed-up patch dropout itself brings.",
         "",
         markdown_table(header, rows),
     ]

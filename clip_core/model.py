@@ -138,11 +138,14 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, patch_keep: torch.Tensor | None = None) -> torch.Tensor:
         x = self.conv1(x)  # shape = [*, width, grid, grid]
         x = x.flatten(2).transpose(1, 2)  # shape = [*, grid ** 2, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # shape = [*, grid ** 2 + 1, width]
+        if patch_keep is not None:  # patch dropout: the class token and the patches that patch_keep names
+            kept = x[:, 1:].gather(1, patch_keep[..., None].expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :1], kept], dim=1)  # shape = [*, kept + 1, width]
         x = self.transformer(self.ln_pre(x), pool_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
         return self.ln_post(x) @ self.proj  # the class token's features
 
@@ -302,9 +305,29 @@ class CLIP(nn.Module):
         visual = self.visual
         (visual.transformer if hasattr(visual, "transformer") else visual).grad_checkpointing = enable
 
-    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.visual(image.to(self.dtype))
+    def encode_image(self, image: torch.Tensor, normalize: bool = False,
+                     patch_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`patch_keep` [batch, kept] (from `sample_patches`): a ViT sees only those patches of each image."""
+        if patch_keep is None:
+            features = self.visual(image.to(self.dtype))
+        else:
+            self._require_patches()
+            features = self.visual(image.to(self.dtype), patch_keep=patch_keep)
         return F.normalize(features, dim=-1) if normalize else features
+
+    def sample_patches(self, batch: int, dropout: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Patch dropout (FLIP, Li et al. 2023; OpenCLIP's `patch_dropout`): for each of `batch` images
+        the indices [batch, kept] of a random `1 - dropout` of its patches, drawn on the CPU. Training
+        on them costs the vision tower about `1 - dropout` of its compute."""
+        self._require_patches()
+        patches = self.visual.positional_embedding.shape[0] - 1
+        kept = max(1, int(patches * (1 - dropout)))
+        return torch.rand(batch, patches, generator=generator).argsort(dim=1)[:, :kept]
+
+    def _require_patches(self) -> None:
+        if not hasattr(self.visual, "class_embedding"):
+            raise ValueError(f"patch dropout needs a Vision Transformer; {self.config.name or 'this model'} has a "
+                             "ResNet image tower: set patch_dropout to 0")
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         # features are taken at [EOT], the highest token id in each row; under the causal mask,
@@ -318,9 +341,9 @@ class CLIP(nn.Module):
         features = x @ self.text_projection
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor):
+    def forward(self, image: torch.Tensor, text: torch.Tensor, patch_keep: torch.Tensor | None = None):
         """Normalized image and text features and the temperature, as OpenCLIP returns them."""
-        image_features = self.encode_image(image, normalize=True)
+        image_features = self.encode_image(image, normalize=True, patch_keep=patch_keep)
         text_features = self.encode_text(text, normalize=True)
         logit_scale = self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
         if self.logit_bias is not None:

@@ -102,6 +102,33 @@ def test_text_tower_skips_positions_after_the_last_eot_without_changing_features
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
 
 
+def test_patch_dropout_sees_only_the_kept_patches_in_any_order():
+    torch.manual_seed(0)
+    model = clip_core.create_model("tiny").eval()  # 64 px, patch 8: 64 patches
+    images = torch.randn(2, 3, 64, 64)
+    keep = model.sample_patches(2, 0.5, torch.Generator().manual_seed(1))
+    assert keep.shape == (2, 32) and all(len(set(row.tolist())) == 32 for row in keep)
+    assert torch.equal(keep, model.sample_patches(2, 0.5, torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        features = model.encode_image(images, patch_keep=keep)
+        everything = model.encode_image(images)
+        # every patch, shuffled: the same as no dropout (positions are embedded before the gather)
+        shuffled = torch.stack([torch.randperm(64) for _ in range(2)])
+        torch.testing.assert_close(model.encode_image(images, patch_keep=shuffled), everything, atol=1e-5, rtol=1e-4)
+        assert (features - everything).abs().max() > 1e-3
+        # a dropped patch's pixels change nothing; a kept one's do
+        dropped = sorted(set(range(64)) - set(keep[0].tolist()))[0]
+        changed = images.clone()
+        changed[0, :, (dropped // 8) * 8:(dropped // 8 + 1) * 8, (dropped % 8) * 8:(dropped % 8 + 1) * 8] += 1
+        torch.testing.assert_close(model.encode_image(changed, patch_keep=keep), features, atol=1e-6, rtol=0)
+        kept = int(keep[0, 0])
+        changed = images.clone()
+        changed[0, :, (kept // 8) * 8:(kept // 8 + 1) * 8, (kept % 8) * 8:(kept % 8 + 1) * 8] += 1
+        assert (model.encode_image(changed, patch_keep=keep)[0] - features[0]).abs().max() > 1e-4
+    with torch.device("meta"), pytest.raises(ValueError, match="patch dropout needs a Vision Transformer; RN50"):
+        clip_core.CLIP(get_config("RN50")).sample_patches(2, 0.5)
+
+
 @pytest.mark.parametrize("name,image_size,checkpointing", [("tiny", 64, False), ("tiny", 64, True), ("RN50", 64, False)])
 def test_torch_compile_sees_the_model_as_one_graph(name, image_size, checkpointing):
     # a break (such as a length read from the data) splits what inductor fuses and recompiles per shape

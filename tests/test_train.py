@@ -142,15 +142,18 @@ def test_two_workers_and_accumulation_give_the_single_big_batch_update(prepared,
             assert difference < 1e-5, f"{key} differs by {difference:.2e} with {setup}"
 
 
-def test_accumulation_gradient_equals_the_big_batch_gradient():
+@pytest.mark.parametrize("patch_dropout", [0.0, 0.5])
+def test_accumulation_gradient_equals_the_big_batch_gradient(patch_dropout):
     torch.manual_seed(0)
     model = clip_core.create_model("tiny")
     images = torch.randn(12, 3, 64, 64)
     tokens = clip_core.get_tokenizer()([f"caption {i} of a shape" for i in range(12)])
+    keep = model.sample_patches(12, patch_dropout, torch.Generator().manual_seed(0)) if patch_dropout else None
     grads = {}
     for accum_freq in (1, 3):
         model.zero_grad()
-        contrastive_step(model, clip_core.ClipLoss(), images, tokens, accum_freq, torch.autocast("cpu", enabled=False))
+        contrastive_step(model, clip_core.ClipLoss(), images, tokens, accum_freq, torch.autocast("cpu", enabled=False),
+                         keep)
         grads[accum_freq] = {k: p.grad.clone() for k, p in model.named_parameters()}
     for key, grad in grads[1].items():
         torch.testing.assert_close(grads[3][key], grad, atol=1e-6, rtol=1e-4, msg=key)
@@ -261,9 +264,10 @@ def test_data_weights_mix_the_datasets_by_weight_not_by_size(prepared, tmp_path)
 def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(prepared, tmp_path):
     # sample-based epochs of 2 batches; a pass over the 256 rows is 8 steps: the checkpoint at step 10
     # is mid-epoch (epoch 4, batch 1) in the second pass (batch 2)
+    # with patch dropout, whose draws the resumed run must repeat too
     config = _config(prepared, tmp_path / "a", workers=2, strategy="fsdp", steps=12, checkpoint_every=10,
                      num_to_keep=3, train_num_samples=64, val=str(prepared / "heldout"),
-                     zeroshot=str(prepared / "heldout"))
+                     zeroshot=str(prepared / "heldout"), patch_dropout=0.5)
     full = train(config, echo=lambda *_: None)
     assert full.metrics["step"] == 12 and 0 <= full.metrics["zeroshot_top1"] <= 1 and full.metrics["val_loss"] > 0
     assert full.metrics["epoch"] == 5  # steps 11 and 12 are the sixth 64-sample epoch
@@ -281,9 +285,9 @@ def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(pre
     # resuming by hand from step 10 (sharded optimizer state restored from the whole one, the data
     # stream mid-pass, in that pass's shard order) retraces steps 11 and 12; through the command line
     # in this process and Ray
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude={"patch_dropout"})))
     exit_code = cli.main(["train", "--config", str(tmp_path / "train.yaml"), "--storage", str(tmp_path / "b" / "runs"),
-                          "--output", str(tmp_path / "b" / "final"),
+                          "--output", str(tmp_path / "b" / "final"), "--patch-dropout", "0.5",
                           "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "--resume", str(midway)])
     assert exit_code == 0
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
@@ -354,6 +358,8 @@ def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):
         train(_config(prepared, tmp_path, use_gpu=True), echo=lambda *_: None)
     with pytest.raises(FileNotFoundError, match="no pretrained weights at"):
         train(_config(prepared, tmp_path, init=f"openai:{tmp_path / 'ViT-B-32.pt'}"), echo=lambda *_: None)
+    with pytest.raises(ValueError, match="patch dropout needs a Vision Transformer; RN50 has a ResNet"):
+        train(_config(prepared, tmp_path, model="RN50", patch_dropout=0.5), echo=lambda *_: None)
     assert not (tmp_path / "runs").exists()
 
 

@@ -65,6 +65,7 @@ def _train(args: argparse.Namespace) -> int:
               "storage": args.storage, "strategy": args.strategy, "init": args.init, "resume": args.resume,
               "use_gpu": args.gpu or None,
               "lr": args.lr, "accum_freq": args.accum_freq, "precision": args.precision,
+              "patch_dropout": args.patch_dropout,
               "checkpoint_every": args.checkpoint_every, "max_failures": args.max_failures,
               "mlflow_tracking_uri": args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
               "seed": args.seed}.items() if v is not None})
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--strategy", choices=["ddp", "fsdp"],
                     help="ddp (default) replicates the model; fsdp shards weights, gradients and optimizer state")
     tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    tr.add_argument("--patch-dropout", type=float, metavar="FRACTION",
+                    help="drop this fraction of each training image's patches (FLIP; ViT only)")
     tr.add_argument("--storage", help="Ray Train storage for checkpoints (local dir or s3://)")
     tr.add_argument("--checkpoint-every", type=int)
     tr.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint")

@@ -91,6 +91,9 @@ class TrainConfig(BaseModel):
     loss: Literal["clip", "siglip"] = "clip"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_checkpointing: bool = False
+    patch_dropout: float = Field(0.0, ge=0, lt=1, description="fraction of each training image's patches dropped "
+                                 "(FLIP; ViT only): the vision tower computes ~1 - patch_dropout as much; "
+                                 "validation and evaluation see every patch")
     compile: bool = False
     lock_image: bool = False
     lock_image_unlocked_layers: int = Field(0, ge=0)
@@ -232,6 +235,8 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
     if config.loss == "siglip" and model.logit_bias is None:
         raise ValueError("the sigmoid loss needs a model with logit_bias; initialise from a SigLIP checkpoint "
                          "or train from scratch")
+    if config.patch_dropout:
+        model.sample_patches(1, config.patch_dropout)  # raises for a ResNet image tower
     if config.lock_image:
         model.lock_image_tower(config.lock_image_unlocked_layers)
     if config.lock_text:
@@ -289,30 +294,32 @@ class Position:
 
 
 def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor, accum_freq: int,
-                     autocast) -> float:
+                     autocast, patch_keep: torch.Tensor | None = None) -> float:
     """Forward + backward for one optimizer step's local batch; returns the loss.
 
     With `accum_freq` > 1 the contrastive batch stays whole (OpenCLIP's accum_freq): every
     micro-batch's features are computed without grad and cached, then each micro-batch is
     recomputed with grad and scored against all cached features. Each feature is live in exactly
     one backward, and the temperature (and bias) only in the last, so the accumulated gradient is
-    the big batch's. DDP synchronises on the last micro-batch only.
+    the big batch's. DDP synchronises on the last micro-batch only. `patch_keep` (patch dropout)
+    is drawn once per step, so both computations of a micro-batch see the same patches.
     """
     if accum_freq == 1:
         with autocast:
-            loss = loss_fn(*model(images, tokens))
+            loss = loss_fn(*model(images, tokens, patch_keep=patch_keep))
         loss.backward()
         return loss.item()
     image_chunks, token_chunks = images.chunk(accum_freq), tokens.chunk(accum_freq)
+    keep_chunks = patch_keep.chunk(accum_freq) if patch_keep is not None else [None] * accum_freq
     with torch.no_grad(), autocast:
-        cached = [model(i, t) for i, t in zip(image_chunks, token_chunks)]
+        cached = [model(i, t, patch_keep=k) for i, t, k in zip(image_chunks, token_chunks, keep_chunks)]
     loss = None
     for j in range(accum_freq):
         last = j == accum_freq - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast:
-                live = model(image_chunks[j], token_chunks[j])
+                live = model(image_chunks[j], token_chunks[j], patch_keep=keep_chunks[j])
                 image_features = torch.cat([c[0] for c in cached[:j]] + [live[0]] + [c[0] for c in cached[j + 1:]])
                 text_features = torch.cat([c[1] for c in cached[:j]] + [live[1]] + [c[1] for c in cached[j + 1:]])
                 extras = [value if last else value.detach() for value in live[2:]]
@@ -504,8 +511,10 @@ def train_loop(loop_config: dict) -> None:
         _maybe_inject_fault(config, rank, position.step + 1)
         runnable.train()
         images = augment(batch["image"])
+        patch_keep = model.sample_patches(len(images), config.patch_dropout, generator).to(device) \
+            if config.patch_dropout else None
         optimizer.zero_grad(set_to_none=True)
-        loss = contrastive_step(runnable, loss_fn, images, batch["tokens"], config.accum_freq, autocast)
+        loss = contrastive_step(runnable, loss_fn, images, batch["tokens"], config.accum_freq, autocast, patch_keep)
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm or float("inf"))
@@ -820,6 +829,9 @@ def check_config(config: TrainConfig) -> None:
         _, path = init_source(config.init)
         if not storage.exists(path):
             raise FileNotFoundError(f"no pretrained weights at {path} (from --init {config.init})")
+    elif config.patch_dropout and not config.model.endswith(".json"):
+        with torch.device("meta"):  # the preset's shapes, no memory
+            clip_core.CLIP(clip_core.config.get_config(config.model)).sample_patches(1, config.patch_dropout)
 
 
 def default_storage(config: TrainConfig) -> str:
