@@ -261,6 +261,13 @@ class ModifiedResNet(nn.Module):
                 nn.init.zeros_(block.bn3.weight)
 
 
+def require_patches(config: CLIPConfig) -> None:
+    """Patch dropout drops patches of a Vision Transformer: refuse a model whose image tower is a ResNet."""
+    if config.vision.is_resnet:
+        raise ValueError(f"patch dropout needs a Vision Transformer; {config.name or 'this model'} has a "
+                         "ResNet image tower: set patch_dropout to 0")
+
+
 class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
@@ -311,7 +318,7 @@ class CLIP(nn.Module):
         if patch_keep is None:
             features = self.visual(image.to(self.dtype))
         else:
-            self._require_patches()
+            require_patches(self.config)
             features = self.visual(image.to(self.dtype), patch_keep=patch_keep)
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -319,15 +326,10 @@ class CLIP(nn.Module):
         """Patch dropout (FLIP, Li et al. 2023; OpenCLIP's `patch_dropout`): for each of `batch` images
         the indices [batch, kept] of a random `1 - dropout` of its patches, drawn on the CPU. Training
         on them costs the vision tower about `1 - dropout` of its compute."""
-        self._require_patches()
+        require_patches(self.config)
         patches = self.visual.positional_embedding.shape[0] - 1
         kept = max(1, int(patches * (1 - dropout)))
         return torch.rand(batch, patches, generator=generator).argsort(dim=1)[:, :kept]
-
-    def _require_patches(self) -> None:
-        if not hasattr(self.visual, "class_embedding"):
-            raise ValueError(f"patch dropout needs a Vision Transformer; {self.config.name or 'this model'} has a "
-                             "ResNet image tower: set patch_dropout to 0")
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         # features are taken at [EOT], the highest token id in each row; under the causal mask,

@@ -236,7 +236,7 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
         raise ValueError("the sigmoid loss needs a model with logit_bias; initialise from a SigLIP checkpoint "
                          "or train from scratch")
     if config.patch_dropout:
-        model.sample_patches(1, config.patch_dropout)  # raises for a ResNet image tower
+        clip_core.model.require_patches(model.config)
     if config.lock_image:
         model.lock_image_tower(config.lock_image_unlocked_layers)
     if config.lock_text:
@@ -830,8 +830,7 @@ def check_config(config: TrainConfig) -> None:
         if not storage.exists(path):
             raise FileNotFoundError(f"no pretrained weights at {path} (from --init {config.init})")
     elif config.patch_dropout and not config.model.endswith(".json"):
-        with torch.device("meta"):  # the preset's shapes, no memory
-            clip_core.CLIP(clip_core.config.get_config(config.model)).sample_patches(1, config.patch_dropout)
+        clip_core.model.require_patches(clip_core.config.get_config(config.model))
 
 
 def default_storage(config: TrainConfig) -> str:
