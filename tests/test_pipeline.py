@@ -4,6 +4,7 @@ service, a rerun skips every stage already done, and config mistakes name the ke
 import json
 import os
 import re
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -57,6 +58,39 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
     shown = pipeline.show(secret)  # what `rayclip config show` prints and the pipeline run logs
     assert "http://***@127.0.0.1:5000" in shown and "auth_token: '***'" in shown
     assert "hunter2" not in shown and "token-Secret-42" not in shown
+
+
+def test_stage_keys_outlive_releases_that_add_options():
+    """Upgrading rayclip must not rerun a user's preprocessing and training (days on a cluster): a stage's key
+    holds only the values that differ from their defaults. If the recorded keys below change, every earlier
+    output is orphaned: change them only together with pipeline.KEY_VERSION, on purpose."""
+    config = pipeline.PipelineConfig()  # the embedded default, as `make demo` runs it
+    train, evaluate, _ = pipeline.StageConfigs.build(config)
+    digests = {"train": "sha256:0", "val": "sha256:1"}
+    keys = {"data": pipeline.stage_key(config.data.options("train"), config.data.train),
+            "train": pipeline.stage_key(train, digests, unkeyed=pipeline._TRAIN_UNKEYED),
+            "eval": pipeline.stage_key(evaluate, unkeyed=pipeline._TRACKING)}
+    assert keys == {"data": "311e9ced53098152", "train": "636cdfa4323bb5e8", "eval": "172a097251abd251"}
+
+    def train_key(**update):
+        return pipeline.stage_key(train.model_copy(update=update), digests, unkeyed=pipeline._TRAIN_UNKEYED)
+
+    # an option at its default, written out, is no option; set otherwise it is another run
+    assert train_key(patch_dropout=0.0, grad_clip_norm=1.0) == keys["train"]
+    assert train_key(patch_dropout=0.5) != keys["train"] and train_key(steps=101) != keys["train"]
+    assert pipeline.stage_key(train, {**digests, "train": "sha256:2"}, unkeyed=pipeline._TRAIN_UNKEYED) != keys["train"]
+    # where a run logs is no part of what it computes
+    assert train_key(mlflow_tracking_uri="http://127.0.0.1:5001", mlflow_experiment="other") == keys["train"]
+
+    # Defaults are left out of keys, so a changed default goes unseen: each recorded one must hold (a new
+    # option may be added to the record); one that changes needs KEY_VERSION bumped and the record rewritten.
+    recorded = json.loads((Path(__file__).parent / "stage_defaults.json").read_text())
+    assert recorded.pop("key_version") == pipeline.KEY_VERSION
+    for stage in (type(config.data.preprocess), type(train), type(evaluate)):
+        defaults = recorded[stage.__name__]
+        now = {name: stage.model_fields[name].get_default(call_default_factory=True) for name in defaults
+               if name in stage.model_fields}
+        assert now == defaults, f"{stage.__name__}'s defaults changed: bump pipeline.KEY_VERSION"
 
 
 def _micro_pipeline(tmp_path) -> list[str]:

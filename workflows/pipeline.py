@@ -2,7 +2,9 @@
 
 Each stage's output is keyed by a digest of what it depends on (sources and options, dataset
 content digests, the resolved train config, the checkpoint), so a rerun skips every stage whose
-output exists and resumes a training run that was interrupted from its latest checkpoint.
+output exists and resumes a training run that was interrupted from its latest checkpoint. A key
+holds only the values that differ from their defaults, so upgrading rayclip to a release that adds
+an option keeps every output made before (see `stage_key`).
 A parent MLflow run (`pipeline`) holds the stage runs as children: dataset digest → train run →
 model version → deployment.
 """
@@ -27,8 +29,14 @@ PIPELINE_KEY_TAG = "rayclip.pipeline_key"  # on a model version: the train key o
 # fields of the stage configs that the pipeline sets itself (from data/model/storage/mlflow sections)
 _TRAIN_OWNED = {"data", "val", "zeroshot", "output", "storage", "model", "init", "resume", "run_name",
                 "mlflow_tracking_uri", "mlflow_experiment", "mlflow_parent_run_id", "data_digests"}
-# train fields that do not change what training computes, so not part of its key
-_TRAIN_UNKEYED = {"data", "val", "zeroshot", "fault_injection", "max_failures", "log_every", "data_digests"}
+# fields that do not change what a stage computes, so not part of its key: where it logs, and the train
+# stage's inputs (keyed by their content digests instead), chaos rehearsal and logging cadence
+_TRACKING = {"mlflow_tracking_uri", "mlflow_experiment", "mlflow_parent_run_id", "mlflow_run_id"}
+_TRAIN_UNKEYED = {"data", "val", "zeroshot", "fault_injection", "max_failures", "log_every", "data_digests",
+                  "run_name", "git_commit", *_TRACKING}
+# Bump when a release changes what a default computes (a default's value, or what a stage does with it): stage
+# keys leave defaults out, so nothing else tells an earlier output from the new one.
+KEY_VERSION = 1
 _EVAL_OWNED = {"model", "zeroshot", "retrieval", "linear_probe", "classnames", "output_json", "mlflow_tracking_uri",
                "mlflow_experiment", "mlflow_run_id", "mlflow_parent_run_id"}
 _SERVE_OWNED = {"model", "mlflow_tracking_uri"}
@@ -154,6 +162,13 @@ class ConfigError(ValueError):
 
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_key(config: BaseModel, *inputs, unkeyed: set[str] = frozenset()) -> str:
+    """The key of a stage's output: `inputs` and the values of `config` that differ from their defaults
+    (`unkeyed` fields left out). A new option, at a default that computes what the release before
+    computed, leaves every key as it was; a changed default must bump KEY_VERSION."""
+    return _digest([KEY_VERSION, config.model_dump(mode="json", exclude=set(unkeyed), exclude_defaults=True), *inputs])
 
 
 # ------------------------------------------------------------------------------ loading
@@ -363,7 +378,7 @@ class Pipeline:
                 prepared[split] = None
                 continue
             options = self.config.data.options(split)
-            output = self.config.path("data", f"{split}-{_digest([source, options.model_dump(mode='json')])}")
+            output = self.config.path("data", f"{split}-{stage_key(options, source)}")
             try:
                 manifest = read_manifest(output)
                 self._stage(f"preprocess {split}", "skipped", f"{output} exists (digest {manifest['digest'][:19]}…)")
@@ -379,7 +394,7 @@ class Pipeline:
         from .train import latest_checkpoint, train
 
         digests = {split: read_manifest(uri)["digest"] for split, uri in data.items() if uri}
-        key = _digest([train_config.model_dump(mode="json", exclude=_TRAIN_UNKEYED), digests])
+        key = stage_key(train_config, digests, unkeyed=_TRAIN_UNKEYED)
         output = self.config.path("checkpoints", f"train-{key}")
         self.outcome["checkpoint"] = output
         if storage.exists(storage.join(output, "model.safetensors")):
@@ -397,7 +412,7 @@ class Pipeline:
     def evaluate(self, evaluate_config, checkpoint: str, train_key: str, parent_run_id: str) -> dict:
         from .evaluate import evaluate
 
-        output = self.config.path("eval", f"{train_key}-{_digest(evaluate_config.model_dump(mode='json'))}.json")
+        output = self.config.path("eval", f"{train_key}-{stage_key(evaluate_config, unkeyed=_TRACKING)}.json")
         if storage.exists(output):
             metrics = json.loads(storage.read_bytes(output))
             self._stage("evaluate", "skipped", f"{output} exists")
