@@ -264,15 +264,16 @@ def test_data_weights_mix_the_datasets_by_weight_not_by_size(prepared, tmp_path)
 def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(prepared, tmp_path):
     # sample-based epochs of 2 batches; a pass over the 256 rows is 8 steps: the checkpoint at step 10
     # is mid-epoch (epoch 4, batch 1) in the second pass (batch 2)
-    # with patch dropout, whose draws the resumed run must repeat too
+    # with patch dropout, whose draws the resumed run must repeat too, and tuning on whole images at the end
     config = _config(prepared, tmp_path / "a", workers=2, strategy="fsdp", steps=12, checkpoint_every=10,
                      num_to_keep=3, train_num_samples=64, val=str(prepared / "heldout"),
-                     zeroshot=str(prepared / "heldout"), patch_dropout=0.5)
+                     zeroshot=str(prepared / "heldout"), patch_dropout=0.5, unmasked_tuning_steps=1)
     full = train(config, echo=lambda *_: None)
     assert full.metrics["step"] == 12 and 0 <= full.metrics["zeroshot_top1"] <= 1 and full.metrics["val_loss"] > 0
     assert full.metrics["epoch"] == 5  # steps 11 and 12 are the sixth 64-sample epoch
     losses = _history(tmp_path / "a", full.mlflow_run_id)
     assert sorted(losses) == list(range(1, 13))
+    assert _history(tmp_path / "a", full.mlflow_run_id, "patch_dropout") == {**{s: 0.5 for s in range(1, 12)}, 12: 0}
     # the checkpoint holds the whole model (not one worker's shards) and loads anywhere
     final = clip_core.load_model(full.checkpoint)
     reference = build_model(config)
@@ -285,15 +286,17 @@ def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(pre
     # resuming by hand from step 10 (sharded optimizer state restored from the whole one, the data
     # stream mid-pass, in that pass's shard order) retraces steps 11 and 12; through the command line
     # in this process and Ray
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude={"patch_dropout"})))
+    from_flags = {"patch_dropout", "unmasked_tuning_steps"}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude=from_flags)))
     exit_code = cli.main(["train", "--config", str(tmp_path / "train.yaml"), "--storage", str(tmp_path / "b" / "runs"),
-                          "--output", str(tmp_path / "b" / "final"), "--patch-dropout", "0.5",
+                          "--output", str(tmp_path / "b" / "final"), "--patch-dropout", "0.5", "--unmasked-tuning-steps", "1",
                           "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "--resume", str(midway)])
     assert exit_code == 0
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
     resumed_run = client.search_runs([client.get_experiment_by_name("rayclip").experiment_id])[0]
     resumed_losses = _history(tmp_path / "b", resumed_run.info.run_id)
     assert sorted(resumed_losses) == [11, 12]
+    assert _history(tmp_path / "b", resumed_run.info.run_id, "patch_dropout") == {11: 0.5, 12: 0}
     for step in (11, 12):
         assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-5)
     again = clip_core.load_model(tmp_path / "b" / "final").state_dict()
@@ -360,6 +363,11 @@ def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):
         train(_config(prepared, tmp_path, init=f"openai:{tmp_path / 'ViT-B-32.pt'}"), echo=lambda *_: None)
     with pytest.raises(ValueError, match="patch dropout needs a Vision Transformer; RN50 has a ResNet"):
         train(_config(prepared, tmp_path, model="RN50", patch_dropout=0.5), echo=lambda *_: None)
+    with pytest.raises(ValueError, match="unmasked_tuning_steps tunes on whole images after patch dropout: set "
+                                         "patch_dropout too"):
+        _config(prepared, tmp_path, unmasked_tuning_steps=2)
+    with pytest.raises(ValueError, match=r"unmasked_tuning_steps \(8\) must be fewer than steps \(8\)"):
+        _config(prepared, tmp_path, patch_dropout=0.5, unmasked_tuning_steps=8)
     assert not (tmp_path / "runs").exists()
 
 

@@ -65,7 +65,7 @@ def _train(args: argparse.Namespace) -> int:
               "storage": args.storage, "strategy": args.strategy, "init": args.init, "resume": args.resume,
               "use_gpu": args.gpu or None,
               "lr": args.lr, "accum_freq": args.accum_freq, "precision": args.precision,
-              "patch_dropout": args.patch_dropout,
+              "patch_dropout": args.patch_dropout, "unmasked_tuning_steps": args.unmasked_tuning_steps,
               "checkpoint_every": args.checkpoint_every, "max_failures": args.max_failures,
               "mlflow_tracking_uri": args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
               "seed": args.seed}.items() if v is not None})
@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     tr.add_argument("--patch-dropout", type=float, metavar="FRACTION",
                     help="drop this fraction of each training image's patches (FLIP; ViT only)")
+    tr.add_argument("--unmasked-tuning-steps", type=int, metavar="N",
+                    help="with --patch-dropout: the last N steps see every patch (FLIP's unmasked tuning)")
     tr.add_argument("--storage", help="Ray Train storage for checkpoints (local dir or s3://)")
     tr.add_argument("--checkpoint-every", type=int)
     tr.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint")

@@ -94,6 +94,8 @@ class TrainConfig(BaseModel):
     patch_dropout: float = Field(0.0, ge=0, lt=1, description="fraction of each training image's patches dropped "
                                  "(FLIP; ViT only): the vision tower computes ~1 - patch_dropout as much; "
                                  "validation and evaluation see every patch")
+    unmasked_tuning_steps: int = Field(0, ge=0, description="with patch_dropout: the last N steps see every "
+                                       "patch (FLIP's unmasked tuning), on the tail of the same schedule")
     compile: bool = False
     lock_image: bool = False
     lock_image_unlocked_layers: int = Field(0, ge=0)
@@ -143,9 +145,18 @@ class TrainConfig(BaseModel):
             raise ValueError(f"data_weights must be positive, got {self.data_weights}")
         if self.checkpoint_metric and not (self.val or self.zeroshot):
             raise ValueError(f"checkpoint_metric {self.checkpoint_metric!r} needs a validation set: set val or zeroshot")
+        if self.unmasked_tuning_steps and not self.patch_dropout:
+            raise ValueError("unmasked_tuning_steps tunes on whole images after patch dropout: set patch_dropout too")
+        if self.unmasked_tuning_steps >= self.steps:
+            raise ValueError(f"unmasked_tuning_steps ({self.unmasked_tuning_steps}) must be fewer than steps "
+                             f"({self.steps})")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
         return self
+
+    def patch_dropout_at(self, step: int) -> float:
+        """The patch dropout of step `step` (1-based): none in the last `unmasked_tuning_steps`."""
+        return self.patch_dropout if step <= self.steps - self.unmasked_tuning_steps else 0.0
 
     @property
     def micro_batch(self) -> int:
@@ -511,8 +522,8 @@ def train_loop(loop_config: dict) -> None:
         _maybe_inject_fault(config, rank, position.step + 1)
         runnable.train()
         images = augment(batch["image"])
-        patch_keep = model.sample_patches(len(images), config.patch_dropout, generator).to(device) \
-            if config.patch_dropout else None
+        dropout = config.patch_dropout_at(position.step + 1)
+        patch_keep = model.sample_patches(len(images), dropout, generator).to(device) if dropout else None
         optimizer.zero_grad(set_to_none=True)
         loss = contrastive_step(runnable, loss_fn, images, batch["tokens"], config.accum_freq, autocast, patch_keep)
         if scaler is not None:
@@ -533,7 +544,8 @@ def train_loop(loop_config: dict) -> None:
                        "logit_scale": model.logit_scale.detach().exp().item(),
                        "grad_norm": _scalar(grad_norm), "samples_per_s": window_steps * config.batch_size / elapsed,
                        "samples_per_s_per_worker": window_steps * config.batch_size / elapsed / world,
-                       "data_wait_fraction": window_data_wait / elapsed, "epoch": position.epoch(config)}
+                       "data_wait_fraction": window_data_wait / elapsed, "epoch": position.epoch(config),
+                       **({"patch_dropout": dropout} if config.patch_dropout else {})}
             window_started, window_data_wait, window_steps = time.perf_counter(), 0.0, 0
             if tracker:
                 tracker.log_step(position.step, metrics)
