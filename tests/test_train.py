@@ -4,6 +4,7 @@ import json
 import shutil
 import sys
 import tempfile
+from importlib.metadata import version
 
 import boto3
 import mlflow
@@ -15,6 +16,7 @@ import yaml
 import clip_core
 from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, read_prepared_table
 from workflows import cli, storage
+from workflows.tracking import git_commit
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
 from workflows.train import (TrainConfig, _RankZeroTracker, _gathered_state, _scalar, build_model, check_config,
                              contrastive_step, default_cpus_per_worker, distribute, init_image_size, init_source,
@@ -210,7 +212,9 @@ def test_two_workers_train_log_to_mlflow_and_resume_from_the_s3_checkpoint_when_
     for key in ("lr", "logit_scale", "samples_per_s", "samples_per_s_per_worker", "data_wait_fraction",
                 "grad_norm", "val_loss", "val_image_to_text_R1", "zeroshot_top1"):
         assert key in run.data.metrics, key
-    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"train", "heldout"}
+    assert {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs} == {
+        (name, read_manifest(str(prepared / name))["digest"].removeprefix("sha256:")[:36]) for name in ("train", "heldout")}
+    assert (run.data.tags["rayclip.version"], run.data.tags["git_commit"]) == (version("rayclip"), git_commit() or "")
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "checkpoint")}
     assert {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/train_state.pt"} <= artifacts
     assert client.list_artifacts(result.mlflow_run_id, "best_checkpoint")
@@ -363,6 +367,10 @@ def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):
         train(_config(prepared, tmp_path, init=f"openai:{tmp_path / 'ViT-B-32.pt'}"), echo=lambda *_: None)
     with pytest.raises(ValueError, match="patch dropout needs a Vision Transformer; RN50 has a ResNet"):
         train(_config(prepared, tmp_path, model="RN50", patch_dropout=0.5), echo=lambda *_: None)
+    resnet = tmp_path / "resnet.json"  # a model given as a config file, too
+    resnet.write_text(json.dumps(clip_core.get_config("RN50").to_dict()))
+    with pytest.raises(ValueError, match="patch dropout needs a Vision Transformer; RN50 has a ResNet"):
+        train(_config(prepared, tmp_path, model=str(resnet), patch_dropout=0.5), echo=lambda *_: None)
     with pytest.raises(ValueError, match="unmasked_tuning_steps tunes on whole images after patch dropout: set "
                                          "patch_dropout too"):
         _config(prepared, tmp_path, unmasked_tuning_steps=2)

@@ -42,7 +42,7 @@ from clip_core.transforms import center_crop, resize_shortest_side, to_rgb
 from . import storage
 from .preprocess_actors import Deduplicate, Progress
 from .sources import SourceError, SourceSpec, detect_format, plan_files, read_source_batch, sample_labels
-from .tracking import set_experiment
+from .tracking import dataset_input, set_experiment
 
 log = logging.getLogger(__name__)
 
@@ -494,13 +494,7 @@ def _log_to_mlflow(manifest: dict, output: str) -> None:
             return
     import mlflow
 
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = MetaDataset(source=resolve_dataset_source(output), name=storage.basename(output),
-                              digest=manifest["digest"].removeprefix("sha256:")[:36])
+    dataset = dataset_input(output, manifest["digest"])
     nested = mlflow.active_run() is not None  # inside `rayclip run`: a child of the pipeline's run
     if not nested:
         set_experiment("rayclip")

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import subprocess
 import sys
+import warnings
+from pathlib import Path
+
+from . import storage
 
 # MLflow's HTTP client retries with exponential backoff; its defaults (7 retries, factor 2, 120 s
 # timeout) keep a command waiting about 4 minutes on a tracking server that is down. Ours give up
@@ -130,3 +136,44 @@ def using(uri: str | None):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def dataset_input(uri: str, digest: str):
+    """An MLflow dataset input for the prepared set at `uri`, named by its last path part, with its
+    content digest (`sha256:...`, shortened to MLflow's 36 characters)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # MLflow warns that a meta dataset has no schema
+        warnings.simplefilter("ignore", UserWarning)
+        return MetaDataset(source=resolve_dataset_source(uri), name=storage.basename(uri),
+                           digest=digest.removeprefix("sha256:")[:36])
+
+
+def flat_params(values: dict, prefix: str = "") -> dict:
+    """A nested config as MLflow params: `section.key` names, lists as JSON."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+def rayclip_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rayclip")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout rayclip runs from, when it runs from one."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

@@ -17,7 +17,6 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +35,7 @@ from clip_core.transforms import normalize
 
 from . import storage
 from .preprocess import decode_batch
-from .tracking import redacted, start_run
+from .tracking import dataset_input, flat_params, git_commit, rayclip_version, redacted, start_run
 
 TRAIN_STATE = "train_state.pt"
 
@@ -703,7 +702,7 @@ class _RankZeroTracker:
         import mlflow
 
         mlflow.set_tracking_uri(config.mlflow_tracking_uri)
-        tags = {"rayclip.stage": "train", "rayclip.version": _version(), "git_commit": config.git_commit or "",
+        tags = {"rayclip.stage": "train", "rayclip.version": rayclip_version(), "git_commit": config.git_commit or "",
                 "torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                 else "cpu", "world_size": str(config.workers)}
         if config.mlflow_parent_run_id:
@@ -711,29 +710,20 @@ class _RankZeroTracker:
         # a run resumed by hand into another tracking store gets a new run there
         opened = start_run(run_id, config.mlflow_experiment, config.run_name or "train", tags).info.run_id
         if opened != run_id:
-            mlflow.log_params(_flatten(redacted(config.model_dump(mode="json", exclude={"fault_injection"}))))
+            mlflow.log_params(flat_params(redacted(config.model_dump(mode="json", exclude={"fault_injection"}))))
             _RankZeroTracker._log_datasets(config)
         return opened
 
     @staticmethod
     def _log_datasets(config: TrainConfig) -> None:
-        import warnings
-
         import mlflow
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
 
         from .preprocess import read_manifest
 
         for uri, context in [*((u, "train") for u in config.data), (config.val, "validation"),
                              (config.zeroshot, "zeroshot")]:
             if uri:
-                digest = read_manifest(uri)["digest"]
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    dataset = MetaDataset(source=resolve_dataset_source(uri), name=storage.basename(uri),
-                                          digest=digest.removeprefix("sha256:")[:36])
-                mlflow.log_input(dataset, context=context)
+                mlflow.log_input(dataset_input(uri, read_manifest(uri)["digest"]), context=context)
 
     def log_step(self, step: int, metrics: dict) -> None:
         eta = (self.total_steps - step) * self.batch_size / max(metrics["samples_per_s"], 1e-9)
@@ -759,33 +749,6 @@ class _RankZeroTracker:
             import mlflow
 
             mlflow.MlflowClient().set_terminated(self.run_id)
-
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
-    return flat
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("rayclip")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 # ------------------------------------------------------------------------------- driver
@@ -841,7 +804,7 @@ def check_config(config: TrainConfig) -> None:
         _, path = init_source(config.init)
         if not storage.exists(path):
             raise FileNotFoundError(f"no pretrained weights at {path} (from --init {config.init})")
-    elif config.patch_dropout and not config.model.endswith(".json"):
+    elif config.patch_dropout:
         clip_core.model.require_patches(clip_core.config.get_config(config.model))
 
 
