@@ -357,8 +357,8 @@ def main() -> None:
         "could change.",
         "",
         "Samples/s: the median over the second half of the steps, as each loop logs it; wall: the whole command "
-        "(start-up, data, training, final checkpoint). The last row divides rayclip's figure by OpenCLIP's: "
-        "above 1 is better for the metrics and samples/s, below 1 for the wall time.",
+        "(start-up, data, training, final checkpoint). The `rayclip / OpenCLIP` row divides rayclip's figure "
+        "by OpenCLIP's: above 1 is better for the metrics and samples/s, below 1 for the wall time.",
         "",
         "## Results",
         "",

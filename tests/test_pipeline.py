@@ -67,10 +67,11 @@ def test_stage_keys_outlive_releases_that_add_options():
     config = pipeline.PipelineConfig()  # the embedded default, as `make demo` runs it
     train, evaluate, _ = pipeline.StageConfigs.build(config)
     digests = {"train": "sha256:0", "val": "sha256:1"}
+    eval_digests = {"zeroshot": "sha256:2", "retrieval": "sha256:1"}
     keys = {"data": pipeline.stage_key(config.data.options("train"), config.data.train),
             "train": pipeline.stage_key(train, digests, unkeyed=pipeline._TRAIN_UNKEYED),
-            "eval": pipeline.stage_key(evaluate, unkeyed=pipeline._TRACKING)}
-    assert keys == {"data": "311e9ced53098152", "train": "636cdfa4323bb5e8", "eval": "172a097251abd251"}
+            "eval": pipeline.stage_key(evaluate, eval_digests, unkeyed=pipeline._EVAL_UNKEYED)}
+    assert keys == {"data": "311e9ced53098152", "train": "636cdfa4323bb5e8", "eval": "45fbe26b3c52d6ce"}
 
     def train_key(**update):
         return pipeline.stage_key(train.model_copy(update=update), digests, unkeyed=pipeline._TRAIN_UNKEYED)
@@ -81,6 +82,14 @@ def test_stage_keys_outlive_releases_that_add_options():
     assert pipeline.stage_key(train, {**digests, "train": "sha256:2"}, unkeyed=pipeline._TRAIN_UNKEYED) != keys["train"]
     # where a run logs is no part of what it computes
     assert train_key(mlflow_tracking_uri="http://127.0.0.1:5001", mlflow_experiment="other") == keys["train"]
+    # nor where the storage root puts the checkpoint and the prepared sets: evaluation keys their content
+    moved = evaluate.model_copy(update={"model": "/elsewhere/checkpoints/train-x", "zeroshot": "/elsewhere/z",
+                                        "retrieval": "/elsewhere/v", "output_json": "/elsewhere/eval.json"})
+    assert pipeline.stage_key(moved, eval_digests, unkeyed=pipeline._EVAL_UNKEYED) == keys["eval"]
+    assert pipeline.stage_key(evaluate.model_copy(update={"templates": "simple"}), eval_digests,
+                              unkeyed=pipeline._EVAL_UNKEYED) != keys["eval"]
+    assert pipeline.stage_key(evaluate, {**eval_digests, "zeroshot": "sha256:3"},
+                              unkeyed=pipeline._EVAL_UNKEYED) != keys["eval"]
 
     # Defaults are left out of keys, so a changed default goes unseen: each recorded one must hold (a new
     # option may be added to the record); one that changes needs KEY_VERSION bumped and the record rewritten.

@@ -34,6 +34,9 @@ _TRAIN_OWNED = {"data", "val", "zeroshot", "output", "storage", "model", "init",
 _TRACKING = {"mlflow_tracking_uri", "mlflow_experiment", "mlflow_parent_run_id", "mlflow_run_id"}
 _TRAIN_UNKEYED = {"data", "val", "zeroshot", "fault_injection", "max_failures", "log_every", "data_digests",
                   "run_name", "git_commit", *_TRACKING}
+# evaluation: its checkpoint is keyed by the train key, its sets by their digests (so moving storage.root reruns
+# nothing)
+_EVAL_UNKEYED = {"model", "zeroshot", "retrieval", "output_json", *_TRACKING}
 # Bump when a release changes what a default computes (a default's value, or what a stage does with it): stage
 # keys leave defaults out, so nothing else tells an earlier output from the new one.
 KEY_VERSION = 1
@@ -412,7 +415,10 @@ class Pipeline:
     def evaluate(self, evaluate_config, checkpoint: str, train_key: str, parent_run_id: str) -> dict:
         from .evaluate import evaluate
 
-        output = self.config.path("eval", f"{train_key}-{stage_key(evaluate_config, unkeyed=_TRACKING)}.json")
+        digests = {field: read_manifest(uri)["digest"] for field in ("zeroshot", "retrieval")
+                   if (uri := getattr(evaluate_config, field))}
+        key = stage_key(evaluate_config, digests, unkeyed=_EVAL_UNKEYED)
+        output = self.config.path("eval", f"{train_key}-{key}.json")
         if storage.exists(output):
             metrics = json.loads(storage.read_bytes(output))
             self._stage("evaluate", "skipped", f"{output} exists")
