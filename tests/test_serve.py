@@ -450,8 +450,6 @@ def _classify_load(url: str, payload: dict, during) -> tuple[list[tuple[float, i
 
 
 def test_alias_moves_and_the_app_rolls_to_the_new_version_under_load_without_a_failed_request(app, tmp_path):
-    from workflows import cli
-
     tracking, labels = app["tracking"], ["red circle", "blue square", "green triangle"]
     clip_core.save_checkpoint(briefly_trained(steps=5), tmp_path / "v2")
     quiet = lambda *_: None  # noqa: E731
@@ -478,12 +476,53 @@ def test_alias_moves_and_the_app_rolls_to_the_new_version_under_load_without_a_f
             assert scores == pytest.approx(expected[body["model"]["version"]], abs=1e-4)
         info = httpx.get(app["url"] + "/v1/model", headers=AUTH).json()
         assert (info["version"], info["alias"], info["metrics"]["zeroshot.top1"]) == ("2", "champion", "0.6")
-    finally:
-        # rollback, then the command line rolls the app back (in this process, on this test session's Ray)
-        registry.rollback("clip-serve", tracking_uri=tracking, echo=quiet)
-        assert cli.main(["deploy", "--reload"]) == 0
-    assert httpx.get(app["url"] + "/v1/model", headers=AUTH).json()["version"] == "1"
+        # the command line follows the alias back: `rayclip deploy --reload --poll-registry`, its own driver
+        # on this test session's Ray (as it would run as a Ray job beside `serve deploy`)
+        log = _follow_the_registry_while(app, lambda: registry.rollback("clip-serve", tracking_uri=tracking,
+                                                                          echo=quiet), tmp_path)
+        assert "deploy: rayclip: rolling models:/clip-serve/2 → models:/clip-serve/1" in log, log[-3000:]
+    finally:  # the next tests find version 1, whatever failed here
+        if str(registry.client(tracking).get_model_version_by_alias("clip-serve", "champion").version) != "1":
+            registry.rollback("clip-serve", tracking_uri=tracking, echo=quiet)
+        served.reload(echo=quiet)
     assert _post(app, "/v1/classify", payload).json()["model"]["version"] == "1"
+
+
+def _follow_the_registry_while(app, move_alias, tmp_path) -> str:
+    """Runs `rayclip deploy --reload --poll-registry` in a subprocess, calls `move_alias()` once it follows,
+    waits until /v1/model reports version 1, stops it with SIGTERM; returns its output."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    path = tmp_path / "follow.log"
+    with open(path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "workflows.cli", "deploy", "--reload", "--poll-registry",
+                                    "0.5"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 180
+
+    def wait_for(condition, what: str) -> None:
+        while not condition():
+            assert process.poll() is None, path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{what} in 180 s: {path.read_text()[-3000:]}"
+            time.sleep(0.2)
+
+    try:
+        wait_for(lambda: "follows its model alias" in path.read_text(), "the follower did not start")
+        move_alias()
+        wait_for(lambda: httpx.get(app["url"] + "/v1/model", headers=AUTH).json()["version"] == "1",
+                 "the app did not roll to version 1")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, path.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return path.read_text()
 
 
 def test_a_killed_tower_replica_is_replaced_under_load_and_only_requests_in_flight_may_fail(app, record_property):

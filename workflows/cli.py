@@ -141,26 +141,38 @@ def _serve_config(args: argparse.Namespace):
     return ServeConfig(**values), getattr(args, "route_prefix", None) or route_prefix
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: give a number of seconds above 0")
+    return value
 
+
+def _follow_registry(stopping, every: float | None, name: str, model: str | None = None) -> None:
+    """Until `stopping` is set: every `every` seconds (never without it), roll app `name` to the version its
+    model alias names now (after `rayclip promote`/`rollback`)."""
+    from deploy.serve import reload
+
+    while not stopping.wait(every):
+        try:
+            reload(name, model, echo=lambda line: print(line, flush=True))
+        except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop the service; the next poll retries
+            print(f"{name}: registry poll failed, still serving the current version: {exc}", flush=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deploy.serve import reload, start
+    from deploy.serve import APP_NAME, start
+
+    from .runtime import stop_on_signals
 
     config, route_prefix = _serve_config(args)
     url = start(config, route_prefix=route_prefix)
-    stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's init, which installs its own handlers
-        signal.signal(sig, lambda *_: stopping.set())
+    stopping = stop_on_signals()
     print(f"serve: {config.model} at {url}  (API docs {url}/docs, playground {url}/); Ctrl-C stops", flush=True)
-    while not stopping.wait(args.poll_registry or None):
-        try:  # the alias moved (`rayclip promote`/`rollback`): roll to the version it names now
-            reload(echo=lambda line: print(line, flush=True))
-        except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop the service; the next poll retries
-            print(f"serve: registry poll failed, still serving the current version: {exc}", flush=True)
+    _follow_registry(stopping, args.poll_registry, APP_NAME)
     print("serve: shutting down", flush=True)
     serve.shutdown()
     ray.shutdown()
@@ -176,10 +188,17 @@ def _deploy(args: argparse.Namespace) -> int:
         ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="WARNING")
     if args.reload:
         reload(args.name, args.model)
-        return 0
-    config, route_prefix = _serve_config(args)
-    start(config, name=args.name, route_prefix=route_prefix)
-    print(f"deploy: {args.name} runs {config.model} on the cluster's Serve (route {route_prefix})")
+    else:
+        config, route_prefix = _serve_config(args)
+        start(config, name=args.name, route_prefix=route_prefix)
+        print(f"deploy: {args.name} runs {config.model} on the cluster's Serve (route {route_prefix})")
+    if args.poll_registry:
+        from .runtime import stop_on_signals
+
+        stopping = stop_on_signals()
+        print(f"deploy: {args.name} follows its model alias (checked every {args.poll_registry:g} s); Ctrl-C stops",
+              flush=True)
+        _follow_registry(stopping, args.poll_registry, args.name, args.model)
     return 0
 
 
@@ -334,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, help="default 8000")
     sv.add_argument("--config", help="YAML file of serve options (ServeConfig fields, or a `serve deploy` file such "
                     "as deploy/serve_config.yaml); flags override it")
-    sv.add_argument("--poll-registry", type=float, metavar="SECONDS",
+    sv.add_argument("--poll-registry", type=_seconds, metavar="SECONDS",
                     help="check the model's alias this often and roll to the version it names (off by default)")
     sv.set_defaults(handler=_serve)
 
@@ -354,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--name", default="rayclip", help="the Serve application (default rayclip)")
     de.add_argument("--route-prefix", help="default: the config file's, else /")
     de.add_argument("--address", help="the Ray cluster (default $RAY_ADDRESS, else the local one)")
+    de.add_argument("--poll-registry", type=_seconds, metavar="SECONDS",
+                    help="then stay in the foreground, checking the model's alias this often and rolling the app to "
+                    "the version it names (e.g. as a Ray job beside `serve deploy`)")
     de.set_defaults(handler=_deploy)
     return parser
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 import urllib.request
 
 from . import pipeline, synthetic
@@ -72,13 +71,11 @@ def run_demo(overrides: list[str] = (), *, config_path: str | None = None, keep_
 
 
 def serve_until_interrupted(echo) -> None:
-    import signal
-
     from ray import serve
 
-    stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
+    from .runtime import stop_on_signals
+
+    stopping = stop_on_signals()
     echo("serving until Ctrl-C")
     stopping.wait()
     serve.shutdown()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 IDLE_WORKERS_KEPT = 16  # worker processes a local Ray keeps before it stops idle ones (see init_ray)
 
@@ -34,3 +36,12 @@ def init_ray(*, dashboard: bool = False, **overrides) -> str | None:
     options["_system_config"] = {"num_workers_soft_limit": max(IDLE_WORKERS_KEPT, options["num_cpus"]),
                                  **options.get("_system_config", {})}
     return ray.init(**options).dashboard_url or None
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGINT and SIGTERM set, for a foreground command to wait on (call it after Ray's init,
+    which installs its own handlers)."""
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    return stopping
