@@ -367,7 +367,7 @@ def test_playground_page_classifies_a_dropped_image_in_headless_chromium(app, tm
     assert (artifacts / "playground.png").stat().st_size > 1000
 
 
-def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tmp_path):
+def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tmp_path, capsys):
     from pathlib import Path
 
     import yaml
@@ -400,6 +400,11 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tm
     assert (settings.port, settings.model, settings.num_gpus) == (9000, str(tmp_path / "ckpt"), 0.25)
     with pytest.raises(ValueError, match=r"no application 'other', only \['rayclip'\]: choose one with --name"):
         cli._serve_config(parser.parse_args(["deploy", "--config", str(path), "--name", "other"]))
+    assert parser.parse_args(["deploy", "--reload", "--poll-registry", "30"]).poll_registry == 30
+    for command, seconds in (("deploy", "0"), ("serve", "-5")):  # a poll that never waits would spin
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--poll-registry", seconds])
+        assert f"{seconds}: give a number of seconds above 0" in capsys.readouterr().err
 
 
 def test_the_token_can_come_from_a_mounted_secret_file(tmp_path):
