@@ -11,6 +11,7 @@ Needs the Debian packages (not used in CI): apt-get install openclipart-png open
     python bench/bench_openclipart.py [--epochs N]   # default: the recipe's 300 steps, in whole epochs
     python bench/bench_openclipart.py --patch-dropout 0.5   # two rows more: rayclip with patch dropout (FLIP),
                                                              # then also tuned on whole images for the last tenth
+    python bench/bench_openclipart.py --seeds 3   # every row from 3 seeds: mean and standard deviation
 """
 
 from __future__ import annotations
@@ -189,25 +190,26 @@ def train_ours(out: Path, config: TrainConfig) -> dict:
 
 def train_openclip(out: Path, epochs: int, config: TrainConfig) -> dict:
     """OpenCLIP's training script on the same CSV, architecture and hyperparameters as `config`, in its own
-    process (fp32, CPU)."""
-    models = out / "openclip-models"
-    models.mkdir()
+    process (fp32, CPU); what it writes goes under out/openclip-seed<seed>."""
+    data, out = out, out / f"openclip-seed{config.seed}"
+    models = out / "models"
+    models.mkdir(parents=True)
     name = "rayclip-tiny"  # its model config: the same shapes, from clip_core
     (models / f"{name}.json").write_text(json.dumps(clip_core.checkpoint.openclip_model_config(
         clip_core.get_config(MODEL))))
     runner = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
               "from open_clip_train.main import main; main(sys.argv[2:])")
-    args = ["--train-data", str(out / "openclip-train.csv"), "--dataset-type", "csv", "--csv-separator", ",",
+    args = ["--train-data", str(data / "openclip-train.csv"), "--dataset-type", "csv", "--csv-separator", ",",
             "--csv-img-key", "filepath", "--csv-caption-key", "caption", "--model", name, "--device", "cpu",
             "--precision", "fp32", "--batch-size", str(config.batch_size), "--epochs", str(epochs),
             "--lr", str(config.lr), "--wd", str(config.weight_decay), "--warmup", str(config.warmup_steps),
             "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--grad-clip-norm", str(config.grad_clip_norm),
             "--workers", "1", "--seed", str(config.seed), "--save-frequency", "0", "--zeroshot-frequency", "0",
-            "--log-every-n-steps", "1", "--logs", str(out / "openclip-logs"), "--name", "run"]
+            "--log-every-n-steps", "1", "--logs", str(out / "logs"), "--name", "run"]
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", runner, str(models), *args], capture_output=True, text=True, cwd=out)
     wall = time.perf_counter() - started
-    log = out / "openclip-logs" / "run" / "out.log"
+    log = out / "logs" / "run" / "out.log"
     if done.returncode:
         raise SystemExit(f"open_clip_train failed ({done.returncode}):\n{done.stderr[-4000:]}\n"
                          f"{log.read_text()[-4000:] if log.exists() else ''}")
@@ -217,9 +219,15 @@ def train_openclip(out: Path, epochs: int, config: TrainConfig) -> dict:
         loss[step] = float(re.search(r"Contrastive_loss: ([0-9.]+)", line).group(1))
         rate[step] = float(re.search(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s", line).group(1))
     # its checkpoint loads as it is: clip_core infers the architecture and reads the activation from `name`
-    model = clip_core.load_model(out / "openclip-logs" / "run" / "checkpoints" / f"epoch_{epochs}.pt")
-    clip_core.save_checkpoint(model, out / "openclip")
-    return {"checkpoint": str(out / "openclip"), "loss": loss, "samples_per_s": _steady(rate), "wall_s": wall}
+    model = clip_core.load_model(out / "logs" / "run" / "checkpoints" / f"epoch_{epochs}.pt")
+    clip_core.save_checkpoint(model, out / "final")
+    return {"checkpoint": str(out / "final"), "loss": loss, "samples_per_s": _steady(rate), "wall_s": wall}
+
+
+def spread(values: list[float], form: str, unit: str = "") -> str:
+    """'mean unit', or 'mean ± standard deviation unit' over several seeds."""
+    mean = form.format(statistics.mean(values))
+    return f"{mean} ± {form.format(statistics.stdev(values))}{unit}" if len(values) > 1 else f"{mean}{unit}"
 
 
 def _reasons(counts: dict) -> str:
@@ -248,7 +256,11 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT)
     parser.add_argument("--patch-dropout", type=float, default=0.0, help="also train rayclip with this patch "
                         "dropout, and with it and unmasked tuning for the last tenth of the steps")
+    parser.add_argument("--seeds", type=int, default=1, help="train every row from this many seeds (the recipe's "
+                        "seed and the next ones); the table gives each metric's mean and standard deviation")
     options = parser.parse_args()
+    if options.seeds < 1:
+        parser.error(f"--seeds {options.seeds}: give 1 or more")
     if not (options.root / "png").is_dir() or not (options.root / "svg").is_dir():
         raise SystemExit(f"no openclipart under {options.root}: apt-get install openclipart-png openclipart-svg")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -269,38 +281,46 @@ def main() -> None:
                              mlflow_tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
         mixing, largest = folder_share(kept, config.shuffle_buffer)
         shards = len(read_manifest(str(out / "prepared-train"))["shards"])
-        runs = {"rayclip": train_ours(out, config)}
+        tuned = round(steps / 10)
+        variants = {"rayclip": {}}
         if options.patch_dropout:
-            tuned = round(steps / 10)
-            for name, update in ((f"rayclip, patch dropout {options.patch_dropout:g}", {}),
-                                 (f"rayclip, patch dropout {options.patch_dropout:g}, last {tuned} steps unmasked",
-                                  {"unmasked_tuning_steps": tuned})):
-                variant = out / f"variant-{len(runs)}"
-                runs[name] = train_ours(out, config.model_copy(update={
-                    "patch_dropout": options.patch_dropout, "storage": str(variant / "runs"),
-                    "output": str(variant / "final"), **update}))
-        runs["OpenCLIP"] = train_openclip(out, epochs, config)
+            variants[f"rayclip, patch dropout {options.patch_dropout:g}"] = {"patch_dropout": options.patch_dropout}
+            variants[f"rayclip, patch dropout {options.patch_dropout:g}, last {tuned} steps unmasked"] = {
+                "patch_dropout": options.patch_dropout, "unmasked_tuning_steps": tuned}
+        seeds = [config.seed + offset for offset in range(options.seeds)]
+        runs: dict[str, list[dict]] = collections.defaultdict(list)  # name -> one run per seed
+        results: dict[str, list[dict]] = collections.defaultdict(list)
+        for seed in seeds:  # seed by seed: the rows of one seed run close in time (the machine's load drifts)
+            for index, (name, update) in enumerate(variants.items()):
+                where = out / f"rayclip-{index}-seed{seed}"
+                runs[name].append(train_ours(out, config.model_copy(update={
+                    "seed": seed, "storage": str(where / "runs"), "output": str(where / "final"), **update})))
+            runs["OpenCLIP"].append(train_openclip(out, epochs, config.model_copy(update={"seed": seed})))
+            for name in (*variants, "OpenCLIP"):
+                results[name].append(scores(out, runs[name][-1]["checkpoint"]))
         untrained = out / "untrained"
         torch.manual_seed(config.seed)
         clip_core.save_checkpoint(clip_core.create_model(MODEL), untrained)
-        results = {name: scores(out, run["checkpoint"]) for name, run in runs.items()}
-        results["untrained"] = scores(out, str(untrained))
+        results["untrained"].append(scores(out, str(untrained)))
 
-    keys = list(results["rayclip"])
+    keys = list(results["rayclip"][0])
     header = ["model", *keys, "final loss (mean of last 10 steps)", "train samples/s", "train wall s"]
+    final_loss = {name: [statistics.mean(run["loss"][s] for s in sorted(run["loss"])[-10:]) for run in each]
+                  for name, each in runs.items()}
 
     def row(name: str) -> list[str]:
-        run = runs.get(name)
-        last = statistics.mean(run["loss"][s] for s in sorted(run["loss"])[-10:]) if run else None
-        return [name, *(f"{100 * results[name][k]:.1f}%" for k in keys), f"{last:.3f}" if run else "",
-                f"{run['samples_per_s']:.1f}" if run else "", f"{run['wall_s']:.0f}" if run else ""]
+        each = runs.get(name)
+        return [name, *(spread([100 * result[k] for result in results[name]], "{:.1f}", "%") for k in keys),
+                *((spread(final_loss[name], "{:.3f}"), spread([run["samples_per_s"] for run in each], "{:.1f}"),
+                   spread([run["wall_s"] for run in each], "{:.0f}")) if each else ("", "", ""))]
+
+    def ratio(of: dict[str, list[dict]], key: str) -> str:  # of the means over the seeds
+        ours, theirs = (statistics.mean(item[key] for item in of[name]) for name in ("rayclip", "OpenCLIP"))
+        return f"**{ours / theirs:.2f}x**" if theirs else "n/a"
 
     table = [row(name) for name in ("rayclip", "OpenCLIP", "untrained")]
-    ratio = [f"**{results['rayclip'][k] / results['OpenCLIP'][k]:.2f}x**" if results["OpenCLIP"][k] else "n/a"
-             for k in keys]
-    table.append(["rayclip / OpenCLIP", *ratio, "",
-                  f"**{runs['rayclip']['samples_per_s'] / runs['OpenCLIP']['samples_per_s']:.2f}x**",
-                  f"**{runs['rayclip']['wall_s'] / runs['OpenCLIP']['wall_s']:.2f}x**"])
+    table.append(["rayclip / OpenCLIP", *(ratio(results, k) for k in keys), "", ratio(runs, "samples_per_s"),
+                  ratio(runs, "wall_s")])
     table += [row(name) for name in runs if name not in ("rayclip", "OpenCLIP")]  # the patch dropout rows
     heldout = prepared["heldout"]
     sections = [
@@ -353,8 +373,11 @@ def main() -> None:
            "images (`unmasked_tuning_steps`, FLIP's unmasked tuning, here on the tail of the same cosine "
            "schedule). Their training loss is over the kept patches, so it is not comparable with the other rows'.",
            ""] if options.patch_dropout else []),
-        "One run each, from one seed: a difference of a few points in a metric is within what another seed "
-        "could change.",
+        (f"{len(seeds)} runs of each row, from seeds {', '.join(map(str, seeds))} (each run's model initialisation, "
+         "data order and augmentation): a cell is the mean ± the standard deviation over the runs, the ratio row "
+         "divides the means, and the loss curves are the runs' mean." if len(seeds) > 1 else
+         "One run each, from one seed: a difference of a few points in a metric is within what another seed "
+         "could change (`--seeds N` runs each row from N seeds)."),
         "",
         "Samples/s: the median over the second half of the steps, as each loop logs it; wall: the whole command "
         "(start-up, data, training, final checkpoint). The `rayclip / OpenCLIP` row divides rayclip's figure "
@@ -364,9 +387,10 @@ def main() -> None:
         "",
         markdown_table(header, table),
         "",
-        plot_lines("openclipart", f"{MODEL} on openclipart: training loss", {
-            name: {step: value for step, value in run["loss"].items()} for name, run in runs.items()},
-            xlabel="step", ylabel="contrastive loss"),
+        plot_lines("openclipart", f"{MODEL} on openclipart: training loss"
+                   + (f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""),
+                   {name: {step: statistics.mean(run["loss"][step] for run in each) for step in each[0]["loss"]}
+                    for name, each in runs.items()}, xlabel="step", ylabel="contrastive loss"),
     ]
     path = write_report("openclipart", "Training recipe on real data: openclipart, rayclip vs OpenCLIP", sections)
     print(f"wrote {path}")
