@@ -318,7 +318,10 @@ class Pipeline:
         self.config, self.echo = config, echo
         self.tracking = config.tracking_uri()
         self.outcome: dict[str, Any] = {"stages": {}}
-        self.digests: dict[str, str] = {}  # prepared set's uri -> manifest digest, read once by preprocess
+
+    def _digest(self, uri: str) -> str:
+        """A prepared set's manifest digest, as preprocess read it (in the outcome, by split)."""
+        return next(item["digest"] for item in self.outcome["datasets"].values() if item["uri"] == uri)
 
     def _stage(self, name: str, status: str, detail: str) -> None:
         self.outcome["stages"][name] = status
@@ -391,14 +394,13 @@ class Pipeline:
                 self._stage(f"preprocess {split}", "done", f"{manifest['counts']['kept']:,} of "
                             f"{manifest['counts']['read']:,} rows kept → {output}")
             prepared[split] = output
-            self.digests[output] = manifest["digest"]
             self.outcome.setdefault("datasets", {})[split] = {"uri": output, "digest": manifest["digest"]}
         return prepared
 
     def train(self, train_config, data: dict, parent_run_id: str) -> tuple[str, str]:
         from .train import latest_checkpoint, train
 
-        digests = {split: self.digests[uri] for split, uri in data.items() if uri}
+        digests = {split: self._digest(uri) for split, uri in data.items() if uri}
         key = stage_key(train_config, digests, unkeyed=_TRAIN_UNKEYED)
         output = self.config.path("checkpoints", f"train-{key}")
         self.outcome["checkpoint"] = output
@@ -417,7 +419,7 @@ class Pipeline:
     def evaluate(self, evaluate_config, checkpoint: str, train_key: str, parent_run_id: str) -> dict:
         from .evaluate import evaluate
 
-        digests = {field: self.digests[uri] for field in ("zeroshot", "retrieval")
+        digests = {field: self._digest(uri) for field in ("zeroshot", "retrieval")
                    if (uri := getattr(evaluate_config, field))}
         key = stage_key(evaluate_config, digests, unkeyed=_EVAL_UNKEYED)
         output = self.config.path("eval", f"{train_key}-{key}.json")
