@@ -46,6 +46,10 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        # nn.MultiheadAttention's initialisation, which the image tower keeps (OpenAI's and
+        # OpenCLIP's init schemes reset only the text tower's blocks)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, causal: bool = False, query_index: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention over `x` [batch, length, width]; with `query_index` [batch], only that
@@ -148,9 +152,6 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x[:, :1], kept], dim=1)  # shape = [*, kept + 1, width]
         x = self.transformer(self.ln_pre(x), pool_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
         return self.ln_post(x) @ self.proj  # the class token's features
-
-    def init_weights(self) -> None:
-        self.transformer.init_weights()
 
 
 class Bottleneck(nn.Module):
@@ -297,7 +298,8 @@ class CLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=self.config.text.width**-0.5)
         self.transformer.init_weights()
-        self.visual.init_weights()
+        if isinstance(self.visual, ModifiedResNet):
+            self.visual.init_weights()
 
     @property
     def dtype(self) -> torch.dtype:

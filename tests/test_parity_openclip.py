@@ -50,6 +50,26 @@ def test_our_weights_load_into_openclip(openclip_model):
     _assert_same_outputs(ours, theirs)
 
 
+def test_fresh_weights_are_drawn_as_openclip_draws_them(openclip_model):
+    """Training from scratch starts where OpenCLIP (and OpenAI) start: each tensor's mean and spread
+    match (the image tower's blocks keep nn.MultiheadAttention's and nn.Linear's defaults, the text
+    tower's follow OpenAI's depth-scaled scheme, attention biases start at zero)."""
+    name, theirs = openclip_model
+    torch.manual_seed(1)
+    ours = clip_core.create_model(name).state_dict()
+    mismatched = []
+    for key, b in theirs.state_dict().items():
+        a, b = ours[key].double(), b.double()
+        if b.numel() < 64:
+            if not torch.equal(a, b):
+                mismatched.append(key)
+            continue
+        std = b.std().item()
+        if abs(a.std().item() - std) > 0.1 * std + 1e-6 or abs(a.mean() - b.mean()).item() > 5 * std / b.numel() ** 0.5 + 1e-6:
+            mismatched.append(f"{key}: mean {a.mean():.4f} std {a.std():.4f}, OpenCLIP mean {b.mean():.4f} std {std:.4f}")
+    assert not mismatched, "\n".join(mismatched)
+
+
 def test_openclip_training_checkpoint_loads_with_its_activation(tmp_path):
     torch.manual_seed(2)
     theirs = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
