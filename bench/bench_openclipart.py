@@ -39,6 +39,7 @@ import clip_core  # noqa: E402
 from bench.common import markdown_table, plot_lines, write_report  # noqa: E402
 from workflows.evaluate import EvaluateConfig, evaluate  # noqa: E402
 from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, read_prepared_table  # noqa: E402
+from workflows.runtime import init_ray  # noqa: E402
 from workflows.train import RECIPES, TrainConfig, train  # noqa: E402
 
 ROOT = Path("/usr/share/openclipart")
@@ -264,6 +265,8 @@ def main() -> None:
     if not (options.root / "png").is_dir() or not (options.root / "svg").is_dir():
         raise SystemExit(f"no openclipart under {options.root}: apt-get install openclipart-png openclipart-svg")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # with its dashboard, as `rayclip` starts it: Ray Train's placement-group cleaner queries its State API
+    init_ray(dashboard=True)
     recipe = RECIPES[MODEL]
     with tempfile.TemporaryDirectory(prefix="bench-openclipart-") as directory:
         out = Path(directory)
