@@ -41,8 +41,11 @@ def sets(tmp_path_factory, ray_session):
     return root
 
 
-def _in_process_metrics(checkpoint, uri) -> dict:
-    """The reference: the same metrics computed in this process, without Ray."""
+def _in_process_metrics(checkpoint, uri, tie_tolerances=(0.0, 2e-6)) -> dict:
+    """The reference: the same metrics computed in this process, without Ray; retrieval at each of
+    `tie_tolerances` (two images of the synthetic set can score within ~1e-6 of each other, so where
+    the stage's batches round differently, its default 1e-6 tolerance may count such a pair either way:
+    its figures lie between those at 0 and 2e-6)."""
     model = clip_core.load_model(checkpoint)
     rows = decode_batch(read_prepared_table(uri).to_pydict(), model.image_size)
     with torch.no_grad():
@@ -52,7 +55,8 @@ def _in_process_metrics(checkpoint, uri) -> dict:
     classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), read_manifest(uri)["classnames"])
     logits = clip_core.zeroshot.zero_shot_logits(image_features, classifier)
     return {"zeroshot": clip_core.zeroshot.accuracy(logits, torch.from_numpy(rows["label"])),
-            "retrieval": clip_core.retrieval_metrics(image_features, text_features)}
+            "retrieval": [clip_core.retrieval_metrics(image_features, text_features, tie_tolerance=tolerance)
+                          for tolerance in tie_tolerances]}
 
 
 def test_evaluate_matches_in_process_metrics_and_logs_to_mlflow(sets, tmp_path):
@@ -66,8 +70,10 @@ def test_evaluate_matches_in_process_metrics_and_logs_to_mlflow(sets, tmp_path):
     expected = _in_process_metrics(sets / "ckpt", str(sets / "heldout"))
     for key in ("top1", "top5", "mean_per_class_recall"):
         assert metrics["zeroshot"][key] == pytest.approx(expected["zeroshot"][key], abs=1e-9)
-    for key, value in expected["retrieval"].items():
-        assert metrics["retrieval"][key.replace("R@", "R")] == pytest.approx(value, abs=1e-9)
+    strict, loose = expected["retrieval"]
+    for key in strict:
+        low, high = sorted((strict[key], loose[key]))
+        assert low - 1e-9 <= metrics["retrieval"][key.replace("R@", "R")] <= high + 1e-9, key
     assert metrics["zeroshot"]["digest"] == read_manifest(str(sets / "heldout"))["digest"]
     probes = [f"k{k}_top1" for k in (1, 2, 4, 8, 16)] + ["full_top1"]  # the paper's few-shot ladder by default
     assert set(metrics["linear_probe"]) >= {*probes, "digest", "train_digest"}
