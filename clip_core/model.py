@@ -153,6 +153,10 @@ class VisionTransformer(nn.Module):
         x = self.transformer(self.ln_pre(x), pool_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
         return self.ln_post(x) @ self.proj  # the class token's features
 
+    def init_weights(self) -> None:
+        """Nothing to redraw: as in OpenAI's model and OpenCLIP, the blocks keep the defaults they were
+        built with (`Attention`'s and `nn.Linear`'s), the embeddings and projection their scaled normals."""
+
 
 class Bottleneck(nn.Module):
     expansion = 4
@@ -298,8 +302,7 @@ class CLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=self.config.text.width**-0.5)
         self.transformer.init_weights()
-        if isinstance(self.visual, ModifiedResNet):
-            self.visual.init_weights()
+        self.visual.init_weights()
 
     @property
     def dtype(self) -> torch.dtype:
