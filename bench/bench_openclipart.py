@@ -283,7 +283,8 @@ def main() -> None:
                              checkpoint_every=steps, storage=str(out / "runs"), output=str(out / "ours"),
                              mlflow_tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
         mixing, largest = folder_share(kept, config.shuffle_buffer)
-        shards = len(read_manifest(str(out / "prepared-train"))["shards"])
+        manifest = read_manifest(str(out / "prepared-train"))
+        shards, stored = len(manifest["shards"]), sum(shard["bytes"] for shard in manifest["shards"])
         tuned = round(steps / 10)
         variants = {"rayclip": {}}
         if options.patch_dropout:
@@ -363,12 +364,14 @@ def main() -> None:
         "comparison.",
         "",
         f"Data order: the CSV is sorted by folder; `rayclip preprocess` writes the kept rows in a seeded random "
-        f"order (its default), and the train stage shuffles the order of the shards ({shards} here) and streams "
-        f"them through its default {config.shuffle_buffer}-row shuffle buffer, from which a batch is drawn: in "
-        f"{config.shuffle_buffer}-row windows of the stored order one folder makes up {mixing:.0%} of the rows on "
-        f"average, against {largest:.0%} for the largest folder's share of the whole set (in the CSV's order, "
-        "one folder filled 74% of each window, and the train stage's retrieval was a quarter of OpenCLIP's). "
-        "OpenCLIP's CSV loader shuffles the whole set every epoch.",
+        f"order (its default: in {config.shuffle_buffer}-row windows of the stored order one folder makes up "
+        f"{mixing:.0%} of the rows on average, against {largest:.0%} for the largest folder's share of the whole set; "
+        "in the CSV's order one folder filled 74% of each window, and the train stage's retrieval was a quarter "
+        f"of OpenCLIP's), and the train stage shuffles all the rows ({stored / 2**20:.1f} MiB in {shards} shard(s) "
+        "here) afresh on every pass over the data (`global_shuffle`, its default up to 1 GiB of prepared data), "
+        "as OpenCLIP's CSV loader does every epoch. Streaming the stored order through its 512-row shuffle buffer "
+        "instead, the same neighbours every pass (`global_shuffle: false`, the default before), rayclip reached "
+        "11.3 ± 3.6% zero-shot top-1 (seeds 0 and 1) against OpenCLIP's 19.9 ± 3.4%.",
         "",
         *([f"Patch dropout (`--patch-dropout {options.patch_dropout:g}`): the same train stage, recipe and steps, "
            f"each training image's vision tower fed a random {1 - options.patch_dropout:.0%} of its patches "

@@ -265,6 +265,35 @@ def test_data_weights_mix_the_datasets_by_weight_not_by_size(prepared, tmp_path)
     assert from_heldout / len(rows) == pytest.approx(0.75, abs=0.06)
 
 
+def test_each_pass_shuffles_every_row_afresh_and_a_resumed_pass_reads_its_order_again(prepared, tmp_path):
+    shard_rows = [shard["rows"] for shard in read_manifest(str(prepared / "train"))["shards"]]
+    stored = read_prepared_table(str(prepared / "train"), ["key"])["key"].to_pylist()
+    shard_of = {key: index for index, rows in enumerate(shard_rows) for key in stored[sum(shard_rows[:index]):][:rows]}
+
+    def passes(config, count, start=0):
+        dataset = mixed_rows(config).select_columns(["key"])
+        dataset.context.execution_options.preserve_order = True  # as the train stage reads it
+        dataset.context._execution_idx = start  # as PassDataConfig sets it for a resumed run
+        return [[row["key"] for row in dataset.iter_rows()] for _ in range(count)]
+
+    def same_shard_neighbours(order):
+        return sum(shard_of[a] == shard_of[b] for a, b in zip(order, order[1:])) / (len(order) - 1)
+
+    config = _config(prepared, tmp_path)  # 256 rows in 4 shards: small enough to shuffle whole by default
+    orders = passes(config, 3)
+    assert all(sorted(order) == sorted(stored) for order in orders), "a pass reads every row once"
+    assert len({tuple(order) for order in orders}) == 3, "every pass has its own order"
+    # rows, not just shards, are mixed: about a quarter of neighbours share a shard (4 equal shards)
+    assert max(same_shard_neighbours(order) for order in orders) < 0.45
+    assert passes(config, 1, start=2)[0] == orders[2], "a resumed pass reads its rows in the same order"
+    assert passes(config.model_copy(update={"seed": 1}), 1)[0] != orders[0]
+
+    streaming = passes(config.model_copy(update={"global_shuffle": False}), 2)
+    assert all(sorted(order) == sorted(stored) for order in streaming)
+    # without it a pass reshuffles the shard order only (the shuffle buffer mixes them while batching)
+    assert min(same_shard_neighbours(order) for order in streaming) > 0.95
+
+
 def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(prepared, tmp_path):
     # sample-based epochs of 2 batches; a pass over the 256 rows is 8 steps: the checkpoint at step 10
     # is mid-epoch (epoch 4, batch 1) in the second pass (batch 2)

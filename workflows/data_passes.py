@@ -12,7 +12,7 @@ from . import storage
 
 
 class PassDataConfig(ray.train.DataConfig):
-    """Ray Data reshuffles the shard order on every run of a dataset, seeded by how many runs it has
+    """Ray Data reshuffles the rows or shard order on every run of a dataset, seeded by how many runs it has
     had (one per pass over the data). A worker group restarted after a failure, like a run resumed
     by hand, gets the dataset with that count at 0 again: it would read the first pass's order
     while skipping the batches it trained on in pass p's, seeing some rows twice and others never.

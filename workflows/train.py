@@ -116,6 +116,10 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0)
     max_failures: int = Field(0, ge=-1)
     seed: int = 0
+    global_shuffle: bool | None = Field(None, description="shuffle all the rows afresh on every pass over the data "
+                                        "(Ray Data's random_shuffle, seeded by seed and pass), as a map-style loader "
+                                        "does; default: when the prepared data is at most GLOBAL_SHUFFLE_MAX_BYTES. "
+                                        "Without it a pass shuffles the shard order and streams through shuffle_buffer")
     shuffle_buffer: int = Field(512, ge=0)
     decode_batch_size: int = Field(64, gt=0)
     resume: str | None = Field(None, description="'latest' (under storage) or a checkpoint path")
@@ -171,15 +175,29 @@ def training_dataset(config: TrainConfig, image_size: int):
                                           fn_kwargs={"image_size": image_size})
 
 
+# Up to this much prepared data (stored bytes) is shuffled row by row on every pass by default. The
+# shuffle is an all-to-all exchange through the object store that the pass's first batch waits for;
+# larger sets get the streaming shuffle (shard order + buffer), as webdataset's loaders do.
+GLOBAL_SHUFFLE_MAX_BYTES = 1 << 30
+
+
 def mixed_rows(config: TrainConfig):
     """The prepared datasets' rows, mixed by weight (an epoch keeps the datasets' total size; each
-    dataset's share follows `data_weights`), block order shuffled."""
+    dataset's share follows `data_weights`, a part of a dataset sampled afresh each pass), in a new
+    order on every pass over the data: all rows shuffled (`global_shuffle`), else the shard order.
+    Each pass's order depends only on the seed and the pass, so a resumed run reads its pass as it
+    was (`PassDataConfig`)."""
+    from ray.data import RandomSeedConfig
+
     from .preprocess import load_prepared, read_manifest
 
-    datasets, sizes = [], []
+    per_pass = RandomSeedConfig(seed=config.seed, reseed_after_execution=True)
+    datasets, sizes, stored = [], [], 0
     for uri in config.data:
         datasets.append(load_prepared(uri, shuffle_files=True, seed=config.seed))
-        sizes.append(read_manifest(uri)["counts"]["kept"])
+        manifest = read_manifest(uri)
+        sizes.append(manifest["counts"]["kept"])
+        stored += sum(shard["bytes"] for shard in manifest["shards"])
     if config.data_weights and len(datasets) > 1:
         total, weight_sum = sum(sizes), sum(config.data_weights)
         mixed = []
@@ -188,12 +206,14 @@ def mixed_rows(config: TrainConfig):
             repeats, remainder = divmod(wanted, size)
             parts = [dataset] * repeats
             if remainder:
-                parts.append(dataset.random_sample(remainder / size, seed=config.seed))
+                parts.append(dataset.random_sample(remainder / size, seed=per_pass))
             mixed += parts
         datasets = mixed
     dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    if stored <= GLOBAL_SHUFFLE_MAX_BYTES if config.global_shuffle is None else config.global_shuffle:
+        return dataset.random_shuffle(seed=per_pass)
     if len(config.data) > 1:
-        dataset = dataset.randomize_block_order(seed=config.seed)
+        dataset = dataset.randomize_block_order(seed=per_pass)
     return dataset
 
 
@@ -566,8 +586,8 @@ def train_loop(loop_config: dict) -> None:
 
 def _batches(shard, config: TrainConfig, position: Position, local_batch: int, device, rank: int):
     """(batch, seconds waited for it) from the data stream, pass after pass, from `position` on
-    (which it advances). Each pass runs the dataset again (Ray Data shuffles the shard order per
-    run; `PassDataConfig` keeps that count right after a restart) under its own local shuffle;
+    (which it advances). Each pass runs the dataset again (Ray Data shuffles the rows or the shard
+    order per run; `PassDataConfig` keeps that count right after a restart) under its own local shuffle;
     the batches a resumed run already trained on in its pass are read and skipped."""
     while position.step < config.steps:
         iterator = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
