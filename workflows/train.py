@@ -210,7 +210,8 @@ def mixed_rows(config: TrainConfig):
             mixed += parts
         datasets = mixed
     dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    if stored <= GLOBAL_SHUFFLE_MAX_BYTES if config.global_shuffle is None else config.global_shuffle:
+    global_shuffle = stored <= GLOBAL_SHUFFLE_MAX_BYTES if config.global_shuffle is None else config.global_shuffle
+    if global_shuffle:
         return dataset.random_shuffle(seed=per_pass)
     if len(config.data) > 1:
         dataset = dataset.randomize_block_order(seed=per_pass)
