@@ -18,7 +18,8 @@ from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, r
 from workflows import cli, storage
 from workflows.tracking import git_commit
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
-from workflows.train import (TrainConfig, _RankZeroTracker, _gathered_state, _scalar, build_model, check_config,
+from clip_core.transforms import normalize
+from workflows.train import (Augment, TrainConfig, _RankZeroTracker, _gathered_state, _scalar, build_model, check_config,
                              contrastive_step, default_cpus_per_worker, distribute, init_image_size, init_source,
                              latest_checkpoint, mixed_rows, train)
 
@@ -376,6 +377,19 @@ def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket, mo
     assert init_source(f"openai:s3://{s3_bucket}/ViT-B-32.pt") == ("openai", f"s3://{s3_bucket}/ViT-B-32.pt")
     with pytest.raises(FileNotFoundError, match=rf"no pretrained weights at s3://{s3_bucket}/ViT-B-32.pt"):
         check_config(_config(prepared, tmp_path, init=f"openai:s3://{s3_bucket}/ViT-B-32.pt", cpus_per_worker=1))
+
+
+def test_the_train_crop_resamples_bicubic_within_the_pixel_range():
+    # with the crop fixed to the whole image, the augmentation is a plain resize: OpenCLIP's bicubic one
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8, generator=generator)
+    images[:, :, :8] = 0  # a sharp edge, where the bicubic kernel overshoots
+    images[:, :, 8:] = 255
+    augment = Augment(32, train=True, generator=generator, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    pixels = images.permute(0, 3, 1, 2).float() / 255
+    resized = torch.nn.functional.interpolate(pixels, size=(32, 32), mode="bicubic", align_corners=False)
+    assert resized.max() > 1 and resized.min() < 0
+    torch.testing.assert_close(augment(images), normalize(resized.clamp(0, 1)), atol=1e-4, rtol=0)
 
 
 def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):
