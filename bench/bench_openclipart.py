@@ -245,7 +245,9 @@ def scores(out: Path, checkpoint: str) -> dict:
     heldout = str(out / "prepared-heldout")
     metrics = evaluate(EvaluateConfig(model=checkpoint, zeroshot=heldout, classnames=classnames(), templates=TEMPLATES,
                                       retrieval=heldout), echo=lambda *_: None)
-    return {**{f"zero-shot {k}": v for k, v in metrics["zeroshot"].items() if k in ("top1", "top5")},
+    zeroshot = metrics["zeroshot"]
+    return {"zero-shot top1": zeroshot["top1"], "zero-shot top5": zeroshot["top5"],
+            "zero-shot mean per-class recall": zeroshot["mean_per_class_recall"],
             **{k: v for k, v in metrics["retrieval"].items() if k in ("image_to_text_R1", "image_to_text_R5",
                                                                       "text_to_image_R1", "text_to_image_R5")}}
 
@@ -326,6 +328,9 @@ def main() -> None:
     table.append(["rayclip / OpenCLIP", *(ratio(results, k) for k in keys), "", ratio(runs, "samples_per_s"),
                   ratio(runs, "wall_s")])
     table += [row(name) for name in runs if name not in ("rayclip", "OpenCLIP")]  # the patch dropout rows
+    each_run = [[name, seed, *(f"{100 * result[k]:.1f}%" for k in keys), f"{loss:.3f}", f"{run['samples_per_s']:.1f}",
+                 f"{run['wall_s']:.0f}"]
+                for name in runs for seed, result, run, loss in zip(seeds, results[name], runs[name], final_loss[name])]
     heldout = prepared["heldout"]
     sections = [
         "## What ran",
@@ -350,7 +355,9 @@ def main() -> None:
         "shards) and OpenCLIP's `open_clip_train.main` (1 process, 1 data-loader worker), each from the same "
         "seed. Both checkpoints are scored by `rayclip evaluate` on the held-out split: zero-shot among the "
         f"{len(CLASSES)} top-level folders (templates {TEMPLATES}; chance {100 / len(CLASSES):.1f}%; always "
-        f"answering the largest class, {counts['majority']}, scores {100 * counts['majority_share']:.1f}%) and "
+        f"answering the largest class, {counts['majority']}, scores {100 * counts['majority_share']:.1f}% top-1; "
+        "mean per-class recall, the top-1 of each class averaged over the classes, gives every class the same "
+        f"weight: chance and any one answer score {100 / len(CLASSES):.1f}% there) and "
         f"recall@k of each image's caption among all {heldout['kept']:,} held-out captions and back. OpenCLIP's "
         "checkpoint is loaded through `clip_core.load_model` as it was written (its `epoch_N.pt`).",
         "",
@@ -393,6 +400,7 @@ def main() -> None:
         "",
         markdown_table(header, table),
         "",
+        *(["Each run:", "", markdown_table([header[0], "seed", *header[1:]], each_run), ""] if len(seeds) > 1 else []),
         plot_lines("openclipart", f"{MODEL} on openclipart: training loss"
                    + (f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""),
                    {name: {step: statistics.mean(run["loss"][step] for run in each) for step in each[0]["loss"]}
