@@ -14,13 +14,14 @@ import torch
 import yaml
 
 import clip_core
+from workflows.parallel import distribute, gathered_state, scalar
 from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, read_prepared_table
 from workflows import cli, storage
 from workflows.tracking import git_commit
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
 from clip_core.transforms import normalize
-from workflows.train import (Augment, TrainConfig, _RankZeroTracker, _gathered_state, _scalar, build_model, check_config,
-                             contrastive_step, default_cpus_per_worker, distribute, init_image_size, init_source,
+from workflows.train import (Augment, TrainConfig, _RankZeroTracker, build_model, check_config,
+                             contrastive_step, default_cpus_per_worker, init_image_size, init_source,
                              latest_checkpoint, mixed_rows, train)
 
 from micro import micro_config
@@ -94,9 +95,9 @@ def _first_update_loop(config):
             optimizer.zero_grad()
             contrastive_step(runnable, clip_core.ClipLoss(), images[rows], tokens[rows], train_config.accum_freq,
                              torch.autocast("cpu", enabled=False))
-            grad_norms[name] = _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+            grad_norms[name] = scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
             optimizer.step()
-            weights, _ = _gathered_state(model, optimizer)  # every worker: FSDP gathers the shards
+            weights, _ = gathered_state(model, optimizer)  # every worker: FSDP gathers the shards
             if rank == 0:
                 clip_core.save_checkpoint(model, f"{directory}/{name}", weights=weights)
         ray.train.report({"rank": rank, **grad_norms},

@@ -34,6 +34,7 @@ import clip_core
 from clip_core.transforms import normalize
 
 from . import storage
+from .parallel import distribute, gather, gathered_state, load_optimizer_state, scalar, sharded
 from .preprocess import decode_batch
 from .tracking import dataset_input, flat_params, git_commit, rayclip_version, redacted, start_run
 
@@ -363,73 +364,6 @@ def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor,
 # ------------------------------------------------------------------------------- the loop
 
 
-def distribute(model: clip_core.CLIP, strategy: str, world: int, compiled: bool = False) -> torch.nn.Module:
-    """What each worker runs forward and backward: on one worker the model itself; under DDP Ray's
-    wrapper of it; under FSDP the model itself, sharded in place (FSDP2: each residual block, then the
-    rest), so `model` stays the module to save and load state through. FSDP cannot shard 0-dim
-    parameters (logit_scale, logit_bias): they stay whole on every worker and their gradients are
-    averaged across workers as they accumulate, as DDP would. `compiled` wraps the result in
-    torch.compile, outside DDP and FSDP as both expect."""
-    runnable = _parallel(model, strategy, world)
-    return torch.compile(runnable) if compiled else runnable
-
-
-def _parallel(model: clip_core.CLIP, strategy: str, world: int) -> torch.nn.Module:
-    if world == 1:
-        return model
-    if strategy == "ddp":
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")  # Ray's FSDP is GPU-only (FSDP1)
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    from clip_core.model import Bottleneck, ResidualAttentionBlock
-
-    for module in model.modules():
-        if isinstance(module, (ResidualAttentionBlock, Bottleneck)):
-            fully_shard(module)
-    scalars = {param for param in model.parameters() if param.dim() == 0}
-    fully_shard(model, ignored_params=scalars)
-    for method in ("encode_image", "encode_text"):  # validation calls these, not forward
-        register_fsdp_forward_method(model, method)
-    for param in scalars:
-        if param.requires_grad:
-            param.register_post_accumulate_grad_hook(_average_gradient)
-    return model
-
-
-def _average_gradient(param: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    dist.all_reduce(param.grad)
-    param.grad /= dist.get_world_size()
-
-
-def _sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def _gathered_state(model, optimizer) -> tuple[dict, dict]:
-    """The full weights and optimizer state (keyed by parameter name) on rank 0, empty elsewhere.
-    Every worker must call it: under FSDP it gathers the shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _load_optimizer_state(model, optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def _scalar(value) -> float:
-    """A float from a tensor that may be an FSDP DTensor (e.g. the total gradient norm)."""
-    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
-
-
 def _say(line: str) -> None:
     """One progress line from a training worker, written to the process's own stdout. A plain print
     reaches the driver twice: Ray Train 2.60's print patch both tees it to Ray's wrapped stdout and
@@ -454,16 +388,6 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["augment"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather(obj):
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def _save_train_state(directory: str, model, weights: dict, optimizer_state: dict, scheduler, scaler,
@@ -515,7 +439,7 @@ def train_loop(loop_config: dict) -> None:
     cast = autocast_dtype(config.precision, device)
     scaler = torch.amp.GradScaler(device.type) if cast == torch.float16 else None
     if state is not None:
-        _load_optimizer_state(model, optimizer, state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
@@ -563,7 +487,7 @@ def train_loop(loop_config: dict) -> None:
             elapsed = time.perf_counter() - window_started
             metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0],
                        "logit_scale": model.logit_scale.detach().exp().item(),
-                       "grad_norm": _scalar(grad_norm), "samples_per_s": window_steps * config.batch_size / elapsed,
+                       "grad_norm": scalar(grad_norm), "samples_per_s": window_steps * config.batch_size / elapsed,
                        "samples_per_s_per_worker": window_steps * config.batch_size / elapsed / world,
                        "data_wait_fraction": window_data_wait / elapsed, "epoch": position.epoch(config),
                        **({"patch_dropout": dropout} if config.patch_dropout else {})}
@@ -614,8 +538,8 @@ def _batches(shard, config: TrainConfig, position: Position, local_batch: int, d
 def _report(config, model, optimizer, scheduler, scaler, position, generator, rank, tracker, metrics) -> None:
     import ray.train
 
-    rng = _gather(_rng_state(generator))
-    weights, optimizer_state = _gathered_state(model, optimizer)
+    rng = gather(_rng_state(generator))
+    weights, optimizer_state = gathered_state(model, optimizer)
     reported = {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "step": position.step,
                 "mlflow_run_id": tracker.run_id if tracker else None}
     if rank == 0:
@@ -642,7 +566,7 @@ def _maybe_inject_fault(config: TrainConfig, rank: int, step: int) -> None:
 def _validate(config: TrainConfig, model, device, autocast, rank: int) -> dict:
     """Rank 0: contrastive loss and retrieval on `val`; zero-shot top-1 on `zeroshot`. A sharded
     model runs forward on every worker together, so under FSDP every worker computes them."""
-    if not (config.val or config.zeroshot) or (rank != 0 and not _sharded(model)):
+    if not (config.val or config.zeroshot) or (rank != 0 and not sharded(model)):
         return {}
     from .preprocess import read_manifest
 
