@@ -14,12 +14,12 @@ import torch
 import yaml
 
 import clip_core
+from clip_core.transforms import normalize
 from workflows.parallel import distribute, gathered_state, scalar
 from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, read_prepared_table
 from workflows import cli, storage
 from workflows.tracking import git_commit
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
-from clip_core.transforms import normalize
 from workflows.train import (Augment, TrainConfig, _RankZeroTracker, build_model, check_config,
                              contrastive_step, default_cpus_per_worker, init_image_size, init_source,
                              latest_checkpoint, mixed_rows, train)
