@@ -1,5 +1,6 @@
 """The train stage on a real local Ray (2 workers), real MLflow (sqlite) and a real S3 server."""
 
+import itertools
 import json
 import shutil
 import sys
@@ -10,6 +11,7 @@ import boto3
 import mlflow
 import pytest
 import ray.cloudpickle
+import ray.data
 import torch
 import yaml
 
@@ -20,7 +22,7 @@ from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, r
 from workflows import cli, storage
 from workflows.tracking import git_commit
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
-from workflows.train import (Augment, TrainConfig, _RankZeroTracker, build_model, check_config,
+from workflows.train import (Augment, Position, TrainConfig, _batches, _RankZeroTracker, build_model, check_config,
                              contrastive_step, default_cpus_per_worker, init_image_size, init_source,
                              latest_checkpoint, mixed_rows, train)
 
@@ -190,6 +192,7 @@ def test_two_workers_train_log_to_mlflow_and_resume_from_the_s3_checkpoint_when_
     description = json.loads((tmp_path / "final" / "config.json").read_text())
     assert description["train"]["mlflow_run_id"] == result.mlflow_run_id and description["train"]["step"] == 12
     assert description["train"]["config"]["data_digests"] == [read_manifest(str(prepared / "train"))["digest"]]
+    assert description["train"]["config"]["global_shuffle"] is True, "the default resolved for this small set"
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     history = {}
@@ -294,6 +297,21 @@ def test_each_pass_shuffles_every_row_afresh_and_a_resumed_pass_reads_its_order_
     assert all(sorted(order) == sorted(stored) for order in streaming)
     # without it a pass reshuffles the shard order only (the shuffle buffer mixes them while batching)
     assert min(same_shard_neighbours(order) for order in streaming) > 0.95
+
+
+def test_globally_shuffled_rows_are_batched_in_their_order_and_streamed_rows_through_the_buffer():
+    rows = ray.data.range(96, override_num_blocks=3)
+    rows.context.execution_options.preserve_order = True  # as the train stage reads it
+
+    def first_pass(global_shuffle: bool) -> list[int]:
+        config = TrainConfig(data=["unread"], steps=1, batch_size=32, shuffle_buffer=64, global_shuffle=global_shuffle)
+        batches = itertools.islice(_batches(rows, config, Position(), 32, "cpu", rank=0), 3)
+        return [int(i) for batch, _ in batches for i in batch["id"]]
+
+    # the pass's rows arrive shuffled already: a shuffle buffer on top would only delay the first batch
+    assert first_pass(global_shuffle=True) == list(range(96))
+    streamed = first_pass(global_shuffle=False)
+    assert sorted(streamed) == list(range(96)) and streamed != list(range(96))
 
 
 def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(prepared, tmp_path):

@@ -119,9 +119,11 @@ class TrainConfig(BaseModel):
     seed: int = 0
     global_shuffle: bool | None = Field(None, description="shuffle all the rows afresh on every pass over the data "
                                         "(Ray Data's random_shuffle, seeded by seed and pass), as a map-style loader "
-                                        "does; default: when the prepared data is at most GLOBAL_SHUFFLE_MAX_BYTES. "
-                                        "Without it a pass shuffles the shard order and streams through shuffle_buffer")
-    shuffle_buffer: int = Field(512, ge=0)
+                                        "does; default: when the prepared data is at most GLOBAL_SHUFFLE_MAX_BYTES "
+                                        "(the train stage records what it chose). Without it a pass shuffles the "
+                                        "shard order and streams through shuffle_buffer")
+    shuffle_buffer: int = Field(512, ge=0, description="rows mixed while batching when the rows are not shuffled "
+                                "globally (a streaming shuffle, as webdataset's)")
     decode_batch_size: int = Field(64, gt=0)
     resume: str | None = Field(None, description="'latest' (under storage) or a checkpoint path")
     mlflow_tracking_uri: str | None = None
@@ -182,6 +184,16 @@ def training_dataset(config: TrainConfig, image_size: int):
 GLOBAL_SHUFFLE_MAX_BYTES = 1 << 30
 
 
+def shuffles_globally(config: TrainConfig) -> bool:
+    """`global_shuffle` as set, or by default whether the prepared data is at most GLOBAL_SHUFFLE_MAX_BYTES."""
+    from .preprocess import read_manifest
+
+    if config.global_shuffle is not None:
+        return config.global_shuffle
+    stored = sum(shard["bytes"] for uri in config.data for shard in read_manifest(uri)["shards"])
+    return stored <= GLOBAL_SHUFFLE_MAX_BYTES
+
+
 def mixed_rows(config: TrainConfig):
     """The prepared datasets' rows, mixed by weight (an epoch keeps the datasets' total size; each
     dataset's share follows `data_weights`, a part of a dataset sampled afresh each pass), in a new
@@ -193,12 +205,10 @@ def mixed_rows(config: TrainConfig):
     from .preprocess import load_prepared, read_manifest
 
     per_pass = RandomSeedConfig(seed=config.seed, reseed_after_execution=True)
-    datasets, sizes, stored = [], [], 0
+    datasets, sizes = [], []
     for uri in config.data:
         datasets.append(load_prepared(uri, shuffle_files=True, seed=config.seed))
-        manifest = read_manifest(uri)
-        sizes.append(manifest["counts"]["kept"])
-        stored += sum(shard["bytes"] for shard in manifest["shards"])
+        sizes.append(read_manifest(uri)["counts"]["kept"])
     if config.data_weights and len(datasets) > 1:
         total, weight_sum = sum(sizes), sum(config.data_weights)
         mixed = []
@@ -211,8 +221,7 @@ def mixed_rows(config: TrainConfig):
             mixed += parts
         datasets = mixed
     dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    global_shuffle = stored <= GLOBAL_SHUFFLE_MAX_BYTES if config.global_shuffle is None else config.global_shuffle
-    if global_shuffle:
+    if shuffles_globally(config):
         return dataset.random_shuffle(seed=per_pass)
     if len(config.data) > 1:
         dataset = dataset.randomize_block_order(seed=per_pass)
@@ -312,7 +321,7 @@ def cosine_schedule(warmup: int, total: int):
 @dataclass
 class Position:
     """Where a run is: optimizer steps taken, and the data stream's place: the pass over the data
-    (one run of the Ray Dataset, with its own shard order and local shuffle) and the batches
+    (one run of the Ray Dataset, with its own row or shard order) and the batches
     taken from that pass."""
     step: int = 0
     data_pass: int = 0
@@ -513,11 +522,13 @@ def train_loop(loop_config: dict) -> None:
 def _batches(shard, config: TrainConfig, position: Position, local_batch: int, device, rank: int):
     """(batch, seconds waited for it) from the data stream, pass after pass, from `position` on
     (which it advances). Each pass runs the dataset again (Ray Data shuffles the rows or the shard
-    order per run; `PassDataConfig` keeps that count right after a restart) under its own local shuffle;
-    the batches a resumed run already trained on in its pass are read and skipped."""
+    order per run; `PassDataConfig` keeps that count right after a restart); rows not shuffled globally
+    are mixed by a local shuffle buffer of their pass. The batches a resumed run already trained on in
+    its pass are read and skipped."""
+    buffer = None if shuffles_globally(config) else config.shuffle_buffer or None
     while position.step < config.steps:
         iterator = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
-                                                 local_shuffle_buffer_size=config.shuffle_buffer or None,
+                                                 local_shuffle_buffer_size=buffer,
                                                  local_shuffle_seed=config.seed + 7919 * position.data_pass + rank))
         for _ in range(position.batch_in_pass):
             next(iterator, None)
@@ -790,7 +801,8 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
         config = config.model_copy(update={"cpus_per_worker": cpus})
     check_config(config)
     # the data's identity as trained on, not whatever sits at these URIs when the model is registered
-    config = config.model_copy(update={"data_digests": [read_manifest(uri)["digest"] for uri in config.data]})
+    config = config.model_copy(update={"data_digests": [read_manifest(uri)["digest"] for uri in config.data],
+                                       "global_shuffle": shuffles_globally(config)})
 
     storage_path = default_storage(config)
     resume_from = None
