@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import clip_core  # noqa: E402
 from bench.common import markdown_table, plot_cdf, write_report  # noqa: E402
+from deploy import rollout  # noqa: E402
 from deploy import serve as served  # noqa: E402
 from workflows.synthetic import samples  # noqa: E402
 
@@ -122,9 +123,9 @@ def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0) -> Non
         port = _free_port()
         base = dict(model=checkpoint, port=port, num_cpus=0.5, num_gpus=num_gpus, max_ongoing_requests=64,
                     autoscaling=served.Autoscaling(min_replicas=1, max_replicas=1))
-        urls = {"batching on": served.start(served.ServeConfig(**base, max_batch_size=32, batch_wait_timeout_s=0.005),
+        urls = {"batching on": rollout.start(served.ServeConfig(**base, max_batch_size=32, batch_wait_timeout_s=0.005),
                                             name="batched", route_prefix="/batched"),
-                "batching off": served.start(served.ServeConfig(**base, max_batch_size=1, batch_wait_timeout_s=0.0),
+                "batching off": rollout.start(served.ServeConfig(**base, max_batch_size=1, batch_wait_timeout_s=0.0),
                                              name="unbatched", route_prefix="/unbatched")}
         results: dict[tuple[str, int], dict] = {}
         for concurrency in levels:

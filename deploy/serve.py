@@ -8,8 +8,9 @@ The ingress does all CPU work on the request (base64, decoding, resizing), so th
 replicas only run tensors, in dynamic batches gathered across requests. `model` (models:/NAME@ALIAS,
 models:/NAME/N, or a checkpoint directory) is resolved to an exact version that every deployment
 gets as its user_config; the towers are multiplexed by version, and each request names the
-version the ingress held when it started, so a rollout (`reload`) never mixes two models in one
-answer. Classifiers for a (labels, templates) set are kept in an LRU cache keyed by the version.
+version the ingress held when it started, so a rollout (`deploy.rollout.reload`) never mixes two
+models in one answer. Classifiers for a (labels, templates) set are kept in an LRU cache keyed by the
+version. Starting, deploying and rolling the app on a cluster: deploy/rollout.py.
 """
 
 # no `from __future__ import annotations`: FastAPI must see real types through Serve's class-based views
@@ -173,10 +174,6 @@ class RankRequest(BaseModel):
     texts: list[str] | None = None
     text: str | None = None
     images: list[str] | None = None
-
-
-class DeployError(ValueError):
-    """The Serve application is not in a state the command can work with; the message says why."""
 
 
 class RequestError(Exception):
@@ -776,134 +773,10 @@ def build_app(config: ServeConfig, live: dict | None = None):
     return ingress.bind(image, text, values)
 
 
+IMPORT_PATH = f"{__name__}:app_builder"
+
+
 def app_builder(args: dict):
     """`serve deploy deploy/serve_config.yaml` entry point (`import_path: deploy.serve:app_builder`):
     the application's `args` are ServeConfig fields."""
     return build_app(ServeConfig(**args))
-
-
-def deploy_file_options(document: dict, name: str = APP_NAME, source: str = "the serve config") -> tuple[dict, str]:
-    """A `serve deploy` file (deploy/serve_config.yaml) → app `name`'s ServeConfig fields, with
-    `http_options`' host and port, and its route prefix."""
-    apps = {app.get("name"): app for app in document.get("applications") or []}
-    if name not in apps:
-        raise ValueError(f"{source} has no application {name!r}, only {sorted(map(str, apps))}: choose one with --name")
-    app, builder = apps[name], f"{__name__}:app_builder"
-    if app.get("import_path") != builder:
-        raise ValueError(f"application {name!r} in {source} imports {app.get('import_path')!r}, not {builder!r}")
-    http = document.get("http_options") or {}
-    return {**{key: http[key] for key in ("host", "port") if key in http}, **(app.get("args") or {})}, \
-        app.get("route_prefix", "/")
-
-
-def start(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/") -> str:
-    """Start Serve on `config.host:port` (joining or starting Ray), deploy the app and wait until it
-    runs; returns its URL."""
-    from workflows.runtime import init_ray
-
-    init_ray()
-    serve.start(http_options={"host": config.host, "port": config.port}, logging_config={"log_level": config.log_level})
-    deploy(config, name=name, route_prefix=route_prefix)
-    return f"http://{config.host}:{config.port}{route_prefix.rstrip('/')}"
-
-
-def deploy(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = 600) -> None:
-    """Deploy (or replace) app `name` on the running Serve as `serve deploy` does (from a config, so that
-    a rollout can reconfigure its replicas in place), and wait until it runs."""
-    _apply(name, app_spec(config, name, route_prefix))
-    _wait(name, {}, timeout_s)
-
-
-def app_spec(config: ServeConfig, name: str = APP_NAME, route_prefix: str = "/") -> dict:
-    """The application as Serve's deploy config holds it (one entry of serve_config.yaml's `applications`)."""
-    return {"name": name, "route_prefix": route_prefix, "import_path": f"{__name__}:app_builder",
-            "args": config.stored().model_dump(mode="json", exclude_defaults=True),
-            "logging_config": {"enable_access_log": config.access_log, "log_level": config.log_level}}
-
-
-def reload(name: str = APP_NAME, model: str | None = None, *, timeout_s: float = 600, echo=print) -> dict:
-    """Roll app `name` to the version its model URI names now (after `rayclip promote` moved the alias),
-    or to `model`, without dropping a request: the towers load it beside the old one and report ready,
-    then the ingress switches. Returns the live model ({"model", "alias"}); a no-op when unchanged."""
-    running = _application(name)
-    if not running.get("deployed_app_config"):
-        raise DeployError(f"no Serve application {name!r} deployed from a config on this cluster: start it with "
-                          "`rayclip serve`, `rayclip deploy` or `serve deploy deploy/serve_config.yaml`")
-    app = running["deployed_app_config"]
-    config = ServeConfig(**app["args"])
-    target = live_model(model or config.model, config.mlflow_tracking_uri)
-    current = _user_config(running, INGRESS)
-    if current == target:
-        return target
-    echo(f"deploy: {name}: rolling {current and current['model']} → {target['model']}")
-    for step in (TOWERS, (INGRESS,)):  # towers first, so the ingress never asks for a version they lack
-        overrides = {d["name"]: d for d in app.get("deployments", [])}
-        for deployment in step:
-            overrides[deployment] = {**overrides.get(deployment, {}), "name": deployment, "user_config": target}
-        app["deployments"] = list(overrides.values())
-        _apply(name, app)
-        _wait(name, {deployment: target for deployment in step}, timeout_s)
-    echo(f"deploy: {name} serves {target['model']}")
-    return target
-
-
-def _client():
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client()
-
-
-def deployed_config(name: str = APP_NAME) -> ServeConfig | None:
-    """The ServeConfig app `name` runs with on this cluster (as stored: the token as its digest); None
-    when Serve is not running or the app was not deployed from a config."""
-    try:
-        app = _application(name).get("deployed_app_config")
-    except Exception:  # noqa: BLE001 - Serve not started on this cluster
-        return None
-    return ServeConfig(**app["args"]) if app else None
-
-
-def runs_as(running: ServeConfig, wanted: ServeConfig) -> bool:
-    """Whether an app running with `running` already is `wanted`, apart from where Serve listens (fixed
-    when Serve started): then a new champion is a `reload`, else the app must be deployed again."""
-    where = {"host": wanted.host, "port": wanted.port}
-    return running.model_copy(update=where) == wanted.stored()
-
-
-def _details() -> dict:
-    return _client().get_serve_details()
-
-
-def _application(name: str) -> dict:
-    """Serve's details of app `name` (status, deployments, the config it was deployed from); {} if none."""
-    return _details().get("applications", {}).get(name) or {}
-
-
-def _user_config(app: dict, deployment: str) -> dict | None:
-    return ((app.get("deployments", {}).get(deployment) or {}).get("deployment_config") or {}).get("user_config")
-
-
-def _apply(name: str, app: dict) -> None:
-    """Deploy `app`, keeping the other config-deployed applications as they are."""
-    from ray.serve.schema import ServeDeploySchema
-
-    others = [a["deployed_app_config"] for key, a in _details().get("applications", {}).items()
-              if key != name and a.get("deployed_app_config")]
-    _client().deploy_apps(ServeDeploySchema(applications=[*others, app]))
-
-
-def _wait(name: str, user_configs: dict[str, dict], timeout_s: float) -> None:
-    """Until app `name` runs with every deployment in `user_configs` healthy on that user_config."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        app = _application(name)
-        status = app.get("status")
-        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise DeployError(f"Serve application {name!r} is {status}: {app.get('message', '')[-2000:]}")
-        deployments = app.get("deployments", {})
-        if status == "RUNNING" and all((deployments.get(d) or {}).get("status") == "HEALTHY"
-                                       and _user_config(app, d) == wanted for d, wanted in user_configs.items()):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Serve application {name!r} not running after {timeout_s:g} s (status {status})")
-        time.sleep(0.2)

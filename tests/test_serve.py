@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import clip_core
+from deploy import rollout
 from deploy import serve as served
 from workflows import registry
 from workflows.synthetic import samples
@@ -48,7 +49,7 @@ def app(tmp_path_factory, ray_session):
                                 limits=served.Limits(max_images=4, max_texts=16, max_labels=20,
                                                      max_body_bytes=2**20, max_image_bytes=512 * 2**10,
                                                      max_image_pixels=1_000_000))
-    url = served.start(config)
+    url = rollout.start(config)
     yield {"url": url, "model": clip_core.load_model(root / "ckpt"), "config": config, "root": root,
            "tracking": tracking, "bucket": bucket}
     serve.shutdown()
@@ -148,12 +149,12 @@ def test_concurrent_requests_are_batched_and_classifiers_cached(app):
 
 
 def test_serve_keeps_the_tokens_digest_never_the_token(app):
-    stored = json.dumps(served._application(served.APP_NAME))  # what the dashboard shows of the app
+    stored = json.dumps(rollout._application(served.APP_NAME))  # what the dashboard shows of the app
     assert TOKEN not in stored and hashlib.sha256(TOKEN.encode()).hexdigest() in stored
     # the spec `rayclip deploy` sends (Ray's schema accepts it) holds the digest and the logging switches
     from ray.serve.schema import ServeApplicationSchema
 
-    spec = served.app_spec(served.ServeConfig(model="x", auth_token=TOKEN, access_log=False, log_level="WARNING"))
+    spec = rollout.app_spec(served.ServeConfig(model="x", auth_token=TOKEN, access_log=False, log_level="WARNING"))
     ServeApplicationSchema(**spec)
     assert TOKEN not in json.dumps(spec)
     assert spec["logging_config"] == {"enable_access_log": False, "log_level": "WARNING"}
@@ -309,7 +310,7 @@ def test_overload_gets_quick_503s_with_retry_after_and_the_service_recovers(app)
 
     config = app["config"].model_copy(update={"max_batch_size": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
                                               "batch_wait_timeout_s": 0.0, "retry_after_s": 2.0})
-    url = served.start(config, name="overload", route_prefix="/overload")
+    url = rollout.start(config, name="overload", route_prefix="/overload")
 
     async def burst():
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60) as client:
@@ -422,11 +423,11 @@ def test_the_token_can_come_from_a_mounted_secret_file(tmp_path):
 def test_a_running_app_is_reloaded_only_when_it_runs_the_wanted_settings():
     wanted = served.ServeConfig(model="models:/clip@champion", auth_token="s3cret", port=8123)
     stored = wanted.stored()  # what Serve keeps and `deployed_config` reads back: the token's digest
-    assert stored.auth_token is None and served.runs_as(stored, wanted)
-    assert served.runs_as(stored.model_copy(update={"port": 8000}), wanted), "Serve's port is fixed when it starts"
-    assert not served.runs_as(stored.model_copy(update={"model": "models:/other@champion"}), wanted)
-    assert not served.runs_as(stored.model_copy(update={"max_batch_size": 2}), wanted)
-    assert not served.runs_as(served.ServeConfig(model="models:/clip@champion", auth_token="other").stored(), wanted)
+    assert stored.auth_token is None and rollout.runs_as(stored, wanted)
+    assert rollout.runs_as(stored.model_copy(update={"port": 8000}), wanted), "Serve's port is fixed when it starts"
+    assert not rollout.runs_as(stored.model_copy(update={"model": "models:/other@champion"}), wanted)
+    assert not rollout.runs_as(stored.model_copy(update={"max_batch_size": 2}), wanted)
+    assert not rollout.runs_as(served.ServeConfig(model="models:/clip@champion", auth_token="other").stored(), wanted)
 
 
 def _classify_load(url: str, payload: dict, during) -> tuple[list[tuple[float, int, dict]], float]:
@@ -470,7 +471,7 @@ def test_alias_moves_and_the_app_rolls_to_the_new_version_under_load_without_a_f
     payload = {"images": [_png(image)], "labels": labels, "top_k": 3}
 
     try:
-        results, finished = _classify_load(app["url"], payload, lambda: served.reload(echo=quiet))
+        results, finished = _classify_load(app["url"], payload, lambda: rollout.reload(echo=quiet))
         statuses = collections.Counter(status for _, status, _ in results)
         assert statuses == {200: len(results)}, statuses
         versions = [body["model"]["version"] for _, _, body in results]
@@ -489,7 +490,7 @@ def test_alias_moves_and_the_app_rolls_to_the_new_version_under_load_without_a_f
     finally:  # the next tests find version 1, whatever failed here
         if str(registry.client(tracking).get_model_version_by_alias("clip-serve", "champion").version) != "1":
             registry.rollback("clip-serve", tracking_uri=tracking, echo=quiet)
-        served.reload(echo=quiet)
+        rollout.reload(echo=quiet)
     assert _post(app, "/v1/classify", payload).json()["model"]["version"] == "1"
 
 
@@ -543,7 +544,7 @@ def test_a_killed_tower_replica_is_replaced_under_load_and_only_requests_in_flig
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         deadline = time.monotonic() + 180
         while not any(r["state"] == "RUNNING" and r["replica_id"] != name.removeprefix(prefix)
-                      for r in served._application(served.APP_NAME)["deployments"]["ImageTower"]["replicas"]):
+                      for r in rollout._application(served.APP_NAME)["deployments"]["ImageTower"]["replicas"]):
             assert time.monotonic() < deadline, "Serve did not replace the killed replica in 180 s"
             time.sleep(0.2)
 

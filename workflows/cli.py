@@ -131,7 +131,8 @@ def _models(args: argparse.Namespace) -> int:
 def _serve_config(args: argparse.Namespace):
     """The app's ServeConfig and route prefix: --config (ServeConfig fields, or a `serve deploy` file such
     as deploy/serve_config.yaml), then the flags."""
-    from deploy.serve import APP_NAME, ServeConfig, deploy_file_options
+    from deploy.rollout import deploy_file_options
+    from deploy.serve import APP_NAME, ServeConfig
 
     values, route_prefix = _read_config_file(args.config) if args.config else {}, "/"
     if "applications" in values:
@@ -151,7 +152,7 @@ def _seconds(text: str) -> float:
 def _follow_registry(stopping, every: float | None, name: str, model: str | None = None) -> None:
     """Until `stopping` is set: every `every` seconds (never without it), roll app `name` to the version its
     model alias names now (after `rayclip promote`/`rollback`)."""
-    from deploy.serve import reload
+    from deploy.rollout import reload
 
     while not stopping.wait(every):
         try:
@@ -164,7 +165,8 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deploy.serve import APP_NAME, start
+    from deploy.rollout import start
+    from deploy.serve import APP_NAME
 
     from .runtime import stop_on_signals
 
@@ -182,7 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _deploy(args: argparse.Namespace) -> int:
     import ray
 
-    from deploy.serve import reload, start
+    from deploy.rollout import reload, start
 
     if not ray.is_initialized():
         ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="WARNING")

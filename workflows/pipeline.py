@@ -472,15 +472,16 @@ class Pipeline:
         return promoted
 
     def deploy(self, serve_config) -> str:
-        from deploy import serve as served
+        from deploy import rollout
+        from deploy.serve import APP_NAME
 
-        running = served.deployed_config()
-        if running is not None and served.runs_as(running, serve_config):
-            served.reload(echo=lambda line: self.echo(f"  {line}"))  # the alias may have moved: roll in place
+        running = rollout.deployed_config()
+        if running is not None and rollout.runs_as(running, serve_config):
+            rollout.reload(echo=lambda line: self.echo(f"  {line}"))  # the alias may have moved: roll in place
             url = f"http://{serve_config.host}:{serve_config.port}"
-            self._stage("deploy", "done", f"{served.APP_NAME} rolled to the champion at {url}")
+            self._stage("deploy", "done", f"{APP_NAME} rolled to the champion at {url}")
         else:  # not running, or running another model or settings: deploy this pipeline's
-            url = served.start(serve_config)
+            url = rollout.start(serve_config)
             replaced = f" (replacing {running.model})" if running is not None else ""
             self._stage("deploy", "done", f"{serve_config.model} at {url}{replaced}")
         return url
