@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from workflows import synthetic
@@ -39,6 +40,11 @@ def test_cli_errors_are_one_clear_line():
     result = subprocess.run([str(RAYCLIP), "run", "nowhere.yaml"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "rayclip run: error: [Errno 2] No such file or directory: 'nowhere.yaml'"
+
+
+def test_cli_reports_the_installed_version():
+    result = subprocess.run([str(RAYCLIP), "--version"], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout.strip()) == (0, f"rayclip {version('rayclip')}")
 
 
 def test_synthetic_heldout_classes_never_appear_in_training():

@@ -215,7 +215,10 @@ def _read_config_file(path: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="rayclip", description="CLIP as a distributed workflow on Ray")
+    parser.add_argument("--version", action="version", version=f"rayclip {version('rayclip')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides = argparse.ArgumentParser(add_help=False)
     overrides.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
