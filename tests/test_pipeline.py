@@ -42,6 +42,10 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
 
     config = pipeline.load_config(None, ["train.steps=7", "serve.port=9001", "registry.gate.floor=0.25"])
     assert (config.train["steps"], config.serve["port"], config.registry.gate.floor) == (7, 9001, 0.25)
+    # --set changes one key of a section as it would be without it: the embedded 100 steps stay
+    assert pipeline.load_config(None, ["train.seed=1"]).train == {"steps": 100, "seed": 1}
+    path.write_text("registry:\n  name: other\n")  # a file without a train section: its default too
+    assert pipeline.load_config(str(path), ["train.seed=1"]).train == {"steps": 100, "seed": 1}
     # DESIGN's cluster spellings: `storage: URI` for storage.root, Ray's num_workers for train.workers
     path.write_text("storage: s3://bucket/runs\nmlflow:\n  tracking_uri: http://127.0.0.1:5000\ntrain:\n"
                     "  num_workers: 4\n  use_gpu: true\n")

@@ -11,6 +11,7 @@ model version → deployment.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -218,6 +219,10 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineC
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the pipeline config must be a mapping of sections")
     for assignment in overrides:
+        section = assignment.partition("=")[0].split(".")[0]
+        field = PipelineConfig.model_fields.get(section)
+        if section not in values and field is not None and isinstance(field.default, dict):
+            values[section] = copy.deepcopy(field.default)  # --set changes one key of the section as it would be
         _set(values, assignment)
     lines = _lines(text) if text.strip() else {}
     try:
