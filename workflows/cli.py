@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from .tracking import failure, is_mlflow_error, redact
+from .tracking import failure, is_mlflow_error, rayclip_version, redact
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -215,10 +215,8 @@ def _read_config_file(path: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from importlib.metadata import version
-
     parser = argparse.ArgumentParser(prog="rayclip", description="CLIP as a distributed workflow on Ray")
-    parser.add_argument("--version", action="version", version=f"rayclip {version('rayclip')}")
+    parser.add_argument("--version", action="version", version=f"rayclip {rayclip_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides = argparse.ArgumentParser(add_help=False)
     overrides.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
