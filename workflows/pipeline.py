@@ -201,6 +201,9 @@ def _set(values: dict, assignment: str) -> None:
     if not sep or not key:
         raise ConfigError(f"--set {assignment!r}: write KEY.PATH=VALUE, e.g. --set train.steps=50")
     *parents, leaf = key.split(".")
+    section = PipelineConfig.model_fields.get(parents[0]) if parents else None
+    if section is not None and isinstance(section.default, dict):  # --set writes one key into its default
+        values.setdefault(parents[0], copy.deepcopy(section.default))
     node = values
     for part in parents:
         node = node.setdefault(part, {})
@@ -219,10 +222,6 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineC
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the pipeline config must be a mapping of sections")
     for assignment in overrides:
-        section = assignment.partition("=")[0].split(".")[0]
-        field = PipelineConfig.model_fields.get(section)
-        if section not in values and field is not None and isinstance(field.default, dict):
-            values[section] = copy.deepcopy(field.default)  # --set changes one key of the section as it would be
         _set(values, assignment)
     lines = _lines(text) if text.strip() else {}
     try:
