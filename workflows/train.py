@@ -184,14 +184,12 @@ def training_dataset(config: TrainConfig, image_size: int):
 GLOBAL_SHUFFLE_MAX_BYTES = 1 << 30
 
 
-def shuffles_globally(config: TrainConfig) -> bool:
-    """`global_shuffle` as set, or by default whether the prepared data is at most GLOBAL_SHUFFLE_MAX_BYTES."""
-    from .preprocess import read_manifest
-
+def shuffles_globally(config: TrainConfig, manifests: list[dict]) -> bool:
+    """`global_shuffle` as set, or by default whether the prepared data (`config.data`'s manifests) is
+    at most GLOBAL_SHUFFLE_MAX_BYTES."""
     if config.global_shuffle is not None:
         return config.global_shuffle
-    stored = sum(shard["bytes"] for uri in config.data for shard in read_manifest(uri)["shards"])
-    return stored <= GLOBAL_SHUFFLE_MAX_BYTES
+    return sum(shard["bytes"] for manifest in manifests for shard in manifest["shards"]) <= GLOBAL_SHUFFLE_MAX_BYTES
 
 
 def mixed_rows(config: TrainConfig):
@@ -205,10 +203,9 @@ def mixed_rows(config: TrainConfig):
     from .preprocess import load_prepared, read_manifest
 
     per_pass = RandomSeedConfig(seed=config.seed, reseed_after_execution=True)
-    datasets, sizes = [], []
-    for uri in config.data:
-        datasets.append(load_prepared(uri, shuffle_files=True, seed=config.seed))
-        sizes.append(read_manifest(uri)["counts"]["kept"])
+    datasets = [load_prepared(uri, shuffle_files=True, seed=config.seed) for uri in config.data]
+    manifests = [read_manifest(uri) for uri in config.data]
+    sizes = [manifest["counts"]["kept"] for manifest in manifests]
     if config.data_weights and len(datasets) > 1:
         total, weight_sum = sum(sizes), sum(config.data_weights)
         mixed = []
@@ -221,7 +218,7 @@ def mixed_rows(config: TrainConfig):
             mixed += parts
         datasets = mixed
     dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    if shuffles_globally(config):
+    if shuffles_globally(config, manifests):
         return dataset.random_shuffle(seed=per_pass)
     if len(config.data) > 1:
         dataset = dataset.randomize_block_order(seed=per_pass)
@@ -525,7 +522,7 @@ def _batches(shard, config: TrainConfig, position: Position, local_batch: int, d
     order per run; `PassDataConfig` keeps that count right after a restart); rows not shuffled globally
     are mixed by a local shuffle buffer of their pass. The batches a resumed run already trained on in
     its pass are read and skipped."""
-    buffer = None if shuffles_globally(config) else config.shuffle_buffer or None
+    buffer = None if config.global_shuffle else config.shuffle_buffer or None  # train() resolved the choice
     while position.step < config.steps:
         iterator = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
                                                  local_shuffle_buffer_size=buffer,
@@ -801,8 +798,9 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
         config = config.model_copy(update={"cpus_per_worker": cpus})
     check_config(config)
     # the data's identity as trained on, not whatever sits at these URIs when the model is registered
-    config = config.model_copy(update={"data_digests": [read_manifest(uri)["digest"] for uri in config.data],
-                                       "global_shuffle": shuffles_globally(config)})
+    manifests = [read_manifest(uri) for uri in config.data]
+    config = config.model_copy(update={"data_digests": [manifest["digest"] for manifest in manifests],
+                                       "global_shuffle": shuffles_globally(config, manifests)})
 
     storage_path = default_storage(config)
     resume_from = None
