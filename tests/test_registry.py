@@ -330,7 +330,8 @@ def test_registered_model_on_mlflow_server_evaluates_promotes_and_loads_in_a_fre
         "emb = model.predict(pd.DataFrame({'text': ['a red circle']}))\n"
         "print(json.dumps({'labels': out['labels'].tolist(), 'scores': out['scores'].tolist(),\n"
         "                  'dim': len(emb['embedding'][0]), 'norm': float(sum(x * x for x in emb['embedding'][0]))}))\n")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    # load_model leaves its download in a temporary directory for the caller to keep: this test's, not /tmp
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TMPDIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], input=json.dumps([i.hex() for i in images]),
                             capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
