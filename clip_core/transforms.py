@@ -117,10 +117,10 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def random_resized_crop(image: Image.Image, size: int, rng: random.Random, scale=(0.9, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> Image.Image:
-    """torchvision's RandomResizedCrop sampling: area fraction in `scale`, log-uniform aspect ratio."""
-    width, height = image.size
+def random_crop_box(width: int, height: int, rng: random.Random, scale=(0.9, 1.0),
+                    ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop sampling as (left, top, w, h): of up to ten draws of an area fraction
+    in `scale` and a log-uniform aspect ratio, the first that fits; else a center crop at the clamped ratio."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -129,9 +129,7 @@ def random_resized_crop(image: Image.Image, size: int, rng: random.Random, scale
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-            return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-    # fall back to a center crop at the clamped aspect ratio
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
     in_ratio = width / height
     if in_ratio < ratio[0]:
         w, h = width, int(round(width / ratio[0]))
@@ -139,7 +137,13 @@ def random_resized_crop(image: Image.Image, size: int, rng: random.Random, scale
         w, h = int(round(height * ratio[1])), height
     else:
         w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_crop(image: Image.Image, size: int, rng: random.Random, scale=(0.9, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """A `random_crop_box` of the image, resized to size x size (bicubic)."""
+    left, top, w, h = random_crop_box(*image.size, rng, scale, ratio)
     return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
 
 

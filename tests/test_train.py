@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import random
 import shutil
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import torch
 import yaml
 
 import clip_core
-from clip_core.transforms import normalize
+from clip_core.transforms import normalize, random_crop_box
 from workflows.parallel import distribute, gathered_state, scalar
 from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, read_prepared_table
 from workflows import cli, storage
@@ -409,6 +410,27 @@ def test_the_train_crop_resamples_bicubic_within_the_pixel_range():
     resized = torch.nn.functional.interpolate(pixels, size=(32, 32), mode="bicubic", align_corners=False)
     assert resized.max() > 1 and resized.min() < 0
     torch.testing.assert_close(augment(images), normalize(resized.clamp(0, 1)), atol=1e-4, rtol=0)
+
+
+def test_the_batched_train_crop_draws_the_crops_of_torchvisions_random_resized_crop():
+    # OpenCLIP's RandomResizedCrop(scale=(0.9, 1)) keeps the first of ten (area, aspect) draws that fits
+    # the image, else the whole image: its crops keep their area in the scale and are barely stretched.
+    # The train stage draws a batch's crops at once; they follow the same law as clip_core's PIL crop.
+    n, side = 20000, 1000
+    width, height, cx, cy = Augment(64, train=True, generator=torch.Generator().manual_seed(0)).crop_boxes(n)
+    rng = random.Random(0)
+    boxes = torch.tensor([random_crop_box(side, side, rng) for _ in range(n)], dtype=torch.float64)
+    ref_width, ref_height = boxes[:, 2] / side, boxes[:, 3] / side
+    area = width * height
+    assert area.min() >= 0.9 - 1e-6 and area.max() <= 1 + 1e-6, "the area stays in the scale"
+    assert width.max() <= 1 and height.max() <= 1
+    assert (cx.abs() <= 1 - width + 1e-6).all() and (cy.abs() <= 1 - height + 1e-6).all(), "inside the image"
+    whole, ref_whole = ((width == 1) & (height == 1)).double().mean(), ((ref_width == 1) & (ref_height == 1)).double().mean()
+    assert 0.05 < ref_whole < 0.3 and abs(whole - ref_whole) < 0.015, (whole, ref_whole)
+    quantiles = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+    for ours, theirs in ((area, ref_width * ref_height), (width / height, ref_width / ref_height)):
+        torch.testing.assert_close(torch.quantile(ours.double(), quantiles), torch.quantile(theirs, quantiles),
+                                   atol=0.005, rtol=0)
 
 
 def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):

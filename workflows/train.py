@@ -235,18 +235,27 @@ class Augment:
         self.image_size, self.train, self.generator = image_size, train, generator
         self.scale, self.log_ratio = scale, (math.log(ratio[0]), math.log(ratio[1]))
 
+    def crop_boxes(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """n crops of a square image as (width, height, centre x, centre y) in its [-1, 1] coordinates,
+        drawn as torchvision's RandomResizedCrop draws them (clip_core's `random_crop_box`): of up to ten
+        (area, aspect) draws the first that fits inside the image, else the whole image; a position
+        that keeps the crop inside."""
+        draws = torch.rand(n, 10, 2, generator=self.generator)
+        area = self.scale[0] + (self.scale[1] - self.scale[0]) * draws[..., 0]
+        aspect = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * draws[..., 1])
+        width, height = torch.sqrt(area * aspect), torch.sqrt(area / aspect)  # shape = [n, 10]
+        fits = (width <= 1) & (height <= 1)
+        first = fits.int().argmax(dim=1, keepdim=True)  # argmax gives the first of equal maxima
+        width = torch.where(fits.any(dim=1), width.gather(1, first).squeeze(1), 1.0)
+        height = torch.where(fits.any(dim=1), height.gather(1, first).squeeze(1), 1.0)
+        centre = torch.rand(n, 2, generator=self.generator) * 2 - 1
+        return width, height, centre[:, 0] * (1 - width), centre[:, 1] * (1 - height)
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float().div_(255)
         if self.train:
             n = x.shape[0]
-            uniform = torch.rand(n, 4, generator=self.generator)
-            area = self.scale[0] + (self.scale[1] - self.scale[0]) * uniform[:, 0]
-            aspect = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * uniform[:, 1])
-            width = torch.sqrt(area * aspect).clamp(max=1.0)
-            height = torch.sqrt(area / aspect).clamp(max=1.0)
-            # crop centres keep the crop inside the image; coordinates are in [-1, 1]
-            cx = (uniform[:, 2] * 2 - 1) * (1 - width)
-            cy = (uniform[:, 3] * 2 - 1) * (1 - height)
+            width, height, cx, cy = self.crop_boxes(n)
             theta = torch.zeros(n, 2, 3)
             theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = width, cx, height, cy
             grid = F.affine_grid(theta.to(x.device), [n, 3, self.image_size, self.image_size], align_corners=False)
