@@ -186,7 +186,9 @@ def train_ours(out: Path, config: TrainConfig) -> dict:
     client = mlflow.MlflowClient(config.mlflow_tracking_uri)
     loss = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "loss")}
     rate = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "samples_per_s")}
-    return {"checkpoint": config.output, "loss": loss, "samples_per_s": _steady(rate), "wall_s": wall}
+    scale = max(client.get_metric_history(result.mlflow_run_id, "logit_scale"), key=lambda m: m.step).value
+    return {"checkpoint": config.output, "loss": loss, "samples_per_s": _steady(rate), "wall_s": wall,
+            "logit_scale": scale}
 
 
 def train_openclip(out: Path, epochs: int, config: TrainConfig) -> dict:
@@ -215,14 +217,16 @@ def train_openclip(out: Path, epochs: int, config: TrainConfig) -> dict:
         raise SystemExit(f"open_clip_train failed ({done.returncode}):\n{done.stderr[-4000:]}\n"
                          f"{log.read_text()[-4000:] if log.exists() else ''}")
     # 'Train Epoch: 0 [ 128/6016 (2%)] ... Batch (t): 3.9, 32.8/s, 32.8/s/gpu LR: ... Contrastive_loss: 4.85 (4.85)'
-    loss, rate = {}, {}
+    loss, rate, scale = {}, {}, 0.0
     for step, line in enumerate((x for x in log.read_text().splitlines() if "Contrastive_loss:" in x), start=1):
         loss[step] = float(re.search(r"Contrastive_loss: ([0-9.]+)", line).group(1))
         rate[step] = float(re.search(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s", line).group(1))
+        scale = float(re.search(r"Logit Scale: ([0-9.]+)", line).group(1))
     # its checkpoint loads as it is: clip_core infers the architecture and reads the activation from `name`
     model = clip_core.load_model(out / "logs" / "run" / "checkpoints" / f"epoch_{epochs}.pt")
     clip_core.save_checkpoint(model, out / "final")
-    return {"checkpoint": str(out / "final"), "loss": loss, "samples_per_s": _steady(rate), "wall_s": wall}
+    return {"checkpoint": str(out / "final"), "loss": loss, "samples_per_s": _steady(rate), "wall_s": wall,
+            "logit_scale": scale}
 
 
 def spread(values: list[float], form: str, unit: str = "") -> str:
@@ -310,26 +314,28 @@ def main() -> None:
         results["untrained"].append(scores(out, str(untrained)))
 
     keys = list(results["rayclip"][0])
-    header = ["model", *keys, "final loss (mean of last 10 steps)", "train samples/s", "train wall s"]
+    header = ["model", *keys, "final loss (mean of last 10 steps)", "final logit scale", "train samples/s",
+              "train wall s"]
     final_loss = {name: [statistics.mean(run["loss"][s] for s in sorted(run["loss"])[-10:]) for run in each]
                   for name, each in runs.items()}
 
     def row(name: str) -> list[str]:
         each = runs.get(name)
         return [name, *(spread([100 * result[k] for result in results[name]], "{:.1f}", "%") for k in keys),
-                *((spread(final_loss[name], "{:.3f}"), spread([run["samples_per_s"] for run in each], "{:.1f}"),
-                   spread([run["wall_s"] for run in each], "{:.0f}")) if each else ("", "", ""))]
+                *((spread(final_loss[name], "{:.3f}"), spread([run["logit_scale"] for run in each], "{:.1f}"),
+                   spread([run["samples_per_s"] for run in each], "{:.1f}"),
+                   spread([run["wall_s"] for run in each], "{:.0f}")) if each else ("", "", "", ""))]
 
     def ratio(of: dict[str, list[dict]], key: str) -> str:  # of the means over the seeds
         ours, theirs = (statistics.mean(item[key] for item in of[name]) for name in ("rayclip", "OpenCLIP"))
         return f"**{ours / theirs:.2f}x**" if theirs else "n/a"
 
     table = [row(name) for name in ("rayclip", "OpenCLIP", "untrained")]
-    table.append(["rayclip / OpenCLIP", *(ratio(results, k) for k in keys), "", ratio(runs, "samples_per_s"),
+    table.append(["rayclip / OpenCLIP", *(ratio(results, k) for k in keys), "", "", ratio(runs, "samples_per_s"),
                   ratio(runs, "wall_s")])
     table += [row(name) for name in runs if name not in ("rayclip", "OpenCLIP")]  # the patch dropout rows
-    each_run = [[name, seed, *(f"{100 * result[k]:.1f}%" for k in keys), f"{loss:.3f}", f"{run['samples_per_s']:.1f}",
-                 f"{run['wall_s']:.0f}"]
+    each_run = [[name, seed, *(f"{100 * result[k]:.1f}%" for k in keys), f"{loss:.3f}", f"{run['logit_scale']:.1f}",
+                 f"{run['samples_per_s']:.1f}", f"{run['wall_s']:.0f}"]
                 for name in runs for seed, result, run, loss in zip(seeds, results[name], runs[name], final_loss[name])]
     heldout = prepared["heldout"]
     sections = [
