@@ -25,7 +25,8 @@ from bench.common import markdown_table, plot_bars, plot_lines, write_report  # 
 from workflows.preprocess import PreprocessOptions, preprocess, read_prepared_table  # noqa: E402
 from workflows.preprocess import decode_batch  # noqa: E402
 from workflows.runtime import init_ray  # noqa: E402
-from workflows.train import Augment, TrainConfig, contrastive_step, default_cpus_per_worker, train  # noqa: E402
+from workflows.train import TrainConfig, contrastive_step, default_cpus_per_worker, train  # noqa: E402
+from workflows.train_data import Augment  # noqa: E402
 
 
 def plain_loop(data_uri: str, model_name: str, batch_size: int, steps: int, warmup: int) -> float:

@@ -223,7 +223,7 @@ def test_prepared_rows_feed_torch_batches_shuffled_by_seed(tmp_path):
     import torch
 
     from workflows.preprocess import decode_batch
-    from workflows.train import Augment
+    from workflows.train_data import Augment
 
     manifest = preprocess("synthetic://all?count=24&seed=4&image_size=48", str(tmp_path / "out"),
                           PreprocessOptions(image_size=48, rows_per_shard=4), echo=_quiet)

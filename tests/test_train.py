@@ -23,9 +23,9 @@ from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, r
 from workflows import cli, storage
 from workflows.tracking import git_commit
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
-from workflows.train import (Augment, Position, TrainConfig, _batches, _RankZeroTracker, build_model, check_config,
-                             contrastive_step, default_cpus_per_worker, init_image_size, init_source,
-                             latest_checkpoint, mixed_rows, train)
+from workflows.train import (TrainConfig, _RankZeroTracker, build_model, check_config, contrastive_step,
+                             default_cpus_per_worker, init_image_size, init_source, latest_checkpoint, train)
+from workflows.train_data import Augment, Position, batches, mixed_rows
 
 from micro import micro_config
 
@@ -306,8 +306,8 @@ def test_globally_shuffled_rows_are_batched_in_their_order_and_streamed_rows_thr
 
     def first_pass(global_shuffle: bool) -> list[int]:
         config = TrainConfig(data=["unread"], steps=1, batch_size=32, shuffle_buffer=64, global_shuffle=global_shuffle)
-        batches = itertools.islice(_batches(rows, config, Position(), 32, "cpu", rank=0), 3)
-        return [int(i) for batch, _ in batches for i in batch["id"]]
+        taken = itertools.islice(batches(rows, config, Position(), 32, "cpu", rank=0), 3)
+        return [int(i) for batch, _ in taken for i in batch["id"]]
 
     # the pass's rows arrive shuffled already: a shuffle buffer on top would only delay the first batch
     assert first_pass(global_shuffle=True) == list(range(96))

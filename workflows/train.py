@@ -37,6 +37,7 @@ from . import storage
 from .parallel import distribute, gather, gathered_state, load_optimizer_state, scalar, sharded
 from .preprocess import decode_batch
 from .tracking import dataset_input, flat_params, git_commit, rayclip_version, redacted, start_run
+from .train_data import Augment, Position, batches, shuffles_globally, training_dataset
 
 TRAIN_STATE = "train_state.pt"
 
@@ -169,101 +170,6 @@ class TrainConfig(BaseModel):
         return self.batch_size // (self.workers * self.accum_freq)
 
 
-# ------------------------------------------------------------------------------- data
-
-
-def training_dataset(config: TrainConfig, image_size: int):
-    """The prepared rows to train on (`mixed_rows`), decoded by Ray Data tasks."""
-    return mixed_rows(config).map_batches(decode_batch, batch_size=config.decode_batch_size, batch_format="numpy",
-                                          fn_kwargs={"image_size": image_size})
-
-
-# Up to this much prepared data (stored bytes) is shuffled row by row on every pass by default. The
-# shuffle is an all-to-all exchange through the object store that the pass's first batch waits for;
-# larger sets get the streaming shuffle (shard order + buffer), as webdataset's loaders do.
-GLOBAL_SHUFFLE_MAX_BYTES = 1 << 30
-
-
-def shuffles_globally(config: TrainConfig, manifests: list[dict]) -> bool:
-    """`global_shuffle` as set, or by default whether the prepared data (`config.data`'s manifests) is
-    at most GLOBAL_SHUFFLE_MAX_BYTES."""
-    if config.global_shuffle is not None:
-        return config.global_shuffle
-    return sum(shard["bytes"] for manifest in manifests for shard in manifest["shards"]) <= GLOBAL_SHUFFLE_MAX_BYTES
-
-
-def mixed_rows(config: TrainConfig):
-    """The prepared datasets' rows, mixed by weight (an epoch keeps the datasets' total size; each
-    dataset's share follows `data_weights`, a part of a dataset sampled afresh each pass), in a new
-    order on every pass over the data: all rows shuffled (`global_shuffle`), else the shard order.
-    Each pass's order depends only on the seed and the pass, so a resumed run reads its pass as it
-    was (`PassDataConfig`)."""
-    from ray.data import RandomSeedConfig
-
-    from .preprocess import load_prepared, read_manifest
-
-    per_pass = RandomSeedConfig(seed=config.seed, reseed_after_execution=True)
-    datasets = [load_prepared(uri, shuffle_files=True, seed=config.seed) for uri in config.data]
-    manifests = [read_manifest(uri) for uri in config.data]
-    sizes = [manifest["counts"]["kept"] for manifest in manifests]
-    if config.data_weights and len(datasets) > 1:
-        total, weight_sum = sum(sizes), sum(config.data_weights)
-        mixed = []
-        for dataset, size, weight in zip(datasets, sizes, config.data_weights):
-            wanted = round(total * weight / weight_sum)
-            repeats, remainder = divmod(wanted, size)
-            parts = [dataset] * repeats
-            if remainder:
-                parts.append(dataset.random_sample(remainder / size, seed=per_pass))
-            mixed += parts
-        datasets = mixed
-    dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    if shuffles_globally(config, manifests):
-        return dataset.random_shuffle(seed=per_pass)
-    if len(config.data) > 1:
-        dataset = dataset.randomize_block_order(seed=per_pass)
-    return dataset
-
-
-class Augment:
-    """uint8 [B, S, S, 3] on the device → normalized float [B, 3, S, S]; in training, a random
-    resized crop (area 0.9-1.0, aspect 3/4-4/3, bicubic, as OpenCLIP) for the whole batch in one grid_sample.
-    The generator is part of the train state, so a resumed run draws the same crops."""
-
-    def __init__(self, image_size: int, train: bool, generator: torch.Generator, scale=(0.9, 1.0),
-                 ratio=(3 / 4, 4 / 3)):
-        self.image_size, self.train, self.generator = image_size, train, generator
-        self.scale, self.log_ratio = scale, (math.log(ratio[0]), math.log(ratio[1]))
-
-    def crop_boxes(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """n crops of a square image as (width, height, centre x, centre y) in its [-1, 1] coordinates,
-        drawn as torchvision's RandomResizedCrop draws them (clip_core's `random_crop_box`): of up to ten
-        (area, aspect) draws the first that fits inside the image, else the whole image; a position
-        that keeps the crop inside."""
-        draws = torch.rand(n, 10, 2, generator=self.generator)
-        area = self.scale[0] + (self.scale[1] - self.scale[0]) * draws[..., 0]
-        aspect = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * draws[..., 1])
-        width, height = torch.sqrt(area * aspect), torch.sqrt(area / aspect)  # shape = [n, 10]
-        fits = (width <= 1) & (height <= 1)
-        first = fits.int().argmax(dim=1, keepdim=True)  # argmax gives the first of equal maxima
-        width = torch.where(fits.any(dim=1), width.gather(1, first).squeeze(1), 1.0)
-        height = torch.where(fits.any(dim=1), height.gather(1, first).squeeze(1), 1.0)
-        centre = torch.rand(n, 2, generator=self.generator) * 2 - 1
-        return width, height, centre[:, 0] * (1 - width), centre[:, 1] * (1 - height)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float().div_(255)
-        if self.train:
-            n = x.shape[0]
-            width, height, cx, cy = self.crop_boxes(n)
-            theta = torch.zeros(n, 2, 3)
-            theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = width, cx, height, cy
-            grid = F.affine_grid(theta.to(x.device), [n, 3, self.image_size, self.image_size], align_corners=False)
-            # clamped as PIL's bicubic is: the kernel overshoots at sharp edges (clip art's outlines)
-            x = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
-        return normalize(x)
-
-
 # ------------------------------------------------------------------------------- model
 
 
@@ -322,23 +228,6 @@ def cosine_schedule(warmup: int, total: int):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-@dataclass
-class Position:
-    """Where a run is: optimizer steps taken, and the data stream's place: the pass over the data
-    (one run of the Ray Dataset, with its own row or shard order) and the batches
-    taken from that pass."""
-    step: int = 0
-    data_pass: int = 0
-    batch_in_pass: int = 0
-
-    def epoch(self, config: TrainConfig) -> int:
-        """The pass over the data, or with sample-based epochs (train_num_samples) the epoch of the
-        last step; the stream runs on through those, so every row is seen, not each epoch's first."""
-        if config.train_num_samples:
-            return max(0, self.step - 1) // max(1, config.train_num_samples // config.batch_size)
-        return self.data_pass
 
 
 def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor, accum_freq: int,
@@ -477,7 +366,7 @@ def train_loop(loop_config: dict) -> None:
     local_batch = config.batch_size // world
 
     window_started, window_data_wait, window_steps = time.perf_counter(), 0.0, 0
-    for batch, waited in _batches(shard, config, position, local_batch, device, rank):
+    for batch, waited in batches(shard, config, position, local_batch, device, rank):
         window_data_wait += waited
         _maybe_inject_fault(config, rank, position.step + 1)
         runnable.train()
@@ -523,33 +412,6 @@ def train_loop(loop_config: dict) -> None:
         tracker.finish()
     if world > 1:
         dist.barrier()
-
-
-def _batches(shard, config: TrainConfig, position: Position, local_batch: int, device, rank: int):
-    """(batch, seconds waited for it) from the data stream, pass after pass, from `position` on
-    (which it advances). Each pass runs the dataset again (Ray Data shuffles the rows or the shard
-    order per run; `PassDataConfig` keeps that count right after a restart); rows not shuffled globally
-    are mixed by a local shuffle buffer of their pass. The batches a resumed run already trained on in
-    its pass are read and skipped."""
-    buffer = None if config.global_shuffle else config.shuffle_buffer or None  # train() resolved the choice
-    while position.step < config.steps:
-        iterator = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
-                                                 local_shuffle_buffer_size=buffer,
-                                                 local_shuffle_seed=config.seed + 7919 * position.data_pass + rank))
-        for _ in range(position.batch_in_pass):
-            next(iterator, None)
-        while True:
-            waited = time.perf_counter()
-            batch = next(iterator, None)
-            if batch is None:
-                break
-            position.batch_in_pass += 1
-            yield batch, time.perf_counter() - waited
-        if position.batch_in_pass == 0:
-            raise ValueError(f"a pass over the data yielded no batch of {local_batch} rows per worker: the "
-                             f"training data is smaller than one global batch ({config.batch_size})")
-        position.data_pass += 1
-        position.batch_in_pass = 0
 
 
 def _report(config, model, optimizer, scheduler, scaler, position, generator, rank, tracker, metrics) -> None:
