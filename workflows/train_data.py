@@ -92,8 +92,9 @@ class Augment:
         width, height = torch.sqrt(area * aspect), torch.sqrt(area / aspect)  # shape = [n, 10]
         fits = (width <= 1) & (height <= 1)
         first = fits.int().argmax(dim=1, keepdim=True)  # argmax gives the first of equal maxima
-        width = torch.where(fits.any(dim=1), width.gather(1, first).squeeze(1), 1.0)
-        height = torch.where(fits.any(dim=1), height.gather(1, first).squeeze(1), 1.0)
+        found = fits.any(dim=1)
+        width = torch.where(found, width.gather(1, first).squeeze(1), 1.0)
+        height = torch.where(found, height.gather(1, first).squeeze(1), 1.0)
         centre = torch.rand(n, 2, generator=self.generator) * 2 - 1
         return width, height, centre[:, 0] * (1 - width), centre[:, 1] * (1 - height)
 
