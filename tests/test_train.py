@@ -263,7 +263,7 @@ def test_data_weights_mix_the_datasets_by_weight_not_by_size(prepared, tmp_path)
     heldout_tokens = read_prepared_table(str(prepared / "heldout"), ["tokens"])["tokens"].to_pylist()
     heldout = {tuple(tokens) for tokens in heldout_tokens}
     config = _config(prepared, tmp_path, data=[str(prepared / "train"), str(prepared / "heldout")], data_weights=[1, 3])
-    rows = mixed_rows(config).select_columns(["tokens"]).take_all()
+    rows = mixed_rows(config, [read_manifest(uri) for uri in config.data]).select_columns(["tokens"]).take_all()
     from_heldout = sum(tuple(row["tokens"]) in heldout for row in rows)
     # an epoch keeps the datasets' total size (256 + 48 rows), three quarters of it from the second (by
     # size it would be 16%); random_sample makes the counts approximate
@@ -277,7 +277,7 @@ def test_each_pass_shuffles_every_row_afresh_and_a_resumed_pass_reads_its_order_
     shard_of = {key: index for index, rows in enumerate(shard_rows) for key in stored[sum(shard_rows[:index]):][:rows]}
 
     def passes(config, count, start=0):
-        dataset = mixed_rows(config).select_columns(["key"])
+        dataset = mixed_rows(config, [read_manifest(str(prepared / "train"))]).select_columns(["key"])
         dataset.context.execution_options.preserve_order = True  # as the train stage reads it
         dataset.context._execution_idx = start  # as PassDataConfig sets it for a resumed run
         return [[row["key"] for row in dataset.iter_rows()] for _ in range(count)]

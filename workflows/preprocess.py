@@ -550,13 +550,15 @@ def read_prepared_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def load_prepared(uri: str, *, shuffle_files: bool = False, seed: int | None = None):
-    """The prepared dataset's kept rows as a Ray Dataset (columns: SHARD_COLUMNS); shuffle
-    with `shuffle_files` here and `local_shuffle_buffer_size` when iterating."""
+def load_prepared(uri: str, *, manifest: dict | None = None, shuffle_files: bool = False, seed: int | None = None):
+    """The prepared dataset's kept rows as a Ray Dataset (columns: SHARD_COLUMNS): the shards its
+    `manifest` lists (read from `uri` when not given: a caller that recorded the manifest's digest
+    passes the manifest it read); shuffle with `shuffle_files` here and `local_shuffle_buffer_size`
+    when iterating."""
     import ray
     from ray.data import FileShuffleConfig
 
-    manifest = read_manifest(uri)
+    manifest = manifest or read_manifest(uri)
     if not manifest["shards"]:
         raise ValueError(f"the prepared dataset at {uri} has no rows ({manifest['counts']})")
     fs, _ = storage.filesystem(uri)

@@ -686,7 +686,7 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     if not storage.is_s3(storage_path):
         os.makedirs(storage_path, exist_ok=True)
     image_size = init_image_size(config) if config.init else clip_core.get_config(config.model).vision.image_size
-    datasets = {"train": training_dataset(config, image_size)}
+    datasets = {"train": training_dataset(config, manifests, image_size)}
 
     from ray.data import ExecutionOptions
 

@@ -14,15 +14,15 @@ import torch.nn.functional as F
 
 from clip_core.transforms import normalize
 
-from .preprocess import decode_batch, load_prepared, read_manifest
+from .preprocess import decode_batch, load_prepared
 
 if TYPE_CHECKING:
     from .train import TrainConfig
 
 
-def training_dataset(config: TrainConfig, image_size: int):
+def training_dataset(config: TrainConfig, manifests: list[dict], image_size: int):
     """The prepared rows to train on (`mixed_rows`), decoded by Ray Data tasks."""
-    return mixed_rows(config).map_batches(decode_batch, batch_size=config.decode_batch_size, batch_format="numpy",
+    return mixed_rows(config, manifests).map_batches(decode_batch, batch_size=config.decode_batch_size, batch_format="numpy",
                                           fn_kwargs={"image_size": image_size})
 
 
@@ -40,8 +40,8 @@ def shuffles_globally(config: TrainConfig, manifests: list[dict]) -> bool:
     return sum(shard["bytes"] for manifest in manifests for shard in manifest["shards"]) <= GLOBAL_SHUFFLE_MAX_BYTES
 
 
-def mixed_rows(config: TrainConfig):
-    """The prepared datasets' rows, mixed by weight (an epoch keeps the datasets' total size; each
+def mixed_rows(config: TrainConfig, manifests: list[dict]):
+    """The prepared datasets' rows (`config.data`, as their `manifests` list them), mixed by weight (an epoch keeps the datasets' total size; each
     dataset's share follows `data_weights`, a part of a dataset sampled afresh each pass), in a new
     order on every pass over the data: all rows shuffled (`global_shuffle`), else the shard order.
     Each pass's order depends only on the seed and the pass, so a resumed run reads its pass as it
@@ -49,8 +49,8 @@ def mixed_rows(config: TrainConfig):
     from ray.data import RandomSeedConfig
 
     per_pass = RandomSeedConfig(seed=config.seed, reseed_after_execution=True)
-    datasets = [load_prepared(uri, shuffle_files=True, seed=config.seed) for uri in config.data]
-    manifests = [read_manifest(uri) for uri in config.data]
+    datasets = [load_prepared(uri, manifest=manifest, shuffle_files=True, seed=config.seed)
+                for uri, manifest in zip(config.data, manifests, strict=True)]
     sizes = [manifest["counts"]["kept"] for manifest in manifests]
     if config.data_weights and len(datasets) > 1:
         total, weight_sum = sum(sizes), sum(config.data_weights)
