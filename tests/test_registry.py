@@ -52,9 +52,13 @@ def _in_process_metrics(checkpoint, uri, tie_tolerances=(0.0, 2e-6)) -> dict:
         image_features = model.encode_image(clip_core.transforms.normalize(torch.from_numpy(rows["image"])),
                                             normalize=True)
         text_features = model.encode_text(torch.from_numpy(rows["tokens"]), normalize=True)
-    classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), read_manifest(uri)["classnames"])
+    classnames = read_manifest(uri)["classnames"]
+    classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), classnames)
     logits = clip_core.zeroshot.zero_shot_logits(image_features, classifier)
-    return {"zeroshot": clip_core.zeroshot.accuracy(logits, torch.from_numpy(rows["label"])),
+    labels, predicted = torch.from_numpy(rows["label"]), logits.argmax(dim=1)
+    per_class = {name: float((predicted[labels == c] == c).float().mean()) for c, name in enumerate(classnames)
+                 if (labels == c).any()}
+    return {"zeroshot": {**clip_core.zeroshot.accuracy(logits, labels), "per_class_recall": per_class},
             "retrieval": [clip_core.retrieval_metrics(image_features, text_features, tie_tolerance=tolerance)
                           for tolerance in tie_tolerances]}
 
@@ -68,8 +72,10 @@ def test_evaluate_matches_in_process_metrics_and_logs_to_mlflow(sets, tmp_path):
 
     # batches that cut across both sets, rows in any order: the in-process numbers
     expected = _in_process_metrics(sets / "ckpt", str(sets / "heldout"))
-    for key in ("top1", "top5", "mean_per_class_recall"):
+    for key in ("top1", "top5", "mean_per_class_recall", "per_class_recall"):
         assert metrics["zeroshot"][key] == pytest.approx(expected["zeroshot"][key], abs=1e-9)
+    per_class = metrics["zeroshot"]["per_class_recall"]
+    assert sum(per_class.values()) / len(per_class) == pytest.approx(metrics["zeroshot"]["mean_per_class_recall"])
     strict, loose = expected["retrieval"]
     for key in strict:
         low, high = sorted((strict[key], loose[key]))

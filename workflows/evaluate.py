@@ -2,7 +2,7 @@
 registered model, computed by Ray Data batch inference (a pool of model actors), logged to MLflow,
 recorded on the model version, and written as metrics.json.
 
-    {"zeroshot":     {"top1", "top5", "mean_per_class_recall", "digest", ...},
+    {"zeroshot":     {"top1", "top5", "mean_per_class_recall", "per_class_recall": {class: recall}, "digest", ...},
      "retrieval":    {"image_to_text_R1", ..., "text_to_image_median_rank", "digest", ...},
      "linear_probe": {"full_top1", "k1_top1", ..., "k16_top1", "digest", "train_digest", ...}}
 
@@ -172,6 +172,13 @@ def zeroshot_metrics(image_features: np.ndarray, labels: np.ndarray, classifier:
     return metrics, confusion
 
 
+def per_class_recall(confusion: np.ndarray, classnames: list[str]) -> dict[str, float]:
+    """Each class's top-1 recall, for the classes the eval set has images of (their mean is
+    mean_per_class_recall)."""
+    images = confusion.sum(axis=1)
+    return {name: float(confusion[c, c] / images[c]) for c, name in enumerate(classnames) if images[c]}
+
+
 def retrieval(image_features: np.ndarray, text_features: np.ndarray) -> dict:
     out = clip_core.retrieval_metrics(torch.from_numpy(image_features), torch.from_numpy(text_features))
     return {key.replace("R@", "R"): value for key, value in out.items()}  # MLflow keys cannot hold '@'
@@ -311,8 +318,8 @@ def _evaluate(config: EvaluateConfig, source: registry.ModelSource, artifacts: s
             files_ref, classnames, templates, config.use_gpu, config.precision))
         scores, confusion = zeroshot_metrics(data[config.zeroshot]["image_features"], data[config.zeroshot]["label"],
                                              classifier)
-        metrics["zeroshot"] = {**scores, **_dataset_info(config.zeroshot), "classes": len(classnames),
-                               "templates": len(templates)}
+        metrics["zeroshot"] = {**scores, "per_class_recall": per_class_recall(confusion, classnames),
+                               **_dataset_info(config.zeroshot), "classes": len(classnames), "templates": len(templates)}
         confusion_png(confusion, classnames, os.path.join(artifacts, "confusion_matrix.png"))
     if config.retrieval:
         ordered = data[config.retrieval]
