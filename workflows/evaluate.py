@@ -319,7 +319,8 @@ def _evaluate(config: EvaluateConfig, source: registry.ModelSource, artifacts: s
         scores, confusion = zeroshot_metrics(data[config.zeroshot]["image_features"], data[config.zeroshot]["label"],
                                              classifier)
         metrics["zeroshot"] = {**scores, "per_class_recall": per_class_recall(confusion, classnames),
-                               **_dataset_info(config.zeroshot), "classes": len(classnames), "templates": len(templates)}
+                               **_dataset_info(config.zeroshot), "classes": len(classnames),
+                               "templates": len(templates)}
         confusion_png(confusion, classnames, os.path.join(artifacts, "confusion_matrix.png"))
     if config.retrieval:
         ordered = data[config.retrieval]

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 def training_dataset(config: TrainConfig, manifests: list[dict], image_size: int):
     """The prepared rows to train on (`mixed_rows`), decoded by Ray Data tasks."""
-    return mixed_rows(config, manifests).map_batches(decode_batch, batch_size=config.decode_batch_size, batch_format="numpy",
-                                          fn_kwargs={"image_size": image_size})
+    return mixed_rows(config, manifests).map_batches(decode_batch, batch_size=config.decode_batch_size,
+                                                     batch_format="numpy", fn_kwargs={"image_size": image_size})
 
 
 # Up to this much prepared data (stored bytes) is shuffled row by row on every pass by default. The
@@ -41,9 +41,10 @@ def shuffles_globally(config: TrainConfig, manifests: list[dict]) -> bool:
 
 
 def mixed_rows(config: TrainConfig, manifests: list[dict]):
-    """The prepared datasets' rows (`config.data`, as their `manifests` list them), mixed by weight (an epoch keeps the datasets' total size; each
-    dataset's share follows `data_weights`, a part of a dataset sampled afresh each pass), in a new
-    order on every pass over the data: all rows shuffled (`global_shuffle`), else the shard order.
+    """The prepared datasets' rows (`config.data`, as their `manifests` list them), mixed by weight (an
+    epoch keeps the datasets' total size; each dataset's share follows `data_weights`, a part of a
+    dataset sampled afresh each pass), in a new order on every pass over the data: all rows shuffled
+    (`global_shuffle`), else the shard order.
     Each pass's order depends only on the seed and the pass, so a resumed run reads its pass as it
     was (`PassDataConfig`)."""
     from ray.data import RandomSeedConfig
