@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 import clip_core
 from workflows import cli, registry
 from workflows import evaluate as evaluate_module
-from workflows.evaluate import EvaluateConfig, evaluate
+from workflows.evaluate import EvaluateConfig, evaluate, per_class_recall
 from workflows.preprocess import PreprocessOptions, decode_batch, preprocess, read_manifest, read_prepared_table
 from workflows.synthetic import samples
 from workflows.tracking import using
@@ -91,6 +91,12 @@ def test_evaluate_matches_in_process_metrics_and_logs_to_mlflow(sets, tmp_path):
     assert run.data.metrics["eval.zeroshot.top1"] == metrics["zeroshot"]["top1"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert artifacts == {"eval/metrics.json", "eval/confusion_matrix.png", "eval/retrieval_examples.png"}
+
+
+def test_per_class_recall_keeps_every_class_apart_when_two_share_a_name():
+    confusion = np.array([[3, 1, 0], [0, 0, 2], [0, 0, 0]])  # true x predicted; class 2 has no images
+    assert per_class_recall(confusion, ["crane", "crane", "kite"]) == {"crane (0)": 0.75, "crane (1)": 0.0}
+    assert per_class_recall(confusion, ["a", "b", "c"]) == {"a": 0.75, "b": 0.0}
 
 
 def test_linear_probes_are_deterministic_and_use_k_examples_per_class():

@@ -13,6 +13,7 @@ not depend on how Ray splits the work.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import tempfile
@@ -174,9 +175,10 @@ def zeroshot_metrics(image_features: np.ndarray, labels: np.ndarray, classifier:
 
 def per_class_recall(confusion: np.ndarray, classnames: list[str]) -> dict[str, float]:
     """Each class's top-1 recall, for the classes the eval set has images of (their mean is
-    mean_per_class_recall)."""
-    images = confusion.sum(axis=1)
-    return {name: float(confusion[c, c] / images[c]) for c, name in enumerate(classnames) if images[c]}
+    mean_per_class_recall), by name; a name that two classes share gets its label: 'crane (134)'."""
+    images, repeated = confusion.sum(axis=1), collections.Counter(classnames)
+    return {name if repeated[name] == 1 else f"{name} ({c})": float(confusion[c, c] / images[c])
+            for c, name in enumerate(classnames) if images[c]}
 
 
 def retrieval(image_features: np.ndarray, text_features: np.ndarray) -> dict:
