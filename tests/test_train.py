@@ -380,7 +380,8 @@ def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket, mo
     for file in (tmp_path / "pretrained").iterdir():
         storage.copy(str(file), f"s3://{s3_bucket}/weights/pretrained/{file.name}")
     config = _config(prepared, tmp_path, init=f"s3://{s3_bucket}/weights/pretrained", cpus_per_worker=1)
-    check_config(config)
+    manifests = [read_manifest(uri) for uri in config.data]
+    check_config(config, manifests)
     built = build_model(config)
     assert all(torch.equal(built.state_dict()[key], value) for key, value in pretrained.state_dict().items())
     # the driver learns the resolution from the checkpoint's config alone: the weights are the workers' to fetch
@@ -396,7 +397,8 @@ def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket, mo
     assert downloads == [f"s3://{s3_bucket}/weights/bare.safetensors"]
     assert init_source(f"openai:s3://{s3_bucket}/ViT-B-32.pt") == ("openai", f"s3://{s3_bucket}/ViT-B-32.pt")
     with pytest.raises(FileNotFoundError, match=rf"no pretrained weights at s3://{s3_bucket}/ViT-B-32.pt"):
-        check_config(_config(prepared, tmp_path, init=f"openai:s3://{s3_bucket}/ViT-B-32.pt", cpus_per_worker=1))
+        check_config(_config(prepared, tmp_path, init=f"openai:s3://{s3_bucket}/ViT-B-32.pt", cpus_per_worker=1),
+                     manifests)
 
 
 def test_the_train_crop_resamples_bicubic_within_the_pixel_range():

@@ -601,8 +601,8 @@ def default_cpus_per_worker(workers: int, use_gpu: bool = False) -> float:
     return float(min(max(1, (os.cpu_count() or 1) // workers), max(logical - 1, 0.25) / workers))
 
 
-def check_config(config: TrainConfig) -> None:
-    """Everything that can be known wrong before any worker starts."""
+def check_config(config: TrainConfig, manifests: list[dict]) -> None:
+    """Everything that can be known wrong before any worker starts (`manifests`: config.data's)."""
     import ray
 
     from .preprocess import read_manifest
@@ -610,7 +610,7 @@ def check_config(config: TrainConfig) -> None:
     for uri in [config.val, config.zeroshot]:
         if uri:
             read_manifest(uri)  # raises naming the missing dataset
-    rows = sum(read_manifest(uri)["counts"]["kept"] for uri in config.data)
+    rows = sum(manifest["counts"]["kept"] for manifest in manifests)
     if rows < config.batch_size:
         raise ValueError(f"the training data has {rows} rows, fewer than one global batch ({config.batch_size}): "
                          f"lower --batch-size or add data")
@@ -667,9 +667,10 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     if config.cpus_per_worker is None:
         cpus = default_cpus_per_worker(config.workers, config.use_gpu)
         config = config.model_copy(update={"cpus_per_worker": cpus})
-    check_config(config)
-    # the data's identity as trained on, not whatever sits at these URIs when the model is registered
+    # the data's identity as trained on, not whatever sits at these URIs when the model is registered;
+    # read_manifest raises naming a missing dataset
     manifests = [read_manifest(uri) for uri in config.data]
+    check_config(config, manifests)
     config = config.model_copy(update={"data_digests": [manifest["digest"] for manifest in manifests],
                                        "global_shuffle": shuffles_globally(config, manifests)})
 
