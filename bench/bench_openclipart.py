@@ -12,12 +12,15 @@ Needs the Debian packages (not used in CI): apt-get install openclipart-png open
     python bench/bench_openclipart.py --patch-dropout 0.5   # two rows more: rayclip with patch dropout (FLIP),
                                                              # then also tuned on whole images for the last tenth
     python bench/bench_openclipart.py --seeds 3   # every row from 3 seeds: mean and standard deviation
+    python bench/bench_openclipart.py --first-seed 2 --workdir /tmp/oc   # seed 2's runs, and keep their
+                                                                          # checkpoints and data under /tmp/oc
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import hashlib
 import json
@@ -288,7 +291,12 @@ def main() -> None:
                         "dropout, and with it and unmasked tuning for the last tenth of the steps")
     parser.add_argument("--seeds", type=int, default=1, help="train every row from this many seeds (the recipe's "
                         "seed and the next ones); the table gives each metric's mean and standard deviation")
+    parser.add_argument("--first-seed", type=int, default=None, help="the first seed (default: the recipe's)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the prepared data, checkpoints and MLflow "
+                        "store in this new directory (default: a temporary one, removed at the end)")
     options = parser.parse_args()
+    if options.workdir and options.workdir.exists():
+        parser.error(f"--workdir {options.workdir}: exists; give a new directory")
     if options.seeds < 1:
         parser.error(f"--seeds {options.seeds}: give 1 or more")
     if not (options.root / "png").is_dir() or not (options.root / "svg").is_dir():
@@ -297,8 +305,12 @@ def main() -> None:
     # with its dashboard, as `rayclip` starts it: Ray Train's placement-group cleaner queries its State API
     init_ray(dashboard=True)
     recipe = RECIPES[MODEL]
-    with tempfile.TemporaryDirectory(prefix="bench-openclipart-") as directory:
-        out = Path(directory)
+    with contextlib.ExitStack() as stack:
+        if options.workdir:
+            options.workdir.mkdir(parents=True)
+            out = options.workdir.resolve()
+        else:
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-openclipart-")))
         counts = build_csvs(options.root, out)
         prepared, prepare_s = prepare(out)
         kept = prepared_images(out)
@@ -321,7 +333,8 @@ def main() -> None:
             variants[f"rayclip, patch dropout {options.patch_dropout:g}"] = {"patch_dropout": options.patch_dropout}
             variants[f"rayclip, patch dropout {options.patch_dropout:g}, last {tuned} steps unmasked"] = {
                 "patch_dropout": options.patch_dropout, "unmasked_tuning_steps": tuned}
-        seeds = [config.seed + offset for offset in range(options.seeds)]
+        first = config.seed if options.first_seed is None else options.first_seed
+        seeds = [first + offset for offset in range(options.seeds)]
         runs: dict[str, list[dict]] = collections.defaultdict(list)  # name -> one run per seed
         results: dict[str, list[dict]] = collections.defaultdict(list)
         for seed in seeds:  # seed by seed: the rows of one seed run close in time (the machine's load drifts)
@@ -427,7 +440,7 @@ def main() -> None:
         (f"{len(seeds)} runs of each row, from seeds {', '.join(map(str, seeds))} (each run's model initialisation, "
          "data order and augmentation): a cell is the mean ± the standard deviation over the runs, the ratio row "
          "divides the means, and the loss curves are the runs' mean." if len(seeds) > 1 else
-         "One run each, from one seed: a difference of a few points in a metric is within what another seed "
+         f"One run each, from seed {first}: a difference of a few points in a metric is within what another seed "
          "could change (`--seeds N` runs each row from N seeds)."),
         "",
         "Samples/s: the median over the second half of the steps, as each loop logs it; wall: the whole command "
