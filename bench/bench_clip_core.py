@@ -78,7 +78,8 @@ def bench_train_step(name: str, batch: int, repeats: int, patch_dropout: float =
 
     with torch.no_grad():  # (OpenCLIP drops patches in training mode only)
         theirs.eval()
-        torch.testing.assert_close(ours(images[:2], tokens[:2])[0], theirs(images[:2], tokens[:2])[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(images[:2], tokens[:2])[0], theirs(images[:2], tokens[:2])[0],
+                                   atol=1e-5, rtol=0)
         theirs.train()
     seconds = time_side_by_side({"ours": step_fn(ours), "open_clip": step_fn(theirs)}, repeats=repeats)
     label = f"{name} train step" + (f", patch dropout {patch_dropout:g}" if patch_dropout else "")

@@ -174,14 +174,16 @@ def main() -> None:
         "Naive: `Image.open().convert('RGB')`, bicubic resize of the shortest side, center crop, encode. Ours: the "
         "same geometry after Pillow's `draft()` reduced-scale JPEG decoding, plus validation (size, aspect, bomb "
         "limits) and a pixel hash for deduplication.",
-        f"The pipeline rows (median of {runs} runs each, interleaved) take {len(pipeline_images)} rows (the JPEGs above, mirrored, flipped and turned) in {shards} "
-        "tar shards, or in one Parquet file, through the whole stage: reading, tokenizing captions, deduplication, writing shards and the "
+        f"The pipeline rows (median of {runs} runs each, interleaved) take {len(pipeline_images)} rows (the JPEGs "
+        f"above, mirrored, flipped and turned) in {shards} tar shards, or in one Parquet file, through the whole "
+        "stage: reading, tokenizing captions, deduplication, writing shards and the "
         "manifest, next to Ray's own processes on the same cores; by default the kept rows pass Ray Data's "
         "`random_shuffle` before the shards are written (an all-to-all exchange through the object store).",
         "Without the shuffle the stage is one streaming pipeline, and Ray Data reserves each stage's minimum "
         "CPUs even while it waits for rows: the exact-size repartition (1 CPU) and the shard writer (0.5) hold "
         "1.5 of the 4 logical CPUs a 2-core local Ray has, so processing runs about one task at a time instead of "
-        "two to three (Ray Data's log: a process_batch budget of 0.6 CPU). Behind the shuffle's barrier they hold nothing "
+        "two to three (Ray Data's log: a process_batch budget of 0.6 CPU). "
+        "Behind the shuffle's barrier they hold nothing "
         "until it is done. On a cluster node's 32 or more CPUs the reservation is under 5%.",
         f"Exact deduplication keeps the first occurrence in source order, so one actor sees every row: it holds "
         f"{dedupe_bytes:.0f} bytes per distinct row (tracemalloc), {dedupe_bytes * 1e8 / 2**30:.1f} GiB per "

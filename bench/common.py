@@ -13,7 +13,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def time_side_by_side(candidates: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+def time_side_by_side(candidates: dict[str, Callable[[], object]], repeats: int = 5,
+                      warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each candidate, interleaved round by round so drift hits all alike."""
     for fn in candidates.values():
         for _ in range(warmup):

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(result, indent=2))
     if args.report:
         rows = [[key, f"{value:.4g}" if isinstance(value, float) else value] for key, value in result.items()]
-        write_report(args.report, f"GPU check: {args.model} {args.dtype} training", [markdown_table(["", "value"], rows)])
+        write_report(args.report, f"GPU check: {args.model} {args.dtype} training",
+                     [markdown_table(["", "value"], rows)])
     return result
 
 

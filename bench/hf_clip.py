@@ -17,9 +17,11 @@ def to_hf_clip(model: CLIP):
     act = "quick_gelu" if config.quick_gelu else "gelu"
     hf_config = CLIPConfig(
         text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
-                         num_attention_heads=t.heads, num_hidden_layers=t.layers, max_position_embeddings=t.context_length,
+                         num_attention_heads=t.heads, num_hidden_layers=t.layers,
+                         max_position_embeddings=t.context_length,
                          hidden_act=act, eos_token_id=49407, layer_norm_eps=1e-5),
-        vision_config=dict(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio), num_attention_heads=v.heads,
+        vision_config=dict(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio),
+                           num_attention_heads=v.heads,
                            num_hidden_layers=v.layers, image_size=v.image_size, patch_size=v.patch_size, hidden_act=act,
                            layer_norm_eps=1e-5),
         projection_dim=config.embed_dim,
@@ -40,7 +42,8 @@ def to_hf_clip(model: CLIP):
            "vision_model.post_layernorm.weight": sd["visual.ln_post.weight"],
            "vision_model.post_layernorm.bias": sd["visual.ln_post.bias"],
            "visual_projection.weight": sd["visual.proj"].T}
-    for ours, theirs, layers in (("transformer", "text_model", t.layers), ("visual.transformer", "vision_model", v.layers)):
+    for ours, theirs, layers in (("transformer", "text_model", t.layers),
+                                 ("visual.transformer", "vision_model", v.layers)):
         for i in range(layers):
             src, dst = f"{ours}.resblocks.{i}.", f"{theirs}.encoder.layers.{i}."
             for part, w in zip("qkv", sd[src + "attn.in_proj_weight"].chunk(3)):

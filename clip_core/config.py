@@ -108,7 +108,8 @@ class CLIPConfig:
         vision = dict(data.pop("vision", {}))
         if isinstance(vision.get("layers"), list):
             vision["layers"] = tuple(vision["layers"])
-        return cls(vision=_build(VisionConfig, vision, "vision"), text=_build(TextConfig, data.pop("text", {}), "text"), **data)
+        return cls(vision=_build(VisionConfig, vision, "vision"),
+                   text=_build(TextConfig, data.pop("text", {}), "text"), **data)
 
     def replace(self, **changes) -> CLIPConfig:
         return dataclasses.replace(self, **changes)

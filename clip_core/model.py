@@ -82,7 +82,8 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = Attention(width, heads)
         self.ln_2 = LayerNorm(width)
         self.mlp = nn.Sequential(
-            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", act_layer()), ("c_proj", nn.Linear(hidden, width))])
+            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", act_layer()),
+                         ("c_proj", nn.Linear(hidden, width))])
         )
 
     def forward(self, x: torch.Tensor, causal: bool = False, query_index: torch.Tensor | None = None) -> torch.Tensor:

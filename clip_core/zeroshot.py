@@ -93,7 +93,8 @@ def zero_shot_classifier(model, tokenize: Callable[[list[str]], torch.Tensor], c
     return F.normalize(per_class, dim=-1).T
 
 
-def zero_shot_logits(image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
+def zero_shot_logits(image_features: torch.Tensor, classifier: torch.Tensor,
+                     logit_scale: float = 100.0) -> torch.Tensor:
     """Scaled cosine similarities [N, C] of normalized image features with the classifier."""
     return logit_scale * F.normalize(image_features.float(), dim=-1) @ classifier.to(image_features.device)
 

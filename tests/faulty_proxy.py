@@ -49,7 +49,8 @@ class FaultyProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status = proxy._fault(self.path)
                 if status is not None:
-                    payload, headers = b'{"error_code": "TEMPORARILY_UNAVAILABLE"}', {"Content-Type": "application/json"}
+                    payload, headers = (b'{"error_code": "TEMPORARILY_UNAVAILABLE"}',
+                                        {"Content-Type": "application/json"})
                 else:
                     answer = proxy.upstream.request(self.command, self.path, content=body, headers={
                         key: value for key, value in self.headers.items() if key.lower() not in _HOP_BY_HOP})

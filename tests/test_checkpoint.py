@@ -57,7 +57,8 @@ def test_mismatched_shape_names_the_tensor_and_both_shapes(tmp_path):
     model = clip_core.create_model("tiny")
     directory = clip_core.save_checkpoint(model, tmp_path / "ckpt")
     _rewrite_weights(directory, lambda tensors: tensors.update(text_projection=torch.zeros(256, 128)))
-    with pytest.raises(CheckpointError, match=r"'text_projection' has shape \(256, 128\) in .* but \(256, 256\) in the model"):
+    with pytest.raises(CheckpointError, match=r"'text_projection' has shape \(256, 128\) in .* but \(256, 256\) "
+                                              r"in the model"):
         clip_core.load_model(directory)
 
 

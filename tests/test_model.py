@@ -32,9 +32,11 @@ def test_presets_have_the_published_shapes(name):
 
 def test_cpu_presets_are_the_documented_sizes():
     tiny, small = get_config("tiny"), get_config("small")
-    assert (tiny.vision.image_size, tiny.vision.patch_size, tiny.vision.width, tiny.vision.layers, tiny.vision.heads) == (64, 8, 256, 6, 4)
+    assert (tiny.vision.image_size, tiny.vision.patch_size, tiny.vision.width, tiny.vision.layers,
+            tiny.vision.heads) == (64, 8, 256, 6, 4)
     assert (tiny.text.width, tiny.text.layers, tiny.text.heads, tiny.embed_dim) == (256, 6, 4, 256)
-    assert (small.vision.image_size, small.vision.layers, small.vision.width, small.text.layers, small.text.width) == (128, 8, 384, 8, 384)
+    assert (small.vision.image_size, small.vision.layers, small.vision.width, small.text.layers,
+            small.text.width) == (128, 8, 384, 8, 384)
 
 
 def test_names_accept_openai_and_openclip_spellings():
@@ -129,7 +131,8 @@ def test_patch_dropout_sees_only_the_kept_patches_in_any_order():
         clip_core.CLIP(get_config("RN50")).sample_patches(2, 0.5)
 
 
-@pytest.mark.parametrize("name,image_size,checkpointing", [("tiny", 64, False), ("tiny", 64, True), ("RN50", 64, False)])
+@pytest.mark.parametrize("name,image_size,checkpointing",
+                         [("tiny", 64, False), ("tiny", 64, True), ("RN50", 64, False)])
 def test_torch_compile_sees_the_model_as_one_graph(name, image_size, checkpointing):
     # a break (such as a length read from the data) splits what inductor fuses and recompiles per shape
     model = clip_core.create_model(name, image_size=image_size)

@@ -65,8 +65,10 @@ def test_fresh_weights_are_drawn_as_openclip_draws_them(openclip_model):
                 mismatched.append(key)
             continue
         std = b.std().item()
-        if abs(a.std().item() - std) > 0.1 * std + 1e-6 or abs(a.mean() - b.mean()).item() > 5 * std / b.numel() ** 0.5 + 1e-6:
-            mismatched.append(f"{key}: mean {a.mean():.4f} std {a.std():.4f}, OpenCLIP mean {b.mean():.4f} std {std:.4f}")
+        if (abs(a.std().item() - std) > 0.1 * std + 1e-6
+                or abs(a.mean() - b.mean()).item() > 5 * std / b.numel() ** 0.5 + 1e-6):
+            mismatched.append(f"{key}: mean {a.mean():.4f} std {a.std():.4f}, "
+                              f"OpenCLIP mean {b.mean():.4f} std {std:.4f}")
     assert not mismatched, "\n".join(mismatched)
 
 
@@ -100,7 +102,8 @@ def test_openai_plain_state_dict_loads(tmp_path):
     torch.manual_seed(4)
     reference = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
     state_dict = {k: v.half() for k, v in reference.state_dict().items()}  # OpenAI ships fp16 weights
-    state_dict.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    state_dict.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77),
+                      vocab_size=torch.tensor(49408))
     torch.save(state_dict, tmp_path / "ViT-B-32.pt")
     ours = clip_core.load_model(tmp_path / "ViT-B-32.pt")
     assert ours.config.quick_gelu and ours.config.name == "ViT-B-32-quickgelu"

@@ -200,7 +200,8 @@ def test_s3_in_and_out(tmp_path, s3_bucket):
     digests = {}
     for name, (source, options) in runs.items():
         output = f"s3://{s3_bucket}/prepared/{name}"
-        manifest = preprocess(source, output, PreprocessOptions(image_size=32, rows_per_shard=5, **options), echo=_quiet)
+        manifest = preprocess(source, output, PreprocessOptions(image_size=32, rows_per_shard=5, **options),
+                              echo=_quiet)
         kept = 7 if name == "tsv" else 8
         assert manifest["counts"]["kept"] == kept, name
         stored = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"prepared/{name}/manifest.json")["Body"].read())
@@ -362,10 +363,13 @@ def test_a_killed_run_leaves_the_previous_manifest_and_its_shards(tmp_path):
 
 def test_missing_columns_and_sources_fail_fast_naming_them(tmp_path):
     corpus.write_parquet(tmp_path / "data.parquet", corpus.clean_pairs(2), image_column="jpg", caption_column="txt")
-    with pytest.raises(SourceError, match=r"caption column 'caption' not found in .*data.parquet; columns are: key, jpg, txt"):
-        preprocess(str(tmp_path / "data.parquet"), str(tmp_path / "out"), PreprocessOptions(image_key="jpg"), echo=_quiet)
+    with pytest.raises(SourceError, match=r"caption column 'caption' not found in .*data.parquet; "
+                                          r"columns are: key, jpg, txt"):
+        preprocess(str(tmp_path / "data.parquet"), str(tmp_path / "out"), PreprocessOptions(image_key="jpg"),
+                   echo=_quiet)
     csv_path = corpus.write_csv(tmp_path / "csv", corpus.clean_pairs(2))
-    with pytest.raises(SourceError, match=r"caption column 'caption' not found .*columns are: filepath, title .*--caption-key"):
+    with pytest.raises(SourceError, match=r"caption column 'caption' not found .*columns are: filepath, title "
+                                          r".*--caption-key"):
         preprocess(str(csv_path), str(tmp_path / "out"), echo=_quiet)
     with pytest.raises(SourceError, match=r"1 of 1 source files do not exist, e.g. .*nowhere.tar; its folder .* holds: "
                                           r"csv/, data.parquet$"):
@@ -389,7 +393,8 @@ def test_missing_columns_and_sources_fail_fast_naming_them(tmp_path):
     folder = str(tmp_path / "folder")
     with pytest.raises(SourceError, match=r"no caption \(\.caption\) among the files of .*folder; extensions found"):
         preprocess(folder, str(tmp_path / "out"), PreprocessOptions(caption_key="caption"), echo=_quiet)
-    with pytest.raises(SourceError, match=r"no label \(\.cls\) among the files of .*folder; extensions found: jpg, txt"):
+    with pytest.raises(SourceError, match=r"no label \(\.cls\) among the files of .*folder; "
+                                          r"extensions found: jpg, txt"):
         preprocess(folder, str(tmp_path / "out"), PreprocessOptions(label_key="cls"), echo=_quiet)
     assert not (tmp_path / "out").exists()
 
@@ -457,7 +462,9 @@ from workflows.synthetic import split_class_names
 spec = SourceSpec(format="synthetic")
 (chunk,) = plan_files("synthetic://train?count=12&image_size=64", spec)
 raw = pa.concat_tables(read_source_batch(pa.table({{"uri": [chunk]}}), spec))
-summary = write_shard(Deduplicate()(process_batch(raw, PreprocessOptions(image_size=64, classnames=split_class_names("train")))), {str(tmp_path)!r})
+summary = write_shard(Deduplicate()(process_batch(raw, PreprocessOptions(image_size=64,
+                                                                         classnames=split_class_names("train")))),
+                      {str(tmp_path)!r})
 shard = summary.column("shard")[0].as_py()
 decoded = decode_batch(pq.read_table({str(tmp_path)!r} + "/" + shard.rsplit("/", 1)[-1]).to_pydict(), 64)
 assert decoded["image"].shape == (12, 64, 64, 3) and decoded["tokens"].shape == (12, 77), summary

@@ -161,14 +161,16 @@ def test_a_checkpoint_on_s3_is_fetched_with_its_inference_files_only(sets, tmp_p
 
 
 def _metrics(sets, top1: float, digest_of: str = "heldout") -> dict:
-    return {"zeroshot": {"top1": top1, "top5": min(1.0, top1 + 0.2), "digest": read_manifest(str(sets / digest_of))["digest"]}}
+    return {"zeroshot": {"top1": top1, "top5": min(1.0, top1 + 0.2),
+                         "digest": read_manifest(str(sets / digest_of))["digest"]}}
 
 
 def test_register_promote_gate_and_rollback(sets, tmp_path, capsys):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     flags = ["--mlflow-tracking-uri", tracking]
     (tmp_path / "m1.json").write_text(json.dumps(_metrics(sets, 0.50)))
-    assert cli.main(["register", str(sets / "ckpt"), "--name", "clip", "--metrics", str(tmp_path / "m1.json"), *flags]) == 0
+    assert cli.main(["register", str(sets / "ckpt"), "--name", "clip", "--metrics", str(tmp_path / "m1.json"),
+                     *flags]) == 0
     assert torch.is_grad_enabled(), "registering (MLflow runs the pyfunc on the input example) left autograd off"
     client = registry.client(tracking)
     v1 = client.get_model_version_by_alias("clip", "challenger")
@@ -208,12 +210,14 @@ def test_register_promote_gate_and_rollback(sets, tmp_path, capsys):
     # within the allowed drop: promoted; metrics on another eval set cannot be compared
     registry.register(str(sets / "ckpt"), "clip", metrics=_metrics(sets, 0.497), tracking_uri=tracking)
     assert registry.promote("clip", tracking_uri=tracking)["decision"] == "passed"
-    registry.register(str(sets / "ckpt"), "clip", metrics=_metrics(sets, 0.9, digest_of="heldout2"), tracking_uri=tracking)
+    registry.register(str(sets / "ckpt"), "clip", metrics=_metrics(sets, 0.9, digest_of="heldout2"),
+                      tracking_uri=tracking)
     refused = registry.promote("clip", tracking_uri=tracking)
     assert refused["decision"] == "failed" and "same eval set" in refused["reason"]
     assert str(client.get_registered_model("clip").aliases["champion"]) == "3"
     forced = registry.promote("clip", force=True, tracking_uri=tracking)
-    assert forced["decision"] == "forced" and client.get_model_version("clip", "4").tags["validation_status"] == "forced"
+    assert (forced["decision"] == "forced"
+            and client.get_model_version("clip", "4").tags["validation_status"] == "forced")
 
     # rollback walks the champion history back
     assert cli.main(["rollback", "clip", *flags]) == 0
@@ -305,7 +309,8 @@ def test_registration_retries_5xx_and_a_failed_one_leaves_no_version_behind(sets
         registry.rollback("clip-flaky", tracking_uri=mlflow_server.uri, echo=quiet)
 
 
-def test_registered_model_on_mlflow_server_evaluates_promotes_and_loads_in_a_fresh_process(sets, mlflow_server, tmp_path):
+def test_registered_model_on_mlflow_server_evaluates_promotes_and_loads_in_a_fresh_process(
+        sets, mlflow_server, tmp_path):
     tracking = mlflow_server.uri
     registered = registry.register(str(sets / "ckpt"), "clip-remote", tracking_uri=tracking, echo=lambda *_: None)
     assert registered["version"] == "1"
@@ -341,7 +346,8 @@ def test_registered_model_on_mlflow_server_evaluates_promotes_and_loads_in_a_fre
         f"out = model.predict(pd.DataFrame({{'image': images}}), params={{'labels': {labels!r}, 'top_k': 2}})\n"
         "emb = model.predict(pd.DataFrame({'text': ['a red circle']}))\n"
         "print(json.dumps({'labels': out['labels'].tolist(), 'scores': out['scores'].tolist(),\n"
-        "                  'dim': len(emb['embedding'][0]), 'norm': float(sum(x * x for x in emb['embedding'][0]))}))\n")
+        "                  'dim': len(emb['embedding'][0]), "
+        "'norm': float(sum(x * x for x in emb['embedding'][0]))}))\n")
     # load_model leaves its download in a temporary directory for the caller to keep: this test's, not /tmp
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TMPDIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], input=json.dumps([i.hex() for i in images]),

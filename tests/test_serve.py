@@ -175,7 +175,8 @@ def test_model_info_health_and_docs(app):
     classify = paths["/v1/classify"]["post"]["requestBody"]["content"]
     assert set(classify) == {"application/json", "multipart/form-data"}
     assert {"images", "labels", "top_k"} <= set(classify["application/json"]["schema"]["properties"])
-    assert "texts" in paths["/v1/embed/text"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert "texts" in (paths["/v1/embed/text"]["post"]["requestBody"]["content"]["application/json"]
+                       ["schema"]["properties"])
 
 
 def _bomb() -> str:
@@ -263,7 +264,8 @@ def test_classify_takes_multipart_uploads_and_allow_listed_s3_images_and_never_f
 
     one = [("images", ("one.png", png, "image/png"))]
     assert error(upload(data={"labels": "a", "colour": "red"}, files=one)) == (422, "invalid_request")
-    assert error(upload(data={"labels": "a"}, files=[("other", ("x.png", png, "image/png"))])) == (422, "invalid_request")
+    assert error(upload(data={"labels": "a"},
+                        files=[("other", ("x.png", png, "image/png"))])) == (422, "invalid_request")
     assert error(upload(files=one + [("labels", ("l.txt", b"a", "text/plain"))])) == (422, "invalid_request")
     assert error(upload(data={"labels": "a"}, files=one * 5)) == (422, "too_many")
     assert error(upload(content=b"--x\r\nnonsense", headers={**AUTH, "Content-Type": "multipart/form-data"})
@@ -287,7 +289,8 @@ def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_p
     env.pop("RAYCLIP_SERVE_TOKEN", None)
     log = open(tmp_path / "serve.log", "w+")
     process = subprocess.Popen([sys.executable, "-m", "workflows.cli", "serve", "--model", str(tmp_path / "ckpt"),
-                                "--port", str(port), "--poll-registry", "0.5"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+                                "--port", str(port), "--poll-registry", "0.5"], stdout=log, stderr=subprocess.STDOUT,
+                               env=env, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 240
         while "Ctrl-C stops" not in (tmp_path / "serve.log").read_text():

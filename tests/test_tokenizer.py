@@ -47,7 +47,8 @@ def test_special_ids_vocab_and_padding(tokenize):
 def test_truncation_keeps_eot(tokenize):
     row = tokenize("word " * 200)[0]
     assert row[0] == 49406 and row[-1] == 49407 and (row[1:-1] != 0).all()
-    assert tokenize(["a b c d"], context_length=4)[0].tolist() == [49406, tokenize.encode("a")[0], tokenize.encode("b")[0], 49407]
+    assert tokenize(["a b c d"], context_length=4)[0].tolist() == [49406, tokenize.encode("a")[0],
+                                                                    tokenize.encode("b")[0], 49407]
 
 
 def test_cleaning_fixes_mojibake_html_and_whitespace():

@@ -48,7 +48,8 @@ def prepared(tmp_path_factory, ray_session):
 
 
 def _config(prepared, tmp_path, **overrides) -> TrainConfig:
-    values = dict(data=[str(prepared / "train")], model=str(prepared / "micro.json"), steps=8, batch_size=32, lr=1e-3, warmup_steps=2,
+    values = dict(data=[str(prepared / "train")], model=str(prepared / "micro.json"), steps=8, batch_size=32,
+                  lr=1e-3, warmup_steps=2,
                   log_every=1, checkpoint_every=4, storage=str(tmp_path / "runs"), output=str(tmp_path / "final"),
                   shuffle_buffer=64, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     values.update(overrides)
@@ -219,7 +220,8 @@ def test_two_workers_train_log_to_mlflow_and_resume_from_the_s3_checkpoint_when_
                 "grad_norm", "val_loss", "val_image_to_text_R1", "zeroshot_top1"):
         assert key in run.data.metrics, key
     assert {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs} == {
-        (name, read_manifest(str(prepared / name))["digest"].removeprefix("sha256:")[:36]) for name in ("train", "heldout")}
+        (name, read_manifest(str(prepared / name))["digest"].removeprefix("sha256:")[:36])
+        for name in ("train", "heldout")}
     assert (run.data.tags["rayclip.version"], run.data.tags["git_commit"]) == (version("rayclip"), git_commit() or "")
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "checkpoint")}
     assert {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/train_state.pt"} <= artifacts
@@ -343,8 +345,10 @@ def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(pre
     from_flags = {"patch_dropout", "unmasked_tuning_steps"}
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude=from_flags)))
     exit_code = cli.main(["train", "--config", str(tmp_path / "train.yaml"), "--storage", str(tmp_path / "b" / "runs"),
-                          "--output", str(tmp_path / "b" / "final"), "--patch-dropout", "0.5", "--unmasked-tuning-steps", "1",
-                          "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "--resume", str(midway)])
+                          "--output", str(tmp_path / "b" / "final"), "--patch-dropout", "0.5",
+                          "--unmasked-tuning-steps", "1",
+                          "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}",
+                          "--resume", str(midway)])
     assert exit_code == 0
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
     resumed_run = client.search_runs([client.get_experiment_by_name("rayclip").experiment_id])[0]
@@ -427,7 +431,8 @@ def test_the_batched_train_crop_draws_the_crops_of_torchvisions_random_resized_c
     assert area.min() >= 0.9 - 1e-6 and area.max() <= 1 + 1e-6, "the area stays in the scale"
     assert width.max() <= 1 and height.max() <= 1
     assert (cx.abs() <= 1 - width + 1e-6).all() and (cy.abs() <= 1 - height + 1e-6).all(), "inside the image"
-    whole, ref_whole = ((width == 1) & (height == 1)).double().mean(), ((ref_width == 1) & (ref_height == 1)).double().mean()
+    whole, ref_whole = (((width == 1) & (height == 1)).double().mean(),
+                        ((ref_width == 1) & (ref_height == 1)).double().mean())
     assert 0.05 < ref_whole < 0.3 and abs(whole - ref_whole) < 0.015, (whole, ref_whole)
     quantiles = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
     for ours, theirs in ((area, ref_width * ref_height), (width / height, ref_width / ref_height)):

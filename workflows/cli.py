@@ -60,7 +60,8 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     values = _read_config_file(args.config) if args.config else {}
-    values.update({k: v for k, v in {"data": args.data, "val": args.val, "zeroshot": args.zeroshot, "output": args.output,
+    values.update({k: v for k, v in {"data": args.data, "val": args.val, "zeroshot": args.zeroshot,
+              "output": args.output,
               "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "workers": args.workers,
               "storage": args.storage, "strategy": args.strategy, "init": args.init, "resume": args.resume,
               "use_gpu": args.gpu or None,
@@ -304,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     tracking = argparse.ArgumentParser(add_help=False)
     tracking.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI, else MLflow's default store")
 
-    ev = commands.add_parser("evaluate", parents=[tracking], help="zero-shot, retrieval and linear-probe metrics (Ray Data)",
+    ev = commands.add_parser("evaluate", parents=[tracking],
+                             help="zero-shot, retrieval and linear-probe metrics (Ray Data)",
                              description="Evaluate a checkpoint or registered model. Metrics go to --json, to "
                              "MLflow (the model's run, else a new run) and, for models:/ URIs, onto the version.")
     ev.add_argument("model", help="checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/VERSION")
@@ -320,15 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the metrics here (local path or s3://)")
     ev.set_defaults(handler=_evaluate)
 
-    reg = commands.add_parser("register", parents=[tracking], help="checkpoint → MLflow model version, alias challenger")
+    reg = commands.add_parser("register", parents=[tracking],
+                              help="checkpoint → MLflow model version, alias challenger")
     reg.add_argument("checkpoint", help="checkpoint directory or s3:// prefix (the train stage's --output)")
     reg.add_argument("--name", required=True, help="registered model name")
     reg.add_argument("--metrics", help="metrics.json from `rayclip evaluate --json`, recorded on the version")
     reg.set_defaults(handler=_register)
 
     gate = argparse.ArgumentParser(add_help=False)
-    gate.add_argument("--metric", default="zeroshot.top1", help="section.metric the gate compares (default zeroshot.top1)")
-    pro = commands.add_parser("promote", parents=[tracking, gate], help="move champion to the challenger if the gate passes",
+    gate.add_argument("--metric", default="zeroshot.top1",
+                      help="section.metric the gate compares (default zeroshot.top1)")
+    pro = commands.add_parser("promote", parents=[tracking, gate],
+                              help="move champion to the challenger if the gate passes",
                               description="Compare the challenger (or --version) with the champion on the same eval "
                               "set; champion moves only when the metric drops by at most --max-drop (or, with no "
                               "champion, reaches --floor). Exit status 1 when the gate fails.")
@@ -347,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("name")
     mo.set_defaults(handler=_models)
 
-    sv = commands.add_parser("serve", parents=[tracking], help="zero-shot HTTP endpoints on Ray Serve, in the foreground",
+    sv = commands.add_parser("serve", parents=[tracking],
+                             help="zero-shot HTTP endpoints on Ray Serve, in the foreground",
                              description="Serve a registered model or a checkpoint until interrupted; SIGINT/SIGTERM "
                              "shut Serve and its local Ray down. Bearer auth is on when $RAYCLIP_SERVE_TOKEN is set.")
     sv.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory "

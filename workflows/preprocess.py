@@ -260,10 +260,12 @@ def process_batch(batch: pa.Table, options: PreprocessOptions, progress=None) ->
         try:
             if row["reason"]:
                 raise Reject(row["reason"], row["detail"] or "")
-            caption_bytes = row["caption"] if row["caption_uri"] is None else _fetch(row["caption_uri"], 1 << 20, "missing_caption")
+            caption_bytes = (row["caption"] if row["caption_uri"] is None
+                             else _fetch(row["caption_uri"], 1 << 20, "missing_caption"))
             caption = prepare_caption(caption_bytes, options)
             label = resolve_label(row["label"], options.classnames, required=options.label_key is not None)
-            image_bytes = row["image"] if row["image_uri"] is None else _fetch(row["image_uri"], options.max_image_bytes, "missing_image")
+            image_bytes = (row["image"] if row["image_uri"] is None
+                           else _fetch(row["image_uri"], options.max_image_bytes, "missing_image"))
             image, (width, height), pixel_hash = prepare_image(image_bytes, options)
             ids = [tokenize.sot_token_id, *tokenize.encode(caption)][: tokenize.context_length - 1]
             result.update(image=image, caption=caption, tokens=[*ids, tokenize.eot_token_id], label=label,
@@ -305,7 +307,8 @@ def write_shard(batch: pa.Table, shards_uri: str) -> pa.Table:
         "shard": [shard], "sha256": [digest], "rows": [kept.num_rows], "bytes": [size], "read": [batch.num_rows],
         "content": [f"{content:032x}"],
         "reject_key": [rejected.column("key").to_pylist()], "reject_source": [rejected.column("source").to_pylist()],
-        "reject_reason": [rejected.column("reason").to_pylist()], "reject_detail": [rejected.column("detail").to_pylist()],
+        "reject_reason": [rejected.column("reason").to_pylist()],
+        "reject_detail": [rejected.column("detail").to_pylist()],
     })
 
 

@@ -16,7 +16,8 @@ class Deduplicate:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         reasons, details = batch.column("reason").to_pylist(), batch.column("detail").to_pylist()
-        for i, (key, pixel_hash) in enumerate(zip(batch.column("key").to_pylist(), batch.column("pixel_hash").to_pylist())):
+        for i, (key, pixel_hash) in enumerate(zip(batch.column("key").to_pylist(),
+                                                  batch.column("pixel_hash").to_pylist())):
             if reasons[i] is not None:
                 continue
             first = self.first_key_of.setdefault(pixel_hash, key)

@@ -422,7 +422,8 @@ def list_versions(name: str, *, tracking_uri: str | None = None) -> list[dict]:
     for found in registry.search_model_versions(f"name = '{name}'"):
         model_version = registry.get_model_version(name, str(found.version))  # search results lack some tags
         tags = model_version.tags or {}
-        rows.append({"version": str(model_version.version), "aliases": sorted(aliases.get(str(model_version.version), [])),
+        rows.append({"version": str(model_version.version),
+                     "aliases": sorted(aliases.get(str(model_version.version), [])),
                      "status": tags.get("validation_status", ""), "metrics": version_metrics(model_version.tags),
                      "dataset_digests": tags.get("dataset_digests", ""), "train_run_id": tags.get("train_run_id", ""),
                      "run_id": model_version.run_id, "git_commit": tags.get("git_commit", ""),

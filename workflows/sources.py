@@ -331,7 +331,8 @@ def _read_parquet(uri: str, spec: SourceSpec) -> Iterator[dict]:
                     image = image.get("bytes")
                 caption = record[spec.caption_field]
                 label = record.get(spec.label_key) if spec.label_key else None
-                key = str(record["key"]) if has_key and record.get("key") is not None else f"{storage.basename(uri)}:{index}"
+                key = (str(record["key"]) if has_key and record.get("key") is not None
+                       else f"{storage.basename(uri)}:{index}")
                 yield {"key": key, "source": uri, "image": image,
                        "caption": caption.encode("utf-8") if isinstance(caption, str) else caption,
                        "label": None if label is None else str(label),
@@ -370,7 +371,8 @@ def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
         by_stem.setdefault(stem, {})[extension.lower()] = name
     root = uri.rstrip("/") + "/"
     for stem, members in sorted(by_stem.items()):
-        image_ext = next((ext for ext in ((spec.image_key,) if spec.image_key else IMAGE_EXTENSIONS) if ext in members), None)
+        image_ext = next((ext for ext in ((spec.image_key,) if spec.image_key else IMAGE_EXTENSIONS)
+                          if ext in members), None)
         if image_ext is None:
             if spec.caption_field in members:  # a caption whose image is missing
                 yield {"key": stem[len(root):], "source": members[spec.caption_field], "reason": "missing_image",
@@ -389,7 +391,8 @@ def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
         metadata = None
         if "json" in members:  # held to the per-member limit, as a tar's members are
             try:
-                metadata = storage.read_bytes(members["json"], max_bytes=spec.max_image_bytes).decode("utf-8", "replace")
+                metadata = storage.read_bytes(members["json"],
+                                              max_bytes=spec.max_image_bytes).decode("utf-8", "replace")
             except storage.TooLarge as exc:
                 yield {**row, "reason": "image_too_large", "detail": f"sidecar: {exc}"}
                 continue

@@ -151,7 +151,8 @@ class TrainConfig(BaseModel):
         if self.data_weights is not None and any(w <= 0 for w in self.data_weights):
             raise ValueError(f"data_weights must be positive, got {self.data_weights}")
         if self.checkpoint_metric and not (self.val or self.zeroshot):
-            raise ValueError(f"checkpoint_metric {self.checkpoint_metric!r} needs a validation set: set val or zeroshot")
+            raise ValueError(f"checkpoint_metric {self.checkpoint_metric!r} needs a validation set: "
+                             "set val or zeroshot")
         if self.unmasked_tuning_steps and not self.patch_dropout:
             raise ValueError("unmasked_tuning_steps tunes on whole images after patch dropout: set patch_dropout too")
         if self.unmasked_tuning_steps >= self.steps:
@@ -699,7 +700,8 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage.filesystem(storage_path)[1] if storage.is_s3(storage_path) else storage_path,
+            name=run_name,
+            storage_path=storage.filesystem(storage_path)[1] if storage.is_s3(storage_path) else storage_path,
             storage_filesystem=fs if storage.is_s3(storage_path) else None,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
