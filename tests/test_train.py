@@ -25,7 +25,8 @@ from workflows import cli, storage
 from workflows.tracking import git_commit
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
 from workflows.train import (TrainConfig, _RankZeroTracker, build_model, check_config, contrastive_step,
-                             default_cpus_per_worker, init_image_size, init_source, latest_checkpoint, train)
+                             cosine_schedule, default_cpus_per_worker, init_image_size, init_source, latest_checkpoint,
+                             train)
 from workflows.train_data import Augment, Position, batches, mixed_rows
 
 from micro import micro_config
@@ -209,6 +210,10 @@ def test_two_workers_train_log_to_mlflow_and_resume_from_the_s3_checkpoint_when_
     for step, losses in history.items():
         assert losses == pytest.approx([losses[0]] * len(losses), abs=1e-5), (step, losses)
     assert sum(history[s][0] for s in (10, 11, 12)) / 3 < sum(history[s][0] for s in (1, 2, 3)) / 3 - 0.2, history
+    # each step logs the learning rate its update used (the schedule's value at that step, from 1/warmup up)
+    factor = cosine_schedule(config.warmup_steps, config.steps)
+    lr = _history(tmp_path, result.mlflow_run_id, "lr")
+    assert lr == pytest.approx({step: config.lr * factor(step - 1) for step in range(1, 13)}), lr
     # rank 0 prints each step's progress and each validation once: the driver shows them once
     printed = _lines_by_worker_process(("step ", "validation at step "))
     assert any(any("/12  loss" in x for x in lines) for lines in printed), printed

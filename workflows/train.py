@@ -384,13 +384,14 @@ def train_loop(loop_config: dict) -> None:
             scaler.update()
         else:
             optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # this step's, as OpenCLIP logs it; the scheduler then moves on
         scheduler.step()
         model.clamp_logit_scale_()
         position.step += 1
         window_steps += 1
         if position.step % config.log_every == 0 or position.step == config.steps:
             elapsed = time.perf_counter() - window_started
-            metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0],
+            metrics = {"loss": loss, "lr": lr,
                        "logit_scale": model.logit_scale.detach().exp().item(),
                        "grad_norm": scalar(grad_norm), "samples_per_s": window_steps * config.batch_size / elapsed,
                        "samples_per_s_per_worker": window_steps * config.batch_size / elapsed / world,
