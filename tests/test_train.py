@@ -436,7 +436,8 @@ def test_the_batched_train_crop_draws_the_crops_of_torchvisions_random_resized_c
     for pixels in (w, h, left, top):
         torch.testing.assert_close(pixels, pixels.round(), atol=1e-4, rtol=0, msg="whole pixels")
     assert (w * h >= 0.9 * side * side - side).all() and (w <= side).all() and (h <= side).all()
-    assert (left >= -1e-4).all() and (left + w <= side + 1e-4).all() and (top >= -1e-4).all()
+    assert (left >= -1e-4).all() and (left + w <= side + 1e-4).all(), "inside the image"
+    assert (top >= -1e-4).all() and (top + h <= side + 1e-4).all(), "inside the image"
     rng = random.Random(0)
     ref = torch.tensor([random_crop_box(side, side, rng) for _ in range(n)], dtype=torch.float64)
     ref_left, ref_top, ref_w, ref_h = ref.unbind(1)
