@@ -1,4 +1,5 @@
-"""Our CLIP and OpenCLIP's, with the same random weights, compute the same thing (fp32, 1e-5)."""
+"""Our CLIP and OpenCLIP's, with the same random weights, compute the same thing (fp32, 1e-5), and our
+training step updates them as OpenCLIP's training script does."""
 
 import open_clip
 import pytest
@@ -124,3 +125,108 @@ def test_exported_openclip_checkpoint_loads_in_openclip(tmp_path):
     theirs = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None, force_image_size=64)
     open_clip.load_checkpoint(theirs, str(path))
     _assert_same_outputs(ours, theirs, image_size=64)
+
+
+
+def _openclip_decays(name: str, param: torch.Tensor) -> bool:
+    """open_clip_train.main's rule, which it writes inline: decay all but gains, biases and the temperature."""
+    return not (param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
+
+
+def _same_start(directory):
+    """A micro CLIP of ours and OpenCLIP's with the same random weights, the latter as open_clip_train makes it."""
+    from micro import micro_config
+
+    torch.manual_seed(0)
+    ours = clip_core.CLIP(micro_config())
+    clip_core.save_checkpoint(ours, directory)
+    return ours, open_clip.create_model(f"local-dir:{directory}", output_dict=True)
+
+
+def _batches(steps: int, batch: int):
+    generator = torch.Generator().manual_seed(5)
+    words = ["red", "blue", "square", "circle", "large", "small", "striped", "dotted"]
+    tokenize = clip_core.get_tokenizer()
+    return [(torch.randn(batch, 3, 64, 64, generator=generator),
+             tokenize([" ".join(words[j] for j in torch.randint(8, (4,), generator=generator)) for _ in range(batch)]))
+            for _ in range(steps)]
+
+
+def _openclip_train(model, batches, accum_freq: int, optimizer, scheduler, grad_clip_norm: float | None) -> None:
+    """OpenCLIP's own `train_one_epoch` over `batches` (one optimizer step each), in accum_freq micro-batches."""
+    from types import SimpleNamespace
+
+    from open_clip_train.data import DataInfo
+    from open_clip_train.train import train_one_epoch
+
+    loader = type("Loader", (list,), {})([(images[rows], tokens[rows]) for images, tokens in batches
+                                          for rows in torch.arange(len(images)).chunk(accum_freq)])
+    loader.num_batches, loader.num_samples = len(loader), sum(len(images) for images, _ in batches)
+    args = SimpleNamespace(device="cpu", precision="fp32", accum_freq=accum_freq, distill=False,
+                           skip_scheduler=scheduler is None, grad_clip_norm=grad_clip_norm, horovod=False,
+                           log_every_n_steps=len(batches), batch_size=len(batches[0][0]) // accum_freq,
+                           world_size=1, rank=0, local_rank=0, wandb=False)
+    train_one_epoch(model, {"train": DataInfo(loader)}, open_clip.ClipLoss(), 0, optimizer, None, scheduler, None,
+                    args)
+
+
+def test_training_steps_match_openclips_train_one_epoch(tmp_path):
+    """Our update (clip_core's loss, the train stage's optimizer, schedule and clipping) and
+    OpenCLIP's own `train_one_epoch` take the same weights through the same batches to the same
+    place. The one difference in the recipe is deliberate and named here: we exempt the 2-D
+    embedding tables from weight decay, OpenCLIP decays them; the rest of the grouping is
+    OpenCLIP's, and the reference optimizer is given ours to compare everything else."""
+    from open_clip_train.scheduler import cosine_lr
+
+    from workflows.train import TrainConfig, build_optimizer, optimizer_step
+
+    config = TrainConfig(data=["unused"], steps=5, batch_size=16, lr=2e-3, warmup_steps=2, weight_decay=0.2,
+                         grad_clip_norm=0.5)
+    ours, theirs = _same_start(tmp_path / "start")
+    batches = _batches(config.steps, config.batch_size)
+
+    optimizer, scheduler, scaler = build_optimizer(ours, config, torch.device("cpu"))
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    our_decays = {name for name, param in ours.named_parameters() if id(param) in decayed}
+    their_decays = {name for name, param in theirs.named_parameters() if _openclip_decays(name, param)}
+    assert their_decays - our_decays == {"positional_embedding", "visual.positional_embedding",
+                                         "token_embedding.weight"}
+    assert our_decays <= their_decays
+
+    for images, tokens in batches:
+        optimizer_step(ours, ours, optimizer, scheduler, scaler, clip_core.ClipLoss(), images, tokens, config,
+                       torch.autocast("cpu", enabled=False))
+
+    named = dict(theirs.named_parameters())
+    reference = torch.optim.AdamW([{"params": [p for n, p in named.items() if n in our_decays], "weight_decay": 0.2},
+                                   {"params": [p for n, p in named.items() if n not in our_decays],
+                                    "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    _openclip_train(theirs, batches, 1, reference, cosine_lr(reference, config.lr, config.warmup_steps, config.steps),
+                    config.grad_clip_norm)
+
+    mismatched = []
+    for name, value in theirs.state_dict().items():
+        difference = (ours.state_dict()[name] - value).abs().max().item()
+        if difference > 1e-5:
+            mismatched.append(f"{name} differs by {difference:.2e}")
+    assert not mismatched, "\n".join(mismatched)
+
+
+@pytest.mark.parametrize("accum_freq", [2, 4])
+def test_accumulation_matches_openclips_but_for_its_temperature_gradient(tmp_path, accum_freq):
+    """OpenCLIP's accum_freq keeps the contrastive batch whole as ours does, and each feature's
+    gradient is the big batch's in both. But OpenCLIP keeps the temperature live in every
+    micro-batch's backward, so its gradient is accum_freq times the big batch's (which tilts the
+    clipping norm too); ours counts it once (test_train checks ours against the big batch)."""
+    from workflows.train import contrastive_step
+
+    ours, theirs = _same_start(tmp_path / "start")
+    batches = _batches(1, 16)
+    _openclip_train(theirs, batches, accum_freq, torch.optim.SGD(theirs.parameters(), lr=0.0), None, None)
+    contrastive_step(ours, clip_core.ClipLoss(), *batches[0], accum_freq, torch.autocast("cpu", enabled=False))
+
+    their_grads = {name: param.grad for name, param in theirs.named_parameters()}
+    for name, param in ours.named_parameters():
+        expected = their_grads[name] / accum_freq if name == "logit_scale" else their_grads[name]
+        torch.testing.assert_close(param.grad, expected, atol=1e-5, rtol=1e-4, msg=name)
+    assert ours.logit_scale.grad.abs() > 1e-2  # so the factor is seen

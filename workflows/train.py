@@ -266,6 +266,37 @@ def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor,
     return loss.item()
 
 
+def build_optimizer(model, config: TrainConfig, device: torch.device, cast: torch.dtype | None = None):
+    """The paper's optimizer: AdamW over `model.param_groups`, a cosine schedule after linear warmup
+    (stepped once per optimizer step), and a gradient scaler only under fp16 autocast."""
+    optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay), lr=config.lr,
+                                  betas=(config.beta1, config.beta2), eps=config.eps, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.warmup_steps, config.steps))
+    scaler = torch.amp.GradScaler(device.type) if cast == torch.float16 else None
+    return optimizer, scheduler, scaler
+
+
+def optimizer_step(model, runnable, optimizer, scheduler, scaler, loss_fn, images: torch.Tensor,
+                   tokens: torch.Tensor, config: TrainConfig, autocast, patch_keep: torch.Tensor | None = None):
+    """One update of `model` (run through `runnable`, its DDP/FSDP/compiled wrapper): gradients of
+    the whole contrastive batch, clipped by global norm, the AdamW step at this step's learning
+    rate, the temperature clamped. Returns (loss, grad norm before clipping, the lr used)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = contrastive_step(runnable, loss_fn, images, tokens, config.accum_freq, autocast, patch_keep)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm or float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    lr = scheduler.get_last_lr()[0]  # this step's, as OpenCLIP logs it; the scheduler then moves on
+    scheduler.step()
+    model.clamp_logit_scale_()
+    return loss, grad_norm, lr
+
+
 # ------------------------------------------------------------------------------- the loop
 
 
@@ -338,11 +369,8 @@ def train_loop(loop_config: dict) -> None:
             state = torch.load(os.path.join(directory, TRAIN_STATE), map_location="cpu", weights_only=True)
 
     runnable = distribute(model, config.strategy, world, config.compile)  # the optimizer must see FSDP's shards
-    optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay), lr=config.lr,
-                                  betas=(config.beta1, config.beta2), eps=config.eps, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.warmup_steps, config.steps))
     cast = autocast_dtype(config.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if cast == torch.float16 else None
+    optimizer, scheduler, scaler = build_optimizer(model, config, device, cast)
     if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -374,19 +402,8 @@ def train_loop(loop_config: dict) -> None:
         images = augment(batch["image"])
         dropout = config.patch_dropout_at(position.step + 1)
         patch_keep = model.sample_patches(len(images), dropout, generator).to(device) if dropout else None
-        optimizer.zero_grad(set_to_none=True)
-        loss = contrastive_step(runnable, loss_fn, images, batch["tokens"], config.accum_freq, autocast, patch_keep)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm or float("inf"))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        lr = scheduler.get_last_lr()[0]  # this step's, as OpenCLIP logs it; the scheduler then moves on
-        scheduler.step()
-        model.clamp_logit_scale_()
+        loss, grad_norm, lr = optimizer_step(model, runnable, optimizer, scheduler, scaler, loss_fn, images,
+                                             batch["tokens"], config, autocast, patch_keep)
         position.step += 1
         window_steps += 1
         if position.step % config.log_every == 0 or position.step == config.steps:
