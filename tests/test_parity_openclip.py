@@ -207,7 +207,7 @@ def test_training_steps_match_openclips_train_one_epoch(tmp_path):
     mismatched = []
     for name, value in theirs.state_dict().items():
         difference = (ours.state_dict()[name] - value).abs().max().item()
-        if difference > 1e-5:
+        if difference > 2e-5:  # 3e-6 seen (rounding through Adam); a 10% different weight decay moves 7e-5
             mismatched.append(f"{name} differs by {difference:.2e}")
     assert not mismatched, "\n".join(mismatched)
 

@@ -122,7 +122,9 @@ class RaySection(_Section):
 class PipelineConfig(_Section):
     data: DataSection = DataSection()
     model: ModelSection = ModelSection()
-    train: dict[str, Any] = Field({"steps": 100}, description="TrainConfig fields (recipe, workers, checkpoints)")
+    train: dict[str, Any] = Field({"steps": 100}, description="TrainConfig fields (recipe, workers, checkpoints); "
+                                  "a section given replaces the default's 100 steps, and what it leaves unset "
+                                  "comes from the preset's recipe")
     eval: dict[str, Any] = Field({}, description="EvaluateConfig fields (templates, batch_size, workers)")
     registry: RegistrySection = RegistrySection()
     serve: dict[str, Any] = Field({}, description="ServeConfig fields; enabled: false skips the deploy stage")
