@@ -1,4 +1,5 @@
-"""Checkpoint I/O: our safetensors directories, OpenAI and OpenCLIP weights in, OpenCLIP out.
+"""Checkpoint I/O: our safetensors directories, OpenAI, OpenCLIP and Hugging Face weights in,
+OpenCLIP out.
 
 Our checkpoint is a directory with `model.safetensors` (OpenAI key names), `config.json`
 (model config, tokenizer, preprocessing) and `open_clip_config.json`, so the same directory
@@ -128,6 +129,8 @@ def load_model(path: str | os.PathLike, *, quick_gelu: bool | None = None, image
 
     - our checkpoint directory (`config.json` + `model.safetensors`), or an OpenCLIP local dir
       (`open_clip_config.json` + weights);
+    - a Hugging Face `transformers` CLIPModel directory (`config.json` with `"model_type": "clip"`,
+      `model.safetensors`, sharded or `pytorch_model.bin`), as `save_pretrained` writes it;
     - an OpenAI release: a TorchScript archive or a plain state dict (`.pt`);
     - an OpenCLIP training checkpoint (`{"name", "state_dict"}`, optional `module.` prefix);
     - a bare state dict (`.safetensors`, `.pt`, `.bin`).
@@ -189,6 +192,9 @@ def described_config(description: dict, directory: str) -> CLIPConfig:
 def _read_directory(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, dict]:
     if (path / CONFIG_FILE).is_file():
         description = json.loads((path / CONFIG_FILE).read_text())
+        if is_hf_config(description):
+            config, state_dict = _read_hf_directory(path, description)
+            return (config.replace(quick_gelu=quick_gelu) if quick_gelu is not None else config), state_dict
         config = described_config(description, str(path))
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
@@ -211,7 +217,7 @@ def _read_directory(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, di
         state_dict = _read_weights(weights)[0]
     else:
         raise CheckpointError(f"{path} is a directory without {CONFIG_FILE} or {OPENCLIP_CONFIG_FILE}: "
-                              "not a checkpoint directory")
+                              "not a checkpoint directory (ours, OpenCLIP's or a Hugging Face CLIPModel's)")
     if quick_gelu is not None:
         config = config.replace(quick_gelu=quick_gelu)
     return config, state_dict
@@ -271,12 +277,142 @@ def _strip_module(state_dict: dict) -> dict:
     return state_dict
 
 
+# ----------------------------------------------------------------------- Hugging Face transformers
+
+# (ours, transformers' CLIPModel): whole names or prefixes; the blocks' parts below them
+_HF_NAMES = [("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+             ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+             ("ln_final.", "text_model.final_layer_norm."),
+             ("transformer.resblocks.", "text_model.encoder.layers."),
+             ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+             ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
+             ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+             ("visual.ln_pre.", "vision_model.pre_layrnorm."),
+             ("visual.ln_post.", "vision_model.post_layernorm."),
+             ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+             ("logit_scale", "logit_scale")]
+_HF_BLOCK_PARTS = [("attn.out_proj.", "self_attn.out_proj."), ("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."),
+                   ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2.")]
+_HF_TRANSPOSED = [("text_projection", "text_projection.weight"), ("visual.proj", "visual_projection.weight")]
+_HF_QKV = re.compile(r"^(.*\.)self_attn\.([qkv])_proj\.(weight|bias)$")
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def is_hf_config(description: dict) -> bool:
+    """Whether a parsed `config.json` is a Hugging Face transformers CLIPModel's."""
+    return description.get("model_type") == "clip"
+
+
+def _rename(key: str, pairs, source: int) -> str | None:
+    for pair in pairs:
+        if key == pair[source] or (pair[source].endswith(".") and key.startswith(pair[source])):
+            return pair[1 - source] + key[len(pair[source]):]
+    return None
+
+
+def hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (OpenAI-named) ViT CLIP weights under transformers' CLIPModel names."""
+    out = {}
+    for key, value in state_dict.items():
+        transposed = _rename(key, _HF_TRANSPOSED, 0)
+        if transposed:
+            out[transposed] = value.T
+            continue
+        renamed = _rename(key, _HF_NAMES, 0)
+        if renamed is None:
+            raise CheckpointError(f"'{key}' has no counterpart in transformers' CLIPModel, which has neither a "
+                                  "ResNet tower nor a logit_bias")
+        block, _, part = renamed.partition(".layers.")
+        if part:
+            index, _, rest = part.partition(".")
+            if rest.startswith("attn.in_proj_"):
+                for letter, chunk in zip("qkv", value.chunk(3)):
+                    out[f"{block}.layers.{index}.self_attn.{letter}_proj.{rest.rsplit('_', 1)[1]}"] = chunk
+                continue
+            renamed = f"{block}.layers.{index}.{_rename(rest, _HF_BLOCK_PARTS, 0) or rest}"
+        out[renamed] = value
+    return out
+
+
+def _from_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' CLIPModel weights under our (OpenAI's) names; names it does not know pass unchanged,
+    for load_weights to report."""
+    out, qkv = {}, {}
+    for key, value in state_dict.items():
+        if key.endswith("position_ids"):  # a buffer older transformers saved
+            continue
+        if match := _HF_QKV.match(key):
+            qkv.setdefault((match[1], match[3]), {})[match[2]] = value
+            continue
+        transposed = _rename(key, _HF_TRANSPOSED, 1)
+        if transposed:
+            out[transposed] = value.T
+            continue
+        block, _, part = key.partition(".layers.")
+        if part:
+            index, _, rest = part.partition(".")
+            key = f"{block}.layers.{index}.{_rename(rest, _HF_BLOCK_PARTS, 1) or rest}"
+        out[_rename(key, _HF_NAMES, 1) or key] = value
+    for (prefix, kind), parts in qkv.items():
+        if set(parts) != set("qkv"):
+            raise CheckpointError(f"attention at '{prefix}' has only the {sorted(parts)} projections")
+        out[(_rename(prefix, _HF_NAMES, 1) or prefix) + f"attn.in_proj_{kind}"] = torch.cat([parts[x] for x in "qkv"])
+    return out
+
+
+def _read_hf_directory(path: Path, description: dict) -> tuple[CLIPConfig, dict]:
+    """A transformers CLIPModel directory: its weights renamed, the architecture from their shapes and the
+    heads, activation and normalisation from its config files."""
+    weights = next((path / name for name in _HF_WEIGHTS if (path / name).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{path} has a Hugging Face CLIP {CONFIG_FILE} but none of {', '.join(_HF_WEIGHTS)}")
+    if weights.name.endswith(".index.json"):
+        state_dict = {}
+        for shard in sorted(set(json.loads(weights.read_text())["weight_map"].values())):
+            state_dict.update(load_file(path / shard))
+    else:
+        state_dict = _read_weights(weights)[0]
+    # transformers' own defaults where a config leaves a field out
+    text = {"hidden_act": "quick_gelu", "num_attention_heads": 8, "layer_norm_eps": 1e-5,
+            **(description.get("text_config") or {})}
+    vision = {"hidden_act": "quick_gelu", "num_attention_heads": 12, "layer_norm_eps": 1e-5,
+              **(description.get("vision_config") or {})}
+    activations = {text["hidden_act"], vision["hidden_act"]}
+    if len(activations) > 1 or not activations <= {"gelu", "quick_gelu"}:
+        raise CheckpointError(f"{path / CONFIG_FILE}: the towers' hidden_act {sorted(activations)} is not one of "
+                              "gelu or quick_gelu for both: clip_core's CLIP has one activation for both towers")
+    if {text["layer_norm_eps"], vision["layer_norm_eps"]} != {1e-5}:
+        raise CheckpointError(f"{path / CONFIG_FILE}: layer_norm_eps {text['layer_norm_eps']} / "
+                              f"{vision['layer_norm_eps']}; clip_core's CLIP normalises with 1e-5")
+    preprocessor = path / "preprocessor_config.json"
+    if preprocessor.is_file():
+        described = json.loads(preprocessor.read_text())
+        for key, expected in (("image_mean", OPENAI_MEAN), ("image_std", OPENAI_STD)):
+            value = described.get(key, list(expected))
+            if len(value) != 3 or any(abs(a - b) > 1e-4 for a, b in zip(value, expected)):
+                raise CheckpointError(f"{preprocessor} normalises with {key} {value}; clip_core's transforms use "
+                                      f"CLIP's {list(expected)}, so these weights would see other inputs")
+    state_dict = _from_hf_state_dict(state_dict)
+    config = config_from_state_dict(state_dict, quick_gelu=activations == {"quick_gelu"}, source=str(path),
+                                    text_heads=text["num_attention_heads"], vision_heads=vision["num_attention_heads"])
+    return config, state_dict
+
+
+def described_image_size(description: dict, directory: str) -> int:
+    """The input resolution a checkpoint directory's parsed `config.json` states (ours or transformers')."""
+    if is_hf_config(description):
+        return int((description.get("vision_config") or {}).get("image_size", 224))
+    return described_config(description, directory).vision.image_size
+
+
 # ----------------------------------------------------------------------- architecture from shapes
 
 
 def config_from_state_dict(state_dict: dict[str, torch.Tensor], *, quick_gelu: bool = False,
-                           source: str = "the state dict") -> CLIPConfig:
-    """The architecture a CLIP state dict was built with, read off its tensor shapes."""
+                           source: str = "the state dict", text_heads: int | None = None,
+                           vision_heads: int | None = None) -> CLIPConfig:
+    """The architecture a CLIP state dict was built with, read off its tensor shapes; the heads, which
+    shapes do not show, are OpenAI's 64 wide unless given."""
     required = ["token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight",
                 "logit_scale"]
     missing = [key for key in required if key not in state_dict]
@@ -290,7 +426,7 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], *, quick_gelu: b
         patch_size = sd["visual.conv1.weight"].shape[-1]
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         vision = VisionConfig(image_size=patch_size * grid, layers=_count_blocks(sd, "visual.transformer.resblocks."),
-                              width=width, patch_size=patch_size,
+                              width=width, patch_size=patch_size, head_width=width // (vision_heads or width // 64),
                               mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width)
     elif "visual.attnpool.positional_embedding" in sd:
         layers = tuple(_count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4))
@@ -303,7 +439,7 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], *, quick_gelu: b
     text_width = sd["ln_final.weight"].shape[0]
     text = TextConfig(context_length=sd["positional_embedding"].shape[0],
                       vocab_size=sd["token_embedding.weight"].shape[0], width=text_width,
-                      heads=text_width // 64, layers=_count_blocks(sd, "transformer.resblocks."),
+                      heads=text_heads or text_width // 64, layers=_count_blocks(sd, "transformer.resblocks."),
                       mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width)
     logit_bias = float(sd["logit_bias"]) if "logit_bias" in sd else None
     config = CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text,

@@ -31,3 +31,17 @@ def briefly_trained(steps: int = 20) -> clip_core.CLIP:
         loss_fn(*model(images[batch], tokens[batch])).backward()
         optimizer.step()
     return model.eval()
+
+
+def hf_clip(hidden_act: str = "quick_gelu", **vision):
+    """A small random Hugging Face transformers CLIPModel (64 px), made and initialised by transformers."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2,
+                         hidden_act=hidden_act),
+        vision_config=dict(hidden_size=96, intermediate_size=384, num_attention_heads=3, num_hidden_layers=2,
+                           image_size=64, patch_size=16, hidden_act=hidden_act, **vision),
+        projection_dim=32)
+    return CLIPModel(config).eval()

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import clip_core
 from clip_core import CheckpointError
+from micro import hf_clip
 
 
 def test_checkpoint_round_trips_bit_exactly(tmp_path):
@@ -128,3 +129,55 @@ def test_weights_whose_digest_differs_from_the_recorded_one_are_refused(tmp_path
     with pytest.raises(CheckpointError, match=r"model.safetensors has sha256 [0-9a-f]{64} but .*config.json records "
                                               + recorded):
         clip_core.load_model(directory)
+
+
+@torch.no_grad()
+def _assert_same_as_hf(ours, hf):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    tokens = clip_core.get_tokenizer()(["a diagram", "a photo of a dog on a red sofa, taken at night"])
+    theirs_image = hf.visual_projection(hf.vision_model(pixel_values=images).pooler_output)
+    theirs_text = hf.text_projection(hf.text_model(input_ids=tokens).pooler_output)
+    torch.testing.assert_close(ours.encode_image(images), theirs_image, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.encode_text(tokens), theirs_text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.logit_scale, hf.logit_scale)
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+def test_a_hugging_face_clip_directory_loads_and_computes_what_transformers_computes(tmp_path, hidden_act):
+    hf = hf_clip(hidden_act)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = clip_core.load_model(tmp_path / "hf")
+    assert ours.config.quick_gelu == (hidden_act == "quick_gelu")
+    assert (ours.config.vision.heads, ours.config.text.heads) == (3, 2)
+    assert ours.config.vision.image_size == 64 and ours.config.embed_dim == 32
+    _assert_same_as_hf(ours, hf)
+    # and back: our weights under transformers' names are the ones it saved
+    exported = clip_core.checkpoint.hf_state_dict(ours.state_dict())
+    saved = load_file(tmp_path / "hf" / "model.safetensors")
+    assert exported.keys() == {key for key in saved if not key.endswith("position_ids")}
+    for key, value in exported.items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_sharded_and_pickled_hugging_face_weights_load(tmp_path):
+    hf = hf_clip()
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    _assert_same_as_hf(clip_core.load_model(tmp_path / "sharded"), hf)
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_bytes((tmp_path / "sharded" / "config.json").read_bytes())
+    torch.save(hf.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    _assert_same_as_hf(clip_core.load_model(tmp_path / "pickled"), hf)
+
+
+def test_hugging_face_clip_that_clip_core_cannot_compute_is_refused_with_the_reason(tmp_path):
+    hf_clip(layer_norm_eps=1e-6).save_pretrained(tmp_path / "eps")
+    with pytest.raises(CheckpointError, match="layer_norm_eps"):
+        clip_core.load_model(tmp_path / "eps")
+    hf_clip().save_pretrained(tmp_path / "mean")
+    (tmp_path / "mean" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5]}))
+    with pytest.raises(CheckpointError, match="image_mean"):
+        clip_core.load_model(tmp_path / "mean")
+    (tmp_path / "mean" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        clip_core.load_model(tmp_path / "mean")

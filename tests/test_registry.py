@@ -22,7 +22,7 @@ from workflows.synthetic import samples
 from workflows.tracking import using
 
 from faulty_proxy import FaultyProxy
-from micro import briefly_trained
+from micro import briefly_trained, hf_clip
 from ports import free_port
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -155,9 +155,39 @@ def test_a_checkpoint_on_s3_is_fetched_with_its_inference_files_only(sets, tmp_p
     assert source.directory == str(tmp_path / "fetched" / "checkpoint") and source.uri == checkpoint
     assert fetched == {name: data for name, data in written.items() if name in registry.INFERENCE_FILES}, fetched.keys()
     assert clip_core.load_model(source.directory).config.name == "micro"
+    # without our config the directory is still OpenCLIP's (its open_clip_config.json): made ours again
     storage.delete(f"{checkpoint}/config.json")
-    with pytest.raises(FileNotFoundError, match="config.json is missing"):
-        registry.fetch_checkpoint(checkpoint, str(tmp_path / "again"))
+    again = registry.fetch_checkpoint(checkpoint, str(tmp_path / "again"))
+    converted = clip_core.load_model(again.directory).state_dict()
+    assert all(torch.equal(converted[k], v) for k, v in clip_core.load_model(sets / "ckpt").state_dict().items())
+    storage.delete(f"{checkpoint}/open_clip_config.json")
+    with pytest.raises(clip_core.CheckpointError, match="without config.json or open_clip_config.json"):
+        registry.fetch_checkpoint(checkpoint, str(tmp_path / "once-more"))
+
+
+def test_weights_in_the_formats_users_hold_register_and_evaluate_as_they_are(sets, tmp_path):
+    """OpenAI's or OpenCLIP's weights and Hugging Face CLIPModel directories need no conversion by hand:
+    fetching one for register, evaluate or serve makes a checkpoint of ours from it."""
+    hf_clip().save_pretrained(tmp_path / "hf")
+    trained = clip_core.load_model(sets / "ckpt")
+    torch.save({"name": "micro", "state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}},
+               tmp_path / "epoch_5.pt")  # OpenCLIP's training checkpoint
+    for uri, expected in ((tmp_path / "hf", clip_core.load_model(tmp_path / "hf")), (tmp_path / "epoch_5.pt", trained)):
+        source = registry.fetch_checkpoint(str(uri), str(tmp_path / f"fetched-{uri.name}"))
+        fetched = clip_core.load_model(source.directory)
+        assert source.uri == str(uri) and source.directory.startswith(str(tmp_path / f"fetched-{uri.name}"))
+        assert fetched.config.replace(name=None) == expected.config.replace(name=None)
+        assert all(torch.equal(fetched.state_dict()[k], v) for k, v in expected.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        registry.fetch_checkpoint(str(tmp_path / "absent"), str(tmp_path / "fetched-absent"))
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cli.main(["register", str(tmp_path / "hf"), "--name", "hf-clip", "--mlflow-tracking-uri", tracking]) == 0
+    version = registry.client(tracking).get_model_version_by_alias("hf-clip", "challenger")
+    assert version.tags["checkpoint_source"] == str(tmp_path / "hf")
+    metrics = evaluate(EvaluateConfig(model=str(tmp_path / "hf"), zeroshot=str(sets / "heldout"), workers=1,
+                                      mlflow_tracking_uri=tracking))
+    assert 0.0 <= metrics["zeroshot"]["top1"] <= 1.0 and metrics["zeroshot"]["rows"] == 64
 
 
 def _metrics(sets, top1: float, digest_of: str = "heldout") -> dict:
@@ -243,7 +273,7 @@ def test_registry_errors_name_the_problem(sets, tmp_path, capsys, monkeypatch):
     assert cli.main(["evaluate", str(sets / "ckpt"), "--zeroshot", str(tmp_path / "nowhere")]) == 2
     assert "no prepared dataset" in capsys.readouterr().err
     assert cli.main(["register", str(tmp_path), "--name", "clip", "--mlflow-tracking-uri", tracking]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "not a checkpoint directory" in capsys.readouterr().err
     (tmp_path / "classnames.txt").write_text("red circle\n\nblue square\n\n")  # the blank would shift every label
     assert cli.main(["evaluate", str(sets / "ckpt"), "--zeroshot", str(sets / "heldout"),
                      "--classnames", str(tmp_path / "classnames.txt")]) == 2

@@ -29,7 +29,7 @@ from workflows.train import (TrainConfig, _RankZeroTracker, build_model, check_c
                              train)
 from workflows.train_data import Augment, Position, batches, mixed_rows
 
-from micro import micro_config
+from micro import hf_clip, micro_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run this module's loop
@@ -405,6 +405,13 @@ def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket, mo
     storage.copy(str(tmp_path / "bare.safetensors"), f"s3://{s3_bucket}/weights/bare.safetensors")
     assert init_image_size(_config(prepared, tmp_path, init=f"s3://{s3_bucket}/weights/bare.safetensors")) == 64
     assert downloads == [f"s3://{s3_bucket}/weights/bare.safetensors"]
+    # a Hugging Face CLIPModel directory states its resolution in its config too
+    hf_clip().save_pretrained(tmp_path / "hf")
+    for file in (tmp_path / "hf").iterdir():
+        storage.copy(str(file), f"s3://{s3_bucket}/weights/hf/{file.name}")
+    hf_config = _config(prepared, tmp_path, init=f"s3://{s3_bucket}/weights/hf")
+    assert init_image_size(hf_config) == 64 and len(downloads) == 1
+    assert build_model(hf_config).config.vision.heads == 3
     assert init_source(f"openai:s3://{s3_bucket}/ViT-B-32.pt") == ("openai", f"s3://{s3_bucket}/ViT-B-32.pt")
     with pytest.raises(FileNotFoundError, match=rf"no pretrained weights at s3://{s3_bucket}/ViT-B-32.pt"):
         check_config(_config(prepared, tmp_path, init=f"openai:s3://{s3_bucket}/ViT-B-32.pt", cpus_per_worker=1),

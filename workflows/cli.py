@@ -9,6 +9,8 @@ import sys
 
 from .tracking import failure, is_mlflow_error, rayclip_version, redact
 
+OTHER_WEIGHTS = ("; also weights as others hold them (OpenAI's .pt, OpenCLIP's, a Hugging Face CLIPModel directory), "
+                 "made a checkpoint of on the way")
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -295,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--storage", help="Ray Train storage for checkpoints (local dir or s3://)")
     tr.add_argument("--checkpoint-every", type=int)
     tr.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint")
-    tr.add_argument("--init", help="pretrained weights: openai:PATH, openclip:PATH or a checkpoint path "
-                    "(local or s3://)")
+    tr.add_argument("--init", help="pretrained weights: openai:PATH, openclip:PATH, or a checkpoint directory "
+                    "(ours, OpenCLIP's or a Hugging Face CLIPModel's) or weights file (local or s3://)")
     tr.add_argument("--resume", help="'latest' (the newest checkpoint under --storage) or a checkpoint path")
     tr.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI; no tracking when unset")
     tr.add_argument("--seed", type=int)
@@ -309,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="zero-shot, retrieval and linear-probe metrics (Ray Data)",
                              description="Evaluate a checkpoint or registered model. Metrics go to --json, to "
                              "MLflow (the model's run, else a new run) and, for models:/ URIs, onto the version.")
-    ev.add_argument("model", help="checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/VERSION")
+    ev.add_argument("model", help="checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/VERSION"
+                    + OTHER_WEIGHTS)
     ev.add_argument("--zeroshot", help="labeled prepared set for zero-shot classification")
     ev.add_argument("--classnames", help="one class name per line, line i is label i (default: the set's manifest)")
     ev.add_argument("--templates", help="file with one prompt per line ({} for the class), or default|simple|imagenet")
@@ -324,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     reg = commands.add_parser("register", parents=[tracking],
                               help="checkpoint → MLflow model version, alias challenger")
-    reg.add_argument("checkpoint", help="checkpoint directory or s3:// prefix (the train stage's --output)")
+    reg.add_argument("checkpoint", help="checkpoint directory or s3:// prefix (the train stage's --output)"
+                     + OTHER_WEIGHTS)
     reg.add_argument("--name", required=True, help="registered model name")
     reg.add_argument("--metrics", help="metrics.json from `rayclip evaluate --json`, recorded on the version")
     reg.set_defaults(handler=_register)
@@ -357,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Serve a registered model or a checkpoint until interrupted; SIGINT/SIGTERM "
                              "shut Serve and its local Ray down. Bearer auth is on when $RAYCLIP_SERVE_TOKEN is set.")
     sv.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory "
-                    "(default models:/clip@champion)")
+                    "(default models:/clip@champion)" + OTHER_WEIGHTS)
     sv.add_argument("--host", help="default 127.0.0.1")
     sv.add_argument("--port", type=int, help="default 8000")
     sv.add_argument("--config", help="YAML file of serve options (ServeConfig fields, or a `serve deploy` file such "
@@ -374,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "names now (or to --model) in place: the towers load it beside the old one, then the "
                              "ingress switches; no request fails.")
     de.add_argument("--reload", action="store_true", help="roll the running app to its alias's current version")
-    de.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory")
+    de.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory"
+                    + OTHER_WEIGHTS)
     de.add_argument("--config", help="YAML file of serve options (ServeConfig fields, or a `serve deploy` file such "
                     "as deploy/serve_config.yaml); flags override it")
     de.add_argument("--host", help="where Serve listens if it is not running yet (default 127.0.0.1)")

@@ -38,7 +38,8 @@ TEMPLATE_SETS = {"default": clip_core.DEFAULT_TEMPLATES, "simple": clip_core.SIM
 class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/N")
+    model: str = Field(description="checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/N; "
+                       "also weights in other formats clip_core.load_model reads (OpenAI, OpenCLIP, Hugging Face)")
     zeroshot: str | None = Field(None, description="labeled prepared set for zero-shot top-1/top-5")
     classnames: list[str] | None = Field(None, description="default: the zero-shot set's manifest")
     templates: list[str] | Literal["default", "simple", "imagenet"] = "default"

@@ -123,19 +123,40 @@ def fetch_checkpoint(uri: str, destination: str, *, tracking_uri: str | None = N
                                 "than were registered; register the checkpoint again")
         return ModelSource(directory, uri, name, str(model_version.version), model_version.run_id,
                            dict(model_version.tags or {}))
+    description = storage.join(uri, CONFIG_FILE)
+    if not (storage.exists(description) and _is_ours(storage.read_bytes(description, max_bytes=1 << 20))):
+        return _converted(uri, destination)
     if not storage.is_s3(uri):
-        if not Path(uri, CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"no checkpoint at {uri}: expected a directory with {CONFIG_FILE} and "
-                                    f"{WEIGHTS_FILE} (the train stage's --output), or a models:/ URI")
         return ModelSource(uri, uri, run_id=_train_run_id(uri))
-    if not storage.exists(storage.join(uri, CONFIG_FILE)):
-        raise FileNotFoundError(f"no checkpoint at {uri}: {CONFIG_FILE} is missing")
     directory = os.path.join(destination, CHECKPOINT_ARTIFACT)
     os.makedirs(directory, exist_ok=True)
     for file in INFERENCE_FILES:
         if storage.exists(storage.join(uri, file)):
             storage.copy(storage.join(uri, file), os.path.join(directory, file))
     return ModelSource(directory, uri, run_id=_train_run_id(directory))
+
+
+def _is_ours(config_json: bytes) -> bool:
+    from clip_core.checkpoint import FORMAT
+
+    try:
+        return json.loads(config_json).get("format") == FORMAT
+    except (ValueError, AttributeError):
+        return False
+
+
+def _converted(uri: str, destination: str) -> ModelSource:
+    """Weights in another format users hold (OpenAI's release, OpenCLIP's, a Hugging Face CLIPModel
+    directory, a bare state dict; local or s3://) as a checkpoint of ours in `destination`."""
+    import clip_core
+
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"no checkpoint at {uri}: expected a checkpoint directory (the train stage's "
+                                "--output), weights clip_core.load_model reads, or a models:/ URI")
+    with storage.local_copy(uri) as local:
+        model = clip_core.load_model(local)
+    directory = clip_core.save_checkpoint(model, os.path.join(destination, CHECKPOINT_ARTIFACT))
+    return ModelSource(str(directory), uri)
 
 
 def _description(directory: str) -> dict:

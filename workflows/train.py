@@ -76,7 +76,8 @@ class TrainConfig(BaseModel):
     zeroshot: str | None = Field(None, description="prepared labeled set: zero-shot top-1")
     output: str | None = Field(None, description="where the final checkpoint is copied")
     model: str = Field("tiny", description="preset name, or a JSON file with a model config (recipe: tiny's)")
-    init: str | None = Field(None, description="openai:PATH | openclip:PATH | PATH to pretrained weights")
+    init: str | None = Field(None, description="openai:PATH | openclip:PATH | PATH to pretrained weights "
+                                   "(anything clip_core.load_model reads, e.g. a Hugging Face CLIPModel directory)")
     steps: int | None = Field(None, gt=0)
     batch_size: int | None = Field(None, gt=0, description="global contrastive batch")
     accum_freq: int = Field(1, gt=0, description="micro-batches per step, the contrastive batch kept whole")
@@ -202,16 +203,16 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
 
 def init_image_size(config: TrainConfig) -> int:
     """The resolution of the --init weights, which the driver's decoding plan needs. A rayclip checkpoint
-    says it in its config file: the driver reads that alone, and only the workers fetch the weights (the
-    head node would otherwise download and hold them once more: 1.7 GB for ViT-L/14). Other formats
-    are built to see."""
-    from clip_core.checkpoint import CONFIG_FILE, described_config
+    (or a Hugging Face one) says it in its config file: the driver reads that alone, and only the workers
+    fetch the weights (the head node would otherwise download and hold them once more: 1.7 GB for
+    ViT-L/14). Other formats are built to see."""
+    from clip_core.checkpoint import CONFIG_FILE, described_image_size
 
     _, path = init_source(config.init)
     description = storage.join(path, CONFIG_FILE)
     if storage.exists(description):
         described = json.loads(storage.read_bytes(description, max_bytes=1 << 20))
-        return described_config(described, path).vision.image_size
+        return described_image_size(described, path)
     return build_model(config).image_size
 
 
