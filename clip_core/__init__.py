@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 # Pillow transforms) load without torch, so Ray Data's preprocessing and decoding workers, which use
 # only those, never import it (it costs each process ~260 MiB of private memory and seconds of start-up).
 _EXPORTS = {
-    "checkpoint": ("CheckpointError", "export_openclip", "load_model", "save_checkpoint"),
+    "checkpoint": ("CheckpointError", "export_hf", "export_openclip", "load_model", "save_checkpoint"),
     "config": ("CLIPConfig", "TextConfig", "VisionConfig", "get_config", "list_models"),
     "loss": ("ClipLoss", "SigLipLoss", "create_loss"),
     "model": ("CLIP",),
@@ -29,7 +29,7 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 if TYPE_CHECKING:
     import torch
 
-    from .checkpoint import CheckpointError, export_openclip, load_model, save_checkpoint
+    from .checkpoint import CheckpointError, export_hf, export_openclip, load_model, save_checkpoint
     from .config import CLIPConfig, TextConfig, VisionConfig, get_config, list_models
     from .loss import ClipLoss, SigLipLoss, create_loss
     from .model import CLIP
@@ -86,6 +86,6 @@ def create_model(name: str | CLIPConfig, *, quick_gelu: bool | None = None, imag
 __all__ = [
     "CLIP", "CLIPConfig", "CheckpointError", "ClipLoss", "DEFAULT_TEMPLATES", "IMAGENET_TEMPLATES", "ImageError",
     "SIMPLE_TEMPLATES", "SigLipLoss", "TextConfig", "Tokenizer", "VisionConfig", "create_loss", "create_model",
-    "export_openclip", "get_config", "get_tokenizer", "image_transform", "linear_probe", "list_models",
+    "export_hf", "export_openclip", "get_config", "get_tokenizer", "image_transform", "linear_probe", "list_models",
     "load_model", "open_image", "predict", "retrieval_metrics", "save_checkpoint", "zero_shot_classifier",
 ]

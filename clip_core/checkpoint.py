@@ -360,6 +360,14 @@ def _from_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
+def _hf_tower_config(description: dict, tower: str, defaults: dict) -> dict:
+    """A tower's settings as transformers' CLIPConfig reads them: its own defaults where a field is left
+    out, and an older config's `<tower>_config_dict`, where present, in place of `<tower>_config`."""
+    legacy = description.get(f"{tower}_config_dict")
+    return {"layer_norm_eps": 1e-5, **defaults, **(legacy if legacy is not None
+                                                   else description.get(f"{tower}_config") or {})}
+
+
 def _read_hf_directory(path: Path, description: dict) -> tuple[CLIPConfig, dict]:
     """A transformers CLIPModel directory: its weights renamed, the architecture from their shapes and the
     heads, activation and normalisation from its config files."""
@@ -372,11 +380,8 @@ def _read_hf_directory(path: Path, description: dict) -> tuple[CLIPConfig, dict]
             state_dict.update(load_file(path / shard))
     else:
         state_dict = _read_weights(weights)[0]
-    # transformers' own defaults where a config leaves a field out
-    text = {"hidden_act": "quick_gelu", "num_attention_heads": 8, "layer_norm_eps": 1e-5,
-            **(description.get("text_config") or {})}
-    vision = {"hidden_act": "quick_gelu", "num_attention_heads": 12, "layer_norm_eps": 1e-5,
-              **(description.get("vision_config") or {})}
+    text = _hf_tower_config(description, "text", {"hidden_act": "quick_gelu", "num_attention_heads": 8})
+    vision = _hf_tower_config(description, "vision", {"hidden_act": "quick_gelu", "num_attention_heads": 12})
     activations = {text["hidden_act"], vision["hidden_act"]}
     if len(activations) > 1 or not activations <= {"gelu", "quick_gelu"}:
         raise CheckpointError(f"{path / CONFIG_FILE}: the towers' hidden_act {sorted(activations)} is not one of "
@@ -396,6 +401,54 @@ def _read_hf_directory(path: Path, description: dict) -> tuple[CLIPConfig, dict]
     config = config_from_state_dict(state_dict, quick_gelu=activations == {"quick_gelu"}, source=str(path),
                                     text_heads=text["num_attention_heads"], vision_heads=vision["num_attention_heads"])
     return config, state_dict
+
+
+def export_hf(model: CLIP, directory: str | os.PathLike) -> Path:
+    """Write a ViT CLIP as a Hugging Face transformers CLIPModel directory, in `save_pretrained`'s layout
+    (weights, config, image-processor and tokenizer files): `CLIPModel.from_pretrained` and
+    `CLIPProcessor.from_pretrained` load it, and so does `load_model`."""
+    from .tokenizer import get_tokenizer
+
+    config, v, t = model.config, model.config.vision, model.config.text
+    if v.is_resnet:
+        raise CheckpointError(f"{config.name or 'this model'} has a ModifiedResNet image tower, which transformers' "
+                              "CLIPModel lacks: only ViT CLIPs export to it (export_openclip takes any)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = hf_state_dict({key: value.detach() for key, value in model.state_dict().items()})
+    save_file({key: value.cpu().contiguous() for key, value in weights.items()}, directory / WEIGHTS_FILE,
+              metadata={"format": "pt"})
+    act = "quick_gelu" if config.quick_gelu else "gelu"
+    tower = {"hidden_act": act, "layer_norm_eps": 1e-5, "projection_dim": config.embed_dim}
+    description = {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": config.embed_dim,
+        "text_config": {**tower, "vocab_size": t.vocab_size, "hidden_size": t.width, "num_attention_heads": t.heads,
+                        "intermediate_size": round(t.width * t.mlp_ratio), "num_hidden_layers": t.layers,
+                        "max_position_embeddings": t.context_length, "bos_token_id": 49406, "eos_token_id": 49407},
+        "vision_config": {**tower, "hidden_size": v.width, "num_attention_heads": v.heads,
+                          "intermediate_size": round(v.width * v.mlp_ratio), "num_hidden_layers": v.layers,
+                          "image_size": v.image_size, "patch_size": v.patch_size, "num_channels": 3}}
+    size = v.image_size
+    processor = {"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
+                 "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,  # bicubic
+                 "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(OPENAI_MEAN),
+                 "image_std": list(OPENAI_STD), "do_convert_rgb": True}
+    tokenizer = get_tokenizer()
+    names = {tokenizer.sot_token_id: "<|startoftext|>", tokenizer.eot_token_id: "<|endoftext|>"}  # OpenAI's
+    vocab = {names.get(i, token): i for token, i in tokenizer.encoder.items()}
+    merges = sorted(tokenizer._ranks, key=tokenizer._ranks.get)
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    files = {CONFIG_FILE: description, "preprocessor_config.json": processor, "vocab.json": vocab,
+             "tokenizer_config.json": {"tokenizer_class": "CLIPTokenizer", "model_max_length": t.context_length,
+                                       "processor_class": "CLIPProcessor", **special},
+             "special_tokens_map.json": special}
+    for name, content in files.items():
+        (directory / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                          encoding="utf-8")
+    return directory
 
 
 def described_image_size(description: dict, directory: str) -> int:

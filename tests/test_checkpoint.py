@@ -2,6 +2,7 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -159,6 +160,23 @@ def test_a_hugging_face_clip_directory_loads_and_computes_what_transformers_comp
         assert torch.equal(value, saved[key]), key
 
 
+def test_an_older_hugging_face_configs_tower_dicts_win_as_they_do_in_transformers(tmp_path):
+    """Configs written before transformers' `text_config` (some published ones carry both) say the
+    towers' settings in `text_config_dict` / `vision_config_dict`; transformers reads those."""
+    from transformers import CLIPModel
+
+    hf_clip().save_pretrained(tmp_path / "hf")
+    description = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for tower in ("text", "vision"):
+        description[f"{tower}_config_dict"] = {**description[f"{tower}_config"], "hidden_act": "gelu"}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(description))
+    reference = CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    assert reference.config.text_config.hidden_act == "gelu"
+    ours = clip_core.load_model(tmp_path / "hf")
+    assert not ours.config.quick_gelu
+    _assert_same_as_hf(ours, reference)
+
+
 def test_sharded_and_pickled_hugging_face_weights_load(tmp_path):
     hf = hf_clip()
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
@@ -181,3 +199,37 @@ def test_hugging_face_clip_that_clip_core_cannot_compute_is_refused_with_the_rea
     (tmp_path / "mean" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model.safetensors"):
         clip_core.load_model(tmp_path / "mean")
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_export_hf_loads_in_transformers_with_its_processor_and_back_in_ours(tmp_path, quick_gelu):
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    torch.manual_seed(0)
+    ours = clip_core.create_model("tiny", quick_gelu=quick_gelu).eval()
+    directory = clip_core.export_hf(ours, tmp_path / "hf")
+    hf = CLIPModel.from_pretrained(directory).eval()
+    assert hf.config.text_config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
+    _assert_same_as_hf(ours, hf)
+    back = clip_core.load_model(directory)
+    assert back.config == ours.config
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+    # its processor tokenizes and preprocesses as clip_core does
+    processor = CLIPProcessor.from_pretrained(directory)
+    captions = ["a photo of a dog.", "Two  RED circles, and a blue square!", "clip art of shapes"]
+    ids = processor.tokenizer(captions)["input_ids"]
+    tokens = clip_core.get_tokenizer()(captions)
+    for row, hf_ids in zip(tokens, ids):
+        assert row[:len(hf_ids)].tolist() == hf_ids and not row[len(hf_ids):].any()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8))
+    pixels = processor(images=image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(pixels, clip_core.image_transform(64)(image), atol=0.05, rtol=0)
+
+
+def test_export_hf_refuses_what_transformers_cannot_hold(tmp_path):
+    with pytest.raises(CheckpointError, match="ModifiedResNet"):
+        clip_core.export_hf(clip_core.create_model("RN50", image_size=64), tmp_path / "rn")
+    with pytest.raises(CheckpointError, match="logit_bias"):
+        clip_core.export_hf(clip_core.create_model("tiny", init_logit_bias=-10.0), tmp_path / "siglip")
