@@ -165,9 +165,10 @@ def test_a_checkpoint_on_s3_is_fetched_with_its_inference_files_only(sets, tmp_p
         registry.fetch_checkpoint(checkpoint, str(tmp_path / "once-more"))
 
 
-def test_weights_in_the_formats_users_hold_register_and_evaluate_as_they_are(sets, tmp_path):
+def test_weights_in_the_formats_users_hold_register_evaluate_and_export_as_they_are(sets, tmp_path, capsys):
     """OpenAI's or OpenCLIP's weights and Hugging Face CLIPModel directories need no conversion by hand:
-    fetching one for register, evaluate or serve makes a checkpoint of ours from it."""
+    fetching one for register, evaluate or serve makes a checkpoint of ours from it; and a registered
+    version exports to either."""
     hf_clip().save_pretrained(tmp_path / "hf")
     trained = clip_core.load_model(sets / "ckpt")
     torch.save({"name": "micro", "state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}},
@@ -188,6 +189,14 @@ def test_weights_in_the_formats_users_hold_register_and_evaluate_as_they_are(set
     metrics = evaluate(EvaluateConfig(model=str(tmp_path / "hf"), zeroshot=str(sets / "heldout"), workers=1,
                                       mlflow_tracking_uri=tracking))
     assert 0.0 <= metrics["zeroshot"]["top1"] <= 1.0 and metrics["zeroshot"]["rows"] == 64
+
+    registered = clip_core.load_model(tmp_path / "hf").state_dict()
+    for to, output in (("hf", tmp_path / "exported-hf"), ("openclip", tmp_path / "exported.pt")):
+        assert cli.main(["export", "models:/hf-clip@challenger", str(output), "--to", to,
+                         "--mlflow-tracking-uri", tracking]) == 0
+        assert f"-> {output}" in capsys.readouterr().out
+        exported = clip_core.load_model(output, quick_gelu=True).state_dict()
+        assert all(torch.equal(exported[k], v) for k, v in registered.items()), to
 
 
 def _metrics(sets, top1: float, digest_of: str = "heldout") -> dict:

@@ -131,6 +131,23 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import clip_core
+
+    from .registry import fetch_checkpoint
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model = clip_core.load_model(fetch_checkpoint(args.model, scratch, tracking_uri=_tracking_uri(args)).directory)
+    if args.to == "hf":
+        written, what = clip_core.export_hf(model, args.output), "a transformers CLIPModel directory"
+    else:
+        written, what = clip_core.export_openclip(model, args.output), "an OpenCLIP checkpoint"
+    print(f"export: {args.model} -> {written} ({what})")
+    return 0
+
+
 def _serve_config(args: argparse.Namespace):
     """The app's ServeConfig and route prefix: --config (ServeConfig fields, or a `serve deploy` file such
     as deploy/serve_config.yaml), then the flags."""
@@ -355,6 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     mo = commands.add_parser("models", parents=[tracking, gate], help="versions, aliases, metrics and lineage")
     mo.add_argument("name")
     mo.set_defaults(handler=_models)
+
+    ex = commands.add_parser("export", parents=[tracking], help="a checkpoint or registered model → "
+                             "Hugging Face transformers or OpenCLIP files",
+                             description="Write a checkpoint, a registered model (models:/NAME@ALIAS) or other "
+                             "weights as a transformers CLIPModel directory (--to hf; ViT only), which "
+                             "CLIPModel.from_pretrained and CLIPProcessor.from_pretrained load, or as an OpenCLIP "
+                             "checkpoint file (--to openclip), which open_clip.create_model(NAME, pretrained=FILE) "
+                             "loads.")
+    ex.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint directory or s3:// prefix"
+                    + OTHER_WEIGHTS)
+    ex.add_argument("output", help="local directory (--to hf) or file (--to openclip)")
+    ex.add_argument("--to", required=True, choices=("hf", "openclip"))
+    ex.set_defaults(handler=_export)
 
     sv = commands.add_parser("serve", parents=[tracking],
                              help="zero-shot HTTP endpoints on Ray Serve, in the foreground",
