@@ -377,6 +377,8 @@ def _read_hf_directory(path: Path, description: dict) -> tuple[CLIPConfig, dict]
     if weights.name.endswith(".index.json"):
         state_dict = {}
         for shard in sorted(set(json.loads(weights.read_text())["weight_map"].values())):
+            if Path(shard).name != shard or not shard.endswith(".safetensors"):
+                raise CheckpointError(f"{weights} names the shard {shard!r}: shards are .safetensors files beside it")
             state_dict.update(load_file(path / shard))
     else:
         state_dict = _read_weights(weights)[0]

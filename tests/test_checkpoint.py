@@ -182,6 +182,13 @@ def test_sharded_and_pickled_hugging_face_weights_load(tmp_path):
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     _assert_same_as_hf(clip_core.load_model(tmp_path / "sharded"), hf)
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    description = json.loads(index.read_text())
+    first = next(iter(description["weight_map"]))
+    index.write_text(json.dumps({**description, "weight_map": {**description["weight_map"],
+                                                               first: "../elsewhere.safetensors"}}))
+    with pytest.raises(CheckpointError, match="shards are .safetensors files beside it"):
+        clip_core.load_model(tmp_path / "sharded")
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "config.json").write_bytes((tmp_path / "sharded" / "config.json").read_bytes())
     torch.save(hf.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
