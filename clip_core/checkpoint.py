@@ -231,7 +231,8 @@ def _read_file(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, dict]:
     config = config_from_state_dict(state_dict, quick_gelu=bool(quick_gelu), source=str(path))
     if quick_gelu is None:
         warnings.warn(f"{path} does not say whether it was trained with QuickGELU (OpenAI) or GELU; assuming "
-                      "GELU. Pass quick_gelu=True for weights derived from OpenAI's release.", stacklevel=3)
+                      "GELU. Say which with quick_gelu=True or False (rayclip's --quick-gelu or --no-quick-gelu): "
+                      "weights derived from OpenAI's release need QuickGELU.", stacklevel=3)
     if isinstance(name, str):
         try:
             config = config.replace(name=canonical_name(name)[0] + ("-quickgelu" if quick_gelu else ""))

@@ -73,6 +73,8 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field("models:/clip@champion", description="models:/NAME@ALIAS, models:/NAME/N or a checkpoint dir")
+    quick_gelu: bool | None = Field(None, description="the activation of weights in another format: True QuickGELU, "
+                                    "False GELU, overriding what they imply; a rayclip checkpoint keeps its own")
     mlflow_tracking_uri: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, lt=65536)
@@ -206,13 +208,14 @@ class Loaded(NamedTuple):
     tokenize: object
 
 
-def load_served_model(uri: str, tracking_uri: str | None, device: str = "cpu") -> Loaded:
+def load_served_model(uri: str, tracking_uri: str | None, device: str = "cpu",
+                      quick_gelu: bool | None = None) -> Loaded:
     """The CLIP model at `uri` on `device`, what /v1/model reports about it, and its tokenizer."""
     import clip_core
     from workflows import registry
 
     with tempfile.TemporaryDirectory(prefix="rayclip-serve-") as scratch:
-        source = registry.fetch_checkpoint(uri, scratch, tracking_uri=tracking_uri)
+        source = registry.fetch_checkpoint(uri, scratch, tracking_uri=tracking_uri, quick_gelu=quick_gelu)
         model = clip_core.load_model(source.directory)
     info = {"uri": uri, "name": source.name or os.path.basename(os.path.normpath(uri)),
             "version": source.version, "metrics": {}, "lineage": {}}
@@ -246,7 +249,8 @@ class _Tower:
     @serve.multiplexed(max_num_models_per_replica=2)
     async def load(self, uri: str) -> Loaded:
         # a thread, so the version already loaded keeps answering while this one loads
-        return await asyncio.to_thread(load_served_model, uri, self.config.mlflow_tracking_uri, self.device)
+        return await asyncio.to_thread(load_served_model, uri, self.config.mlflow_tracking_uri, self.device,
+                                       self.config.quick_gelu)
 
     async def model_info(self) -> dict:
         return (await self.load(serve.get_multiplexed_model_id())).info

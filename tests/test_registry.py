@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import boto3
 import mlflow
@@ -197,6 +198,38 @@ def test_weights_in_the_formats_users_hold_register_evaluate_and_export_as_they_
         assert f"-> {output}" in capsys.readouterr().out
         exported = clip_core.load_model(output, quick_gelu=True).state_dict()
         assert all(torch.equal(exported[k], v) for k, v in registered.items()), to
+
+
+def test_quick_gelu_says_what_weights_were_trained_with_and_a_checkpoint_of_ours_keeps_its_own(sets, tmp_path,
+                                                                                                 capsys):
+    """OpenCLIP issue #771's trap: a bare state dict says nothing of its activation (GELU is assumed, with a
+    warning), and a file may imply the wrong one. --quick-gelu / --no-quick-gelu say it wherever weights
+    are taken; a checkpoint of ours records its own."""
+    torch.save(clip_core.load_model(sets / "ckpt").state_dict(), tmp_path / "bare.pt")
+    bare = str(tmp_path / "bare.pt")
+    with pytest.warns(UserWarning, match="does not say whether it was trained with QuickGELU"):
+        assumed = registry.fetch_checkpoint(bare, str(tmp_path / "assumed"))
+    assert not clip_core.load_model(assumed.directory).config.quick_gelu
+    for quick_gelu in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said, so nothing to warn about
+            told = registry.fetch_checkpoint(bare, str(tmp_path / f"told-{quick_gelu}"), quick_gelu=quick_gelu)
+        assert clip_core.load_model(told.directory).config.quick_gelu is quick_gelu
+    with pytest.warns(UserWarning, match="rayclip checkpoint trained with GELU and loads as such"):
+        kept = registry.fetch_checkpoint(str(sets / "ckpt"), str(tmp_path / "kept"), quick_gelu=True)
+    assert not clip_core.load_model(kept.directory).config.quick_gelu
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cli.main(["register", bare, "--name", "bare", "--quick-gelu", "--mlflow-tracking-uri", tracking]) == 0
+    assert cli.main(["export", "models:/bare@challenger", str(tmp_path / "hf"), "--to", "hf",
+                     "--mlflow-tracking-uri", tracking]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["text_config"]["hidden_act"] == "quick_gelu"
+    assert cli.main(["export", bare, str(tmp_path / "hf-gelu"), "--to", "hf", "--no-quick-gelu"]) == 0
+    assert json.loads((tmp_path / "hf-gelu" / "config.json").read_text())["text_config"]["hidden_act"] == "gelu"
+    capsys.readouterr()
+    # a rollout changes the model version, not how the app loads weights
+    assert cli.main(["deploy", "--reload", "--quick-gelu", "--port", "8001"]) == 2
+    assert "--port, --[no-]quick-gelu change how the app is deployed" in capsys.readouterr().err
 
 
 def _metrics(sets, top1: float, digest_of: str = "heldout") -> dict:

@@ -277,20 +277,23 @@ def test_classify_takes_multipart_uploads_and_allow_listed_s3_images_and_never_f
 
 
 def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_path):
+    """Here on weights in another format: a bare state dict, which does not say its activation, served
+    with the one --quick-gelu names."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")
+    torch.save(briefly_trained(steps=1).state_dict(), tmp_path / "bare.pt")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.pop("RAYCLIP_SERVE_TOKEN", None)
     log = open(tmp_path / "serve.log", "w+")
-    process = subprocess.Popen([sys.executable, "-m", "workflows.cli", "serve", "--model", str(tmp_path / "ckpt"),
-                                "--port", str(port), "--poll-registry", "0.5"], stdout=log, stderr=subprocess.STDOUT,
-                               env=env, cwd=tmp_path)
+    command = ["serve", "--model", str(tmp_path / "bare.pt"), "--quick-gelu", "--port", str(port),
+               "--poll-registry", "0.5"]
+    process = subprocess.Popen([sys.executable, "-m", "workflows.cli", *command], stdout=log,
+                               stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 240
         while "Ctrl-C stops" not in (tmp_path / "serve.log").read_text():
@@ -298,7 +301,15 @@ def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_p
             assert time.monotonic() < deadline, "rayclip serve did not come up in 240 s"
             time.sleep(0.5)
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).json()
-        assert ready["model"]["name"] == "ckpt"
+        assert ready["model"]["name"] == "bare.pt"
+        texts = ["a red circle", "a small blue square on grey"]
+        served_texts = np.array(httpx.post(f"http://127.0.0.1:{port}/v1/embed/text", json={"texts": texts},
+                                           timeout=30).json()["embeddings"])
+        for quick_gelu, close in ((True, True), (False, False)):  # GELU's differ by ~3e-3
+            with torch.no_grad():
+                expected = clip_core.load_model(tmp_path / "bare.pt", quick_gelu=quick_gelu).encode_text(
+                    clip_core.get_tokenizer()(texts), normalize=True).numpy()
+            assert np.allclose(served_texts, expected, atol=1e-4) is close, quick_gelu
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0
         output = (tmp_path / "serve.log").read_text()

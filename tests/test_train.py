@@ -412,6 +412,12 @@ def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket, mo
     hf_config = _config(prepared, tmp_path, init=f"s3://{s3_bucket}/weights/hf")
     assert init_image_size(hf_config) == 64 and len(downloads) == 1
     assert build_model(hf_config).config.vision.heads == 3
+    # --[no-]quick-gelu: instead of the preset's activation (OpenCLIP's --force-quick-gelu), or over what
+    # the weights imply (this directory's hidden_act: QuickGELU)
+    assert build_model(hf_config).config.quick_gelu
+    assert not build_model(hf_config.model_copy(update={"quick_gelu": False})).config.quick_gelu
+    assert not build_model(_config(prepared, tmp_path)).config.quick_gelu
+    assert build_model(_config(prepared, tmp_path, quick_gelu=True)).config.quick_gelu
     assert init_source(f"openai:s3://{s3_bucket}/ViT-B-32.pt") == ("openai", f"s3://{s3_bucket}/ViT-B-32.pt")
     with pytest.raises(FileNotFoundError, match=rf"no pretrained weights at s3://{s3_bucket}/ViT-B-32.pt"):
         check_config(_config(prepared, tmp_path, init=f"openai:s3://{s3_bucket}/ViT-B-32.pt", cpus_per_worker=1),

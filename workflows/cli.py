@@ -71,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
               "patch_dropout": args.patch_dropout, "unmasked_tuning_steps": args.unmasked_tuning_steps,
               "checkpoint_every": args.checkpoint_every, "max_failures": args.max_failures,
               "mlflow_tracking_uri": args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-              "seed": args.seed}.items() if v is not None})
+              "seed": args.seed, "quick_gelu": args.quick_gelu}.items() if v is not None})
     train(TrainConfig(**values))
     return 0
 
@@ -91,6 +91,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                             classnames=storage.read_lines(args.classnames) if args.classnames else None,
                             templates=templates, batch_size=args.batch_size, workers=args.workers,
                             use_gpu=args.gpu, output_json=args.json, mlflow_tracking_uri=_tracking_uri(args),
+                            quick_gelu=args.quick_gelu,
                             **({"shots": args.shots} if args.shots else {}))
     evaluate(config)
     return 0
@@ -105,7 +106,7 @@ def _register(args: argparse.Namespace) -> int:
     if args.metrics:
         with open(args.metrics, encoding="utf-8") as f:
             metrics = json.load(f)
-    register(args.checkpoint, args.name, metrics=metrics, tracking_uri=_tracking_uri(args))
+    register(args.checkpoint, args.name, metrics=metrics, tracking_uri=_tracking_uri(args), quick_gelu=args.quick_gelu)
     return 0
 
 
@@ -139,7 +140,8 @@ def _export(args: argparse.Namespace) -> int:
     from .registry import fetch_checkpoint
 
     with tempfile.TemporaryDirectory() as scratch:
-        model = clip_core.load_model(fetch_checkpoint(args.model, scratch, tracking_uri=_tracking_uri(args)).directory)
+        source = fetch_checkpoint(args.model, scratch, tracking_uri=_tracking_uri(args), quick_gelu=args.quick_gelu)
+        model = clip_core.load_model(source.directory)
     if args.to == "hf":
         written, what = clip_core.export_hf(model, args.output), "a transformers CLIPModel directory"
     else:
@@ -158,7 +160,8 @@ def _serve_config(args: argparse.Namespace):
     if "applications" in values:
         values, route_prefix = deploy_file_options(values, getattr(args, "name", APP_NAME), args.config)
     values.update({k: v for k, v in {"model": args.model, "host": args.host, "port": args.port,
-                                     "mlflow_tracking_uri": _tracking_uri(args)}.items() if v is not None})
+                                     "mlflow_tracking_uri": _tracking_uri(args),
+                                     "quick_gelu": args.quick_gelu}.items() if v is not None})
     return ServeConfig(**values), getattr(args, "route_prefix", None) or route_prefix
 
 
@@ -206,6 +209,12 @@ def _deploy(args: argparse.Namespace) -> int:
 
     from deploy.rollout import reload, start
 
+    fixed = [flag for flag, value in (("--config", args.config), ("--host", args.host), ("--port", args.port),
+                                      ("--route-prefix", args.route_prefix),
+                                      ("--[no-]quick-gelu", args.quick_gelu)) if value is not None]
+    if args.reload and fixed:
+        raise ValueError(f"--reload only rolls the running app to another model version; {', '.join(fixed)} "
+                         "change how the app is deployed: deploy again without --reload")
     if not ray.is_initialized():
         ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="WARNING")
     if args.reload:
@@ -288,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "random order, so every shard is a sample of the whole source)")
     pre.set_defaults(handler=_preprocess)
 
+    activation = argparse.ArgumentParser(add_help=False)
+    activation.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction,
+                            help="weights in another format were trained with QuickGELU (--no-quick-gelu: GELU), "
+                            "whatever they imply; for a bare state dict, which says nothing, GELU is assumed with a "
+                            "warning (OpenCLIP issue #771). A rayclip checkpoint keeps the activation it records")
+
     tr = commands.add_parser("train", help="contrastive training on Ray Train; the final checkpoint goes to --output",
                              description="Train CLIP on prepared datasets. --batch-size is the global contrastive "
                              "batch, split across --workers (unlike OpenCLIP's per-GPU flag); --steps counts "
@@ -316,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint")
     tr.add_argument("--init", help="pretrained weights: openai:PATH, openclip:PATH, or a checkpoint directory "
                     "(ours, OpenCLIP's or a Hugging Face CLIPModel's) or weights file (local or s3://)")
+    tr.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction,
+                    help="QuickGELU (--no-quick-gelu: GELU) instead of the preset's own, as OpenCLIP's "
+                    "--force-quick-gelu; with --init, whatever the weights imply (openai: QuickGELU)")
     tr.add_argument("--resume", help="'latest' (the newest checkpoint under --storage) or a checkpoint path")
     tr.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI; no tracking when unset")
     tr.add_argument("--seed", type=int)
@@ -324,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     tracking = argparse.ArgumentParser(add_help=False)
     tracking.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI, else MLflow's default store")
 
-    ev = commands.add_parser("evaluate", parents=[tracking],
+    ev = commands.add_parser("evaluate", parents=[tracking, activation],
                              help="zero-shot, retrieval and linear-probe metrics (Ray Data)",
                              description="Evaluate a checkpoint or registered model. Metrics go to --json, to "
                              "MLflow (the model's run, else a new run) and, for models:/ URIs, onto the version.")
@@ -342,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the metrics here (local path or s3://)")
     ev.set_defaults(handler=_evaluate)
 
-    reg = commands.add_parser("register", parents=[tracking],
+    reg = commands.add_parser("register", parents=[tracking, activation],
                               help="checkpoint → MLflow model version, alias challenger")
     reg.add_argument("checkpoint", help="checkpoint directory or s3:// prefix (the train stage's --output)"
                      + OTHER_WEIGHTS)
@@ -373,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("name")
     mo.set_defaults(handler=_models)
 
-    ex = commands.add_parser("export", parents=[tracking], help="a checkpoint or registered model → "
+    ex = commands.add_parser("export", parents=[tracking, activation], help="a checkpoint or registered model → "
                              "Hugging Face transformers or OpenCLIP files",
                              description="Write a checkpoint, a registered model (models:/NAME@ALIAS) or other "
                              "weights as a transformers CLIPModel directory (--to hf; ViT only), which "
@@ -386,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", required=True, choices=("hf", "openclip"))
     ex.set_defaults(handler=_export)
 
-    sv = commands.add_parser("serve", parents=[tracking],
+    sv = commands.add_parser("serve", parents=[tracking, activation],
                              help="zero-shot HTTP endpoints on Ray Serve, in the foreground",
                              description="Serve a registered model or a checkpoint until interrupted; SIGINT/SIGTERM "
                              "shut Serve and its local Ray down. Bearer auth is on when $RAYCLIP_SERVE_TOKEN is set.")
@@ -400,8 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="check the model's alias this often and roll to the version it names (off by default)")
     sv.set_defaults(handler=_serve)
 
-    de = commands.add_parser("deploy", parents=[tracking], help="deploy the Serve app to a running Ray cluster, or "
-                             "roll it to the model version its alias names now (--reload)",
+    de = commands.add_parser("deploy", parents=[tracking, activation],
+                             help="deploy the Serve app to a running Ray cluster, or roll it to the model "
+                             "version its alias names now (--reload)",
                              description="Without --reload: deploy (or replace) the app from --config/--model on "
                              "the cluster at --address/$RAY_ADDRESS, as `serve deploy` would. With --reload: after "
                              "`rayclip promote` or `rollback`, roll the running app to the version its model alias "

@@ -40,6 +40,8 @@ class EvaluateConfig(BaseModel):
 
     model: str = Field(description="checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/N; "
                        "also weights in other formats clip_core.load_model reads (OpenAI, OpenCLIP, Hugging Face)")
+    quick_gelu: bool | None = Field(None, description="the activation of weights in another format: True QuickGELU, "
+                                    "False GELU, overriding what they imply; a rayclip checkpoint keeps its own")
     zeroshot: str | None = Field(None, description="labeled prepared set for zero-shot top-1/top-5")
     classnames: list[str] | None = Field(None, description="default: the zero-shot set's manifest")
     templates: list[str] | Literal["default", "simple", "imagenet"] = "default"
@@ -286,7 +288,8 @@ def evaluate(config: EvaluateConfig, echo=print) -> dict:
             read_manifest(uri)  # a missing set fails before any work starts
     init_ray()
     with tempfile.TemporaryDirectory(prefix="rayclip-eval-") as scratch:
-        source = registry.fetch_checkpoint(config.model, scratch, tracking_uri=config.mlflow_tracking_uri)
+        source = registry.fetch_checkpoint(config.model, scratch, tracking_uri=config.mlflow_tracking_uri,
+                                           quick_gelu=config.quick_gelu)
         artifacts = os.path.join(scratch, "eval")
         os.makedirs(artifacts)
         metrics = _evaluate(config, source, artifacts, echo)

@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
@@ -103,8 +104,23 @@ class ModelSource:
     tags: dict[str, str] = field(default_factory=dict)  # a registered version's tags (lineage, metrics)
 
 
-def fetch_checkpoint(uri: str, destination: str, *, tracking_uri: str | None = None) -> ModelSource:
-    """The inference files of a checkpoint (local dir, s3:// prefix, or models:/…) in a local directory."""
+def fetch_checkpoint(uri: str, destination: str, *, tracking_uri: str | None = None,
+                     quick_gelu: bool | None = None) -> ModelSource:
+    """The inference files of a checkpoint (local dir, s3:// prefix, or models:/…) in a local directory.
+
+    Weights in another format become a checkpoint of ours on the way; `quick_gelu` says which activation
+    they were trained with, overriding what they imply (clip_core.load_model). A checkpoint of ours
+    records its activation and keeps it."""
+    source = _fetch(uri, destination, tracking_uri, quick_gelu)
+    recorded = bool(_description(source.directory)["model"].get("quick_gelu"))
+    if quick_gelu is not None and quick_gelu != recorded:
+        warnings.warn(f"{uri} is a rayclip checkpoint trained with {'QuickGELU' if recorded else 'GELU'} and loads "
+                      f"as such: quick_gelu={quick_gelu} (--{'' if quick_gelu else 'no-'}quick-gelu) is for "
+                      "weights in other formats, which imply theirs (or say nothing, or the wrong thing)", stacklevel=2)
+    return source
+
+
+def _fetch(uri: str, destination: str, tracking_uri: str | None, quick_gelu: bool | None) -> ModelSource:
     parsed = parse_model_uri(uri)
     if parsed:
         import mlflow
@@ -125,7 +141,7 @@ def fetch_checkpoint(uri: str, destination: str, *, tracking_uri: str | None = N
                            dict(model_version.tags or {}))
     description = storage.join(uri, CONFIG_FILE)
     if not (storage.exists(description) and _is_ours(storage.read_bytes(description, max_bytes=1 << 20))):
-        return _converted(uri, destination)
+        return _converted(uri, destination, quick_gelu)
     if not storage.is_s3(uri):
         return ModelSource(uri, uri, run_id=_train_run_id(uri))
     directory = os.path.join(destination, CHECKPOINT_ARTIFACT)
@@ -145,7 +161,7 @@ def _is_ours(config_json: bytes) -> bool:
         return False
 
 
-def _converted(uri: str, destination: str) -> ModelSource:
+def _converted(uri: str, destination: str, quick_gelu: bool | None) -> ModelSource:
     """Weights in another format users hold (OpenAI's release, OpenCLIP's, a Hugging Face CLIPModel
     directory, a bare state dict; local or s3://) as a checkpoint of ours in `destination`."""
     import clip_core
@@ -154,7 +170,7 @@ def _converted(uri: str, destination: str) -> ModelSource:
         raise FileNotFoundError(f"no checkpoint at {uri}: expected a checkpoint directory (the train stage's "
                                 "--output), weights clip_core.load_model reads, or a models:/ URI")
     with storage.local_copy(uri) as local:
-        model = clip_core.load_model(local)
+        model = clip_core.load_model(local, quick_gelu=quick_gelu)
     directory = clip_core.save_checkpoint(model, os.path.join(destination, CHECKPOINT_ARTIFACT))
     return ModelSource(str(directory), uri)
 
@@ -257,16 +273,17 @@ def _signature():
 
 def register(checkpoint: str, name: str, *, metrics: dict | None = None, tracking_uri: str | None = None,
              experiment: str = "rayclip", run_id: str | None = None, alias: str = CHALLENGER,
-             echo=print) -> dict:
+             quick_gelu: bool | None = None, echo=print) -> dict:
     """Log `checkpoint` as a pyfunc model in its train run (or a new `register` run), register it
-    as a new version of `name` with lineage (and eval metrics) as tags, and point `alias` at it."""
+    as a new version of `name` with lineage (and eval metrics) as tags, and point `alias` at it.
+    `quick_gelu`: the activation of weights in another format (see fetch_checkpoint)."""
     import mlflow
     import pandas as pd
 
     import clip_core
 
     with using(tracking_uri), tempfile.TemporaryDirectory() as scratch:
-        source = fetch_checkpoint(checkpoint, scratch, tracking_uri=tracking_uri)
+        source = fetch_checkpoint(checkpoint, scratch, tracking_uri=tracking_uri, quick_gelu=quick_gelu)
         staged = os.path.join(scratch, "staged", CHECKPOINT_ARTIFACT)  # the artifact's name inside the model
         os.makedirs(staged)
         for file in INFERENCE_FILES:

@@ -78,6 +78,9 @@ class TrainConfig(BaseModel):
     model: str = Field("tiny", description="preset name, or a JSON file with a model config (recipe: tiny's)")
     init: str | None = Field(None, description="openai:PATH | openclip:PATH | PATH to pretrained weights "
                                    "(anything clip_core.load_model reads, e.g. a Hugging Face CLIPModel directory)")
+    quick_gelu: bool | None = Field(None, description="True QuickGELU, False GELU: for a preset, instead of its "
+                                    "own (OpenCLIP's --force-quick-gelu); for --init weights, overriding what they "
+                                    "imply (openai: QuickGELU)")
     steps: int | None = Field(None, gt=0)
     batch_size: int | None = Field(None, gt=0, description="global contrastive batch")
     accum_freq: int = Field(1, gt=0, description="micro-batches per step, the contrastive batch kept whole")
@@ -185,9 +188,11 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
     if config.init:
         kind, path = init_source(config.init)
         with storage.local_copy(path) as local:  # load_model reads the weights into memory
-            model = clip_core.load_model(local, quick_gelu=True if kind == "openai" else None)
+            implied = True if kind == "openai" else None
+            model = clip_core.load_model(local, quick_gelu=implied if config.quick_gelu is None else config.quick_gelu)
     else:
-        model = clip_core.create_model(config.model, init_logit_bias=-10.0 if config.loss == "siglip" else None)
+        model = clip_core.create_model(config.model, quick_gelu=config.quick_gelu,
+                                       init_logit_bias=-10.0 if config.loss == "siglip" else None)
     if config.loss == "siglip" and model.logit_bias is None:
         raise ValueError("the sigmoid loss needs a model with logit_bias; initialise from a SigLIP checkpoint "
                          "or train from scratch")
