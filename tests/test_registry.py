@@ -232,6 +232,63 @@ def test_quick_gelu_says_what_weights_were_trained_with_and_a_checkpoint_of_ours
     assert "--port, --[no-]quick-gelu change how the app is deployed" in capsys.readouterr().err
 
 
+def test_embed_writes_every_row_as_clip_core_embeds_it_as_parquet_any_reader_opens(sets, tmp_path, s3_bucket,
+                                                                                      capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workflows import storage
+    from workflows.embed import _to_table
+
+    heldout, output = str(sets / "heldout"), f"s3://{s3_bucket}/embeddings/heldout"
+    assert cli.main(["embed", str(sets / "ckpt"), heldout, output, "--batch-size", "24", "--rows-per-file", "40"]) == 0
+    assert f"embed: 64 rows in {len(storage.list_files(f'{output}/embeddings'))} file(s) -> {output}" in \
+        capsys.readouterr().out
+    manifest = json.loads(storage.read_bytes(f"{output}/embeddings.json"))
+    fs, path = storage.filesystem(f"{output}/embeddings")
+    table = pq.read_table(path, filesystem=fs)  # plain pyarrow reads the directory: no rayclip types
+    model = clip_core.load_model(sets / "ckpt")
+    assert table.schema.field("image_embedding").type == pa.list_(pa.float32(), model.config.embed_dim)
+    assert table.schema.field("text_embedding").type == pa.list_(pa.float32(), model.config.embed_dim)
+    per_file = sorted(file["rows"] for file in manifest["files"])  # at least --rows-per-file but the last
+    assert len(per_file) > 1 and min(per_file[1:]) >= 40 and sum(per_file) == manifest["rows"] == table.num_rows == 64
+    assert manifest["dataset"]["digest"] == read_manifest(heldout)["digest"]
+    assert manifest["model"]["weights_sha256"] == json.loads((sets / "ckpt" / "config.json").read_text())[
+        "weights_sha256"]
+
+    prepared = read_prepared_table(heldout).to_pydict()
+    rows = decode_batch(prepared, model.image_size)
+    with torch.no_grad():
+        image_features = model.encode_image(clip_core.transforms.normalize(torch.from_numpy(rows["image"])),
+                                            normalize=True).numpy()
+        text_features = model.encode_text(torch.from_numpy(rows["tokens"]), normalize=True).numpy()
+    at = {key: i for i, key in enumerate(table["key"].to_pylist())}
+    order = [at[key] for key in prepared["key"]]  # every prepared row once
+    assert sorted(order) == list(range(64))
+    written = table.take(order)
+    assert written["caption"].to_pylist() == prepared["caption"] and written["label"].to_pylist() == prepared["label"]
+    for column, expected in (("image_embedding", image_features), ("text_embedding", text_features)):
+        np.testing.assert_allclose(np.stack(written[column].to_numpy(zero_copy_only=False)), expected, atol=2e-5)
+
+    # an output holding files is refused before any work: nothing of it is lost or mixed
+    assert cli.main(["embed", str(sets / "ckpt"), heldout, output]) == 2
+    assert "exists and is not an empty directory" in capsys.readouterr().err
+    assert json.loads(storage.read_bytes(f"{output}/embeddings.json")) == manifest
+
+    half = tmp_path / "half"
+    assert cli.main(["embed", str(sets / "ckpt"), heldout, str(half), "--dtype", "float16", "--no-text"]) == 0
+    small = pq.read_table(half / "embeddings")
+    assert small.column_names == ["key", "caption", "label", "image_embedding"]
+    assert small.schema.field("image_embedding").type.value_type == pa.float16()
+    at = {key: i for i, key in enumerate(small["key"].to_pylist())}
+    np.testing.assert_allclose(np.stack(small["image_embedding"].to_numpy(zero_copy_only=False))[
+        [at[key] for key in prepared["key"]]].astype(np.float32), image_features, atol=2e-3)
+    # a set without labels: nulls, not -1
+    unlabeled = _to_table({"key": np.array(["a"], object), "caption": np.array(["x"], object),
+                           "label": np.array([-1]), "image_features": np.ones((1, 2), np.float32)}, "float32", False)
+    assert unlabeled["label"].to_pylist() == [None]
+
+
 def _metrics(sets, top1: float, digest_of: str = "heldout") -> dict:
     return {"zeroshot": {"top1": top1, "top5": min(1.0, top1 + 0.2),
                          "digest": read_manifest(str(sets / digest_of))["digest"]}}

@@ -97,6 +97,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from .embed import EmbedConfig, embed
+
+    embed(EmbedConfig(model=args.model, data=args.data, output=args.output, quick_gelu=args.quick_gelu,
+                      text=args.text, dtype=args.dtype, rows_per_file=args.rows_per_file,
+                      batch_size=args.batch_size, workers=args.workers, use_gpu=args.gpu,
+                      mlflow_tracking_uri=_tracking_uri(args)))
+    return 0
+
+
 def _register(args: argparse.Namespace) -> int:
     import json
 
@@ -359,6 +369,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gpu", action="store_true", help="one GPU per model actor")
     ev.add_argument("--json", help="write the metrics here (local path or s3://)")
     ev.set_defaults(handler=_evaluate)
+
+    em = commands.add_parser("embed", parents=[tracking, activation],
+                             help="a prepared set's image and caption embeddings → Parquet (Ray Data)",
+                             description="Embed every row of a prepared dataset with a checkpoint or registered "
+                             "model: OUTPUT/embeddings/*.parquet (key, caption, label, image_embedding, "
+                             "text_embedding; L2-normalized fixed-size lists) and OUTPUT/embeddings.json, written "
+                             "last, naming the model, the dataset's digest and each file.")
+    em.add_argument("model", help="checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/VERSION"
+                    + OTHER_WEIGHTS)
+    em.add_argument("data", help="prepared dataset (the preprocess stage's output)")
+    em.add_argument("output", help="new or empty directory or s3:// prefix")
+    em.add_argument("--text", action=argparse.BooleanOptionalAction, default=True,
+                    help="also embed the captions (default: yes)")
+    em.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                    help="of the stored embeddings (float16 halves the files)")
+    em.add_argument("--rows-per-file", type=int, default=100_000)
+    em.add_argument("--batch-size", type=int, default=256)
+    em.add_argument("--workers", type=int, default=1, help="model actors")
+    em.add_argument("--gpu", action="store_true", help="one GPU per model actor")
+    em.set_defaults(handler=_embed)
 
     reg = commands.add_parser("register", parents=[tracking, activation],
                               help="checkpoint → MLflow model version, alias challenger")

@@ -93,7 +93,7 @@ def _autocast(precision: str, device: torch.device):
 
 class Embedder:
     """Ray Data actor: decoded rows → normalized image features, and text features for the rows of
-    the sets in `text_sets` (zeros elsewhere)."""
+    the sets in `text_sets` (zeros elsewhere); the rows' other columns pass through."""
 
     def __init__(self, files_ref: list, use_gpu: bool, precision: str, text_sets: list[int]):
         import ray
@@ -103,7 +103,7 @@ class Embedder:
 
     def __call__(self, batch: dict) -> dict:
         images = torch.from_numpy(batch["image"]).to(self.device)
-        out = {name: batch[name] for name in ("key", "label", "eval_set")}
+        out = {name: column for name, column in batch.items() if name not in ("image", "tokens")}
         with torch.inference_mode(), _autocast(self.precision, self.device):
             image_features = self.model.encode_image(clip_core.transforms.normalize(images), normalize=True).float()
             text_features = torch.zeros_like(image_features)
@@ -116,9 +116,11 @@ class Embedder:
 
 
 def _decode(batch: dict, image_size: int) -> dict:
-    """decode_batch, keeping every row's key, set and label (-1 where a row has none)."""
+    """decode_batch, keeping every row's key, set, caption (when read) and label (-1 where a row has none)."""
     out = decode_batch(batch, image_size)
-    out["key"] = np.asarray(batch["key"], dtype=object)
+    for name in ("key", "caption"):
+        if name in batch:
+            out[name] = np.asarray(batch[name], dtype=object)
     out["label"] = np.asarray([-1 if label is None else label for label in batch["label"]], dtype=np.int64)
     out["eval_set"] = np.asarray(batch["eval_set"], dtype=np.int64)
     return out
@@ -132,25 +134,33 @@ def _classifier(files: dict[str, bytes], classnames: list[str], templates: list[
         return clip_core.zero_shot_classifier(model, tokenize, classnames, templates).float().cpu().numpy()
 
 
-def embed_sets(uris: list[str], files_ref, image_size: int, config: EvaluateConfig,
-               with_text: list[bool]) -> list[dict]:
-    """Per prepared set: {"key", "label", "image_features", "text_features"}, ordered by key. All sets
-    run through one pipeline, so the model actors start once."""
+def embedded(uris: list[str], files_ref, image_size: int, *, batch_size: int, workers: int, use_gpu: bool,
+             precision: str, with_text: list[bool], columns: tuple[str, ...] = ()):
+    """The prepared sets as one Ray Dataset (lazy) of "key", "label", "eval_set" (the set's index),
+    "image_features", "text_features" and `columns`, through one pool of model actors."""
     from ray.data import ActorPoolStrategy
 
     datasets = []
     for index, uri in enumerate(uris):
-        dataset = load_prepared(uri).select_columns(["key", "image", "tokens", "label"])
+        dataset = load_prepared(uri).select_columns(["key", "image", "tokens", "label", *columns])
         datasets.append(dataset.add_column("eval_set", lambda batch, i=index: np.full(len(batch["key"]), i),
                                            batch_format="numpy"))
     dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    dataset = dataset.map_batches(_decode, batch_size=config.batch_size, batch_format="numpy",
+    dataset = dataset.map_batches(_decode, batch_size=batch_size, batch_format="numpy",
                                   fn_kwargs={"image_size": image_size})
-    dataset = dataset.map_batches(Embedder, batch_size=config.batch_size, batch_format="numpy",
-                                  compute=ActorPoolStrategy(size=config.workers), num_gpus=1 if config.use_gpu else 0,
-                                  fn_constructor_kwargs={"files_ref": [files_ref], "use_gpu": config.use_gpu,
-                                                         "precision": config.precision,
-                                                         "text_sets": [i for i, text in enumerate(with_text) if text]})
+    return dataset.map_batches(Embedder, batch_size=batch_size, batch_format="numpy",
+                               compute=ActorPoolStrategy(size=workers), num_gpus=1 if use_gpu else 0,
+                               fn_constructor_kwargs={"files_ref": [files_ref], "use_gpu": use_gpu,
+                                                      "precision": precision,
+                                                      "text_sets": [i for i, text in enumerate(with_text) if text]})
+
+
+def embed_sets(uris: list[str], files_ref, image_size: int, config: EvaluateConfig,
+               with_text: list[bool]) -> list[dict]:
+    """Per prepared set: {"key", "label", "image_features", "text_features"}, ordered by key. All sets
+    run through one pipeline, so the model actors start once."""
+    dataset = embedded(uris, files_ref, image_size, batch_size=config.batch_size, workers=config.workers,
+                       use_gpu=config.use_gpu, precision=config.precision, with_text=with_text)
     dataset.context.execution_options.preserve_order = True
     parts = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
     columns = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
@@ -160,6 +170,13 @@ def embed_sets(uris: list[str], files_ref, image_size: int, config: EvaluateConf
         rows = rows[np.argsort(columns["key"][rows].astype(str), kind="stable")]
         out.append({name: columns[name][rows] for name in ("key", "label", "image_features", "text_features")})
     return out
+
+
+def inference_files(source: registry.ModelSource) -> tuple[dict[str, bytes], clip_core.CLIPConfig]:
+    """The checkpoint's files a model actor loads from, and the model's config."""
+    files = {path.name: path.read_bytes() for path in Path(source.directory).iterdir()
+             if path.name in registry.INFERENCE_FILES}
+    return files, described_config(json.loads(files[CONFIG_FILE]), source.directory)
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -305,10 +322,8 @@ def evaluate(config: EvaluateConfig, echo=print) -> dict:
 def _evaluate(config: EvaluateConfig, source: registry.ModelSource, artifacts: str, echo) -> dict:
     import ray
 
-    files = {path.name: path.read_bytes() for path in Path(source.directory).iterdir()
-             if path.name in registry.INFERENCE_FILES}
-    image_size = described_config(json.loads(files[CONFIG_FILE]), source.directory).vision.image_size
-    files_ref = ray.put(files)
+    files, model_config = inference_files(source)
+    image_size, files_ref = model_config.vision.image_size, ray.put(files)
     metrics: dict = {"model": {"uri": config.model, "name": source.name, "version": source.version}}
     echo(f"evaluate: {config.model} (image size {image_size}) on {config.workers} model actor(s)")
 
