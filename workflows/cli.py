@@ -11,6 +11,8 @@ from .tracking import failure, is_mlflow_error, rayclip_version, redact
 
 OTHER_WEIGHTS = ("; also weights as others hold them (OpenAI's .pt, OpenCLIP's, a Hugging Face CLIPModel directory), "
                  "made a checkpoint of on the way")
+MODEL_HELP = "checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/VERSION" + OTHER_WEIGHTS
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -352,32 +354,32 @@ def build_parser() -> argparse.ArgumentParser:
     tracking = argparse.ArgumentParser(add_help=False)
     tracking.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI, else MLflow's default store")
 
-    ev = commands.add_parser("evaluate", parents=[tracking, activation],
+    actors = argparse.ArgumentParser(add_help=False)
+    actors.add_argument("--batch-size", type=int, default=256)
+    actors.add_argument("--workers", type=int, default=1, help="model actors")
+    actors.add_argument("--gpu", action="store_true", help="one GPU per model actor")
+
+    ev = commands.add_parser("evaluate", parents=[tracking, activation, actors],
                              help="zero-shot, retrieval and linear-probe metrics (Ray Data)",
                              description="Evaluate a checkpoint or registered model. Metrics go to --json, to "
                              "MLflow (the model's run, else a new run) and, for models:/ URIs, onto the version.")
-    ev.add_argument("model", help="checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/VERSION"
-                    + OTHER_WEIGHTS)
+    ev.add_argument("model", help=MODEL_HELP)
     ev.add_argument("--zeroshot", help="labeled prepared set for zero-shot classification")
     ev.add_argument("--classnames", help="one class name per line, line i is label i (default: the set's manifest)")
     ev.add_argument("--templates", help="file with one prompt per line ({} for the class), or default|simple|imagenet")
     ev.add_argument("--retrieval", help="captioned prepared set for image↔text retrieval")
     ev.add_argument("--linear-probe", nargs=2, metavar=("TRAIN", "TEST"), help="labeled prepared sets")
     ev.add_argument("--shots", type=int, nargs="+", help="few-shot probes, examples per class (default 1 2 4 8 16)")
-    ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--workers", type=int, default=1, help="model actors")
-    ev.add_argument("--gpu", action="store_true", help="one GPU per model actor")
     ev.add_argument("--json", help="write the metrics here (local path or s3://)")
     ev.set_defaults(handler=_evaluate)
 
-    em = commands.add_parser("embed", parents=[tracking, activation],
+    em = commands.add_parser("embed", parents=[tracking, activation, actors],
                              help="a prepared set's image and caption embeddings → Parquet (Ray Data)",
                              description="Embed every row of a prepared dataset with a checkpoint or registered "
                              "model: OUTPUT/embeddings/*.parquet (key, caption, label, image_embedding, "
                              "text_embedding; L2-normalized fixed-size lists) and OUTPUT/embeddings.json, written "
                              "last, naming the model, the dataset's digest and each file.")
-    em.add_argument("model", help="checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/VERSION"
-                    + OTHER_WEIGHTS)
+    em.add_argument("model", help=MODEL_HELP)
     em.add_argument("data", help="prepared dataset (the preprocess stage's output)")
     em.add_argument("output", help="new or empty directory or s3:// prefix")
     em.add_argument("--text", action=argparse.BooleanOptionalAction, default=True,
@@ -385,9 +387,6 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                     help="of the stored embeddings (float16 halves the files)")
     em.add_argument("--rows-per-file", type=int, default=100_000)
-    em.add_argument("--batch-size", type=int, default=256)
-    em.add_argument("--workers", type=int, default=1, help="model actors")
-    em.add_argument("--gpu", action="store_true", help="one GPU per model actor")
     em.set_defaults(handler=_embed)
 
     reg = commands.add_parser("register", parents=[tracking, activation],
