@@ -43,6 +43,10 @@ def start(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/")
 def deploy(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = 600) -> None:
     """Deploy (or replace) app `name` on the running Serve as `serve deploy` does (from a config, so that
     a rollout can reconfigure its replicas in place), and wait until it runs."""
+    if config.index:  # a missing index fails here, not as replicas that never start
+        from workflows.embed import read_embeddings_manifest
+
+        read_embeddings_manifest(config.index)
     _apply(name, app_spec(config, name, route_prefix))
     _wait(name, {}, timeout_s)
 

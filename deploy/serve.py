@@ -57,6 +57,7 @@ class Limits(BaseModel):
     max_labels: int = Field(1000, gt=0)
     max_templates: int = Field(100, gt=0)
     max_text_chars: int = Field(1000, gt=0)
+    max_search_results: int = Field(1000, gt=0, description="k of /v1/search")
 
 
 class Autoscaling(BaseModel):
@@ -76,6 +77,8 @@ class ServeConfig(BaseModel):
     quick_gelu: bool | None = Field(None, description="the activation of weights in another format: True QuickGELU, "
                                     "False GELU, overriding what they imply; a rayclip checkpoint keeps its own")
     mlflow_tracking_uri: str | None = None
+    index: str | None = Field(None, description="embeddings `rayclip embed` wrote (a directory or s3:// prefix) "
+                              "that POST /v1/search looks through; made with the served model")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, lt=65536)
     max_batch_size: int = Field(32, gt=0)
@@ -178,6 +181,16 @@ class RankRequest(BaseModel):
     images: list[str] | None = None
 
 
+class SearchRequest(BaseModel):
+    """A text or an image; the rows of the index whose image (or caption) embeddings lie nearest to it."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    image: str | None = Field(None, description="base64-encoded image (or s3://BUCKET/KEY as for /v1/classify)")
+    against: Literal["image", "text"] = Field("image", description="the index's image or caption embeddings")
+    k: int = Field(10, gt=0)
+
+
 class RequestError(Exception):
     """A request that cannot be answered: becomes `{"error": {"type", "message"}}` with `status`."""
 
@@ -212,13 +225,15 @@ def load_served_model(uri: str, tracking_uri: str | None, device: str = "cpu",
                       quick_gelu: bool | None = None) -> Loaded:
     """The CLIP model at `uri` on `device`, what /v1/model reports about it, and its tokenizer."""
     import clip_core
+    from clip_core.checkpoint import CONFIG_FILE
     from workflows import registry
 
     with tempfile.TemporaryDirectory(prefix="rayclip-serve-") as scratch:
         source = registry.fetch_checkpoint(uri, scratch, tracking_uri=tracking_uri, quick_gelu=quick_gelu)
         model = clip_core.load_model(source.directory)
+        weights = json.loads(Path(source.directory, CONFIG_FILE).read_text()).get("weights_sha256")
     info = {"uri": uri, "name": source.name or os.path.basename(os.path.normpath(uri)),
-            "version": source.version, "metrics": {}, "lineage": {}}
+            "version": source.version, "metrics": {}, "lineage": {}, "weights_sha256": weights}
     if source.name:
         info["metrics"] = registry.version_metrics(source.tags)
         info["lineage"] = {key: source.tags[key] for key in ("dataset_digests", "train_run_id", "git_commit",
@@ -294,6 +309,53 @@ class TextTower(_Tower):
         model, _, tokenize = await self.load(serve.get_multiplexed_model_id())
         with torch.inference_mode(), self._autocast():
             return clip_core.zero_shot_classifier(model, tokenize, labels, templates).float().cpu().numpy()
+
+
+class Index:
+    """The embeddings `rayclip embed` wrote, searched exactly: the queries of a batch in one matrix product
+    (memory: rows x embed_dim x 4 bytes, plus the keys and captions)."""
+
+    def __init__(self, config: dict):
+        from workflows.embed import read_embeddings
+
+        self.config = ServeConfig(**config)
+        manifest, table = read_embeddings(self.config.index)
+        self.vectors = {kind: _matrix(table[f"{kind}_embedding"]) for kind in ("image", "text")
+                        if f"{kind}_embedding" in table.column_names}
+        self.rows = table.select(["key", "caption", "label"])
+        self.about = {"uri": self.config.index, "rows": table.num_rows, "embeddings": sorted(self.vectors),
+                      "weights_sha256": manifest["model"]["weights_sha256"],
+                      "model": {key: manifest["model"][key] for key in ("uri", "name", "version")}}
+        self.search.set_max_batch_size(self.config.max_batch_size)
+        self.search.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    async def info(self) -> dict:
+        return self.about
+
+    @serve_batch
+    async def search(self, queries: list[tuple[np.ndarray, str, int]]) -> list[list[dict]]:
+        """(normalized query, "image" | "text", k) → the k nearest rows, nearest first (ties: row order)."""
+        found: list[list[dict]] = [[] for _ in queries]
+        for kind in {against for _, against, _ in queries}:
+            members = [i for i, (_, against, _) in enumerate(queries) if against == kind]
+            scores = self.vectors[kind] @ np.stack([queries[i][0] for i in members]).T.astype(np.float32)
+            for column, i in enumerate(members):
+                k = min(queries[i][2], len(scores))
+                column_scores = scores[:, column]
+                nearest = np.argpartition(-column_scores, k - 1)[:k]
+                nearest = nearest[np.lexsort((nearest, -column_scores[nearest]))]
+                rows = self.rows.take(nearest).to_pylist()
+                found[i] = [{**row, "cosine": float(column_scores[j])} for row, j in zip(rows, nearest)]
+        return found
+
+
+def _matrix(column) -> np.ndarray:
+    """A fixed-size-list column → a float32 [rows, dim] array."""
+    import pyarrow as pa
+
+    vectors = pa.concat_arrays(column.chunks) if column.num_chunks != 1 else column.chunk(0)
+    return vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(vectors),
+                                                                                       vectors.type.list_size)
 
 
 # ------------------------------------------------------------------------------ the ingress
@@ -463,11 +525,12 @@ def _same(given: str, expected_digest: str) -> bool:
 class Ingress:
     """Auth, limits, decoding and the zero-shot arithmetic; the towers do the model work."""
 
-    def __init__(self, image_tower, text_tower, config: dict):
+    def __init__(self, image_tower, text_tower, config: dict, index=None):
         import clip_core
 
         self.config = ServeConfig(**config)
-        self.image_tower, self.text_tower = image_tower, text_tower
+        self.image_tower, self.text_tower, self.index = image_tower, text_tower, index
+        self._index_info: dict | None = None
         self.default_templates = list(clip_core.DEFAULT_TEMPLATES)
         self._classifiers: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._live: dict | None = None  # the rollout's user_config: {"model", "alias"}
@@ -555,6 +618,38 @@ class Ingress:
         order = np.argsort(-cosine, kind="stable")
         return {"model": _model_ref(info),
                 "results": [{**names[j], "score": float(probs[j]), "cosine": float(cosine[j])} for j in order]}
+
+    @api.post("/v1/search", openapi_extra=_openapi_body(SearchRequest))
+    async def search(self, request: Request) -> dict:
+        """The index's rows nearest to a text or an image (clip-retrieval's kNN service), by cosine."""
+        body = await self._body(request, SearchRequest)
+        if self.index is None:
+            raise RequestError(404, "no_index", "this server has no index to search: serve one with `index` (the "
+                               "output of `rayclip embed`, made with the served model)")
+        if (body.text is None) == (body.image is None):
+            raise RequestError(422, "invalid_request", "send either 'text' or 'image'")
+        limits = self.config.limits
+        if body.k > limits.max_search_results:
+            raise RequestError(422, "too_many", f"k={body.k}: at most {limits.max_search_results} results")
+        if self._index_info is None:
+            (self._index_info,) = await self._towers(lambda: [self.index.info.remote()])
+        index, info = self._index_info, await self.model_info()
+        if index["weights_sha256"] != info["weights_sha256"]:
+            made_with = index["model"]["name"] or index["model"]["uri"]
+            if index["model"]["version"]:
+                made_with += f" version {index['model']['version']}"
+            raise RequestError(409, "index_model_mismatch", f"the index was embedded with {made_with}, not the live "
+                               f"model ({info['name']} version {info['version']}): its embeddings are not comparable; "
+                               "embed the data again with the live model (`rayclip embed`) and serve that index")
+        if body.against not in index["embeddings"]:
+            raise RequestError(422, "no_text_embeddings", "the index holds no caption embeddings (made with "
+                               "`rayclip embed --no-text`): search against 'image'")
+        if body.text is not None:
+            query = await self._features(info, "text", check_texts([body.text], "texts", 1, limits))
+        else:
+            query = await self._features(info, "image", await self._pixels([body.image], info))
+        (found,) = await self._towers(lambda: [self.index.search.remote((query[0], body.against, body.k))])
+        return {"model": _model_ref(info), "index": {"uri": index["uri"], "rows": index["rows"]}, "results": found}
 
     @api.get("/v1/model")
     async def model(self, request: Request) -> dict:
@@ -747,6 +842,7 @@ class Ingress:
 
 
 TOWERS = ("ImageTower", "TextTower")
+INDEX = "Index"
 INGRESS = "Ingress"
 
 
@@ -768,13 +864,16 @@ def build_app(config: ServeConfig, live: dict | None = None):
                             "initial_replicas": max(1, scaling.min_replicas)})
     image = serve.deployment(ImageTower, name=TOWERS[0], **tower_options).bind(values)
     text = serve.deployment(TextTower, name=TOWERS[1], **tower_options).bind(values)
+    index_options = {**{key: value for key, value in tower_options.items() if key != "user_config"},
+                     "ray_actor_options": {"num_cpus": config.num_cpus}}  # numpy: no GPU share
+    index = serve.deployment(Index, name=INDEX, **index_options).bind(values) if config.index else None
     ingress = serve.deployment(Ingress, name=INGRESS, num_replicas=config.ingress_replicas,
                                ray_actor_options={"num_cpus": 0}, user_config=live,
                                max_ongoing_requests=max(256, config.max_ongoing_requests * 4),
                                max_queued_requests=config.ingress_max_queued_requests,
                                backpressure_config=BackpressureConfig(status_code=503,
                                                                       retry_after_s=config.retry_after_s))
-    return ingress.bind(image, text, values)
+    return ingress.bind(image, text, values, index)
 
 
 IMPORT_PATH = f"{__name__}:app_builder"

@@ -18,6 +18,8 @@ import clip_core
 from deploy import rollout
 from deploy import serve as served
 from workflows import registry
+from workflows.embed import EmbedConfig, embed
+from workflows.preprocess import PreprocessOptions, preprocess
 from workflows.synthetic import samples
 
 from micro import briefly_trained
@@ -40,13 +42,17 @@ def app(tmp_path_factory, ray_session):
     registry.register(str(root / "ckpt"), "clip-serve", metrics={"zeroshot": {"top1": 0.5, "digest": "sha256:x"}},
                       tracking_uri=tracking, echo=quiet)
     registry.promote("clip-serve", tracking_uri=tracking, echo=quiet)
+    preprocess("synthetic://heldout?count=48&seed=3&image_size=64", str(root / "data"),
+               PreprocessOptions(image_size=64), echo=quiet)
+    embed(EmbedConfig(model=str(root / "ckpt"), data=str(root / "data"), output=str(root / "index")), echo=quiet)
     port = free_port()
     bucket = "serve-images"  # the one bucket requests may name images in (moto's S3)
     boto3.client("s3").create_bucket(Bucket=bucket)
     boto3.client("s3").put_object(Bucket=bucket, Key="shapes/one.png", Body=base64.b64decode(_png(_images(1)[0])))
     config = served.ServeConfig(model="models:/clip-serve@champion", mlflow_tracking_uri=tracking, port=port,
                                 max_batch_size=8, batch_wait_timeout_s=0.05, auth_token=TOKEN, image_buckets=[bucket],
-                                limits=served.Limits(max_images=4, max_texts=16, max_labels=20,
+                                index=str(root / "index"),
+                                limits=served.Limits(max_images=4, max_texts=16, max_labels=20, max_search_results=20,
                                                      max_body_bytes=2**20, max_image_bytes=512 * 2**10,
                                                      max_image_pixels=1_000_000))
     url = rollout.start(config)
@@ -110,6 +116,47 @@ def test_embeddings_and_rank_match_clip_core(app):
     ranked = _post(app, "/v1/rank", {"text": texts[1], "images": [_png(i) for i in images]}).json()["results"]
     assert [r["image"] for r in ranked] == list(np.argsort(-(expected_images @ expected_texts[1])))
     assert ranked[0]["cosine"] == pytest.approx(float(np.max(expected_images @ expected_texts[1])), abs=1e-4)
+
+
+def test_search_returns_the_index_rows_nearest_to_a_text_or_an_image(app):
+    import pyarrow.parquet as pq
+
+    stored = pq.read_table(app["root"] / "index" / "embeddings")
+    rows = {row["key"]: row for row in stored.to_pylist()}
+    model, image = app["model"], _images(1, seed=21)[0]
+    with torch.no_grad():
+        text_query = model.encode_text(clip_core.get_tokenizer()(["a red circle"]), normalize=True).numpy()[0]
+    image_query = _image_features(model, [image]).numpy()[0]
+
+    for payload, query, against in (({"text": "a red circle", "k": 5}, text_query, "image"),
+                                    ({"image": _png(image), "against": "text", "k": 20}, image_query, "text")):
+        response = _post(app, "/v1/search", payload)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == {"name": "clip-serve", "version": "1"} and body["index"]["rows"] == len(rows) == 48
+        results = body["results"]
+        assert len(results) == payload["k"] and len({r["key"] for r in results}) == payload["k"]
+        for result in results:  # each row as embed stored it, and its cosine to the query
+            row = rows[result["key"]]
+            assert (result["caption"], result["label"]) == (row["caption"], row["label"])
+            assert result["cosine"] == pytest.approx(float(np.dot(row[f"{against}_embedding"], query)), abs=1e-4)
+        # the k nearest of all rows, nearest first
+        every = np.sort([np.dot(row[f"{against}_embedding"], query) for row in rows.values()])[::-1]
+        assert [r["cosine"] for r in results] == pytest.approx(list(every[:payload["k"]]), abs=1e-4)
+        assert all(a["cosine"] >= b["cosine"] for a, b in zip(results, results[1:]))
+
+    for payload, status, kind in (({"text": "a", "image": _png(image)}, 422, "invalid_request"),
+                                  ({"k": 3}, 422, "invalid_request"),
+                                  ({"text": "a", "k": 21}, 422, "too_many"),
+                                  ({"text": "a", "against": "audio"}, 422, "invalid_request"),
+                                  ({"text": " "}, 422, "empty_text")):
+        response = _post(app, "/v1/search", payload)
+        assert (response.status_code, response.json()["error"]["type"]) == (status, kind), payload
+    assert _post(app, "/v1/search", {"text": "a"}, headers={}).status_code == 401
+    # an index that is not there fails the deployment before any replica starts
+    missing = app["config"].model_copy(update={"index": str(app["root"] / "no-index")})
+    with pytest.raises(FileNotFoundError, match="no embeddings at .*no-index: embeddings.json is missing"):
+        rollout.deploy(missing, name="never-deployed")
 
 
 def _metric(text: str, name: str, default: float | None = None, **labels) -> float:
@@ -302,6 +349,8 @@ def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_p
             time.sleep(0.5)
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).json()
         assert ready["model"]["name"] == "bare.pt"
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/search", json={"text": "a"}, timeout=30)
+        assert (response.status_code, response.json()["error"]["type"]) == (404, "no_index")
         texts = ["a red circle", "a small blue square on grey"]
         served_texts = np.array(httpx.post(f"http://127.0.0.1:{port}/v1/embed/text", json={"texts": texts},
                                            timeout=30).json()["embeddings"])
@@ -496,6 +545,10 @@ def test_alias_moves_and_the_app_rolls_to_the_new_version_under_load_without_a_f
             assert scores == pytest.approx(expected[body["model"]["version"]], abs=1e-4)
         info = httpx.get(app["url"] + "/v1/model", headers=AUTH).json()
         assert (info["version"], info["alias"], info["metrics"]["zeroshot.top1"]) == ("2", "champion", "0.6")
+        # the index holds version 1's embeddings: searching them with version 2's queries would mean nothing
+        response = _post(app, "/v1/search", {"text": "a red circle"})
+        assert (response.status_code, response.json()["error"]["type"]) == (409, "index_model_mismatch")
+        assert "clip-serve version 2" in response.json()["error"]["message"]
         # the command line follows the alias back: `rayclip deploy --reload --poll-registry`, its own driver
         # on this test session's Ray (as it would run as a Ray job beside `serve deploy`)
         log = _follow_the_registry_while(app, lambda: registry.rollback("clip-serve", tracking_uri=tracking,

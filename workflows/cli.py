@@ -11,6 +11,8 @@ from .tracking import failure, is_mlflow_error, rayclip_version, redact
 
 OTHER_WEIGHTS = ("; also weights as others hold them (OpenAI's .pt, OpenCLIP's, a Hugging Face CLIPModel directory), "
                  "made a checkpoint of on the way")
+INDEX_HELP = ("embeddings of the served model (`rayclip embed`'s output, a directory or s3:// prefix) that "
+              "POST /v1/search looks through")
 MODEL_HELP = "checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models:/NAME/VERSION" + OTHER_WEIGHTS
 
 
@@ -173,7 +175,7 @@ def _serve_config(args: argparse.Namespace):
         values, route_prefix = deploy_file_options(values, getattr(args, "name", APP_NAME), args.config)
     values.update({k: v for k, v in {"model": args.model, "host": args.host, "port": args.port,
                                      "mlflow_tracking_uri": _tracking_uri(args),
-                                     "quick_gelu": args.quick_gelu}.items() if v is not None})
+                                     "quick_gelu": args.quick_gelu, "index": args.index}.items() if v is not None})
     return ServeConfig(**values), getattr(args, "route_prefix", None) or route_prefix
 
 
@@ -222,7 +224,7 @@ def _deploy(args: argparse.Namespace) -> int:
     from deploy.rollout import reload, start
 
     fixed = [flag for flag, value in (("--config", args.config), ("--host", args.host), ("--port", args.port),
-                                      ("--route-prefix", args.route_prefix),
+                                      ("--route-prefix", args.route_prefix), ("--index", args.index),
                                       ("--[no-]quick-gelu", args.quick_gelu)) if value is not None]
     if args.reload and fixed:
         raise ValueError(f"--reload only rolls the running app to another model version; {', '.join(fixed)} "
@@ -443,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, help="default 8000")
     sv.add_argument("--config", help="YAML file of serve options (ServeConfig fields, or a `serve deploy` file such "
                     "as deploy/serve_config.yaml); flags override it")
+    sv.add_argument("--index", help=INDEX_HELP)
     sv.add_argument("--poll-registry", type=_seconds, metavar="SECONDS",
                     help="check the model's alias this often and roll to the version it names (off by default)")
     sv.set_defaults(handler=_serve)
@@ -462,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "as deploy/serve_config.yaml); flags override it")
     de.add_argument("--host", help="where Serve listens if it is not running yet (default 127.0.0.1)")
     de.add_argument("--port", type=int, help="default 8000")
+    de.add_argument("--index", help=INDEX_HELP)
     de.add_argument("--name", default="rayclip", help="the Serve application (default rayclip)")
     de.add_argument("--route-prefix", help="default: the config file's, else /")
     de.add_argument("--address", help="the Ray cluster (default $RAY_ADDRESS, else the local one)")

@@ -127,3 +127,25 @@ def _rows(uri: str) -> int:
     with fs.open_input_file(path) as f:
         return pq.read_metadata(f).num_rows
 
+
+def read_embeddings(uri: str) -> tuple[dict, pa.Table]:
+    """The manifest and the rows of the embeddings at `uri` (the files its manifest lists)."""
+    manifest = read_embeddings_manifest(uri)
+    tables = []
+    for file in manifest["files"]:
+        fs, path = storage.filesystem(storage.join(uri, file["path"]))
+        with fs.open_input_file(path) as f:
+            tables.append(pq.read_table(f))
+    return manifest, pa.concat_tables(tables)
+
+
+def read_embeddings_manifest(uri: str) -> dict:
+    manifest_uri = storage.join(uri, MANIFEST)
+    if not storage.exists(manifest_uri):
+        raise FileNotFoundError(f"no embeddings at {uri}: {MANIFEST} is missing (make them with `rayclip embed`; "
+                                "an interrupted run writes none)")
+    manifest = json.loads(storage.read_bytes(manifest_uri, max_bytes=64 * 2**20))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{manifest_uri} is not a manifest of `rayclip embed` ({FORMAT}), or one of a newer "
+                         "rayclip: make the embeddings again with this version")
+    return manifest
