@@ -7,11 +7,13 @@ import re
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 import clip_core
-from workflows import cli, pipeline, synthetic
+from workflows import cli, demo, pipeline, synthetic
 from workflows.preprocess import read_manifest
 
 from micro import micro_config
@@ -33,6 +35,8 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
     path.write_text("train:\n  data: [elsewhere]\n")
     with pytest.raises(ValueError, match="train: data set by the pipeline"):
         pipeline.load_config(str(path))
+    with pytest.raises(ValueError, match="serve: index set by the pipeline"):  # it embeds data.index itself
+        pipeline.load_config(None, ["data.index=synthetic://train?count=8", "serve.index=/elsewhere/index"])
     with pytest.raises(pipeline.ConfigError, match=r"--set 'train': write KEY\.PATH=VALUE"):
         pipeline.load_config(None, ["train"])
     path.write_text("data:\n  zeroshot: s3://bucket/imagenet/val.csv\n")  # labels, but nothing names them
@@ -227,7 +231,8 @@ def test_the_demo_as_a_ray_job_stopped_in_training_resumes_serves_answers_then_a
             classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), labels)
             probs, top = clip_core.predict(model, torch.stack([clip_core.image_transform(64)(i) for i in images]),
                                            classifier, top_k=3)
-        answers = [line.split(" → ", 1)[1].split(", ") for line in lines if line.startswith("POST ")]
+        answers = [line.split(" → ", 1)[1].split(", ") for line in lines if line.startswith("POST ")
+                   and "/v1/classify" in line]
         assert len(answers) == 3, output[-5000:]
         for answer, expected_probs, expected_top in zip(answers, probs.tolist(), top.tolist()):
             ranked = [item.rsplit(" ", 1) for item in answer]
@@ -235,6 +240,23 @@ def test_the_demo_as_a_ray_job_stopped_in_training_resumes_serves_answers_then_a
             for (_, score), expected in zip(ranked, expected_probs):
                 # within half a percent, plus the service's float32 rounding at the edge of one
                 assert abs(float(score.rstrip("%")) - 100 * expected) <= 0.51, (answer, expected_probs)
+
+        # the demo embedded the validation pairs with the champion and searched them through the service
+        (indexed,) = [line for line in lines if line.startswith("[index] done: ")]
+        stored = pq.read_table(Path(indexed.rsplit("→ ", 1)[1].strip()) / "embeddings")
+        assert stored.num_rows == read_manifest(uri_of("val"))["counts"]["kept"] > 40
+        assert f"{stored.num_rows} rows embedded by clip version 1" in indexed, indexed
+        with torch.no_grad():
+            query = model.encode_text(clip_core.get_tokenizer()([demo.SEARCH]), normalize=True).numpy()[0]
+        cosines = np.stack(stored["image_embedding"].to_numpy(zero_copy_only=False)) @ query
+        (searched,) = [line.split(" → ", 1)[1].split("; ") for line in lines if line.startswith("POST ")
+                       and "/v1/search" in line]
+        printed = [item.rsplit(" ", 1) for item in searched]
+        assert [float(cosine) for _, cosine in printed] == pytest.approx(sorted(cosines)[::-1][:3], abs=0.006)
+        captions = stored["caption"].to_pylist()
+        for caption, cosine in printed:  # each a validation row's caption at its printed cosine
+            assert any(abs(cosines[j] - float(cosine)) <= 0.006 for j in range(len(captions))
+                       if captions[j] == caption), (caption, cosine)
 
         # MLflow: the stopped job's pipeline run ended as killed and holds the stage runs as children; the
         # demo's finished, continuing the interrupted training run (one train run, finished at step 6)

@@ -2,8 +2,9 @@
 
 The whole pipeline on the embedded defaults (local Ray, sqlite MLflow under the work dir, the
 built-in synthetic shapes, the `tiny` model on CPU): preprocess → train → evaluate → register →
-promote → serve; then a few zero-shot requests to the live service for colour-shape combinations
-the model never saw in training, and where to look next.
+promote → serve, with the validation pairs embedded for search (unless the config names its own
+`data.index`); then a few zero-shot requests to the live service for colour-shape combinations
+the model never saw in training, a search, and where to look next.
 """
 
 from __future__ import annotations
@@ -16,23 +17,31 @@ import urllib.request
 from . import pipeline, synthetic
 
 
+SEARCH = "a blue star"  # a combination the training set shows
+
+
+def _post(url: str, route: str, payload: dict, token: str | None) -> list:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(f"{url}{route}", json.dumps(payload).encode(), headers)
+    with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 - our own local server
+        return json.loads(response.read())["results"]
+
+
 def _classify(url: str, images, labels: list[str], token: str | None) -> list[list[dict]]:
     payload = []
     for image in images:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         payload.append(base64.b64encode(buffer.getvalue()).decode())
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    request = urllib.request.Request(f"{url}/v1/classify", json.dumps({"images": payload, "labels": labels,
-                                                                       "top_k": 3}).encode(), headers)
-    with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 - our own local server
-        return json.loads(response.read())["results"]
+    return _post(url, "/v1/classify", {"images": payload, "labels": labels, "top_k": 3}, token)
 
 
 def run_demo(overrides: list[str] = (), *, config_path: str | None = None, keep_serving: bool = False,
              echo=print) -> dict:
     # the demo prints the service's answers itself: no access log line per request (overridable)
     config = pipeline.load_config(config_path, ["serve.access_log=false", "serve.log_level=WARNING", *overrides])
+    if config.data.index is None and config.data.val and "index" not in config.serve:
+        config = config.model_copy(update={"data": config.data.model_copy(update={"index": config.data.val})})
     outcome = pipeline.run(config, echo=echo)
     zeroshot = outcome.get("metrics", {}).get("zeroshot", {})
     if "top1" in zeroshot:
@@ -52,6 +61,10 @@ def run_demo(overrides: list[str] = (), *, config_path: str | None = None, keep_
     for sample, answer in zip(samples, outcome["answers"]):
         ranked = ", ".join(f"{a['label']} {a['score']:.0%}" for a in answer)
         echo(f"POST {outcome['url']}/v1/classify  (a {sample.classname}) → {ranked}")
+    if "index" in outcome:
+        outcome["found"] = _post(outcome["url"], "/v1/search", {"text": SEARCH, "k": 3}, token)
+        found = "; ".join(f"{row['caption']} {row['cosine']:.2f}" for row in outcome["found"])
+        echo(f"POST {outcome['url']}/v1/search  (\"{SEARCH}\" among the validation images) → {found}")
     tracking = config.tracking_uri()
     echo("where to look:")
     echo(f"  MLflow UI:   mlflow ui --backend-store-uri {tracking}   (run {outcome['mlflow_run_id']}, "

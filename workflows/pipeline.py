@@ -65,10 +65,12 @@ class DataSection(_Section):
                             "validation loss")
     zeroshot: str | None = Field("synthetic://heldout?count=512&seed=102", description="raw labeled set for zero-shot "
                                  "(the synthetic one: colour-shape combinations never seen in training)")
+    index: str | None = Field(None, description="raw captioned pairs to embed with the champion (`rayclip embed`) "
+                              "and serve at POST /v1/search (default: none)")
     preprocess: PreprocessOptions = PreprocessOptions(image_size=64, rows_per_shard=2048)
 
-    _local_paths = field_validator("train", "val", "zeroshot")(_absolute)
-    split_options: dict[Literal["train", "val", "zeroshot"], dict[str, Any]] = Field(
+    _local_paths = field_validator("train", "val", "zeroshot", "index")(_absolute)
+    split_options: dict[Literal["train", "val", "zeroshot", "index"], dict[str, Any]] = Field(
         {}, description="per split, PreprocessOptions fields over `preprocess` (e.g. zeroshot: {label_key: cls, "
         "classnames: [...]})")
 
@@ -290,7 +292,8 @@ class StageConfigs:
                 model=checkpoint, zeroshot=data["zeroshot"], retrieval=data["val"], mlflow_tracking_uri=tracking,
                 mlflow_experiment=config.mlflow.experiment))
         serve_values = {k: v for k, v in config.serve.items() if k != "enabled"}
-        serve = cls._build("serve", ServeConfig, serve_values, _SERVE_OWNED, dict(
+        owned = _SERVE_OWNED | ({"index"} if config.data.index else set())  # the pipeline embeds data.index
+        serve = cls._build("serve", ServeConfig, serve_values, owned, dict(
             model=f"models:/{config.registry.name}@champion", mlflow_tracking_uri=tracking))
         return train, evaluate, serve
 
@@ -375,6 +378,9 @@ class Pipeline:
         promoted = self.promote(version)
         mlflow.set_tags({"rayclip.model_version": f"{config.registry.name}/{version}",
                          "rayclip.promoted": str(promoted)})
+        if data["index"]:
+            serve = serve.model_copy(update={"index": self.index(data["index"], evaluate)})
+            mlflow.set_tag("rayclip.index", serve.index)
         if config.serve.get("enabled", True):
             self.outcome["url"] = self.deploy(serve)
             mlflow.set_tag("rayclip.deployment", self.outcome["url"])
@@ -385,7 +391,7 @@ class Pipeline:
 
     def preprocess(self) -> dict[str, str | None]:
         prepared: dict[str, str | None] = {}
-        for split in ("train", "val", "zeroshot"):
+        for split in ("train", "val", "zeroshot", "index"):
             source = getattr(self.config.data, split)
             if source is None:
                 prepared[split] = None
@@ -406,7 +412,7 @@ class Pipeline:
     def train(self, train_config, data: dict, parent_run_id: str) -> tuple[str, str]:
         from .train import latest_checkpoint, train
 
-        digests = {split: self._digest(uri) for split, uri in data.items() if uri}
+        digests = {split: self._digest(uri) for split, uri in data.items() if uri and split != "index"}
         key = stage_key(train_config, digests, unkeyed=_TRAIN_UNKEYED)
         output = self.config.path("checkpoints", f"train-{key}")
         self.outcome["checkpoint"] = output
@@ -476,6 +482,30 @@ class Pipeline:
             raise PipelineError(f"version {version} failed the gate and there is no champion to serve: "
                                 f"{decision['reason']}")
         return promoted
+
+    def index(self, data_uri: str, evaluate_config) -> str:
+        """The champion's embeddings of the prepared `data_uri` for /v1/search, keyed by its weights and the
+        data's digest: a new champion gets its own, a rerun finds them."""
+        from . import registry
+        from .embed import MANIFEST, EmbedConfig, embed
+
+        name = self.config.registry.name
+        champion = registry.get_version(name, registry.CHAMPION, tracking_uri=self.tracking)
+        weights = (champion.tags or {}).get("weights_sha256") or f"{name}-{champion.version}"
+        output = self.config.path("index", f"{weights[:16]}-{self._digest(data_uri).removeprefix('sha256:')[:16]}")
+        if storage.exists(storage.join(output, MANIFEST)):
+            self._stage("index", "skipped", f"{output} exists")
+        else:
+            storage.delete(output)  # what an interrupted run wrote (it writes its manifest last)
+            actors = {key: getattr(evaluate_config, key) for key in ("batch_size", "workers", "use_gpu")
+                      } if evaluate_config else {}
+            manifest = embed(EmbedConfig(model=f"models:/{name}/{champion.version}", data=data_uri, output=output,
+                                         mlflow_tracking_uri=self.tracking, **actors),
+                             echo=lambda line: self.echo(f"  {line}"))
+            self._stage("index", "done", f"{manifest['rows']:,} rows embedded by {name} version "
+                        f"{champion.version} → {output}")
+        self.outcome["index"] = output
+        return output
 
     def deploy(self, serve_config) -> str:
         from deploy import rollout
