@@ -423,8 +423,8 @@ PLAYGROUND = (Path(__file__).parent / "web" / "index.html").read_text(encoding="
 # the page is self-contained: no CDN, no third-party requests
 PLAYGROUND_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
                   "connect-src 'self'")
-_ROUTES = {"/v1/classify", "/v1/embed/image", "/v1/embed/text", "/v1/rank", "/v1/model", "/healthz", "/readyz",
-           "/metrics", "/", "/docs", "/openapi.json"}
+_ROUTES = {"/v1/classify", "/v1/embed/image", "/v1/embed/text", "/v1/rank", "/v1/search", "/v1/model", "/healthz",
+           "/readyz", "/metrics", "/", "/docs", "/openapi.json"}
 
 
 class Metrics:

@@ -153,6 +153,9 @@ def test_search_returns_the_index_rows_nearest_to_a_text_or_an_image(app):
         response = _post(app, "/v1/search", payload)
         assert (response.status_code, response.json()["error"]["type"]) == (status, kind), payload
     assert _post(app, "/v1/search", {"text": "a"}, headers={}).status_code == 401
+    counted = httpx.get(app["url"] + "/metrics", headers=AUTH).text  # one ingress replica: it saw them all
+    assert _metric(counted, "rayclip_requests_total", route="/v1/search", status="200") >= 2
+    assert _metric(counted, "rayclip_requests_total", route="/v1/search", status="422") >= 5
     # an index that is not there fails the deployment before any replica starts
     missing = app["config"].model_copy(update={"index": str(app["root"] / "no-index")})
     with pytest.raises(FileNotFoundError, match="no embeddings at .*no-index: embeddings.json is missing"):
@@ -393,7 +396,7 @@ def test_overload_gets_quick_503s_with_retry_after_and_the_service_recovers(app)
         serve.delete("overload")
 
 
-def test_playground_page_classifies_a_dropped_image_in_headless_chromium(app, tmp_path):
+def test_playground_page_classifies_a_dropped_image_and_searches_the_index_in_headless_chromium(app, tmp_path):
     from pathlib import Path
 
     from playwright.sync_api import sync_playwright
@@ -423,10 +426,16 @@ def test_playground_page_classifies_a_dropped_image_in_headless_chromium(app, tm
             page.click("#classify")
             page.wait_for_selector("#results .row")
             shown = page.locator("#results .name").all_inner_texts()
+            page.fill("#query", "a green square")
+            page.click("#search")
+            page.wait_for_selector("#found .row")
+            found = page.locator("#found .caption").all_inner_texts()
             page.screenshot(path=str(artifacts / "playground.png"), full_page=True)
         finally:
             browser.close()
     assert sorted(shown) == sorted(labels) and shown[0] == labels[int(top[0, 0])]
+    expected = _post(app, "/v1/search", {"text": "a green square", "k": 10}).json()["results"]
+    assert found == [row["caption"] for row in expected] and len(found) == 10
     assert blocked == [], "the page reached beyond the server"
     assert (artifacts / "playground.png").stat().st_size > 1000
 
