@@ -225,13 +225,12 @@ def load_served_model(uri: str, tracking_uri: str | None, device: str = "cpu",
                       quick_gelu: bool | None = None) -> Loaded:
     """The CLIP model at `uri` on `device`, what /v1/model reports about it, and its tokenizer."""
     import clip_core
-    from clip_core.checkpoint import CONFIG_FILE
     from workflows import registry
 
     with tempfile.TemporaryDirectory(prefix="rayclip-serve-") as scratch:
         source = registry.fetch_checkpoint(uri, scratch, tracking_uri=tracking_uri, quick_gelu=quick_gelu)
         model = clip_core.load_model(source.directory)
-        weights = json.loads(Path(source.directory, CONFIG_FILE).read_text()).get("weights_sha256")
+        weights = registry.checkpoint_description(source.directory).get("weights_sha256")
     info = {"uri": uri, "name": source.name or os.path.basename(os.path.normpath(uri)),
             "version": source.version, "metrics": {}, "lineage": {}, "weights_sha256": weights}
     if source.name:
@@ -351,9 +350,7 @@ class Index:
 
 def _matrix(column) -> np.ndarray:
     """A fixed-size-list column → a float32 [rows, dim] array."""
-    import pyarrow as pa
-
-    vectors = pa.concat_arrays(column.chunks) if column.num_chunks != 1 else column.chunk(0)
+    vectors = column.combine_chunks()
     return vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(vectors),
                                                                                        vectors.type.list_size)
 

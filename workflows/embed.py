@@ -131,12 +131,7 @@ def _rows(uri: str) -> int:
 def read_embeddings(uri: str) -> tuple[dict, pa.Table]:
     """The manifest and the rows of the embeddings at `uri` (the files its manifest lists)."""
     manifest = read_embeddings_manifest(uri)
-    tables = []
-    for file in manifest["files"]:
-        fs, path = storage.filesystem(storage.join(uri, file["path"]))
-        with fs.open_input_file(path) as f:
-            tables.append(pq.read_table(f))
-    return manifest, pa.concat_tables(tables)
+    return manifest, storage.read_parquet([storage.join(uri, file["path"]) for file in manifest["files"]])
 
 
 def read_embeddings_manifest(uri: str) -> dict:

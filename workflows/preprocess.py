@@ -543,14 +543,9 @@ def read_manifest(uri: str) -> dict:
 def read_prepared_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """A whole (small) prepared dataset in memory, without Ray: for validation and evaluation sets."""
     manifest = read_manifest(uri)
-    tables = []
-    for shard in manifest["shards"]:
-        fs, path = storage.filesystem(storage.join(uri, shard["path"]))
-        with fs.open_input_file(path) as f:
-            tables.append(pq.read_table(f, columns=columns))
-    if not tables:
+    if not manifest["shards"]:
         raise ValueError(f"the prepared dataset at {uri} has no rows ({manifest['counts']})")
-    return pa.concat_tables(tables)
+    return storage.read_parquet([storage.join(uri, shard["path"]) for shard in manifest["shards"]], columns)
 
 
 def load_prepared(uri: str, *, manifest: dict | None = None, shuffle_files: bool = False, seed: int | None = None):

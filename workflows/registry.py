@@ -112,7 +112,7 @@ def fetch_checkpoint(uri: str, destination: str, *, tracking_uri: str | None = N
     they were trained with, overriding what they imply (clip_core.load_model). A checkpoint of ours
     records its activation and keeps it."""
     source = _fetch(uri, destination, tracking_uri, quick_gelu)
-    recorded = bool(_description(source.directory)["model"].get("quick_gelu"))
+    recorded = bool(checkpoint_description(source.directory)["model"].get("quick_gelu"))
     if quick_gelu is not None and quick_gelu != recorded:
         warnings.warn(f"{uri} is a rayclip checkpoint trained with {'QuickGELU' if recorded else 'GELU'} and loads "
                       f"as such: quick_gelu={quick_gelu} (--{'' if quick_gelu else 'no-'}quick-gelu) is for "
@@ -133,7 +133,7 @@ def _fetch(uri: str, destination: str, tracking_uri: str | None, quick_gelu: boo
                 dst_path=destination)
         # the checkpoint must claim the registered weights; load_model then checks the file against its claim
         recorded = (model_version.tags or {}).get("weights_sha256")
-        if recorded and (claimed := _description(directory).get("weights_sha256")) != recorded:
+        if recorded and (claimed := checkpoint_description(directory).get("weights_sha256")) != recorded:
             raise RegistryError(f"{uri} (version {model_version.version}): its {CONFIG_FILE} records weights sha256 "
                                 f"{claimed} but the version records {recorded}: the artifact store holds other weights "
                                 "than were registered; register the checkpoint again")
@@ -175,17 +175,18 @@ def _converted(uri: str, destination: str, quick_gelu: bool | None) -> ModelSour
     return ModelSource(str(directory), uri)
 
 
-def _description(directory: str) -> dict:
+def checkpoint_description(directory: str) -> dict:
+    """A local checkpoint's config.json."""
     return json.loads(Path(directory, CONFIG_FILE).read_text())
 
 
 def _train_run_id(directory: str) -> str | None:
-    return _description(directory).get("train", {}).get("mlflow_run_id")
+    return checkpoint_description(directory).get("train", {}).get("mlflow_run_id")
 
 
 def lineage(directory: str) -> dict[str, str]:
     """Version tags that say where a checkpoint came from: datasets, train run, commit, config hash."""
-    description = _description(directory)
+    description = checkpoint_description(directory)
     train = description.get("train", {})
     train_config = train.get("config", {})
     digests = train_config.get("data_digests") or []

@@ -224,6 +224,19 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None, recursive: boo
     return sorted(to_uri(fs, n) for n in names)
 
 
+def read_parquet(uris: list[str], columns: list[str] | None = None):
+    """The Parquet files at `uris` (local or s3://) as one pyarrow Table, in order; without Ray."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for uri in uris:
+        fs, path = filesystem(uri)
+        with fs.open_input_file(path) as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables)
+
+
 def delete(uri: str) -> None:
     fs, path = filesystem(uri)
     found = fs.get_file_info(path).type
