@@ -218,6 +218,7 @@ def test_the_demo_as_a_ray_job_stopped_in_training_resumes_serves_answers_then_a
             (skipped,) = [line for line in lines if line.startswith(f"[preprocess {split}] skipped: ")]
             return skipped.split(": ", 1)[1].split(" exists")[0]
 
+        assert uri_of("index") == uri_of("val")  # the demo indexes the validation pairs: prepared once
         counts = read_manifest(uri_of("train"))["counts"]
         assert counts["read"] == 192 and counts["kept"] + counts["rejected"] == 192
         # zero-shot is scored among the combinations never seen in training only

@@ -391,13 +391,15 @@ class Pipeline:
 
     def preprocess(self) -> dict[str, str | None]:
         prepared: dict[str, str | None] = {}
+        outputs: dict[str, str] = {}  # by stage key: a split with another's source and options shares its data
         for split in ("train", "val", "zeroshot", "index"):
             source = getattr(self.config.data, split)
             if source is None:
                 prepared[split] = None
                 continue
             options = self.config.data.options(split)
-            output = self.config.path("data", f"{split}-{stage_key(options, source)}")
+            key = stage_key(options, source)
+            output = outputs.setdefault(key, self.config.path("data", f"{split}-{key}"))
             try:
                 manifest = read_manifest(output)
                 self._stage(f"preprocess {split}", "skipped", f"{output} exists (digest {manifest['digest'][:19]}…)")
