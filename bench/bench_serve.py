@@ -106,7 +106,7 @@ def _direct_ms(checkpoint: str, payloads: list[dict], repeats: int, device: str)
     return 1000 * statistics.median(times)
 
 
-def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0) -> None:
+def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0, ingress_replicas: int = 1) -> None:
     import ray
     from ray import serve
 
@@ -121,8 +121,11 @@ def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0) -> Non
         checkpoint = os.path.join(scratch, "model")
         clip_core.save_checkpoint(clip_core.create_model(model), checkpoint)
         port = _free_port()
+        # no access log: a line per request and per tower call, forwarded to this process, costs the
+        # replicas and the load generator CPU that both modes would share
         base = dict(model=checkpoint, port=port, num_cpus=0.5, num_gpus=num_gpus, max_ongoing_requests=64,
-                    autoscaling=served.Autoscaling(min_replicas=1, max_replicas=1))
+                    autoscaling=served.Autoscaling(min_replicas=1, max_replicas=1), access_log=False,
+                    ingress_replicas=ingress_replicas)
         urls = {"batching on": rollout.start(served.ServeConfig(**base, max_batch_size=32, batch_wait_timeout_s=0.005),
                                             name="batched", route_prefix="/batched"),
                 "batching off": rollout.start(served.ServeConfig(**base, max_batch_size=1, batch_wait_timeout_s=0.0),
@@ -145,7 +148,7 @@ def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0) -> Non
     sections = [
         f"`/v1/classify`, one 224 px JPEG and 10 labels per request, `{model}` preset "
         f"{f'on a GPU (bf16, {num_gpus:g} GPU' if num_gpus else 'on CPU (0.5 CPU'} per tower replica), one replica per "
-        f"tower, {per_level} requests per level after a warm-up, httpx async client in the same machine.",
+        f"tower, {ingress_replicas} ingress replica(s) (decoding and cropping), Serve's access log off, {per_level} requests per level after a warm-up, httpx async client in the same machine.",
         "", markdown_table(["concurrency", "mode", "req/s", "p50 ms", "p95 ms", "p99 ms", "failed"], rows), "",
         "## Batching on vs off", "",
         markdown_table(["concurrency", "throughput ratio (on/off)", "p99 ratio (on/off, < 1 is better)"], ratios), "",
@@ -171,5 +174,6 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="tiny", help="preset to serve (random weights)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPU per tower replica (0: CPU)")
+    parser.add_argument("--ingress-replicas", type=int, default=1, help="replicas decoding and cropping the images")
     args = parser.parse_args()
-    main(args.quick, args.model, args.num_gpus)
+    main(args.quick, args.model, args.num_gpus, args.ingress_replicas)

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = clip_core.create_model(args.model, device=device)
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.train()
-    runnable = torch.compile(model) if args.compile else model
+    runnable = model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
                                   fused=device.type == "cuda")
     loss_fn = clip_core.ClipLoss()
@@ -76,11 +76,14 @@ def main(argv: list[str] | None = None) -> dict:
         model.clamp_logit_scale_()
         return loss.detach()
 
-    for _ in range(args.warmup):
-        step()
-    with FlopCounterMode(display=False) as counter:
+    step()
+    with FlopCounterMode(display=False) as counter:  # counted on the eager model: its hooks are not compiled in
         step()
     flops_per_step = counter.get_total_flops()
+    if args.compile:
+        runnable = torch.compile(model)
+    for _ in range(args.warmup):  # with --compile, the first compiles
+        step()
     _synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
