@@ -148,7 +148,8 @@ def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0, ingres
     sections = [
         f"`/v1/classify`, one 224 px JPEG and 10 labels per request, `{model}` preset "
         f"{f'on a GPU (bf16, {num_gpus:g} GPU' if num_gpus else 'on CPU (0.5 CPU'} per tower replica), one replica per "
-        f"tower, {ingress_replicas} ingress replica(s) (decoding and cropping), Serve's access log off, {per_level} requests per level after a warm-up, httpx async client in the same machine.",
+        f"tower, {ingress_replicas} ingress replica(s) (decoding and cropping), Serve's access log off, "
+        f"{per_level} requests per level after a warm-up, httpx async client in the same machine.",
         "", markdown_table(["concurrency", "mode", "req/s", "p50 ms", "p95 ms", "p99 ms", "failed"], rows), "",
         "## Batching on vs off", "",
         markdown_table(["concurrency", "throughput ratio (on/off)", "p99 ratio (on/off, < 1 is better)"], ratios), "",

@@ -34,6 +34,7 @@ from workflows import synthetic  # noqa: E402
 from workflows.preprocess import read_manifest  # noqa: E402
 from workflows.runtime import init_ray  # noqa: E402
 from workflows.train import TrainConfig, train  # noqa: E402
+from workflows.train_data import training_dataset  # noqa: E402
 
 DECODE_PER_CORE = 2833  # photo-like 224 px JPEGs decoded + cropped per second per core (docs/scaling.md)
 
@@ -47,6 +48,24 @@ def flops_per_sample(model_name: str, samples: int = 2) -> float:
     with FlopCounterMode(display=False) as counter:
         clip_core.ClipLoss()(*model(images, tokens)[:3]).backward()
     return counter.get_total_flops() / samples
+
+
+def data_only(config: TrainConfig, image_size: int, device: str) -> dict:
+    """The train stage's data path without the model: the same dataset (read, shuffle, decode on Ray
+    Data's tasks) taken in batches onto the device as the worker takes them, for a second pass (the
+    first starts Ray Data's workers): rows/s, and the wait for the pass's first batch. Data keeps up
+    when its rows/s is well above the training's samples/s."""
+    dataset = training_dataset(config, [read_manifest(uri) for uri in config.data], image_size)
+    for _ in range(2):
+        started, first, rows = time.perf_counter(), None, 0
+        for batch in dataset.iter_torch_batches(batch_size=config.batch_size, drop_last=True, device=device,
+                                                pin_memory=device == "cuda"):
+            first = first if first is not None else time.perf_counter() - started
+            rows += len(batch["tokens"])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    return {"data_only_rows_per_s": rows / seconds, "data_only_first_batch_s": first}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.perf_counter()
         result = train(config, echo=print)
         train_s = time.perf_counter() - started
+        data_path = data_only(config, clip_core.get_config(args.model).vision.image_size, args.device)
 
     per_sample = flops_per_sample(args.model)
     samples_per_s = result.metrics["samples_per_s"]
@@ -89,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gflops_per_sample": per_sample / 1e9, "achieved_tflops": achieved / 1e12,
         "mfu": achieved / (args.peak_tflops * 1e12), "peak_tflops": args.peak_tflops,
         "cores_to_decode_photos": samples_per_s / DECODE_PER_CORE, "final_loss": result.metrics["loss"],
+        **data_path,
     }
     print(json.dumps(report, indent=2))
     if args.report:
@@ -98,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
             "The train stage (Ray Train, 1 worker) on JPEG shards the preprocess stage wrote, decoded and "
             "cropped by Ray Data tasks on the other cores; samples/s and data wait over the second half of the "
             f"steps. The synthetic shapes decode faster than photos: `cores_to_decode_photos` is samples/s over "
-            f"{DECODE_PER_CORE} photo-like images/s per core.", "", markdown_table(["", "value"], rows)])
+            f"{DECODE_PER_CORE} photo-like images/s per core. `data_only_*`: the same data path without the model "
+            "(one pass onto the device after a first): rows/s it can feed, and its wait for a pass's first batch.",
+            "", markdown_table(["", "value"], rows)])
     return report
 
 

@@ -37,7 +37,7 @@ from . import storage
 from .parallel import distribute, gather, gathered_state, load_optimizer_state, scalar, sharded
 from .preprocess import decode_batch
 from .tracking import dataset_input, flat_params, git_commit, rayclip_version, redacted, start_run
-from .train_data import Augment, Position, batches, shuffles_globally, training_dataset
+from .train_data import Augment, Position, batches, shuffles_globally, to_device, training_dataset
 
 TRAIN_STATE = "train_state.pt"
 
@@ -238,8 +238,9 @@ def cosine_schedule(warmup: int, total: int):
 
 
 def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor, accum_freq: int,
-                     autocast, patch_keep: torch.Tensor | None = None) -> float:
-    """Forward + backward for one optimizer step's local batch; returns the loss.
+                     autocast, patch_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward + backward for one optimizer step's local batch; returns the loss, detached and where
+    it was computed: reading it waits for the device, so the loop reads it only when it logs.
 
     With `accum_freq` > 1 the contrastive batch stays whole (OpenCLIP's accum_freq): every
     micro-batch's features are computed without grad and cached, then each micro-batch is
@@ -252,7 +253,7 @@ def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor,
         with autocast:
             loss = loss_fn(*model(images, tokens, patch_keep=patch_keep))
         loss.backward()
-        return loss.item()
+        return loss.detach()
     image_chunks, token_chunks = images.chunk(accum_freq), tokens.chunk(accum_freq)
     keep_chunks = patch_keep.chunk(accum_freq) if patch_keep is not None else [None] * accum_freq
     with torch.no_grad(), autocast:
@@ -269,7 +270,7 @@ def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor,
                 extras = [value if last else value.detach() for value in live[2:]]
                 loss = loss_fn(image_features, text_features, *extras)
             loss.backward()
-    return loss.item()
+    return loss.detach()
 
 
 def build_optimizer(model, config: TrainConfig, device: torch.device, cast: torch.dtype | None = None):
@@ -407,14 +408,14 @@ def train_loop(loop_config: dict) -> None:
         runnable.train()
         images = augment(batch["image"])
         dropout = config.patch_dropout_at(position.step + 1)
-        patch_keep = model.sample_patches(len(images), dropout, generator).to(device) if dropout else None
+        patch_keep = to_device(model.sample_patches(len(images), dropout, generator), device) if dropout else None
         loss, grad_norm, lr = optimizer_step(model, runnable, optimizer, scheduler, scaler, loss_fn, images,
                                              batch["tokens"], config, autocast, patch_keep)
         position.step += 1
         window_steps += 1
         if position.step % config.log_every == 0 or position.step == config.steps:
             elapsed = time.perf_counter() - window_started
-            metrics = {"loss": loss, "lr": lr,
+            metrics = {"loss": float(loss), "lr": lr,
                        "logit_scale": model.logit_scale.detach().exp().item(),
                        "grad_norm": scalar(grad_norm), "samples_per_s": window_steps * config.batch_size / elapsed,
                        "samples_per_s_per_worker": window_steps * config.batch_size / elapsed / world,
