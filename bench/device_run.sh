@@ -45,11 +45,12 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under the smaller of its limit 
 }
 
 if [[ -n $SMOKE ]]; then
-    step gpu_check 120 bench/gpu_check.py --device cpu --dtype fp32 --model tiny --batch-size 4 --steps 1 --warmup 1
+    step gpu_check 120 bench/gpu_check.py --device cpu --dtype fp32 --model tiny --batch-size 4 --steps 1 --warmup 1 \
+        --profile
     step gpu_train 300 bench/gpu_train.py --device cpu --model tiny --batch-size 16 --samples 256 --steps 6
     step serve_gpu 300 bench/bench_serve.py --quick --model tiny
 else
-    step gpu_check 60 bench/gpu_check.py                                                # issue 2: bf16 MFU
+    step gpu_check 60 bench/gpu_check.py --profile                                      # issue 2: bf16 MFU
     step gpu_check_compiled 120 bench/gpu_check.py --compile --report gpu_check_compiled  # issue 2: --compile
     step gpu_train 240 bench/gpu_train.py                                               # issue 4: from shards
     # issue 6: batching; 4 ingress replicas (one bounded both modes at ~100 req/s)

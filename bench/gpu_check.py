@@ -36,6 +36,20 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def profile_steps(step, device: torch.device, steps: int = 2) -> str:
+    """The ops that take the most time over `steps` steps, by their own device time on a GPU (CPU
+    time on a CPU): what to fuse or replace first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        _synchronize(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-16")
@@ -47,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense peak of the device at --dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile two steps: the ops that take the most device time, in the report")
     parser.add_argument("--report", default="gpu_check", help="name of the bench/results report ('' for none)")
     args = parser.parse_args(argv)
 
@@ -94,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = (time.perf_counter() - started) / args.steps
 
     achieved = flops_per_step / seconds
+    profiled = profile_steps(step, device) if args.profile else None
     result = {
         "model": args.model, "batch_size": args.batch_size, "dtype": args.dtype, "compile": args.compile,
         "grad_checkpointing": args.grad_checkpointing, "device": torch.cuda.get_device_name(device)
@@ -106,8 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(result, indent=2))
     if args.report:
         rows = [[key, f"{value:.4g}" if isinstance(value, float) else value] for key, value in result.items()]
-        write_report(args.report, f"GPU check: {args.model} {args.dtype} training",
-                     [markdown_table(["", "value"], rows)])
+        sections = [markdown_table(["", "value"], rows)]
+        if profiled:
+            sections += ["", "## Where a step's time goes (torch.profiler, two steps)", "", "```", profiled, "```"]
+        write_report(args.report, f"GPU check: {args.model} {args.dtype} training", sections)
     return result
 
 

@@ -414,8 +414,9 @@ def train_loop(loop_config: dict) -> None:
         position.step += 1
         window_steps += 1
         if position.step % config.log_every == 0 or position.step == config.steps:
+            loss = float(loss)  # waits for the device, so the window's time holds all of its steps' work
             elapsed = time.perf_counter() - window_started
-            metrics = {"loss": float(loss), "lr": lr,
+            metrics = {"loss": loss, "lr": lr,
                        "logit_scale": model.logit_scale.detach().exp().item(),
                        "grad_norm": scalar(grad_norm), "samples_per_s": window_steps * config.batch_size / elapsed,
                        "samples_per_s_per_worker": window_steps * config.batch_size / elapsed / world,
