@@ -420,10 +420,6 @@ PLAYGROUND = (Path(__file__).parent / "web" / "index.html").read_text(encoding="
 # the page is self-contained: no CDN, no third-party requests
 PLAYGROUND_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
                   "connect-src 'self'")
-_ROUTES = {"/v1/classify", "/v1/embed/image", "/v1/embed/text", "/v1/rank", "/v1/search", "/v1/model", "/healthz",
-           "/readyz", "/metrics", "/", "/docs", "/openapi.json"}
-
-
 class Metrics:
     """Prometheus metrics of one ingress replica (Ray Serve's own are on Ray's metrics port)."""
 
@@ -469,7 +465,9 @@ async def _count_requests(request: Request, call_next):
 
         logging.getLogger(__name__).exception("unhandled error on %s", request.url.path)
         response = _error(500, "internal_error", "the server failed on this request; it has been logged")
-    path = request.url.path if request.url.path in _ROUTES else "other"  # bounded label values
+    # the route that answered, as the app declares it (without the app's route prefix): a bounded set
+    # of label values, where the request's own path is any string a client sends
+    path = getattr(request.scope.get("route"), "path", None) or "other"
     metrics = serve.get_replica_context().servable_object.metrics
     metrics.requests.labels(path, str(response.status_code)).inc()
     metrics.latency.labels(path, str(response.status_code)).observe(time.perf_counter() - started)

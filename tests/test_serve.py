@@ -392,6 +392,13 @@ def test_overload_gets_quick_503s_with_retry_after_and_the_service_recovers(app)
         assert rejected.json()["error"]["type"] == "overloaded"
         assert rejected.elapsed.total_seconds() < 5
         assert httpx.post(url + "/v1/embed/text", json={"texts": ["a"]}, headers=AUTH, timeout=60).status_code == 200
+        # counted by route under a route prefix too (the prefix is not part of the route's label)
+        assert httpx.get(url + "/v1/nothing-here", headers=AUTH).status_code == 404
+        counted = httpx.get(url + "/metrics", headers=AUTH).text
+        assert _metric(counted, "rayclip_requests_total", route="other", status="404") == 1  # not a label per path
+        assert "nothing-here" not in counted
+        assert _metric(counted, "rayclip_requests_total", route="/v1/embed/text", status="503") == statuses[503]
+        assert _metric(counted, "rayclip_requests_total", route="/v1/embed/text", status="200") == statuses[200] + 1
     finally:
         serve.delete("overload")
 
