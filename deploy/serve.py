@@ -420,6 +420,8 @@ PLAYGROUND = (Path(__file__).parent / "web" / "index.html").read_text(encoding="
 # the page is self-contained: no CDN, no third-party requests
 PLAYGROUND_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
                   "connect-src 'self'")
+
+
 class Metrics:
     """Prometheus metrics of one ingress replica (Ray Serve's own are on Ray's metrics port)."""
 
