@@ -34,7 +34,7 @@ from workflows import synthetic  # noqa: E402
 from workflows.preprocess import read_manifest  # noqa: E402
 from workflows.runtime import init_ray  # noqa: E402
 from workflows.train import TrainConfig, train  # noqa: E402
-from workflows.train_data import training_dataset  # noqa: E402
+from workflows.train_rows import training_dataset  # noqa: E402
 
 DECODE_PER_CORE = 2833  # photo-like 224 px JPEGs decoded + cropped per second per core (docs/scaling.md)
 

@@ -449,7 +449,7 @@ def test_cli_prints_a_summary_and_names_bad_columns(tmp_path, capsys):
 def test_preprocessing_and_decoding_run_without_torch(tmp_path):
     """Ray Data runs these UDFs in worker processes of their own (a cluster's CPU nodes run nothing
     else): importing torch there would cost each process ~260 MiB of private memory and seconds of
-    start-up for code that only reads, resizes, tokenizes and decodes."""
+    start-up for code that only reads, resizes, tokenizes, decodes and orders the train stage's rows."""
     code = f"""
 import sys
 import pyarrow as pa
@@ -468,6 +468,10 @@ summary = write_shard(Deduplicate()(process_batch(raw, PreprocessOptions(image_s
 shard = summary.column("shard")[0].as_py()
 decoded = decode_batch(pq.read_table({str(tmp_path)!r} + "/" + shard.rsplit("/", 1)[-1]).to_pydict(), 64)
 assert decoded["image"].shape == (12, 64, 64, 3) and decoded["tokens"].shape == (12, 77), summary
+# the train stage's tasks: reading the rows to keep, and a pass's order of them
+from workflows.train_rows import _read_rows, pass_order
+table, counts = _read_rows([[{str(tmp_path)!r} + "/" + shard.rsplit("/", 1)[-1]]])
+assert counts == [12] and sorted(pass_order(0, 1, (12,), None)) == list(range(12))
 loaded = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
 assert not loaded, f"{{len(loaded)}} torch modules imported: {{loaded[:3]}}…"
 """

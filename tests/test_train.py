@@ -27,7 +27,8 @@ from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume
 from workflows.train import (TrainConfig, _RankZeroTracker, build_model, check_config, contrastive_step,
                              cosine_schedule, default_cpus_per_worker, init_image_size, init_source, latest_checkpoint,
                              train)
-from workflows.train_data import Augment, Position, batches, mixed_rows
+from workflows.train_data import Augment, Position, batches
+from workflows.train_rows import mixed_rows
 
 from micro import hf_clip, micro_config
 
@@ -267,16 +268,33 @@ def test_workers_on_a_node_share_one_download_of_a_remote_checkpoint_never_repea
     assert files(tmp_path / "ckpt") == written
 
 
-def test_data_weights_mix_the_datasets_by_weight_not_by_size(prepared, tmp_path):
+@pytest.mark.parametrize("global_shuffle", [True, False])
+def test_data_weights_mix_the_datasets_by_weight_not_by_size(prepared, tmp_path, global_shuffle):
     heldout_tokens = read_prepared_table(str(prepared / "heldout"), ["tokens"])["tokens"].to_pylist()
     heldout = {tuple(tokens) for tokens in heldout_tokens}
-    config = _config(prepared, tmp_path, data=[str(prepared / "train"), str(prepared / "heldout")], data_weights=[1, 3])
+    config = _config(prepared, tmp_path, data=[str(prepared / "train"), str(prepared / "heldout")], data_weights=[1, 3],
+                     global_shuffle=global_shuffle)
     rows = mixed_rows(config, [read_manifest(uri) for uri in config.data]).select_columns(["tokens"]).take_all()
     from_heldout = sum(tuple(row["tokens"]) in heldout for row in rows)
     # an epoch keeps the datasets' total size (256 + 48 rows), three quarters of it from the second (by
-    # size it would be 16%); random_sample makes the counts approximate
-    assert len(rows) == pytest.approx(304, abs=25)
-    assert from_heldout / len(rows) == pytest.approx(0.75, abs=0.06)
+    # size it would be 16%): exactly when the pass's rows are drawn by index, about with Ray Data's
+    # random_sample while streaming
+    if global_shuffle:
+        assert (len(rows), from_heldout) == (304, 228)
+    else:
+        assert len(rows) == pytest.approx(304, abs=25)
+        assert from_heldout / len(rows) == pytest.approx(0.75, abs=0.06)
+
+
+def test_a_global_shuffle_refuses_rows_that_changed_or_do_not_fit_before_any_worker_starts(prepared, tmp_path):
+    config = _config(prepared, tmp_path, global_shuffle=True)
+    manifest = read_manifest(str(prepared / "train"))
+    grown = {**manifest, "counts": {**manifest["counts"], "kept": manifest["counts"]["kept"] + 1}}
+    with pytest.raises(ValueError, match=r"holds 256 rows where its manifest lists 257.*prepare it again"):
+        mixed_rows(config, [grown])
+    huge = {**manifest, "shards": [{**shard, "bytes": 2**50} for shard in manifest["shards"]]}
+    with pytest.raises(ValueError, match=r"object store.*set global_shuffle: false"):
+        mixed_rows(config, [huge])
 
 
 def test_each_pass_shuffles_every_row_afresh_and_a_resumed_pass_reads_its_order_again(prepared, tmp_path):

@@ -37,7 +37,8 @@ from . import storage
 from .parallel import distribute, gather, gathered_state, load_optimizer_state, scalar, sharded
 from .preprocess import decode_batch
 from .tracking import dataset_input, flat_params, git_commit, rayclip_version, redacted, start_run
-from .train_data import Augment, Position, batches, shuffles_globally, to_device, training_dataset
+from .train_data import Augment, Position, batches, to_device
+from .train_rows import shuffles_globally, training_dataset
 
 TRAIN_STATE = "train_state.pt"
 
@@ -122,14 +123,16 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0)
     max_failures: int = Field(0, ge=-1)
     seed: int = 0
-    global_shuffle: bool | None = Field(None, description="shuffle all the rows afresh on every pass over the data "
-                                        "(Ray Data's random_shuffle, seeded by seed and pass), as a map-style loader "
-                                        "does; default: when the prepared data is at most GLOBAL_SHUFFLE_MAX_BYTES "
-                                        "(the train stage records what it chose). Without it a pass shuffles the "
-                                        "shard order and streams through shuffle_buffer")
+    global_shuffle: bool | None = Field(None, description="shuffle all the rows afresh on every pass over the "
+                                        "data, as a map-style loader does (a permutation seeded by seed and pass, "
+                                        "gathered from the encoded rows kept in Ray's object store); default: when "
+                                        "the prepared data is at most GLOBAL_SHUFFLE_MAX_BYTES (the train stage "
+                                        "records what it chose). Without it a pass shuffles the shard order and "
+                                        "streams through shuffle_buffer")
     shuffle_buffer: int = Field(512, ge=0, description="rows mixed while batching when the rows are not shuffled "
                                 "globally (a streaming shuffle, as webdataset's)")
-    decode_batch_size: int = Field(64, gt=0)
+    decode_batch_size: int = Field(512, gt=0, description="rows a Ray Data task decodes at once; with "
+                                   "global_shuffle, the rows each task of a pass gathers (its block)")
     resume: str | None = Field(None, description="'latest' (under storage) or a checkpoint path")
     mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "rayclip"

@@ -1,6 +1,5 @@
-"""The train stage's data: the prepared rows mixed and ordered afresh on every pass over them (Ray
-Data, on the cluster's CPUs), the batches a worker takes from that stream from its position on, and
-the batched random resized crop on the worker's device."""
+"""The train stage's data on a worker: the batches it takes from the stream of rows (`train_rows`)
+from its position on, and the batched random resized crop on its device."""
 
 from __future__ import annotations
 
@@ -14,62 +13,8 @@ import torch.nn.functional as F
 
 from clip_core.transforms import normalize
 
-from .preprocess import decode_batch, load_prepared
-
 if TYPE_CHECKING:
     from .train import TrainConfig
-
-
-def training_dataset(config: TrainConfig, manifests: list[dict], image_size: int):
-    """The prepared rows to train on (`mixed_rows`), decoded by Ray Data tasks."""
-    return mixed_rows(config, manifests).map_batches(decode_batch, batch_size=config.decode_batch_size,
-                                                     batch_format="numpy", fn_kwargs={"image_size": image_size})
-
-
-# Up to this much prepared data (stored bytes) is shuffled row by row on every pass by default. The
-# shuffle is an all-to-all exchange through the object store that the pass's first batch waits for;
-# larger sets get the streaming shuffle (shard order + buffer), as webdataset's loaders do.
-GLOBAL_SHUFFLE_MAX_BYTES = 1 << 30
-
-
-def shuffles_globally(config: TrainConfig, manifests: list[dict]) -> bool:
-    """`global_shuffle` as set, or by default whether the prepared data (`config.data`'s manifests) is
-    at most GLOBAL_SHUFFLE_MAX_BYTES."""
-    if config.global_shuffle is not None:
-        return config.global_shuffle
-    return sum(shard["bytes"] for manifest in manifests for shard in manifest["shards"]) <= GLOBAL_SHUFFLE_MAX_BYTES
-
-
-def mixed_rows(config: TrainConfig, manifests: list[dict]):
-    """The prepared datasets' rows (`config.data`, as their `manifests` list them), mixed by weight (an
-    epoch keeps the datasets' total size; each dataset's share follows `data_weights`, a part of a
-    dataset sampled afresh each pass), in a new order on every pass over the data: all rows shuffled
-    (`global_shuffle`), else the shard order.
-    Each pass's order depends only on the seed and the pass, so a resumed run reads its pass as it
-    was (`PassDataConfig`)."""
-    from ray.data import RandomSeedConfig
-
-    per_pass = RandomSeedConfig(seed=config.seed, reseed_after_execution=True)
-    datasets = [load_prepared(uri, manifest=manifest, shuffle_files=True, seed=config.seed)
-                for uri, manifest in zip(config.data, manifests, strict=True)]
-    sizes = [manifest["counts"]["kept"] for manifest in manifests]
-    if config.data_weights and len(datasets) > 1:
-        total, weight_sum = sum(sizes), sum(config.data_weights)
-        mixed = []
-        for dataset, size, weight in zip(datasets, sizes, config.data_weights):
-            wanted = round(total * weight / weight_sum)
-            repeats, remainder = divmod(wanted, size)
-            parts = [dataset] * repeats
-            if remainder:
-                parts.append(dataset.random_sample(remainder / size, seed=per_pass))
-            mixed += parts
-        datasets = mixed
-    dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    if shuffles_globally(config, manifests):
-        return dataset.random_shuffle(seed=per_pass)
-    if len(config.data) > 1:
-        dataset = dataset.randomize_block_order(seed=per_pass)
-    return dataset
 
 
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
@@ -146,8 +91,8 @@ class Position:
 
 def batches(shard, config: TrainConfig, position: Position, local_batch: int, device, rank: int):
     """(batch, seconds waited for it) from the data stream, pass after pass, from `position` on
-    (which it advances). Each pass runs the dataset again (Ray Data shuffles the rows or the shard
-    order per run; `PassDataConfig` keeps that count right after a restart); rows not shuffled globally
+    (which it advances). Each pass runs the dataset again (its rows or shards in a new order each run,
+    as `train_rows` orders them; `PassDataConfig` keeps that count right after a restart); rows not shuffled globally
     are mixed by a local shuffle buffer of their pass. The batches a resumed run already trained on in
     its pass are read and skipped."""
     buffer = None if config.global_shuffle else config.shuffle_buffer or None  # train() resolved the choice
