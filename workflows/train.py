@@ -131,8 +131,8 @@ class TrainConfig(BaseModel):
                                         "streams through shuffle_buffer")
     shuffle_buffer: int = Field(512, ge=0, description="rows mixed while batching when the rows are not shuffled "
                                 "globally (a streaming shuffle, as webdataset's)")
-    decode_batch_size: int = Field(512, gt=0, description="rows a Ray Data task decodes at once; with "
-                                   "global_shuffle, the rows each task of a pass gathers (its block)")
+    decode_batch_size: int = Field(64, gt=0, description="rows a Ray Data task decodes at once from a "
+                                   "streamed pass (a globally shuffled pass decodes each gathered block whole)")
     resume: str | None = Field(None, description="'latest' (under storage) or a checkpoint path")
     mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "rayclip"

@@ -17,13 +17,18 @@ if TYPE_CHECKING:
 
 def training_dataset(config: TrainConfig, manifests: list[dict], image_size: int):
     """The prepared rows to train on (`mixed_rows`), decoded by Ray Data tasks."""
-    # rows shuffled globally come in blocks of decode_batch_size already: taking each whole lets one
-    # task gather and decode it (with a batch size, Ray Data split them into two operators, and its
-    # tasks each took 4,096 rows: a pass's first batch waited for all of them)
+    # a globally shuffled pass comes in blocks of GATHERED_BLOCK_ROWS: taking each whole lets one task
+    # gather and decode it (with a batch size, Ray Data split them into two operators, and its tasks
+    # each took 4,096 rows: a pass's first batch waited for all of them)
     batch_size = None if shuffles_globally(config, manifests) else config.decode_batch_size
     return mixed_rows(config, manifests).map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
                                                      fn_kwargs={"image_size": image_size})
 
+
+# Rows a task of a globally shuffled pass gathers and decodes: enough to outweigh a task's own cost (16,384
+# rows of 224 px on 2 cores: a pass took 8.2 s in blocks of 64 rows, 6.2 s of 128, 5.1 s of 256, 3.7 s
+# of 512), few enough that a pass's first batch comes soon (0.35 s) and a pass has tasks for every core.
+GATHERED_BLOCK_ROWS = 512
 
 # Up to this much prepared data (stored bytes) is shuffled row by row on every pass by default: the
 # encoded rows stay in the object store for the run (`permuted_rows`); larger sets get the streaming
@@ -91,8 +96,8 @@ def permuted_rows(config: TrainConfig, manifests: list[dict]):
     The encoded rows are read once into the object store (by one task, checked against the manifests)
     and stay there for the run: `global_shuffle` is for data that fits in it. Ray Data's
     `random_shuffle` instead exchanges every row between tasks on every pass, and the pass's first
-    batch waits for the whole exchange: at 16,384 rows of 224 px on 2 cores, 3.4 s into a 6.9 s pass,
-    against 0.6 s into a 5.0 s pass here."""
+    batch waits for the whole exchange: at 16,384 rows of 224 px on 2 cores, 2.2 s into a 6.1 s pass,
+    against 0.35 s into a 3.6 s pass here (0.9 s into 5.2 s streamed in shard order)."""
     import ray
 
     from .runtime import init_ray
@@ -114,7 +119,7 @@ def permuted_rows(config: TrainConfig, manifests: list[dict]):
         if count != size:
             raise ValueError(f"the prepared dataset at {uri} holds {count} rows where its manifest lists "
                              f"{size}: its shards changed after preprocessing; prepare it again")
-    rows, block = len(pass_order(config.seed, 0, sizes, weights)), config.decode_batch_size
+    rows, block = len(pass_order(config.seed, 0, sizes, weights)), GATHERED_BLOCK_ROWS
     blocks = -(-rows // block)
     return ray.data.range(blocks, override_num_blocks=blocks).map_batches(
         _gather, batch_size=None, batch_format="numpy",
