@@ -318,6 +318,9 @@ def test_each_pass_shuffles_every_row_afresh_and_a_resumed_pass_reads_its_order_
     # rows, not just shards, are mixed: about a quarter of neighbours share a shard (4 equal shards)
     assert max(same_shard_neighbours(order) for order in orders) < 0.45
     assert passes(config, 1, start=2)[0] == orders[2], "a resumed pass reads its rows in the same order"
+    # as a worker reads it: its split of the dataset (run by Ray Data's split coordinator), pass after pass
+    (split,) = mixed_rows(config, [read_manifest(str(prepared / "train"))]).select_columns(["key"]).streaming_split(1)
+    assert [[row["key"] for row in split.iter_rows()] for _ in range(2)] == orders[:2]
     assert passes(config.model_copy(update={"seed": 1}), 1)[0] != orders[0]
 
     streaming = passes(config.model_copy(update={"global_shuffle": False}), 2)
