@@ -1,8 +1,9 @@
 """Serve load test: /v1/classify with 10 labels at concurrency 1, 8, 32, 64, dynamic batching on
-(max_batch_size 32) vs off (max_batch_size 1), both apps side by side on one local Ray Serve;
-and Serve's per-request overhead vs calling the model in-process.
+(max_batch_size 32) vs off (max_batch_size 1), both apps side by side on one local Ray Serve, under
+each HTTP front end (Serve's Python proxy, HAProxy with direct ingress); and Serve's per-request
+overhead vs calling the model in-process.
 
-    python bench/bench_serve.py [--quick]
+    python bench/bench_serve.py [--quick] [--proxy haproxy]
     python bench/bench_serve.py --model ViT-B-16 --num-gpus 0.25   # on a GPU: both apps' 4 towers share one
 
 Goal (issue: serve): >= 4x throughput with batching at concurrency 32, at equal or better p99.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import socket
 import statistics
@@ -108,70 +110,114 @@ def _direct_ms(checkpoint: str, payloads: list[dict], repeats: int, device: str)
     return 1000 * statistics.median(times)
 
 
-def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0, ingress_replicas: int = 1) -> None:
+# The HTTP front ends measured: Serve's Python proxy (Ray's default) and HAProxy with direct ingress (Ray's
+# high-throughput mode). The second also listens for its stats and metrics on fixed ports (moved to free
+# ones here) and drains a stopping ingress replica for 30 s (1 s here: nothing is in flight by then).
+PROXIES = {"serve": {}, "haproxy": rollout.HIGH_THROUGHPUT_ENV}
+
+
+def _proxy_env(proxy: str) -> dict[str, str]:
+    env = {**os.environ, **PROXIES[proxy]}
+    if PROXIES[proxy]:
+        env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()),
+                   RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")
+    return env
+
+
+def measure(checkpoint: str, num_gpus: float, ingress_replicas: int, quick: bool) -> dict:
+    """Both apps (batching on and off) side by side on one local Ray Serve started here, under the HTTP
+    front end this process's environment names: each level's results, and the ceiling without the model."""
     import ray
     from ray import serve
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.pop(served.TOKEN_ENV, None)
-    device = "cuda" if num_gpus else "cpu"
-    name = "serve_gpu" if num_gpus else "serve"  # the report's files: a GPU run keeps the CPU run's
     levels = [1, 8, 32] if quick else [1, 8, 32, 64]
     per_level = 64 if quick else 256
     payloads = _payloads(32)
+    # no access log: a line per request and per tower call, forwarded to this process, costs the
+    # replicas and the load generator CPU that both modes would share
+    base = dict(model=checkpoint, port=_free_port(), num_cpus=0.5, num_gpus=num_gpus, max_ongoing_requests=64,
+                autoscaling=served.Autoscaling(min_replicas=1, max_replicas=1), access_log=False,
+                ingress_replicas=ingress_replicas)
+    urls = {"batching on": rollout.start(served.ServeConfig(**base, max_batch_size=32, batch_wait_timeout_s=0.005),
+                                        name="batched", route_prefix="/batched"),
+            "batching off": rollout.start(served.ServeConfig(**base, max_batch_size=1, batch_wait_timeout_s=0.0),
+                                         name="unbatched", route_prefix="/unbatched")}
+    results = {}
+    for concurrency in levels:
+        for mode, url in urls.items():  # side by side at each level
+            result = results[f"{mode}|{concurrency}"] = asyncio.run(_load(url, payloads, concurrency, per_level))
+            print(mode, concurrency, {k: v for k, v in result.items() if k != "latencies_ms"}, flush=True)
+    # the ceiling Serve's HTTP front end and the ingress set without the model: a route that calls no tower
+    ceiling = asyncio.run(_load(urls["batching off"], None, 32, 2 * per_level))["rps"]
+    serve.shutdown()
+    ray.shutdown()
+    return {"levels": levels, "per_level": per_level, "results": results, "ceiling": ceiling}
+
+
+def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0, ingress_replicas: int = 1,
+         proxies: tuple[str, ...] = tuple(PROXIES)) -> None:
+    """Each proxy's run in its own process (Ray reads the proxy's settings when it starts), one report."""
+    import subprocess
+
+    device = "cuda" if num_gpus else "cpu"
+    name = "serve_gpu" if num_gpus else "serve"  # the report's files: a GPU run keeps the CPU run's
+    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = os.path.join(scratch, "model")
         clip_core.save_checkpoint(clip_core.create_model(model), checkpoint)
-        port = _free_port()
-        # no access log: a line per request and per tower call, forwarded to this process, costs the
-        # replicas and the load generator CPU that both modes would share
-        base = dict(model=checkpoint, port=port, num_cpus=0.5, num_gpus=num_gpus, max_ongoing_requests=64,
-                    autoscaling=served.Autoscaling(min_replicas=1, max_replicas=1), access_log=False,
-                    ingress_replicas=ingress_replicas)
-        urls = {"batching on": rollout.start(served.ServeConfig(**base, max_batch_size=32, batch_wait_timeout_s=0.005),
-                                            name="batched", route_prefix="/batched"),
-                "batching off": rollout.start(served.ServeConfig(**base, max_batch_size=1, batch_wait_timeout_s=0.0),
-                                             name="unbatched", route_prefix="/unbatched")}
-        results: dict[tuple[str, int], dict] = {}
-        for concurrency in levels:
-            for mode, url in urls.items():  # side by side at each level
-                results[(mode, concurrency)] = asyncio.run(_load(url, payloads, concurrency, per_level))
-                print(mode, concurrency, {k: v for k, v in results[(mode, concurrency)].items()
-                                          if k != "latencies_ms"}, flush=True)
-        # the ceiling Serve's HTTP proxy and the ingress set without the model: a route that calls no tower
-        ceiling = asyncio.run(_load(urls["batching off"], None, 32, 2 * per_level))["rps"]
-        direct = _direct_ms(checkpoint, payloads, 30 if quick else 100, device)
-        serve.shutdown()
-        ray.shutdown()
+        for proxy in proxies:
+            out = os.path.join(scratch, "run.json")
+            env = {**_proxy_env(proxy), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+            env.pop(served.TOKEN_ENV, None)
+            print(f"== {proxy}", flush=True)
+            subprocess.run([sys.executable, __file__, "--measure", checkpoint, out, "--num-gpus", str(num_gpus),
+                            "--ingress-replicas", str(ingress_replicas), *(["--quick"] if quick else [])],
+                           env=env, check=True)
+            runs[proxy] = json.loads(Path(out).read_text())
+        direct = _direct_ms(checkpoint, _payloads(32), 30 if quick else 100, device)
 
-    rows = [[c, mode, f"{r['rps']:.1f}", f"{r['p50']:.1f}", f"{r['p95']:.1f}", f"{r['p99']:.1f}", r["failures"]]
-            for (mode, c), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
-    ratios = [[c, f"{results[('batching on', c)]['rps'] / results[('batching off', c)]['rps']:.2f}x",
-               f"{results[('batching on', c)]['p99'] / results[('batching off', c)]['p99']:.2f}"] for c in levels]
-    overhead = results[("batching off", 1)]["p50"] - direct
+    levels, per_level = runs[proxies[0]]["levels"], runs[proxies[0]]["per_level"]
+
+    def result(proxy, mode, concurrency):
+        return runs[proxy]["results"][f"{mode}|{concurrency}"]
+
+    def ratio(proxy, concurrency, key):
+        return result(proxy, "batching on", concurrency)[key] / result(proxy, "batching off", concurrency)[key]
+
+    rows = [[proxy, c, mode, f"{r['rps']:.1f}", f"{r['p50']:.1f}", f"{r['p95']:.1f}", f"{r['p99']:.1f}", r["failures"]]
+            for proxy in proxies for c in levels for mode in ("batching off", "batching on")
+            for r in [result(proxy, mode, c)]]
+    ratios = [[proxy, c, f"{ratio(proxy, c, 'rps'):.2f}x", f"{ratio(proxy, c, 'p99'):.2f}"]
+              for proxy in proxies for c in levels]
+    fronts = [[proxy, f"{result(proxy, 'batching off', 1)['p50']:.1f}",
+               f"{result(proxy, 'batching off', 1)['p50'] - direct:.1f}", f"{runs[proxy]['ceiling']:.0f}"]
+              for proxy in proxies]
     sections = [
         f"`/v1/classify`, one 224 px JPEG and 10 labels per request, `{model}` preset "
         f"{f'on a GPU (bf16, {num_gpus:g} GPU' if num_gpus else 'on CPU (0.5 CPU'} per tower replica), one replica per "
         f"tower, {ingress_replicas} ingress replica(s) (decoding and cropping), Serve's access log off, "
-        f"{per_level} requests per level after a warm-up, httpx async client in the same machine.",
-        "", markdown_table(["concurrency", "mode", "req/s", "p50 ms", "p95 ms", "p99 ms", "failed"], rows), "",
+        f"{per_level} requests per level after a warm-up, httpx async client in the same machine. Each HTTP front "
+        "end on its own local Ray: `serve`, Serve's Python proxy (Ray's default), and `haproxy`, HAProxy sending "
+        "requests straight to the ingress replicas (Ray's high-throughput mode: `" + " ".join(f"{k}={v}" for k, v in
+                                                                        rollout.HIGH_THROUGHPUT_ENV.items()) + "`).",
+        "", markdown_table(["proxy", "concurrency", "mode", "req/s", "p50 ms", "p95 ms", "p99 ms", "failed"], rows), "",
         "## Batching on vs off", "",
-        markdown_table(["concurrency", "throughput ratio (on/off)", "p99 ratio (on/off, < 1 is better)"], ratios), "",
+        markdown_table(["proxy", "concurrency", "throughput ratio (on/off)", "p99 ratio (on/off, < 1 is better)"],
+                       ratios), "",
         "## Serve's per-request overhead", "",
         f"The same request's work in-process (base64, decode, crop, image tower, cached classifier): {direct:.1f} ms "
-        f"median; through Serve at concurrency 1 (batching off): {results[('batching off', 1)]['p50']:.1f} ms p50, "
-        f"so Serve (HTTP proxy, ingress, handle call to the tower) adds about {overhead:.1f} ms per request. "
-        f"Without the model (`GET /healthz`: proxy and ingress only) the app answers {ceiling:.0f} requests/s at "
-        "concurrency 32: no mode can pass that.",
+        "median. Through Serve at concurrency 1 (batching off) the rest is Serve's (HTTP front end, ingress, handle "
+        "call to the tower); without the model (`GET /healthz` at concurrency 32: front end and ingress only) the "
+        "app answers at a rate no mode can pass.", "",
+        markdown_table(["proxy", "p50 ms at concurrency 1", "Serve adds (ms)", "ceiling: /healthz req/s"], fronts),
         "", "## Latency distribution", "",
-        plot_cdf(f"{name}_latency", "Serve: /v1/classify latency CDF",
-                 {f"c={c}, {mode}": results[(mode, c)]["latencies_ms"] for c in levels[-2:]
-                  for mode in ("batching on", "batching off")}),
+        plot_cdf(f"{name}_latency", "Serve: /v1/classify latency CDF, concurrency 32",
+                 {f"{proxy}, {mode}": result(proxy, mode, 32)["latencies_ms"]
+                  for proxy in proxies for mode in ("batching on", "batching off")}),
     ]
-    bars = {f"c={c}": {"throughput, batching on / off": results[("batching on", c)]["rps"]
-                       / results[("batching off", c)]["rps"]} for c in levels}
+    bars = {f"c={c}": {f"{proxy}: batching on / off": ratio(proxy, c, "rps") for proxy in proxies} for c in levels}
     print(write_report(name, f"Serve: dynamic batching under load ({model}, {'GPU' if num_gpus else 'CPU'})",
-                       sections, bars, bar_label="ratio (x)"))
+                       sections, bars, bar_label="throughput ratio (x)"))
 
 
 if __name__ == "__main__":
@@ -182,5 +228,12 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="tiny", help="preset to serve (random weights)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPU per tower replica (0: CPU)")
     parser.add_argument("--ingress-replicas", type=int, default=1, help="replicas decoding and cropping the images")
+    parser.add_argument("--proxy", action="append", choices=list(PROXIES),
+                        help="HTTP front end(s) to measure (default: each)")
+    parser.add_argument("--measure", nargs=2, metavar=("CHECKPOINT", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    main(args.quick, args.model, args.num_gpus, args.ingress_replicas)
+    if args.measure:  # one proxy's run, in the environment main() gives it
+        result = measure(args.measure[0], args.num_gpus, args.ingress_replicas, args.quick)
+        Path(args.measure[1]).write_text(json.dumps(result))
+    else:
+        main(args.quick, args.model, args.num_gpus, args.ingress_replicas, tuple(args.proxy or PROXIES))

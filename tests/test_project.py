@@ -107,6 +107,7 @@ def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_th
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
+    from deploy import rollout
     from deploy.serve import ServeConfig
     from workflows import pipeline
 
@@ -128,6 +129,11 @@ def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_th
     assert in_kuberay.applications == standalone.applications
     settings = ServeConfig(**in_kuberay.applications[0].args)
     assert settings.autoscaling.max_replicas > settings.autoscaling.min_replicas
+    # every pod runs Serve in the high-throughput mode tests/test_serve.py serves the app in
+    cluster = service["spec"]["rayClusterConfig"]
+    for pod in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        env = {item["name"]: item.get("value") for item in pod["template"]["spec"]["containers"][0]["env"]}
+        assert rollout.HIGH_THROUGHPUT_ENV.items() <= env.items(), env
     # what the pipeline registers and promotes is what the service serves, from the same MLflow
     assert settings.model == f"models:/{cluster_pipeline.registry.name}@champion"
     tracking = cluster_pipeline.tracking_uri()

@@ -326,9 +326,12 @@ def test_classify_takes_multipart_uploads_and_allow_listed_s3_images_and_never_f
         assert error(_post(app, "/v1/classify", {"images": [source], "labels": ["a"]})) == expected_error, source
 
 
-def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_path):
+@pytest.mark.parametrize("high_throughput", [False, True], ids=["serve-proxy", "haproxy"])
+def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_path, high_throughput):
     """Here on weights in another format: a bare state dict, which does not say its activation, served
-    with the one --quick-gelu names."""
+    with the one --quick-gelu names. Also in Ray's high-throughput mode, HAProxy sending the requests
+    straight to the ingress replica (its stats and metrics on free ports: another Serve may run here; a
+    stopping ingress replica drained for 1 s instead of 30)."""
     import os
     import signal
     import subprocess
@@ -336,9 +339,12 @@ def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_p
     import time
 
     torch.save(briefly_trained(steps=1).state_dict(), tmp_path / "bare.pt")
-    port = free_port()
+    port, stats_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.pop("RAYCLIP_SERVE_TOKEN", None)
+    if high_throughput:
+        env.update(rollout.HIGH_THROUGHPUT_ENV, RAY_SERVE_HAPROXY_STATS_PORT=str(stats_port),
+                   RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()), RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")
     log = open(tmp_path / "serve.log", "w+")
     command = ["serve", "--model", str(tmp_path / "bare.pt"), "--quick-gelu", "--port", str(port),
                "--poll-registry", "0.5"]
@@ -362,6 +368,10 @@ def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_p
                 expected = clip_core.load_model(tmp_path / "bare.pt", quick_gelu=quick_gelu).encode_text(
                     clip_core.get_tokenizer()(texts), normalize=True).numpy()
             assert np.allclose(served_texts, expected, atol=1e-4) is close, quick_gelu
+        if high_throughput:  # HAProxy answered, from the ingress replica's own HTTP server
+            stats = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=30).text
+            assert any(line.startswith(f"http-rayclip,SERVE_REPLICA_rayclip-{served.INGRESS}-")
+                       for line in stats.splitlines()), stats
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0
         output = (tmp_path / "serve.log").read_text()
