@@ -54,7 +54,7 @@ else
     step gpu_check_compiled 120 bench/gpu_check.py --compile --report gpu_check_compiled  # issue 2: --compile
     step gpu_train 240 bench/gpu_train.py                                               # issue 4: from shards
     # issue 6: batching; 4 ingress replicas (one bounded both modes at ~100 req/s), under Serve's proxy and
-    # HAProxy with direct ingress (on 2 CPU cores: 1.7x the requests/s without the model, 10 ms less each)
+    # HAProxy with direct ingress (on 2 CPU cores: 1.7x the batched requests/s at c32, 8x without the model)
     step serve_gpu 200 bench/bench_serve.py --model ViT-B-16 --num-gpus 0.25 --ingress-replicas 4
 fi
 for file in bench/results/*.md bench/results/*.png; do  # the reports this run wrote
