@@ -162,15 +162,15 @@ def measure(checkpoint: str, num_gpus: float, ingress_replicas: int, quick: bool
 
 def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0, ingress_replicas: int = 1,
          proxies: tuple[str, ...] = tuple(PROXIES)) -> None:
-    """Each proxy's run in its own process (Ray reads the proxy's settings when it starts), one report."""
+    """Each proxy's run in its own process (Ray reads the proxy's settings when it starts); the report
+    is written again after each, so a run stopped by a time limit keeps the proxies it measured."""
     import subprocess
 
-    device = "cuda" if num_gpus else "cpu"
-    name = "serve_gpu" if num_gpus else "serve"  # the report's files: a GPU run keeps the CPU run's
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = os.path.join(scratch, "model")
         clip_core.save_checkpoint(clip_core.create_model(model), checkpoint)
+        direct = _direct_ms(checkpoint, _payloads(32), 30 if quick else 100, "cuda" if num_gpus else "cpu")
         for proxy in proxies:
             out = os.path.join(scratch, "run.json")
             env = {**_proxy_env(proxy), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
@@ -180,8 +180,12 @@ def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0, ingres
                             "--ingress-replicas", str(ingress_replicas), *(["--quick"] if quick else [])],
                            env=env, check=True)
             runs[proxy] = json.loads(Path(out).read_text())
-        direct = _direct_ms(checkpoint, _payloads(32), 30 if quick else 100, device)
+            print(_report(runs, direct, model, num_gpus, ingress_replicas), flush=True)
 
+
+def _report(runs: dict[str, dict], direct: float, model: str, num_gpus: float, ingress_replicas: int) -> Path:
+    name = "serve_gpu" if num_gpus else "serve"  # the report's files: a GPU run keeps the CPU run's
+    proxies = tuple(runs)
     levels, per_level = runs[proxies[0]]["levels"], runs[proxies[0]]["per_level"]
 
     def result(proxy, mode, concurrency):
@@ -222,8 +226,8 @@ def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0, ingres
                   for proxy in proxies for mode in ("batching on", "batching off")}),
     ]
     bars = {f"c={c}": {f"{proxy}: batching on / off": ratio(proxy, c, "rps") for proxy in proxies} for c in levels}
-    print(write_report(name, f"Serve: dynamic batching under load ({model}, {'GPU' if num_gpus else 'CPU'})",
-                       sections, bars, bar_label="throughput ratio (x)"))
+    return write_report(name, f"Serve: dynamic batching under load ({model}, {'GPU' if num_gpus else 'CPU'})",
+                        sections, bars, bar_label="throughput ratio (x)")
 
 
 if __name__ == "__main__":

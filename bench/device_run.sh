@@ -55,7 +55,9 @@ else
     step gpu_train 240 bench/gpu_train.py                                               # issue 4: from shards
     # issue 6: batching; 4 ingress replicas (one bounded both modes at ~100 req/s), under Serve's proxy and
     # HAProxy with direct ingress (on 2 CPU cores: 1.7x the batched requests/s at c32, 8x without the model)
-    step serve_gpu 200 bench/bench_serve.py --model ViT-B-16 --num-gpus 0.25 --ingress-replicas 4
+    # (HAProxy first: the report is written after each proxy, so a step cut short keeps it)
+    step serve_gpu 200 bench/bench_serve.py --model ViT-B-16 --num-gpus 0.25 --ingress-replicas 4 \
+        --proxy haproxy --proxy serve
 fi
 for file in bench/results/*.md bench/results/*.png; do  # the reports this run wrote
     [[ $file -nt "$site" ]] && cp "$file" "$OUT/"
