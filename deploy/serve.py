@@ -90,8 +90,9 @@ class ServeConfig(BaseModel):
     max_ongoing_requests: int = Field(64, gt=0, description="per tower replica; at least max_batch_size")
     max_queued_requests: int = Field(256, ge=-1, description="per tower caller; beyond, 503 + Retry-After "
                                      "(-1: unbounded)")
-    ingress_max_queued_requests: int = Field(1024, ge=-1, description="requests the HTTP proxy queues for the "
-                                             "ingress; beyond, a plain-text 503 + Retry-After from Serve")
+    ingress_max_queued_requests: int = Field(1024, ge=-1, description="requests queued for an ingress replica "
+                                             "(by Serve's proxy, or behind HAProxy by the replica); beyond, a "
+                                             "plain-text 503 + Retry-After from Serve")
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After an overloaded server answers with")
     access_log: bool = Field(True, description="Serve's access log: a line per request and per tower call")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
