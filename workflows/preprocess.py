@@ -540,12 +540,16 @@ def read_manifest(uri: str) -> dict:
     return manifest
 
 
-def read_prepared_table(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """A whole (small) prepared dataset in memory, without Ray: for validation and evaluation sets."""
-    manifest = read_manifest(uri)
+def shard_uris(uri: str, manifest: dict) -> list[str]:
+    """The prepared dataset's shard files, as its `manifest` lists them; a dataset without rows is refused."""
     if not manifest["shards"]:
         raise ValueError(f"the prepared dataset at {uri} has no rows ({manifest['counts']})")
-    return storage.read_parquet([storage.join(uri, shard["path"]) for shard in manifest["shards"]], columns)
+    return [storage.join(uri, shard["path"]) for shard in manifest["shards"]]
+
+
+def read_prepared_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A whole (small) prepared dataset in memory, without Ray: for validation and evaluation sets."""
+    return storage.read_parquet(shard_uris(uri, read_manifest(uri)), columns)
 
 
 def load_prepared(uri: str, *, manifest: dict | None = None, shuffle_files: bool = False, seed: int | None = None):
@@ -556,11 +560,8 @@ def load_prepared(uri: str, *, manifest: dict | None = None, shuffle_files: bool
     import ray
     from ray.data import FileShuffleConfig
 
-    manifest = manifest or read_manifest(uri)
-    if not manifest["shards"]:
-        raise ValueError(f"the prepared dataset at {uri} has no rows ({manifest['counts']})")
     fs, _ = storage.filesystem(uri)
-    paths = [storage.filesystem(storage.join(uri, shard["path"]))[1] for shard in manifest["shards"]]
+    paths = [storage.filesystem(shard)[1] for shard in shard_uris(uri, manifest or read_manifest(uri))]
     _ensure_ray()
     # The manifest already lists every shard, so the reader whose plan is fixed when the dataset is
     # made. Ray 2.60's default (datasource V2) lists the files and reads their footers again on

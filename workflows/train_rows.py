@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import storage
-from .preprocess import decode_batch, load_prepared
+from .preprocess import decode_batch, load_prepared, shard_uris
 
 if TYPE_CHECKING:
     from .train import TrainConfig
@@ -110,8 +110,7 @@ def permuted_rows(config: TrainConfig, manifests: list[dict]):
                          f"object store for the run: more than half of the largest one ({capacity / 2**30:.1f} "
                          f"GiB); set global_shuffle: false (shard order and a shuffle buffer) or give the "
                          f"nodes more object store memory")
-    uris = [[storage.join(uri, shard["path"]) for shard in manifest["shards"]]
-            for uri, manifest in zip(config.data, manifests, strict=True)]
+    uris = [shard_uris(uri, manifest) for uri, manifest in zip(config.data, manifests, strict=True)]
     sizes, weights = _sizes(manifests), _weights(config)
     table, counts = ray.remote(_read_rows).options(num_returns=2).remote(uris)
     counts = ray.get(counts)  # a read error surfaces here, before any worker starts
