@@ -123,7 +123,9 @@ PROXIES = {"serve": {}, "haproxy": rollout.HIGH_THROUGHPUT_ENV}
 
 
 def _proxy_env(proxy: str) -> dict[str, str]:
-    env = {**os.environ, **PROXIES[proxy]}
+    """This process's environment with `proxy`'s settings (and without the other's)."""
+    env = {key: value for key, value in os.environ.items() if key not in rollout.HIGH_THROUGHPUT_ENV}
+    env.update(PROXIES[proxy])
     if PROXIES[proxy]:
         env.update(RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()),
                    RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")
