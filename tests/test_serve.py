@@ -340,7 +340,7 @@ def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_p
 
     torch.save(briefly_trained(steps=1).state_dict(), tmp_path / "bare.pt")
     port, stats_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in rollout.HIGH_THROUGHPUT_ENV}
     env.pop("RAYCLIP_SERVE_TOKEN", None)
     if high_throughput:
         env.update(rollout.HIGH_THROUGHPUT_ENV, RAY_SERVE_HAPROXY_STATS_PORT=str(stats_port),
