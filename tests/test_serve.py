@@ -331,7 +331,7 @@ def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_p
     """Here on weights in another format: a bare state dict, which does not say its activation, served
     with the one --quick-gelu names. Also in Ray's high-throughput mode, HAProxy sending the requests
     straight to the ingress replica (its stats and metrics on free ports: another Serve may run here; a
-    stopping ingress replica drained for 1 s instead of 30)."""
+    stopping ingress replica drained for 1 s instead of 30), and with a token."""
     import os
     import signal
     import subprocess
@@ -342,9 +342,11 @@ def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_p
     port, stats_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in rollout.HIGH_THROUGHPUT_ENV}
     env.pop("RAYCLIP_SERVE_TOKEN", None)
+    headers = AUTH if high_throughput else {}
     if high_throughput:
         env.update(rollout.HIGH_THROUGHPUT_ENV, RAY_SERVE_HAPROXY_STATS_PORT=str(stats_port),
-                   RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()), RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")
+                   RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()), RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1",
+                   RAYCLIP_SERVE_TOKEN=TOKEN)
     log = open(tmp_path / "serve.log", "w+")
     command = ["serve", "--model", str(tmp_path / "bare.pt"), "--quick-gelu", "--port", str(port),
                "--poll-registry", "0.5"]
@@ -356,22 +358,27 @@ def test_rayclip_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_p
             assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "rayclip serve did not come up in 240 s"
             time.sleep(0.5)
-        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).json()
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", headers=headers, timeout=30).json()
         assert ready["model"]["name"] == "bare.pt"
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/search", json={"text": "a"}, timeout=30)
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/search", json={"text": "a"}, headers=headers, timeout=30)
         assert (response.status_code, response.json()["error"]["type"]) == (404, "no_index")
         texts = ["a red circle", "a small blue square on grey"]
         served_texts = np.array(httpx.post(f"http://127.0.0.1:{port}/v1/embed/text", json={"texts": texts},
-                                           timeout=30).json()["embeddings"])
+                                           headers=headers, timeout=30).json()["embeddings"])
         for quick_gelu, close in ((True, True), (False, False)):  # GELU's differ by ~3e-3
             with torch.no_grad():
                 expected = clip_core.load_model(tmp_path / "bare.pt", quick_gelu=quick_gelu).encode_text(
                     clip_core.get_tokenizer()(texts), normalize=True).numpy()
             assert np.allclose(served_texts, expected, atol=1e-4) is close, quick_gelu
         if high_throughput:  # HAProxy answered, from the ingress replica's own HTTP server
+            import csv
+
             stats = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=30).text
-            assert any(line.startswith(f"http-rayclip,SERVE_REPLICA_rayclip-{served.INGRESS}-")
-                       for line in stats.splitlines()), stats
+            servers = [row for row in csv.DictReader(stats.removeprefix("# ").splitlines())
+                       if row["svname"].startswith(f"SERVE_REPLICA_rayclip-{served.INGRESS}-")]
+            assert servers and int(servers[0]["stot"]) >= 1, stats  # the requests above went through it
+            unauthorized = httpx.post(f"http://127.0.0.1:{port}/v1/embed/text", json={"texts": texts}, timeout=30)
+            assert (unauthorized.status_code, unauthorized.json()["error"]["type"]) == (401, "unauthorized")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0
         output = (tmp_path / "serve.log").read_text()
