@@ -198,6 +198,32 @@ def test_concurrent_requests_are_batched_and_classifiers_cached(app):
     assert _metric(hits, "rayclip_request_seconds_count", route="/v1/classify", status="200") >= 2
 
 
+def test_a_bug_in_a_route_answers_a_json_500_that_is_counted():
+    from fastapi import FastAPI
+    from prometheus_client import generate_latest
+
+    metrics = served.Metrics()
+    api = FastAPI()
+    api.add_middleware(served.CountRequests, metrics=lambda: metrics)
+
+    @api.get("/broken")
+    async def broken():
+        raise RuntimeError("a bug")
+
+    async def call():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://test") as client:
+            return await client.get("/broken"), await client.get("/nowhere")
+
+    failed, missing = asyncio.run(call())
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "internal_error"
+    assert "a bug" not in failed.text  # logged, not told
+    assert missing.status_code == 404
+    counted = generate_latest(metrics.registry).decode()
+    assert _metric(counted, "rayclip_requests_total", route="/broken", status="500") == 1
+    assert _metric(counted, "rayclip_request_seconds_count", route="/broken", status="500") == 1
+    assert _metric(counted, "rayclip_requests_total", route="other", status="404") == 1
+
+
 def test_serve_keeps_the_tokens_digest_never_the_token(app):
     stored = json.dumps(rollout._application(served.APP_NAME))  # what the dashboard shows of the app
     assert TOKEN not in stored and hashlib.sha256(TOKEN.encode()).hexdigest() in stored
