@@ -35,8 +35,10 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def open_image(source: bytes | str | os.PathLike | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image as RGB with EXIF orientation applied.
+def open_image(source: bytes | str | os.PathLike | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               reduce_to: int | None = None) -> Image.Image:
+    """Open and fully decode an image as RGB with EXIF orientation applied; with `reduce_to`, a JPEG
+    is decoded at the smallest DCT scale that still covers that size (`reduce_decoding`).
 
     Raises ImageError (with `.reason` one of "empty", "too_large", "undecodable") naming the
     problem instead of Pillow's assorted exceptions.
@@ -59,12 +61,24 @@ def open_image(source: bytes | str | os.PathLike | Image.Image, *, max_pixels: i
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageError(f"the image {name} could not be decoded: {exc}", "undecodable") from exc
         _check_size(image, max_pixels, name)
+        if reduce_to:
+            reduce_decoding(image, reduce_to)
         try:
             image.load()
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageError(f"the image {name} is truncated or corrupt: {exc}", "undecodable") from exc
     _check_size(image, max_pixels, getattr(image, "filename", "") or "<image>")
     return to_rgb(ImageOps.exif_transpose(image))
+
+
+def reduce_decoding(image: Image.Image, size: int) -> None:
+    """Before `load()`: a JPEG whose shortest side is at least twice `size` decodes at 1/2, 1/4 or 1/8
+    scale (libjpeg's DCT scaling, Pillow's `draft`), the smallest that still covers `size`: up to 64x
+    fewer pixels to decode and then resize. Other formats decode in full."""
+    width, height = image.size
+    short = min(width, height)
+    if image.format == "JPEG" and short >= 2 * size:
+        image.draft("RGB", (-(-width * size // short), -(-height * size // short)))
 
 
 def _check_size(image: Image.Image, max_pixels: int, name: str) -> None:

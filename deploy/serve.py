@@ -379,7 +379,7 @@ def prepare_image(data: bytes, index: int, image_size: int, limits: Limits) -> n
     import clip_core
 
     try:
-        image = clip_core.open_image(data, max_pixels=limits.max_image_pixels)
+        image = clip_core.open_image(data, max_pixels=limits.max_image_pixels, reduce_to=image_size)
     except clip_core.ImageError as exc:
         if exc.reason == "too_large":
             raise RequestError(413, "image_too_large", f"images[{index}]: {exc}") from None

@@ -72,6 +72,24 @@ def test_exif_orientation_is_applied():
     assert open_image(buffer.getvalue()).size == (20, 40)
 
 
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_decodes_at_the_smallest_scale_that_still_covers_the_size():
+    photo = _photo(1600, 1200)
+    jpeg = _encoded(photo, "JPEG")
+    reduced = open_image(jpeg, reduce_to=224)
+    assert reduced.size == (400, 300)  # 1/4 scale: 1/8 (200x150) would not cover 224
+    crop = clip_core.image_transform(224).crop
+    difference = np.abs(np.asarray(crop(reduced), np.int16) - np.asarray(crop(open_image(jpeg)), np.int16))
+    assert difference.mean() < 2 and np.percentile(difference, 99) <= 8, "the reduced decode looks different"
+    assert open_image(_encoded(photo, "PNG"), reduce_to=224).size == (1600, 1200)  # not a JPEG: in full
+    assert open_image(_encoded(_photo(440, 330), "JPEG"), reduce_to=224).size == (440, 330)  # under 2x: in full
+
+
 def test_decompression_bomb_is_refused_before_decoding():
     buffer = io.BytesIO()
     Image.new("L", (5000, 5000)).save(buffer, format="PNG")  # small file, 25 MP

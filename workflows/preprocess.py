@@ -37,7 +37,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clip_core.tokenizer import TOKENIZER_ID, get_tokenizer, normalize_caption
-from clip_core.transforms import center_crop, resize_shortest_side, to_rgb
+from clip_core.transforms import center_crop, reduce_decoding, resize_shortest_side, to_rgb
 
 from . import storage
 from .preprocess_actors import Deduplicate, Progress
@@ -149,9 +149,7 @@ def prepare_image(data: bytes | None, options: PreprocessOptions) -> tuple[bytes
         raise Reject("image_too_small", f"{width}x{height}, shortest side < {options.min_image_side}")
     if long / short > options.max_aspect_ratio:
         raise Reject("extreme_aspect_ratio", f"{width}x{height} > {options.max_aspect_ratio}:1")
-    if image.format == "JPEG" and short >= 2 * size:
-        # decode at a reduced DCT scale that still covers the target: up to 64x fewer pixels
-        image.draft("RGB", (-(-width * size // short), -(-height * size // short)))
+    reduce_decoding(image, size)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
