@@ -51,16 +51,44 @@ def _payloads(count: int) -> list[dict]:
     return out
 
 
-async def _load(url: str, payloads: list[dict] | None, concurrency: int, requests: int) -> dict:
+def _cpu_seconds(roles: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of this machine's processes in each role: those whose command
+    line starts with one of its prefixes (Ray's workers name themselves `ray::CLASS`), or whose program
+    has that name (HAProxy). Linux /proc; a process that ended meanwhile is left out."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals = dict.fromkeys(roles, 0.0)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = Path(entry.path, "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        for role, names in roles.items():
+            if command.startswith(names) or os.path.basename(command) in names:
+                totals[role] += (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+def _roles(app: str) -> dict[str, tuple[str, ...]]:
+    """The processes that work on an app's requests, by role."""
+    return {"front end": ("ray::ProxyActor", "haproxy"), "ingress": (f"ray::ServeReplica:{app}:Ingress",),
+            "towers": (f"ray::ServeReplica:{app}:ImageTower", f"ray::ServeReplica:{app}:TextTower")}
+
+
+async def _load(url: str, payloads: list[dict] | None, concurrency: int, requests: int,
+                roles: dict[str, tuple[str, ...]] | None = None) -> dict:
     """/v1/classify with `payloads` at `concurrency`; with none, GET /healthz (Serve's HTTP path alone).
     With aiohttp: its C parser costs this client 0.15 ms of CPU a request, httpx's 3 ms, which capped
-    /healthz at this client's ~500 requests/s on a core of its own (2,000 with aiohttp, HAProxy's)."""
+    /healthz at this client's ~500 requests/s on a core of its own (2,000 with aiohttp, HAProxy's).
+    With `roles`, also the CPU each role's processes and this client spent per request (ms)."""
     import aiohttp
 
     bodies = [json.dumps(payload).encode() for payload in payloads or ()]
     latencies: list[float] = []
     failures = 0
-    queue = list(range(requests))
+    queue: list[int] = []
 
     async def worker(session):
         nonlocal failures
@@ -77,19 +105,24 @@ async def _load(url: str, payloads: list[dict] | None, concurrency: int, request
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
                                      timeout=aiohttp.ClientTimeout(total=120)) as session:
-        await asyncio.gather(*(worker(session) for _ in range(min(concurrency, 4))))  # warm up
+        queue[:] = list(range(min(requests, 2 * concurrency)))  # warm up: connections, batch sizes
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         latencies.clear()
         queue[:] = list(range(requests))
+        cpu, client = _cpu_seconds(roles or {}), time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+        client = time.process_time() - client
+        cpu = {role: 1000 * (spent - cpu[role]) / requests for role, spent in _cpu_seconds(roles or {}).items()}
     ordered = sorted(latencies)
 
     def pct(p):
         return 1000 * ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
     return {"rps": requests / elapsed, "p50": pct(50), "p95": pct(95), "p99": pct(99), "failures": failures,
-            "latencies_ms": [1000 * latency for latency in ordered]}
+            "latencies_ms": [1000 * latency for latency in ordered],
+            "cpu_ms": {**cpu, "client": 1000 * client / requests} if roles else {}}
 
 
 def _direct_ms(checkpoint: str, payloads: list[dict], repeats: int, device: str) -> float:
@@ -146,20 +179,21 @@ def measure(checkpoint: str, num_gpus: float, ingress_replicas: int, quick: bool
     base = dict(model=checkpoint, port=_free_port(), num_cpus=0.5, num_gpus=num_gpus, max_ongoing_requests=64,
                 autoscaling=served.Autoscaling(min_replicas=1, max_replicas=1), access_log=False,
                 ingress_replicas=ingress_replicas)
-    urls = {"batching on": rollout.start(served.ServeConfig(**base, max_batch_size=32, batch_wait_timeout_s=0.005),
-                                        name="batched", route_prefix="/batched"),
-            "batching off": rollout.start(served.ServeConfig(**base, max_batch_size=1, batch_wait_timeout_s=0.0),
-                                         name="unbatched", route_prefix="/unbatched")}
+    apps = {"batching on": ("batched", 32, 0.005), "batching off": ("unbatched", 1, 0.0)}
+    urls = {mode: rollout.start(served.ServeConfig(**base, max_batch_size=size, batch_wait_timeout_s=wait),
+                                name=app, route_prefix=f"/{app}") for mode, (app, size, wait) in apps.items()}
     results = {}
     for concurrency in levels:
         for mode, url in urls.items():  # side by side at each level
-            result = results[f"{mode}|{concurrency}"] = asyncio.run(_load(url, payloads, concurrency, per_level))
+            result = results[f"{mode}|{concurrency}"] = asyncio.run(_load(url, payloads, concurrency, per_level,
+                                                                          _roles(apps[mode][0])))
             print(mode, concurrency, {k: v for k, v in result.items() if k != "latencies_ms"}, flush=True)
     # the ceiling Serve's HTTP front end and the ingress set without the model: a route that calls no tower
-    ceiling = asyncio.run(_load(urls["batching off"], None, 32, 2 * per_level))["rps"]
+    ceiling = asyncio.run(_load(urls["batching off"], None, 32, 2 * per_level, _roles(apps["batching off"][0])))
     serve.shutdown()
     ray.shutdown()
-    return {"levels": levels, "per_level": per_level, "results": results, "ceiling": ceiling}
+    return {"levels": levels, "per_level": per_level, "results": results, "ceiling": ceiling["rps"],
+            "ceiling_cpu_ms": ceiling["cpu_ms"]}
 
 
 def main(quick: bool = False, model: str = "tiny", num_gpus: float = 0.0, ingress_replicas: int = 1,
@@ -204,6 +238,15 @@ def _report(runs: dict[str, dict], direct: float, model: str, num_gpus: float, i
     fronts = [[proxy, f"{result(proxy, 'batching off', 1)['p50']:.1f}",
                f"{result(proxy, 'batching off', 1)['p50'] - direct:.1f}", f"{runs[proxy]['ceiling']:.0f}"]
               for proxy in proxies]
+
+    def cpu_row(proxy, requests, spent):
+        bound = ingress_replicas * 1000 / spent["ingress"] if spent.get("ingress") else float("nan")
+        return [proxy, requests, *(f"{spent[role]:.2f}" for role in ("front end", "ingress", "towers", "client")),
+                f"{bound:.0f}"]
+
+    cpus = [cpu_row(proxy, f"/v1/classify, {mode}", result(proxy, mode, 32)["cpu_ms"])
+            for proxy in proxies for mode in ("batching on", "batching off")]
+    cpus += [cpu_row(proxy, "/healthz", {"towers": 0.0, **runs[proxy]["ceiling_cpu_ms"]}) for proxy in proxies]
     sections = [
         f"`/v1/classify`, one 224 px JPEG and 10 labels per request, `{model}` preset "
         f"{f'on a GPU (bf16, {num_gpus:g} GPU' if num_gpus else 'on CPU (0.5 CPU'} per tower replica), one replica per "
@@ -222,6 +265,13 @@ def _report(runs: dict[str, dict], direct: float, model: str, num_gpus: float, i
         "call to the tower); without the model (`GET /healthz` at concurrency 32: front end and ingress only) the "
         "app answers at a rate no mode can pass.", "",
         markdown_table(["proxy", "p50 ms at concurrency 1", "Serve adds (ms)", "ceiling: /healthz req/s"], fronts),
+        "", "## Where a request's CPU goes", "",
+        "Milliseconds of CPU (user + system, from /proc around each measured run) per request at concurrency 32, by "
+        "the processes that spent it: the HTTP front end (Serve's proxy actor; with HAProxy, HAProxy and the proxy "
+        "actor Serve keeps beside it), the ingress replicas, the two tower replicas and the load generator. An "
+        "ingress replica is one Python process, so it answers at most 1,000 / its ms requests a second: the last "
+        f"column, times the {ingress_replicas} replica(s).", "",
+        markdown_table(["proxy", "requests", "front end", "ingress", "towers", "client", "ingress bound req/s"], cpus),
         "", "## Latency distribution", "",
         plot_cdf(f"{name}_latency", "Serve: /v1/classify latency CDF, concurrency 32",
                  {f"{proxy}, {mode}": result(proxy, mode, 32)["latencies_ms"]
