@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -87,7 +87,10 @@ class ServeConfig(BaseModel):
     autoscaling: Autoscaling = Autoscaling()
     num_cpus: float = Field(0.5, ge=0, description="per tower replica")
     num_gpus: float = Field(0, ge=0, description="per tower replica (a fraction shares a GPU)")
-    ingress_replicas: int = Field(1, gt=0)
+    ingress_replicas: int = Field(1, gt=0, description="ingress replicas (auth, decoding, the zero-shot "
+                                  "arithmetic: a request's CPU work), unless ingress_autoscaling sizes them")
+    ingress_autoscaling: Autoscaling | None = Field(None, description="autoscale the ingress replicas on their "
+                                                    "ongoing requests instead of running ingress_replicas")
     max_ongoing_requests: int = Field(64, gt=0, description="per tower replica; at least max_batch_size")
     max_queued_requests: int = Field(256, ge=-1, description="per tower caller; beyond, 503 + Retry-After "
                                      "(-1: unbounded)")
@@ -108,6 +111,16 @@ class ServeConfig(BaseModel):
                                           description="the bearer token's SHA-256 in hex, instead of the token")
     auth_token_file: str | None = Field(None, description="a file holding the bearer token (a mounted secret), "
                                         "read where the app runs")
+
+    @model_validator(mode="after")
+    def _one_way_to_size_the_ingress(self) -> "ServeConfig":
+        if self.ingress_autoscaling is not None:
+            if self.ingress_replicas != 1:
+                raise ValueError("set ingress_replicas (a fixed number) or ingress_autoscaling, not both")
+            if self.ingress_autoscaling.min_replicas < 1:
+                raise ValueError("ingress_autoscaling.min_replicas must be at least 1: the ingress answers every "
+                                 "request, /healthz included")
+        return self
 
     def token(self) -> str | None:
         """The bearer token where this process knows it (auth_token, else auth_token_file's, else
@@ -466,7 +479,7 @@ class CountRequests:
     cores under HAProxy, it took the ingress's CPU per request from 1.3 to 0.4 ms on /healthz and from 7.6
     to 3.1 ms on /v1/classify (tiny model)."""
 
-    def __init__(self, app, metrics: Callable[[], "Metrics"]):
+    def __init__(self, app, metrics: Callable[[], Metrics]):
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
@@ -491,12 +504,13 @@ class CountRequests:
         # the route that answered, as the app declares it (without the app's route prefix): a bounded set
         # of label values, where the request's own path is any string a client sends
         path = getattr(scope.get("route"), "path", None) or "other"
+        code = str(status or 500)  # an app that answered nothing failed
         metrics = self.metrics()
-        metrics.requests.labels(path, str(status)).inc()
-        metrics.latency.labels(path, str(status)).observe(time.perf_counter() - started)
+        metrics.requests.labels(path, code).inc()
+        metrics.latency.labels(path, code).observe(time.perf_counter() - started)
 
 
-def _replica_metrics() -> "Metrics":
+def _replica_metrics() -> Metrics:
     return serve.get_replica_context().servable_object.metrics
 
 
@@ -875,29 +889,31 @@ def build_app(config: ServeConfig, live: dict | None = None):
     every deployment starts on `live` (default: `config.model` resolved now)."""
     live = live or live_model(config.model, config.mlflow_tracking_uri)
     values = config.stored().model_dump()
-    scaling = config.autoscaling
     tower_options = dict(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         max_ongoing_requests=max(config.max_ongoing_requests, config.max_batch_size),
         max_queued_requests=config.max_queued_requests, user_config=live,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
-        autoscaling_config={"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
-                            "target_ongoing_requests": scaling.target_ongoing_requests,
-                            "upscale_delay_s": scaling.upscale_delay_s,
-                            "downscale_delay_s": scaling.downscale_delay_s,
-                            "initial_replicas": max(1, scaling.min_replicas)})
+        autoscaling_config=_autoscaling_config(config.autoscaling))
     image = serve.deployment(ImageTower, name=TOWERS[0], **tower_options).bind(values)
     text = serve.deployment(TextTower, name=TOWERS[1], **tower_options).bind(values)
     index_options = {**{key: value for key, value in tower_options.items() if key != "user_config"},
                      "ray_actor_options": {"num_cpus": config.num_cpus}}  # numpy: no GPU share
     index = serve.deployment(Index, name=INDEX, **index_options).bind(values) if config.index else None
-    ingress = serve.deployment(Ingress, name=INGRESS, num_replicas=config.ingress_replicas,
-                               ray_actor_options={"num_cpus": 0}, user_config=live,
+    sizing = ({"autoscaling_config": _autoscaling_config(config.ingress_autoscaling)} if config.ingress_autoscaling
+              else {"num_replicas": config.ingress_replicas})
+    ingress = serve.deployment(Ingress, name=INGRESS, **sizing, ray_actor_options={"num_cpus": 0}, user_config=live,
                                max_ongoing_requests=max(256, config.max_ongoing_requests * 4),
                                max_queued_requests=config.ingress_max_queued_requests,
                                backpressure_config=BackpressureConfig(status_code=503,
                                                                       retry_after_s=config.retry_after_s))
     return ingress.bind(image, text, values, index)
+
+
+def _autoscaling_config(scaling: Autoscaling) -> dict:
+    return {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests, "upscale_delay_s": scaling.upscale_delay_s,
+            "downscale_delay_s": scaling.downscale_delay_s, "initial_replicas": max(1, scaling.min_replicas)}
 
 
 IMPORT_PATH = f"{__name__}:app_builder"

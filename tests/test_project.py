@@ -129,6 +129,7 @@ def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_th
     assert in_kuberay.applications == standalone.applications
     settings = ServeConfig(**in_kuberay.applications[0].args)
     assert settings.autoscaling.max_replicas > settings.autoscaling.min_replicas
+    assert settings.ingress_autoscaling.max_replicas > settings.ingress_autoscaling.min_replicas
     # every pod runs Serve in the high-throughput mode tests/test_serve.py serves the app in
     cluster = service["spec"]["rayClusterConfig"]
     for pod in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:

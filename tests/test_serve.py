@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import json
+import time
 
 import boto3
 import httpx
@@ -446,6 +447,51 @@ def test_overload_gets_quick_503s_with_retry_after_and_the_service_recovers(app)
         serve.delete("overload")
 
 
+def test_the_ingress_autoscales_on_its_ongoing_requests_without_failing_one(app):
+    from ray import serve
+
+    scaling = served.Autoscaling(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0,
+                                 downscale_delay_s=600)
+    config = app["config"].model_copy(update={"ingress_autoscaling": scaling, "index": None})
+    url = rollout.start(config, name="autoscaled", route_prefix="/autoscaled")
+
+    def running() -> int:
+        states = serve.status().applications["autoscaled"].deployments[served.INGRESS].replica_states
+        return states.get("RUNNING", 0)
+
+    async def load_until_scaled() -> tuple[list[int], int]:
+        statuses, done = [], asyncio.Event()
+
+        async def caller(client, i):
+            while not done.is_set():
+                response = await client.post("/v1/embed/text", json={"texts": [f"shape number {i}"]})
+                statuses.append(response.status_code)
+
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60) as client:
+            callers = [asyncio.create_task(caller(client, i)) for i in range(16)]
+            deadline = time.monotonic() + 120
+            while (replicas := await asyncio.to_thread(running)) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)  # polling Serve's status, not waiting for it
+            done.set()
+            await asyncio.gather(*callers)
+        return statuses, replicas
+
+    try:
+        assert running() == 1
+        statuses, replicas = asyncio.run(load_until_scaled())
+        assert replicas == 2, "16 callers against a target of 1 ongoing request per replica did not add one"
+        assert statuses and set(statuses) == {200}, collections.Counter(statuses)
+    finally:
+        serve.delete("autoscaled")
+
+
+def test_the_ingress_is_sized_one_way():
+    with pytest.raises(ValueError, match="set ingress_replicas .* or ingress_autoscaling, not both"):
+        served.ServeConfig(ingress_replicas=2, ingress_autoscaling=served.Autoscaling(max_replicas=4))
+    with pytest.raises(ValueError, match="ingress_autoscaling.min_replicas must be at least 1"):
+        served.ServeConfig(ingress_autoscaling=served.Autoscaling(min_replicas=0, max_replicas=4))
+
+
 def test_playground_page_classifies_a_dropped_image_and_searches_the_index_in_headless_chromium(app, tmp_path):
     from pathlib import Path
 
@@ -507,6 +553,7 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tm
     assert type(app).__name__ == "Application"
     settings = served.ServeConfig(**application.args)
     assert settings.num_gpus == 0.25 and settings.autoscaling.max_replicas == 8
+    assert settings.ingress_autoscaling.max_replicas == 8
     with pytest.raises(ValueError, match="unknown_option"):
         builder({**application.args, "unknown_option": 1})
 
