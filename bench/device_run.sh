@@ -8,6 +8,8 @@
 #   here:  python3 bench/device_wheels.py          # .whl/: Ray, pydantic, ftfy, FastAPI... for Python 3.12
 #   there: device `run` with carry [".whl"], timeout_s 590:   bash bench/device_run.sh
 #          one step again:   STEPS=gpu_train TOTAL=240 bash bench/device_run.sh
+#          the train stage compiled (issue 4's MFU; not in the default plan, which has no room for its
+#          compile warm-up): STEPS=gpu_train_compiled TOTAL=300 bash bench/device_run.sh
 #   rehearsal on a CPU (tiny models, same steps), in a scratch clone (the reports land in its bench/results):
 #          SMOKE=1 PYTHON=python-without-ray WHEELS=dir-of-wheels-for-it bash bench/device_run.sh
 #
@@ -54,6 +56,7 @@ else
     step gpu_check 60 bench/gpu_check.py --profile                                      # issue 2: bf16 MFU
     step gpu_check_compiled 120 bench/gpu_check.py --compile --report gpu_check_compiled  # issue 2: --compile
     step gpu_train 240 bench/gpu_train.py                                               # issue 4: from shards
+    step gpu_train_compiled 300 bench/gpu_train.py --compile --report gpu_train_compiled  # only when asked for
     # issue 6: batching; 4 ingress replicas (one bounded both modes at ~100 req/s), under Serve's proxy and
     # HAProxy with direct ingress (on 2 CPU cores: 1.7x the batched requests/s at c32, 8x without the model)
     # (HAProxy first: the report is written after each proxy, so a step cut short keeps it)

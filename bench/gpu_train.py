@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak of the device")
+    parser.add_argument("--compile", action="store_true", help="the train stage's `compile: true` (torch.compile)")
     parser.add_argument("--report", default="gpu_train", help="name of the bench/results report ('' for none)")
     args = parser.parse_args(argv)
     use_gpu = args.device == "cuda"
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         data = prepared(scratch, args.model, args.samples)
         prepare_s = time.perf_counter() - started
         rows = read_manifest(data)["counts"]["kept"]
-        config = TrainConfig(data=[data], model=args.model, steps=args.steps,
+        config = TrainConfig(data=[data], model=args.model, steps=args.steps, compile=args.compile,
                              batch_size=args.batch_size, workers=1, use_gpu=use_gpu, log_every=args.steps // 2,
                              checkpoint_every=args.steps, storage=f"{scratch}/runs", output=f"{scratch}/final")
         started = time.perf_counter()
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     samples_per_s = result.metrics["samples_per_s"]
     achieved = samples_per_s * per_sample
     report = {
-        "model": args.model, "batch_size": args.batch_size, "steps": args.steps, "device":
+        "model": args.model, "batch_size": args.batch_size, "steps": args.steps, "compile": args.compile, "device":
         torch.cuda.get_device_name() if use_gpu else "cpu", "cpus": os.cpu_count(),
         "prepared_rows": rows, "prepare_s": prepare_s, "train_s": train_s,
         "samples_per_s": samples_per_s, "data_wait_fraction": result.metrics["data_wait_fraction"],

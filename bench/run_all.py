@@ -13,7 +13,7 @@ from pathlib import Path
 BENCHMARKS = ["bench_clip_core.py", "bench_preprocess.py", "bench_train.py", "bench_serve.py"]
 # gathered when present, not run here: real data (bench_openclipart.py needs Debian's openclipart packages and
 # trains for about 50 minutes) and the GPU checks (written on a GPU machine by bench/device_run.sh)
-OTHER_REPORTS = ["openclipart", "gpu_check", "gpu_check_compiled", "gpu_train", "serve_gpu"]
+OTHER_REPORTS = ["openclipart", "gpu_check", "gpu_check_compiled", "gpu_train", "gpu_train_compiled", "serve_gpu"]
 HERE = Path(__file__).parent
 
 
