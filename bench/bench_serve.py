@@ -78,11 +78,11 @@ def _roles(app: str) -> dict[str, tuple[str, ...]]:
 
 
 async def _load(url: str, payloads: list[dict] | None, concurrency: int, requests: int,
-                roles: dict[str, tuple[str, ...]] | None = None) -> dict:
+                roles: dict[str, tuple[str, ...]]) -> dict:
     """/v1/classify with `payloads` at `concurrency`; with none, GET /healthz (Serve's HTTP path alone).
     With aiohttp: its C parser costs this client 0.15 ms of CPU a request, httpx's 3 ms, which capped
     /healthz at this client's ~500 requests/s on a core of its own (2,000 with aiohttp, HAProxy's).
-    With `roles`, also the CPU each role's processes and this client spent per request (ms)."""
+    Also the CPU each of `roles`' processes and this client spent per request (ms)."""
     import aiohttp
 
     bodies = [json.dumps(payload).encode() for payload in payloads or ()]
@@ -109,12 +109,12 @@ async def _load(url: str, payloads: list[dict] | None, concurrency: int, request
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         latencies.clear()
         queue[:] = list(range(requests))
-        cpu, client = _cpu_seconds(roles or {}), time.process_time()
+        cpu, client = _cpu_seconds(roles), time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
         client = time.process_time() - client
-        cpu = {role: 1000 * (spent - cpu[role]) / requests for role, spent in _cpu_seconds(roles or {}).items()}
+        cpu = {role: 1000 * (spent - cpu[role]) / requests for role, spent in _cpu_seconds(roles).items()}
     ordered = sorted(latencies)
 
     def pct(p):
@@ -122,7 +122,7 @@ async def _load(url: str, payloads: list[dict] | None, concurrency: int, request
 
     return {"rps": requests / elapsed, "p50": pct(50), "p95": pct(95), "p99": pct(99), "failures": failures,
             "latencies_ms": [1000 * latency for latency in ordered],
-            "cpu_ms": {**cpu, "client": 1000 * client / requests} if roles else {}}
+            "cpu_ms": {**cpu, "client": 1000 * client / requests}}
 
 
 def _direct_ms(checkpoint: str, payloads: list[dict], repeats: int, device: str) -> float:
