@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -37,37 +37,50 @@ class ImageError(ValueError):
 
 def open_image(source: bytes | str | os.PathLike | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                reduce_to: int | None = None) -> Image.Image:
-    """Open and fully decode an image as RGB with EXIF orientation applied; with `reduce_to`, a JPEG
-    is decoded at the smallest DCT scale that still covers that size (`reduce_decoding`).
+    """Open and fully decode an image as RGB with EXIF orientation applied: `decode_image(peek_image(...))`.
 
-    Raises ImageError (with `.reason` one of "empty", "too_large", "undecodable") naming the
-    problem instead of Pillow's assorted exceptions.
+    Raises ImageError (with `.reason` one of "empty", "too_large", "unsupported", "undecodable")
+    naming the problem instead of Pillow's assorted exceptions.
     """
-    if isinstance(source, Image.Image):
-        image = source
+    image = source if isinstance(source, Image.Image) else peek_image(source, max_pixels=max_pixels)
+    return decode_image(image, max_pixels=max_pixels, reduce_to=reduce_to)
+
+
+def peek_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image and check its pixel count from its header alone, decoding no pixels, so that a
+    caller can check its shape too before paying for `decode_image`. Raises ImageError as `open_image`."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageError("the image is empty (0 bytes)", "empty")
+        fp, name = io.BytesIO(source), "<bytes>"
     else:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            if len(source) == 0:
-                raise ImageError("the image is empty (0 bytes)", "empty")
-            fp, name = io.BytesIO(source), "<bytes>"
-        else:
-            fp, name = source, os.fspath(source)
-            if os.path.getsize(name) == 0:
-                raise ImageError(f"the image {name} is empty (0 bytes)", "empty")
-        try:
-            image = Image.open(fp)
-        except Image.DecompressionBombError as exc:
-            raise ImageError(f"the image {name} is too large to decode safely: {exc}", "too_large") from exc
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise ImageError(f"the image {name} could not be decoded: {exc}", "undecodable") from exc
-        _check_size(image, max_pixels, name)
-        if reduce_to:
-            reduce_decoding(image, reduce_to)
-        try:
-            image.load()
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise ImageError(f"the image {name} is truncated or corrupt: {exc}", "undecodable") from exc
-    _check_size(image, max_pixels, getattr(image, "filename", "") or "<image>")
+        fp, name = source, os.fspath(source)
+        if os.path.getsize(name) == 0:
+            raise ImageError(f"the image {name} is empty (0 bytes)", "empty")
+    try:
+        image = Image.open(fp)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"the image {name} is too large to decode safely: {exc}", "too_large") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"the image {name} could not be decoded: {exc}", "unsupported") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"the image {name} could not be decoded: {exc}", "undecodable") from exc
+    _check_size(image, max_pixels, name)
+    return image
+
+
+def decode_image(image: Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 reduce_to: int | None = None) -> Image.Image:
+    """A peeked (or any) image decoded as RGB with EXIF orientation applied; with `reduce_to`, a JPEG
+    is decoded at the smallest DCT scale that still covers that size (`reduce_decoding`)."""
+    if reduce_to:
+        reduce_decoding(image, reduce_to)
+    name = getattr(image, "filename", "") or "<image>"
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"the image {name} is truncated or corrupt: {exc}", "undecodable") from exc
+    _check_size(image, max_pixels, name)
     return to_rgb(ImageOps.exif_transpose(image))
 
 

@@ -391,20 +391,22 @@ def decode_base64(data: str, index: int, limits: Limits) -> bytes:
 def prepare_image(data: bytes, index: int, image_size: int, limits: Limits) -> np.ndarray:
     """Encoded bytes → the uint8 [S, S, 3] centre crop the towers take."""
     import clip_core
+    from clip_core.transforms import decode_image, peek_image
 
     try:
-        image = clip_core.open_image(data, max_pixels=limits.max_image_pixels, reduce_to=image_size)
+        image = peek_image(data, max_pixels=limits.max_image_pixels)
+        width, height = image.size
+        if max(width, height) > limits.max_aspect_ratio * min(width, height):
+            raise RequestError(422, "extreme_aspect_ratio", f"images[{index}] is {width}x{height}, over "
+                               f"{limits.max_aspect_ratio:g}:1; crop it to the part to classify")
+        image = decode_image(image, max_pixels=limits.max_image_pixels, reduce_to=image_size)
     except clip_core.ImageError as exc:
         if exc.reason == "too_large":
             raise RequestError(413, "image_too_large", f"images[{index}]: {exc}") from None
-        if "could not be decoded" in str(exc):  # Pillow does not recognise the format at all
+        if exc.reason == "unsupported":
             raise RequestError(415, "unsupported_image_format", f"images[{index}] is not an image format this "
                                "server reads (JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
         raise RequestError(400, "invalid_image", f"images[{index}]: {exc}") from None
-    width, height = image.size
-    if max(width, height) > limits.max_aspect_ratio * min(width, height):
-        raise RequestError(422, "extreme_aspect_ratio", f"images[{index}] is {width}x{height}, over "
-                           f"{limits.max_aspect_ratio:g}:1; crop it to the part to classify")
     return np.asarray(clip_core.image_transform(image_size).crop(image), dtype=np.uint8)
 
 

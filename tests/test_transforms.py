@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision import transforms as T  # the reference only: clip_core itself never imports torchvision
 
 import clip_core
-from clip_core.transforms import OPENAI_MEAN, OPENAI_STD, ImageError, open_image, to_rgb
+from clip_core.transforms import OPENAI_MEAN, OPENAI_STD, ImageError, decode_image, open_image, peek_image, to_rgb
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -109,13 +109,32 @@ def test_broken_images_raise_clear_errors():
     with pytest.raises(ImageError, match="empty") as info:
         open_image(b"")
     assert info.value.reason == "empty"
-    with pytest.raises(ImageError, match="could not be decoded"):
+    with pytest.raises(ImageError, match="could not be decoded") as info:
         open_image(b"definitely not an image")
+    assert info.value.reason == "unsupported"
     buffer = io.BytesIO()
     _photo(256, 256).save(buffer, format="JPEG")
     with pytest.raises(ImageError, match="truncated or corrupt") as info:
         open_image(buffer.getvalue()[: buffer.tell() // 2])
     assert info.value.reason == "undecodable"
+
+
+def test_peeking_reads_the_header_alone_and_decoding_finishes_the_job():
+    buffer = io.BytesIO()
+    _photo(256, 192).save(buffer, format="JPEG")
+    truncated = buffer.getvalue()[: buffer.tell() // 2]
+    peeked = peek_image(truncated)  # the size is in the header: a caller can check the shape first
+    assert peeked.size == (256, 192)
+    with pytest.raises(ImageError, match="truncated or corrupt") as info:
+        decode_image(peeked)
+    assert info.value.reason == "undecodable"
+    bomb = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(bomb, format="PNG")
+    with pytest.raises(ImageError, match="over the limit") as info:
+        peek_image(bomb.getvalue(), max_pixels=1_000_000)
+    assert info.value.reason == "too_large"
+    decoded = decode_image(peek_image(buffer.getvalue()), reduce_to=64)
+    assert decoded.mode == "RGB" and decoded.size == (128, 96)  # 1/2 scale covers 64
 
 
 def test_invalid_transform_settings_are_rejected():

@@ -33,11 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clip_core.tokenizer import TOKENIZER_ID, get_tokenizer, normalize_caption
-from clip_core.transforms import center_crop, reduce_decoding, resize_shortest_side, to_rgb
+from clip_core.transforms import ImageError, center_crop, decode_image, peek_image, resize_shortest_side, to_rgb
 
 from . import storage
 from .preprocess_actors import Deduplicate, Progress
@@ -124,39 +124,30 @@ class Reject(Exception):
 # --------------------------------------------------------------------------------- one row
 
 
+_IMAGE_REJECTS = {"empty": "empty_image", "too_large": "image_too_large", "unsupported": "undecodable_image",
+                  "undecodable": "undecodable_image"}
+
+
 def prepare_image(data: bytes | None, options: PreprocessOptions) -> tuple[bytes, tuple[int, int], str]:
     """Raw bytes → (re-encoded bytes at training resolution, original size, pixel hash), or Reject."""
     if data is None:
         raise Reject("missing_image")
-    if len(data) == 0:
-        raise Reject("empty_image", "0 bytes")
     if len(data) > options.max_image_bytes:
         raise Reject("image_too_large", f"{len(data):,} bytes > {options.max_image_bytes:,}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise Reject("image_too_large", str(exc)[:200]) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise Reject("undecodable_image", str(exc)[:200]) from None
-    width, height = image.size
     size = options.image_size
-    if width * height > options.max_image_pixels:
-        raise Reject("image_too_large", f"{width}x{height} > {options.max_image_pixels:,} pixels")
-    short, long = min(width, height), max(width, height)
-    if short < options.min_image_side:
-        raise Reject("image_too_small", f"{width}x{height}, shortest side < {options.min_image_side}")
-    if long / short > options.max_aspect_ratio:
-        raise Reject("extreme_aspect_ratio", f"{width}x{height} > {options.max_aspect_ratio}:1")
-    reduce_decoding(image, size)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # Pillow's warnings about odd metadata: one per row would flood the log
             warnings.simplefilter("ignore")
-            image.load()
-            image = to_rgb(ImageOps.exif_transpose(image))
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise Reject("undecodable_image", str(exc)[:200]) from None
+            image = peek_image(data, max_pixels=options.max_image_pixels)
+            width, height = image.size
+            short, long = min(width, height), max(width, height)
+            if short < options.min_image_side:
+                raise Reject("image_too_small", f"{width}x{height}, shortest side < {options.min_image_side}")
+            if long / short > options.max_aspect_ratio:
+                raise Reject("extreme_aspect_ratio", f"{width}x{height} > {options.max_aspect_ratio}:1")
+            image = decode_image(image, max_pixels=options.max_image_pixels, reduce_to=size)
+    except ImageError as exc:
+        raise Reject(_IMAGE_REJECTS[exc.reason], str(exc)[:200]) from None
     image = center_crop(resize_shortest_side(image, size), size)
     buffer = io.BytesIO()
     if options.image_format == "jpeg":
