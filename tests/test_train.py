@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 from importlib.metadata import version
+from pathlib import Path
 
 import boto3
 import mlflow
@@ -232,7 +233,12 @@ def test_two_workers_train_log_to_mlflow_and_resume_from_the_s3_checkpoint_when_
     assert (run.data.tags["rayclip.version"], run.data.tags["git_commit"]) == (version("rayclip"), git_commit() or "")
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "checkpoint")}
     assert {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/train_state.pt"} <= artifacts
-    assert client.list_artifacts(result.mlflow_run_id, "best_checkpoint")
+    # the best checkpoint is the kept one with the lowest val_loss (Ray lists its best checkpoints best last)
+    val_loss = {int(m.step): m.value for m in client.get_metric_history(result.mlflow_run_id, "val_loss")}
+    kept_steps = [int(name.removeprefix("checkpoint_")) for name in checkpoints]
+    best = client.download_artifacts(result.mlflow_run_id, "best_checkpoint/config.json", str(tmp_path))
+    assert json.loads(Path(best).read_text())["train"]["step"] == min(kept_steps, key=val_loss.__getitem__), (
+        val_loss, kept_steps)
 
 
 def test_workers_on_a_node_share_one_download_of_a_remote_checkpoint_never_repeated_under_a_reader(

@@ -735,7 +735,7 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.num_to_keep, checkpoint_score_attribute=config.checkpoint_metric,
-                checkpoint_score_order="min" if (config.checkpoint_metric or "").endswith("loss") else "max")),
+                checkpoint_score_order=_score_order(config))),
         datasets=datasets,
         dataset_config=PassDataConfig(storage.join(storage_path, run_name), resume_from,
                                       execution_options=ExecutionOptions(preserve_order=True)),
@@ -746,7 +746,8 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     final = _checkpoint_uri(result.checkpoint)
     best = None
     if config.checkpoint_metric and result.best_checkpoints:
-        best = _checkpoint_uri(result.best_checkpoints[0][0])
+        best = result.get_best_checkpoint(config.checkpoint_metric, _score_order(config))
+        best = best and _checkpoint_uri(best)
     if config.output:
         _copy_checkpoint(final, config.output)
         final = config.output
@@ -757,6 +758,10 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     echo(f"train: done at step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f} → {final}")
     return TrainResult(checkpoint=final, metrics=metrics, mlflow_run_id=run_id, best_checkpoint=best,
                        run_path=storage.join(storage_path, run_name))
+
+
+def _score_order(config: TrainConfig) -> str:
+    return "min" if (config.checkpoint_metric or "").endswith("loss") else "max"
 
 
 def _checkpoint_uri(checkpoint) -> str:
