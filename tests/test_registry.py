@@ -15,7 +15,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 import clip_core
-from workflows import cli, registry
+from workflows import cli, pipeline, registry
 from workflows import evaluate as evaluate_module
 from workflows.evaluate import EvaluateConfig, evaluate, per_class_recall
 from workflows.preprocess import PreprocessOptions, decode_batch, preprocess, read_manifest, read_prepared_table
@@ -363,6 +363,22 @@ def test_register_promote_gate_and_rollback(sets, tmp_path, capsys):
     assert table[0].split()[:4] == ["version", "aliases", "status", "zeroshot.top1"]
     assert [line.split()[0] for line in table[1:]] == ["4", "3", "2", "1"]
     assert "champion" in table[4] and "rolled_back" in table[1]
+
+    # a rolled-back version goes live again only when forced
+    with pytest.raises(registry.RegistryError, match="version 4 of 'clip' was rolled back"):
+        registry.promote("clip", "4", tracking_uri=tracking)
+    assert str(client.get_registered_model("clip").aliases["champion"]) == "1"
+    assert registry.promote("clip", "3", force=True, tracking_uri=tracking)["decision"] == "passed"
+    assert registry.promote("clip", "4", force=True, tracking_uri=tracking)["decision"] == "forced"
+    # a previous champion deleted since is passed over on the way back
+    client.delete_model_version("clip", "3")
+    registry.rollback("clip", tracking_uri=tracking)
+    assert str(client.get_registered_model("clip").aliases["champion"]) == "1"
+    # nor does a rerun of the pipeline that registered it (which promotes its version unless it is the champion)
+    rerun = pipeline.Pipeline(pipeline.load_config(None, [f"mlflow.tracking_uri={tracking}"]), echo=print)
+    assert rerun.promote("4") is False and rerun.outcome["stages"]["promote"] == "skipped"
+    assert "version 4 was rolled back" in capsys.readouterr().out
+    assert str(client.get_registered_model("clip").aliases["champion"]) == "1"
 
 
 def test_registry_errors_name_the_problem(sets, tmp_path, capsys, monkeypatch):

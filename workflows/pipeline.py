@@ -476,6 +476,11 @@ class Pipeline:
         if str(champion) == str(version):
             self._stage("promote", "skipped", f"version {version} is already the champion")
             return True
+        status = registry.client(self.tracking).get_model_version(name, version).tags.get("validation_status")
+        if status == "rolled_back" and not section.force:  # a rerun must not undo an operator's rollback
+            self._stage("promote", "skipped", f"version {version} was rolled back: it goes live again only with "
+                        "registry.force")
+            return False
         decision = registry.promote(name, version, gate=section.gate, force=section.force, tracking_uri=self.tracking,
                                     echo=lambda line: self.echo(f"  {line}"))
         promoted = decision["decision"] in ("passed", "forced")

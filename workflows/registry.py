@@ -353,6 +353,16 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _exists(registry, name: str, version: str) -> bool:
+    try:
+        registry.get_model_version(name, version)
+    except Exception as exc:  # noqa: BLE001 - MLflow's, or not: then re-raised
+        if is_missing(exc):
+            return False
+        raise
+    return True
+
+
 def _history(registry, name: str) -> list[str]:
     model = registry.get_registered_model(name)
     history = json.loads(model.tags.get(HISTORY_TAG, "[]"))
@@ -402,6 +412,10 @@ def promote(name: str, version: str | int | None = None, *, gate: Gate | None = 
     gate = gate or Gate()
     registry = client(tracking_uri)
     challenger = get_version(name, None if version is not None else CHALLENGER, version, tracking_uri=tracking_uri)
+    if challenger.tags.get("validation_status") == "rolled_back" and not force:
+        raise RegistryError(f"version {challenger.version} of {name!r} was rolled back (its rollback.decision tag "
+                            "says when and from what): it goes live again only with force (`rayclip promote "
+                            "--force`); or register a fixed model as a new version")
     aliases = registry.get_registered_model(name).aliases
     champion = None
     if CHAMPION in aliases:
@@ -433,9 +447,12 @@ def rollback(name: str, *, tracking_uri: str | None = None, echo=print) -> dict:
     registry = client(tracking_uri)
     get_version(name, CHAMPION, tracking_uri=tracking_uri)  # names the problem when there is no champion
     history = _history(registry, name)
+    current = history[-1]
+    while len(history) >= 2 and not _exists(registry, name, history[-2]):
+        del history[-2]  # a previous champion deleted since: the one before it
     if len(history) < 2:
         raise RegistryError(f"model {name!r} has no previous champion to roll back to (history: {history})")
-    current, previous = history[-1], history[-2]
+    previous = history[-2]
     decision = {"decision": "rolled_back", "from_version": current, "to_version": previous, "timestamp": _now()}
     record = json.dumps(decision, sort_keys=True)
     # the history before the alias: a history cut back without the alias move heals on the next read
