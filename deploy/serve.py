@@ -26,11 +26,12 @@ import logging
 import os
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -111,7 +112,17 @@ class ServeConfig(BaseModel):
     auth_token_sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$",
                                           description="the bearer token's SHA-256 in hex, instead of the token")
     auth_token_file: str | None = Field(None, description="a file holding the bearer token (a mounted secret), "
-                                        "read where the app runs")
+                                        "read where the app runs, when each ingress replica starts")
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_credentials_in_the_uri(cls, uri: str | None) -> str | None:
+        if uri and urllib.parse.urlsplit(uri).password is not None:
+            raise ValueError("the tracking URI holds a password, which Serve would keep in the application's config "
+                             "and show on its dashboard: give the URI without it and set $MLFLOW_TRACKING_USERNAME "
+                             "and $MLFLOW_TRACKING_PASSWORD where the app runs (a KubeRay secret, or the environment "
+                             "`rayclip serve` starts in)")
+        return uri
 
     @model_validator(mode="after")
     def _one_way_to_size_the_ingress(self) -> "ServeConfig":
@@ -144,17 +155,17 @@ class ServeConfig(BaseModel):
         if self.auth_token_sha256 and not self.auth_token:
             return self.auth_token_sha256
         token = self.token()
-        return _sha256(token) if token else None
+        return sha256_hex(token) if token else None
 
     def stored(self) -> "ServeConfig":
         """This config as Serve may keep it (application args, deployment init args): the token replaced
         by its digest, since Serve shows an application's config to anyone who can read the dashboard."""
         if not self.auth_token:
             return self
-        return self.model_copy(update={"auth_token": None, "auth_token_sha256": _sha256(self.auth_token)})
+        return self.model_copy(update={"auth_token": None, "auth_token_sha256": sha256_hex(self.auth_token)})
 
 
-def _sha256(token: str) -> str:
+def sha256_hex(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -400,6 +411,8 @@ def prepare_image(data: bytes, index: int, image_size: int, limits: Limits) -> n
             raise RequestError(422, "extreme_aspect_ratio", f"images[{index}] is {width}x{height}, over "
                                f"{limits.max_aspect_ratio:g}:1; crop it to the part to classify")
         image = decode_image(image, max_pixels=limits.max_image_pixels, reduce_to=image_size)
+        # a thin strip's resize may be over the pixel limit even where its aspect ratio is allowed
+        pixels = clip_core.image_transform(image_size, max_pixels=limits.max_image_pixels).crop(image)
     except clip_core.ImageError as exc:
         if exc.reason == "too_large":
             raise RequestError(413, "image_too_large", f"images[{index}]: {exc}") from None
@@ -407,7 +420,7 @@ def prepare_image(data: bytes, index: int, image_size: int, limits: Limits) -> n
             raise RequestError(415, "unsupported_image_format", f"images[{index}] is not an image format this "
                                "server reads (JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
         raise RequestError(400, "invalid_image", f"images[{index}]: {exc}") from None
-    return np.asarray(clip_core.image_transform(image_size).crop(image), dtype=np.uint8)
+    return np.asarray(pixels, dtype=np.uint8)
 
 
 def check_texts(texts: list[str], what: str, limit: int, limits: Limits) -> list[str]:
@@ -527,13 +540,12 @@ def _describe(errors) -> str:
 
 def _validate(schema: type[BaseModel], raw: bytes):
     try:
-        json.loads(raw)
-    except ValueError as exc:
-        raise RequestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
-    try:
-        return schema.model_validate_json(raw)
+        return schema.model_validate_json(raw)  # pydantic's parser bounds nesting depth: no RecursionError
     except ValidationError as exc:
-        raise RequestError(422, "invalid_request", _describe(exc.errors())) from None
+        errors = exc.errors()
+        if errors and errors[0]["type"] == "json_invalid":
+            raise RequestError(400, "invalid_json", f"the body is not valid JSON: {errors[0]['msg']}") from None
+        raise RequestError(422, "invalid_request", _describe(errors)) from None
 
 
 def _openapi_body(schema: type[BaseModel], form: dict | None = None) -> dict:
@@ -558,7 +570,7 @@ def _model_ref(info: dict) -> dict:
 def _same(given: str, expected_digest: str) -> bool:
     import hmac
 
-    return hmac.compare_digest(_sha256(given), expected_digest)
+    return hmac.compare_digest(sha256_hex(given), expected_digest)
 
 
 # Threads of an ingress replica that decode and crop images: Pillow lets go of the GIL as it decodes and
@@ -577,6 +589,9 @@ class Ingress:
         import clip_core
 
         self.config = ServeConfig(**config)
+        # once, here: an unreadable or empty token file fails the replica's start with its reason, instead
+        # of every request answering 500 while /readyz says ready
+        self._token_digest = self.config.token_digest()
         self.image_tower, self.text_tower, self.index = image_tower, text_tower, index
         self._index_info: dict | None = None
         self.default_templates = list(clip_core.DEFAULT_TEMPLATES)
@@ -728,7 +743,7 @@ class Ingress:
     # -------------------------------------------------------------------------- helpers
 
     def authorize(self, request: Request) -> None:
-        digest = self.config.token_digest()
+        digest = self._token_digest
         if digest is None:
             return
         header = request.headers.get("authorization", "")
@@ -835,7 +850,10 @@ class Ingress:
     def _s3_image(self, uri: str, index: int) -> bytes:
         from workflows import storage
 
-        bucket = uri.removeprefix("s3://").split("/", 1)[0]
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        if not key or any(part in ("", ".", "..") for part in key.split("/")):  # `..` would leave the bucket
+            raise RequestError(422, "invalid_image_source", f"images[{index}]: {uri!r} is not s3://BUCKET/KEY with "
+                               "a key of non-empty parts, none of them '.' or '..'")
         if bucket not in self.config.image_buckets:
             raise RequestError(403, "image_source_not_allowed", f"images[{index}]: bucket {bucket!r} is not one this "
                                "server reads from (its image_buckets); send the image bytes instead")
@@ -843,7 +861,7 @@ class Ingress:
             return storage.read_bytes(uri, max_bytes=self.config.limits.max_image_bytes)
         except FileNotFoundError:
             raise RequestError(422, "image_not_found", f"images[{index}]: no object at {uri}") from None
-        except ValueError:
+        except storage.TooLarge:
             raise RequestError(413, "image_too_large", f"images[{index}]: {uri} is over "
                                f"{self.config.limits.max_image_bytes} bytes") from None
         except OSError as exc:

@@ -266,6 +266,8 @@ def _bomb() -> str:
     ("no token", {"texts": ["a"]}, {}, 401, "unauthorized"),
     ("wrong token", {"texts": ["a"]}, {"Authorization": "Bearer nope"}, 401, "unauthorized"),
     ("malformed json", b"{not json", {**AUTH, "Content-Type": "application/json"}, 400, "invalid_json"),
+    ("json nested 20,000 deep", b"[" * 20_000 + b"]" * 20_000, {**AUTH, "Content-Type": "application/json"}, 400,
+     "invalid_json"),
     ("wrong content type", b"texts=a", {**AUTH, "Content-Type": "application/x-www-form-urlencoded"}, 415,
      "unsupported_media_type"),
     ("missing field", {"images": []}, AUTH, 422, "invalid_request"),
@@ -316,6 +318,15 @@ def test_bad_classify_requests_get_a_4xx_and_the_replicas_survive(app, case, ima
     assert _post(app, "/v1/classify", {"images": [png], "labels": ["a", "b"]}).status_code == 200
 
 
+def test_a_thin_strip_allowed_by_a_raised_aspect_limit_is_still_refused_when_its_resize_is_too_large():
+    buffer = io.BytesIO()
+    Image.new("L", (40_000, 20)).save(buffer, format="PNG")  # 2,000:1, and 224 px high it would be 100 MP
+    with pytest.raises(served.RequestError) as info:
+        served.prepare_image(buffer.getvalue(), 3, 224, served.Limits(max_aspect_ratio=5000))
+    assert (info.value.status, info.value.kind) == (413, "image_too_large")
+    assert "images[3]" in info.value.message and "crop it" in info.value.message
+
+
 def test_classify_takes_multipart_uploads_and_allow_listed_s3_images_and_never_fetches_urls(app):
     images, labels = _images(1), ["red circle", "blue square", "green triangle"]
     expected = _post(app, "/v1/classify", {"images": [_png(images[0])], "labels": labels, "top_k": 2,
@@ -349,6 +360,10 @@ def test_classify_takes_multipart_uploads_and_allow_listed_s3_images_and_never_f
                  ) == (400, "invalid_multipart")
     for source, expected_error in ((f"s3://{app['bucket']}/shapes/missing.png", (422, "image_not_found")),
                                    ("s3://someone-elses-bucket/cat.png", (403, "image_source_not_allowed")),
+                                   # a key that climbs out of the allow-listed bucket
+                                   (f"s3://{app['bucket']}/../someone-elses-bucket/cat.png",
+                                    (422, "invalid_image_source")),
+                                   (f"s3://{app['bucket']}/shapes//one.png", (422, "invalid_image_source")),
                                    ("http://127.0.0.1:1/cat.png", (422, "urls_not_allowed"))):
         assert error(_post(app, "/v1/classify", {"images": [source], "labels": ["a"]})) == expected_error, source
 
@@ -577,6 +592,31 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tm
         assert f"{seconds}: give a number of seconds above 0" in capsys.readouterr().err
 
 
+def test_flags_override_the_config_file_which_overrides_the_environment(monkeypatch):
+    from pathlib import Path
+
+    from workflows import cli
+
+    path = str(Path(__file__).resolve().parent.parent / "deploy" / "serve_config.yaml")
+    parser = cli.build_parser()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///laptop.db")
+    monkeypatch.setenv(served.TOKEN_ENV, "from-the-environment")
+    settings, _ = cli._serve_config(parser.parse_args(["deploy", "--config", path]))
+    assert settings.mlflow_tracking_uri == "http://mlflow.internal:5000", "the file's, not this shell's"
+    # replicas on a cluster joined through RAY_ADDRESS do not see this shell's token: they get its digest
+    assert settings.auth_token_sha256 == hashlib.sha256(b"from-the-environment").hexdigest()
+    assert cli._serve_config(parser.parse_args(["serve"]))[0].mlflow_tracking_uri == "sqlite:///laptop.db"
+    flag = ["--mlflow-tracking-uri", "http://other:5000"]
+    assert cli._serve_config(parser.parse_args(["deploy", "--config", path, *flag]))[0].mlflow_tracking_uri == \
+        "http://other:5000"
+    # --reload rolls the app on the registry its replicas read; another registry would name other versions
+    with pytest.raises(ValueError, match="--mlflow-tracking-uri change how the app is deployed"):
+        cli._deploy(parser.parse_args(["deploy", "--reload", *flag]))
+    with pytest.raises(ValueError, match="holds a password, which Serve would keep") as info:
+        cli._serve_config(parser.parse_args(["serve", "--mlflow-tracking-uri", "http://ops:hunter2@mlflow:5000"]))
+    assert "hunter2" not in cli.redact(str(info.value))
+
+
 def test_the_token_can_come_from_a_mounted_secret_file(tmp_path):
     (tmp_path / "token").write_text("from-a-secret\n")
     settings = served.ServeConfig(auth_token_file=str(tmp_path / "token"))
@@ -584,6 +624,9 @@ def test_the_token_can_come_from_a_mounted_secret_file(tmp_path):
     assert settings.stored() == settings, "only the file's path is stored, never the token"
     with pytest.raises(ValueError, match="auth_token_file: cannot read the token"):
         served.ServeConfig(auth_token_file=str(tmp_path / "absent")).token_digest()
+    with pytest.raises(ValueError, match="auth_token_file: cannot read the token"):  # the replica does not start
+        ingress = served.Ingress.__mro__[1]  # the class as written, under the wrapper @serve.ingress makes
+        ingress(None, None, {"auth_token_file": str(tmp_path / "absent")})
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ValueError, match="auth_token_file: .*empty is empty"):
         served.ServeConfig(auth_token_file=str(tmp_path / "empty")).token_digest()

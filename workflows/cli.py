@@ -168,14 +168,21 @@ def _serve_config(args: argparse.Namespace):
     """The app's ServeConfig and route prefix: --config (ServeConfig fields, or a `serve deploy` file such
     as deploy/serve_config.yaml), then the flags."""
     from deploy.rollout import deploy_file_options
-    from deploy.serve import APP_NAME, ServeConfig
+    from deploy.serve import APP_NAME, TOKEN_ENV, ServeConfig, sha256_hex
 
     values, route_prefix = _read_config_file(args.config) if args.config else {}, "/"
     if "applications" in values:
         values, route_prefix = deploy_file_options(values, getattr(args, "name", APP_NAME), args.config)
     values.update({k: v for k, v in {"model": args.model, "host": args.host, "port": args.port,
-                                     "mlflow_tracking_uri": _tracking_uri(args),
+                                     "mlflow_tracking_uri": args.mlflow_tracking_uri,
                                      "quick_gelu": args.quick_gelu, "index": args.index}.items() if v is not None})
+    if not values.get("mlflow_tracking_uri") and os.environ.get("MLFLOW_TRACKING_URI"):
+        values["mlflow_tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]  # below the flag and the file
+    if os.environ.get(TOKEN_ENV) and not any(values.get(k) for k in ("auth_token", "auth_token_sha256",
+                                                                      "auth_token_file")):
+        # the replicas may run where this environment is not (a cluster joined through RAY_ADDRESS): they get
+        # the token's digest in their config instead of reading the variable themselves
+        values["auth_token_sha256"] = sha256_hex(os.environ[TOKEN_ENV])
     return ServeConfig(**values), getattr(args, "route_prefix", None) or route_prefix
 
 
@@ -195,7 +202,7 @@ def _follow_registry(stopping, every: float | None, name: str, model: str | None
         try:
             reload(name, model, echo=lambda line: print(line, flush=True))
         except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop the service; the next poll retries
-            print(f"{name}: registry poll failed, still serving the current version: {exc}", flush=True)
+            print(f"{name}: registry poll failed, still serving the current version: {redact(str(exc))}", flush=True)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -225,7 +232,8 @@ def _deploy(args: argparse.Namespace) -> int:
 
     fixed = [flag for flag, value in (("--config", args.config), ("--host", args.host), ("--port", args.port),
                                       ("--route-prefix", args.route_prefix), ("--index", args.index),
-                                      ("--[no-]quick-gelu", args.quick_gelu)) if value is not None]
+                                      ("--[no-]quick-gelu", args.quick_gelu),
+                                      ("--mlflow-tracking-uri", args.mlflow_tracking_uri)) if value is not None]
     if args.reload and fixed:
         raise ValueError(f"--reload only rolls the running app to another model version; {', '.join(fixed)} "
                          "change how the app is deployed: deploy again without --reload")
