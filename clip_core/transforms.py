@@ -25,6 +25,12 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # 64 megapixels: far above any training resolution, far below what exhausts memory
 DEFAULT_MAX_PIXELS = 64_000_000
+# what Pillow may read an image as (JPEG's reader also takes a camera's MPO); its other decoders (DDS,
+# EPS, SPIDER, ...) are rarely images anyone trains on and a larger surface for hostile files
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# their plugins registered (Pillow registers a few at first use, the rest only on Image.init())
+from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin  # noqa: E402, F401, I001
+from PIL import TiffImagePlugin, WebPImagePlugin  # noqa: E402, F401
 
 
 class ImageError(ValueError):
@@ -58,12 +64,14 @@ def peek_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_M
         if os.path.getsize(name) == 0:
             raise ImageError(f"the image {name} is empty (0 bytes)", "empty")
     try:
-        image = Image.open(fp)
+        image = Image.open(fp, formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"the image {name} is too large to decode safely: {exc}", "too_large") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"the image {name} could not be decoded: {exc}", "unsupported") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a hostile file reaches Pillow's odd corners (struct, Type, Overflow...)
         raise ImageError(f"the image {name} could not be decoded: {exc}", "undecodable") from exc
     _check_size(image, max_pixels, name)
     return image
@@ -78,10 +86,16 @@ def decode_image(image: Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     name = getattr(image, "filename", "") or "<image>"
     try:
         image.load()
-    except (OSError, ValueError, SyntaxError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as in peek_image
         raise ImageError(f"the image {name} is truncated or corrupt: {exc}", "undecodable") from exc
     _check_size(image, max_pixels, name)
-    return to_rgb(ImageOps.exif_transpose(image))
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001, S110 - corrupt EXIF: the pixels are fine, only their orientation is unknown
+        pass
+    return to_rgb(image)
 
 
 def reduce_decoding(image: Image.Image, size: int) -> None:
@@ -111,9 +125,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
+        values = np.array(image, dtype=np.float32)  # a copy, worked in place: a 64-MP image is 256 MB of these
         top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+        np.multiply(values, np.float32(255.0 / top), out=values)
+        np.clip(values, 0, 255, out=values)
+        image = Image.fromarray(np.rint(values, out=values).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
