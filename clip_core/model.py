@@ -353,7 +353,9 @@ class CLIP(nn.Module):
         """Normalized image and text features and the temperature, as OpenCLIP returns them."""
         image_features = self.encode_image(image, normalize=True, patch_keep=patch_keep)
         text_features = self.encode_text(text, normalize=True)
-        logit_scale = self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+        # unclamped, as OpenAI's and OpenCLIP's: training clamps the parameter after each step
+        # (clamp_logit_scale_); a clamp here as well would zero its gradient at the cap for good
+        logit_scale = self.logit_scale.exp()
         if self.logit_bias is not None:
             return image_features, text_features, logit_scale, self.logit_bias
         return image_features, text_features, logit_scale
@@ -367,13 +369,14 @@ class CLIP(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on weight matrices; none on gains, biases, embeddings and the temperature."""
+        """AdamW groups: decay on "all weights that are not gains or biases" (the paper, §2.5; OpenCLIP's
+        rule): weight matrices and embeddings decay; gains, biases, the class token and the temperature
+        do not."""
         decay, no_decay = [], []
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            exempt = (param.ndim < 2 or "embedding" in name or name.startswith("logit_")
-                      or ".bn" in name or "ln_" in name)
+            exempt = param.ndim < 2 or "bias" in name or name.startswith("logit_") or ".bn" in name or "ln_" in name
             (no_decay if exempt else decay).append(param)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -386,13 +389,13 @@ class CLIP(nn.Module):
         else:
             groups = [[visual.conv1, visual.bn1, visual.conv2, visual.bn2, visual.conv3, visual.bn3],
                       [visual.layer1], [visual.layer2], [visual.layer3], [visual.layer4], [visual.attnpool]]
-        self._freeze(groups[: len(groups) - unlocked_layers] if unlocked_layers else groups)
+        self._freeze(_locked(groups, unlocked_layers, "image"))
 
     def lock_text_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the text tower, leaving its last `unlocked_layers` blocks (and head) trainable."""
         groups = [[self.token_embedding, self.positional_embedding],
                   *[[block] for block in self.transformer.resblocks], [self.ln_final, self.text_projection]]
-        self._freeze(groups[: len(groups) - unlocked_layers] if unlocked_layers else groups)
+        self._freeze(_locked(groups, unlocked_layers, "text"))
 
 
     def _freeze(self, groups: list[list]) -> None:
@@ -410,3 +413,11 @@ class CLIP(nn.Module):
         for module in self._frozen_norms:
             module.eval()
         return self
+
+
+def _locked(groups: list[list], unlocked: int, tower: str) -> list[list]:
+    """The groups a lock freezes: all but the last `unlocked` (stem, blocks..., head)."""
+    if not 0 <= unlocked <= len(groups):
+        raise ValueError(f"cannot leave {unlocked} layer groups of the {tower} tower unlocked: it has {len(groups)} "
+                         f"(its stem, each block, its head); give 0-{len(groups)}")
+    return groups[: len(groups) - unlocked]
