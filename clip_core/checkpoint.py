@@ -464,11 +464,18 @@ def described_image_size(description: dict, directory: str) -> int:
 # ----------------------------------------------------------------------- architecture from shapes
 
 
+# OpenCLIP's ViTs whose heads are not OpenAI's 64 wide, by (width, layers, patch size) (its model_configs/):
+# a bare state dict does not say its heads, and with the wrong count every shape still fits
+OPENCLIP_HEAD_WIDTHS = {(1280, 32, 14): 80, (1280, 32, 16): 80, (1408, 40, 14): 88, (1664, 48, 14): 104,
+                        (1792, 56, 14): 112}
+
+
 def config_from_state_dict(state_dict: dict[str, torch.Tensor], *, quick_gelu: bool = False,
                            source: str = "the state dict", text_heads: int | None = None,
                            vision_heads: int | None = None) -> CLIPConfig:
     """The architecture a CLIP state dict was built with, read off its tensor shapes; the heads, which
-    shapes do not show, are OpenAI's 64 wide unless given."""
+    shapes do not show, are OpenAI's 64 wide unless given or the shapes are one of OpenCLIP's wider-headed
+    ViTs (ViT-H, -g, -bigG, -e)."""
     required = ["token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight",
                 "logit_scale"]
     missing = [key for key in required if key not in state_dict]
@@ -481,8 +488,10 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], *, quick_gelu: b
         width = sd["visual.conv1.weight"].shape[0]
         patch_size = sd["visual.conv1.weight"].shape[-1]
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        vision = VisionConfig(image_size=patch_size * grid, layers=_count_blocks(sd, "visual.transformer.resblocks."),
-                              width=width, patch_size=patch_size, head_width=width // (vision_heads or width // 64),
+        layers = _count_blocks(sd, "visual.transformer.resblocks.")
+        head_width = OPENCLIP_HEAD_WIDTHS.get((width, layers, patch_size), 64)
+        vision = VisionConfig(image_size=patch_size * grid, layers=layers, width=width, patch_size=patch_size,
+                              head_width=width // (vision_heads or width // head_width),
                               mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width)
     elif "visual.attnpool.positional_embedding" in sd:
         layers = tuple(_count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4))

@@ -227,3 +227,22 @@ def test_accumulation_matches_openclips_but_for_its_temperature_gradient(tmp_pat
         expected = their_grads[name] / accum_freq if name == "logit_scale" else their_grads[name]
         torch.testing.assert_close(param.grad, expected, atol=1e-5, rtol=1e-4, msg=name)
     assert ours.logit_scale.grad.abs() > 1e-2  # so the factor is seen
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16", "ViT-H-14", "ViT-g-14", "ViT-bigG-14"])
+def test_a_bare_openclip_state_dict_gets_its_heads_right(name):
+    """A bare state dict does not say how many heads it has, and the wrong count fits every shape:
+    ViT-H's 80-wide heads read as 64-wide would give 20 heads instead of 16, and wrong features.
+    (The model is built on the meta device: shapes, no memory.)"""
+    from open_clip.model import CLIP
+
+    from clip_core.checkpoint import config_from_state_dict
+
+    settings = open_clip.get_model_config(name)
+    with torch.device("meta"):
+        state_dict = CLIP(**settings).state_dict()
+    config = config_from_state_dict(state_dict, source=name)
+    vision, text = settings["vision_cfg"], settings["text_cfg"]
+    assert config.vision.head_width == vision.get("head_width", 64)
+    assert (config.vision.width, config.vision.layers) == (vision["width"], vision["layers"])
+    assert config.text.heads == text.get("heads", 8)
