@@ -256,7 +256,7 @@ def process_batch(batch: pa.Table, options: PreprocessOptions, progress=None) ->
             image_bytes = (row["image"] if row["image_uri"] is None
                            else _fetch(row["image_uri"], options.max_image_bytes, "missing_image"))
             image, (width, height), pixel_hash = prepare_image(image_bytes, options)
-            ids = [tokenize.sot_token_id, *tokenize.encode(caption)][: tokenize.context_length - 1]
+            ids = [tokenize.sot_token_id, *tokenize.encode(caption, max_ids=tokenize.context_length - 2)]
             result.update(image=image, caption=caption, tokens=[*ids, tokenize.eot_token_id], label=label,
                           width=width, height=height, pixel_hash=pixel_hash)
         except Reject as reject:
