@@ -343,6 +343,12 @@ class CLIP(nn.Module):
         # and the last block computes only the [EOT] row. Under torch.compile the whole context is
         # computed: a length read from the data would break the graph and vary its shapes.
         eot = text.argmax(dim=-1)
+        context = self.positional_embedding.shape[0]
+        if text.shape[1] > context:  # prepared data holds 77 ids: cut as the tokenizer cuts, [EOT] kept last
+            kept_eot = text.gather(1, eot[:, None]).squeeze(1)
+            text = text[:, :context].clone()
+            text[:, -1] = torch.where(eot >= context, kept_eot, text[:, -1])
+            eot = text.argmax(dim=-1)
         length = text.shape[1] if torch.compiler.is_compiling() else int(eot.max()) + 1
         x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]  # shape = [*, length, width]
         x = self.ln_final(self.transformer(x, causal=True, pool_index=eot))  # shape = [*, width]

@@ -107,6 +107,16 @@ def test_text_tower_skips_positions_after_the_last_eot_without_changing_features
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
 
 
+def test_a_shorter_context_takes_prepared_rows_of_77_ids_cut_as_its_tokenizer_cuts():
+    config = get_config("tiny")
+    model = clip_core.create_model(config.replace(text=dataclasses.replace(config.text, context_length=12))).eval()
+    texts = ["a photo of a small red triangle on a blue background with stripes", "hi"]
+    with torch.no_grad():
+        prepared = model.encode_text(clip_core.get_tokenizer()(texts))  # 77 ids a row, as the shards hold
+        tokenized = model.encode_text(clip_core.get_tokenizer(12)(texts))
+    torch.testing.assert_close(prepared, tokenized)
+
+
 def test_patch_dropout_sees_only_the_kept_patches_in_any_order():
     torch.manual_seed(0)
     model = clip_core.create_model("tiny").eval()  # 64 px, patch 8: 64 patches
