@@ -394,6 +394,15 @@ def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(pre
     for key, value in final.state_dict().items():
         torch.testing.assert_close(again[key], value, atol=1e-5, rtol=1e-4, msg=key)
 
+    # resumed where it already ended (a job stopped after its last checkpoint, before copying it out):
+    # nothing left to train, and that checkpoint is the result
+    done = train(config.model_copy(update={"storage": str(tmp_path / "b" / "runs"), "output": str(tmp_path / "c"),
+                                           "resume": "latest"}), echo=lambda *_: None)
+    assert done.metrics["step"] == 12 and done.checkpoint == str(tmp_path / "c")
+    assert done.mlflow_run_id == resumed_run.info.run_id
+    assert clip_core.checkpoint.file_sha256(tmp_path / "c" / "model.safetensors") == \
+        clip_core.checkpoint.file_sha256(tmp_path / "b" / "final" / "model.safetensors")
+
     # a restarted worker group reads the shard order of the checkpoint Ray hands its workers: the latest
     # registered one (step 12, in the second pass over 256 rows), not a newer directory a worker uploaded
     # before dying in report()

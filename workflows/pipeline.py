@@ -426,7 +426,8 @@ class Pipeline:
         config = train_config.model_copy(update={"output": output, "storage": runs, "resume": resume,
                                                  "mlflow_parent_run_id": parent_run_id})
         result = train(config, echo=lambda line: self.echo(f"  {line}"))
-        self._stage("train", "done", f"step {result.metrics.get('step')}, loss {result.metrics.get('loss', 0):.4f}"
+        loss = f", loss {result.metrics['loss']:.4f}" if "loss" in result.metrics else ""
+        self._stage("train", "done", f"step {result.metrics.get('step')}{loss}"
                     + (f", resumed from {resume}" if resume else "") + f" → {output}")
         return output, key
 

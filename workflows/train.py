@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 import clip_core
+from clip_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from clip_core.transforms import normalize
 
 from . import storage
@@ -214,7 +215,7 @@ def init_image_size(config: TrainConfig) -> int:
     (or a Hugging Face one) says it in its config file: the driver reads that alone, and only the workers
     fetch the weights (the head node would otherwise download and hold them once more: 1.7 GB for
     ViT-L/14). Other formats are built to see."""
-    from clip_core.checkpoint import CONFIG_FILE, described_image_size
+    from clip_core.checkpoint import described_image_size
 
     _, path = init_source(config.init)
     description = storage.join(path, CONFIG_FILE)
@@ -712,6 +713,17 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
             raise FileNotFoundError(f"--resume latest: no checkpoint under {storage_path}")
     elif config.resume:
         resume_from = config.resume
+    if resume_from:
+        trained = json.loads(storage.read_bytes(storage.join(resume_from, CONFIG_FILE))).get("train") or {}
+        if trained.get("step", 0) >= config.steps:  # a run stopped after its last checkpoint, before its copy
+            echo(f"train: {resume_from} is at step {trained['step']} of {config.steps}: nothing left to train")
+            final = resume_from
+            if config.output:
+                _copy_checkpoint(final, config.output)
+                final = config.output
+            return TrainResult(checkpoint=final, metrics={"step": trained["step"]},
+                               mlflow_run_id=trained.get("mlflow_run_id"), best_checkpoint=None,
+                               run_path=storage.dirname(resume_from))
     run_name = config.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     fs, _ = storage.filesystem(storage_path)
     if not storage.is_s3(storage_path):
@@ -769,9 +781,10 @@ def _checkpoint_uri(checkpoint) -> str:
 
 
 def _copy_checkpoint(source: str, destination: str) -> None:
+    """The weights last: their presence says the copy is whole (a rerun that finds them skips training)."""
     if source == destination:
         return
-    for uri in storage.list_files(source):
+    for uri in sorted(storage.list_files(source), key=lambda uri: storage.basename(uri) == WEIGHTS_FILE):
         storage.copy(uri, storage.join(destination, uri[len(source):].lstrip("/")))
 
 
