@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import struct
@@ -93,7 +94,26 @@ def bad_corpus() -> dict[str, tuple[dict[str, bytes], str | None]]:
         "no-caption": ({"jpg": encode(photo(70, 70, seed=15))}, "missing_caption"),
         "no-image": ({"txt": b"a caption without its image"}, "missing_image"),
         "short-caption": ({"jpg": encode(photo(70, 70, seed=16)), "txt": b"ok"}, "caption_too_short"),  # < 3 chars
+        "fuzzed-tiff": ({"tif": base64.b64decode(FUZZED_TIFF), "txt": b"pillow raises OverflowError"},
+                        "undecodable_image"),
+        "bad-exif": ({"jpg": corrupt_exif_jpeg(), "txt": b"an ASCII value where a number belongs"}, None),
+        # a member name with a byte that is not UTF-8 (tarfile reads it as a surrogate escape)
+        "caf\udce9": ({"jpg": encode(photo(70, 70, seed=17)), "txt": b"a latin-1 file name"}, None),
     }
+
+
+# 150 bytes of TIFF found by fuzzing: Pillow's decoder raises OverflowError on it, not an OSError
+FUZZED_TIFF = ("SUkqAAgAAAAKAAABBAABAAAAKAAAAAEBBAABAAAAJAAAAAIBAwADAAAAhgAAAAMBAwABAAAAAQAAAAYBAwABAAAAAgAAABEBEAABA"
+               "AAAjAAAABUBAwABAAAAAwAAABYBBAD/////JAAAANYBBAABAAAA4BAAABwBAwABAAAAAQAAAAAAAAAIAAgACABegcHYzhoOoiDW")
+
+
+def corrupt_exif_jpeg() -> bytes:
+    """A JPEG whose EXIF holds an orientation and an ASCII value where a number belongs."""
+    entries = [struct.pack(">HHII", 0x0112, 3, 1, 6 << 16), struct.pack(">HHI4s", 0x0128, 2, 4, b"des\0")]
+    exif = b"Exif\x00\x00MM\x00*" + struct.pack(">IH", 8, len(entries)) + b"".join(entries) + bytes(4)
+    buffer = io.BytesIO()
+    photo(64, 48, seed=18).save(buffer, format="JPEG", exif=exif)
+    return buffer.getvalue()
 
 
 def write_bad_webdataset(directory: Path) -> dict[str, str | None]:
@@ -106,7 +126,8 @@ def write_bad_webdataset(directory: Path) -> dict[str, str | None]:
         members = [(f"{key}.{ext}", data) for key, (files, _) in half for ext, data in files.items()]
         write_tar(directory / f"shard-{index:05d}.tar", members)
     (directory / "shard-00002.tar").write_bytes(b"this is not a tar archive at all" * 20)
-    expected = {key: reason for key, (_, reason) in corpus.items()}
+    expected = {key.encode("utf-8", "surrogateescape").decode("utf-8", "replace"): reason  # keys are printable
+                for key, (_, reason) in corpus.items()}
     expected["shard-00002.tar#unreadable"] = "unreadable_source"
     return expected
 

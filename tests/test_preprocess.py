@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import boto3
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -88,9 +89,15 @@ def test_each_format_reads_locally(tmp_path):
     lines = csv_path.read_text().splitlines()
     lines[1] = lines[1].replace("images/", f"file://{tmp_path}/csv/images/")
     lines[2] = lines[2].replace("images/", f"{tmp_path}/csv/images/")
-    csv_path.write_text("\n".join([*lines, "http://example.com/a.jpg,a photo on the web",
+    # a 200 kB caption is that row's reject (csv's own cell limit, 128 KiB, failed the rest of the file)
+    csv_path.write_text("\n".join([*lines[:3], f"images/{pairs[0][0]}.jpg,{'word ' * 40_000}", *lines[3:],
+                                   "http://example.com/a.jpg,a photo on the web",
                                    "https://example.com/b.jpg,another photo on the web"]) + "\n")
     tsv_path = corpus.write_csv(tmp_path / "tsv", pairs, delimiter="\t")
+    # a TSV has no quoting: a caption that opens a quote is text, not a cell that swallows the lines below
+    lines = tsv_path.read_text().splitlines()
+    (tmp_path / "tsv" / "images" / "quote.jpg").write_bytes(corpus.encode(corpus.photo(60, 60, seed=123)))
+    tsv_path.write_text("\n".join([*lines[:2], 'images/quote.jpg\t"six inch figurine', *lines[2:]]) + "\n")
     corpus.write_folder(tmp_path / "folder", [*pairs, heavy])
     (tmp_path / "folder" / "orphan.jpg").write_bytes(pairs[0][1])  # no sidecar caption
     (tmp_path / "folder" / "lonely.txt").write_text("a caption whose image is missing")
@@ -108,17 +115,39 @@ def test_each_format_reads_locally(tmp_path):
         manifest = preprocess(source, str(tmp_path / f"out-{name}"), PreprocessOptions(image_size=32, **options),
                               echo=_quiet)
         rows = _shard_rows(tmp_path / f"out-{name}")
-        assert sorted(r["caption"] for r in rows) == captions, name
-        expected_read = {"parquet": 15, "csv": 14, "folder": 15}.get(name, 12)
+        expected = sorted([*captions, '"six inch figurine']) if name == "tsv" else captions
+        assert sorted(r["caption"] for r in rows) == expected, name
+        expected_read = {"parquet": 15, "csv": 15, "tsv": 13, "folder": 15}.get(name, 12)
         assert manifest["counts"]["read"] == expected_read, name
     assert _rejects(tmp_path / "out-parquet") == {"heavy": "image_too_large", "no-image": "missing_image",
                                                   "no-caption": "missing_caption"}
-    assert _rejects(tmp_path / "out-csv") == {"pairs.csv:12": "unsupported_uri", "pairs.csv:13": "unsupported_uri"}
+    assert _rejects(tmp_path / "out-csv") == {"pairs.csv:2": "caption_too_long", "pairs.csv:13": "unsupported_uri",
+                                              "pairs.csv:14": "unsupported_uri"}
     assert _rejects(tmp_path / "out-folder") == {"orphan": "missing_caption", "lonely": "missing_image",
                                                  "heavy": "image_too_large"}
     metadata = {r["key"]: r["metadata"] for r in _shard_rows(tmp_path / "out-folder")}
     assert json.loads(metadata.pop(pairs[0][0])) == {"url": "https://example.com/0.jpg"}
     assert set(metadata.values()) == {None}, "a sidecar .json is passed through as the row's metadata"
+
+
+def test_each_row_has_its_own_key_and_relative_paths_read(tmp_path, monkeypatch):
+    """Two partitions' files of one name: a row's key is its file's path in the source (not its name,
+    which let the second partition's copy of an image past deduplication as the same row)."""
+    pairs = corpus.clean_pairs(2)
+    for year in (2023, 2024):  # the same images in both
+        (tmp_path / "pq" / f"year={year}").mkdir(parents=True)
+        pq.write_table(pa.table({"image": [p[1] for p in pairs], "caption": [p[2] for p in pairs]}),
+                       tmp_path / "pq" / f"year={year}" / "part-0.parquet")
+    corpus.write_folder(tmp_path / "folder", pairs)
+    monkeypatch.chdir(tmp_path)  # as `rayclip preprocess pq out` is typed
+    manifest = preprocess("pq", "out-pq", PreprocessOptions(image_size=32), echo=_quiet)
+    assert manifest["counts"]["kept"] == 2
+    assert sorted(r["key"] for r in _shard_rows(tmp_path / "out-pq")) == ["year=2023/part-0.parquet:0",
+                                                                          "year=2023/part-0.parquet:1"]
+    assert _rejects(tmp_path / "out-pq") == {"year=2024/part-0.parquet:0": "duplicate",
+                                             "year=2024/part-0.parquet:1": "duplicate"}
+    preprocess("folder", "out-folder", PreprocessOptions(image_size=32), echo=_quiet)
+    assert sorted(r["key"] for r in _shard_rows(tmp_path / "out-folder")) == sorted(p[0] for p in pairs)
 
 
 def test_labeled_sets_map_labels_through_class_names_in_every_format(tmp_path, capsys):
@@ -162,6 +191,20 @@ def test_labeled_sets_map_labels_through_class_names_in_every_format(tmp_path, c
     preprocess(str(tmp_path / "indexed.parquet"), str(tmp_path / "out-indexed"),
                PreprocessOptions(image_key="jpg", caption_key="txt", label_key="label", image_size=32), echo=_quiet)
     assert sorted(r["label"] for r in _shard_rows(tmp_path / "out-indexed")) == [0, 2, 3]
+    # what only looks like an index is refused, not a crash
+    corpus.write_parquet(tmp_path / "odd.parquet", pairs, labels=["0", "1", "dog", "--5", "²", "9" * 20])
+    preprocess(str(tmp_path / "odd.parquet"), str(tmp_path / "out-odd"),
+               PreprocessOptions(image_key="jpg", caption_key="txt", label_key="label", image_size=32,
+                                 classnames=["cat", "dog"]), echo=_quiet)
+    assert sorted(r["label"] for r in _shard_rows(tmp_path / "out-odd")) == [0, 1, 1]
+    assert _rejects(tmp_path / "out-odd") == {key: "invalid_label" for key, _, _ in pairs[3:]}
+    # integer labels in a float column (pandas writes ints beside a missing value as floats)
+    table = pa.table({"jpg": [p[1] for p in pairs[:3]], "txt": [p[2] for p in pairs[:3]], "label": [1.0, 0.0, None]})
+    pq.write_table(table, tmp_path / "floats.parquet")
+    preprocess(str(tmp_path / "floats.parquet"), str(tmp_path / "out-floats"),
+               PreprocessOptions(image_key="jpg", caption_key="txt", label_key="label", image_size=32,
+                                 classnames=["cat", "dog"]), echo=_quiet)
+    assert sorted(r["label"] for r in _shard_rows(tmp_path / "out-floats")) == [0, 1]
 
 
 def test_synthetic_source_carries_labels_and_class_names(tmp_path):
@@ -381,6 +424,12 @@ def test_missing_columns_and_sources_fail_fast_naming_them(tmp_path):
     with pytest.raises(SourceError, match=r"image folder .*nowhere does not exist .*; its folder .* holds: csv/"):
         preprocess(str(tmp_path / "nowhere"), str(tmp_path / "out"), PreprocessOptions(format="folder"), echo=_quiet)
 
+    # several captions an image (COCO's), in one list cell: not text
+    pq.write_table(pa.table({"image": [b"x"], "caption": [["a cat", "a small cat"]]}), tmp_path / "coco.parquet")
+    with pytest.raises(SourceError, match=r"caption column 'caption' of .*coco.parquet holds list<.*>, not text "
+                                          r"\(string or binary\) \(several captions an image: one row for each"):
+        preprocess(str(tmp_path / "coco.parquet"), str(tmp_path / "out"), echo=_quiet)
+
     # a wrong member extension fails here too, not as every row rejected; the run below rejects row by row
     # the samples that lack a caption or an image (the bad-input corpus)
     corpus.write_webdataset(tmp_path / "wds", corpus.clean_pairs(2), shards=1)
@@ -396,6 +445,9 @@ def test_missing_columns_and_sources_fail_fast_naming_them(tmp_path):
     with pytest.raises(SourceError, match=r"no label \(\.cls\) among the files of .*folder; "
                                           r"extensions found: jpg, txt"):
         preprocess(folder, str(tmp_path / "out"), PreprocessOptions(label_key="cls"), echo=_quiet)
+    for query, name, bounds in (("count=1e3", "count", "1..100000000"), ("image_size=0", "image_size", "8..1024")):
+        with pytest.raises(SourceError, match=rf"synthetic {name}=.* give an integer in {bounds}"):
+            preprocess(f"synthetic://train?{query}", str(tmp_path / "out"), echo=_quiet)
     assert not (tmp_path / "out").exists()
 
 
@@ -404,6 +456,11 @@ def test_options_are_validated():
         PreprocessOptions(min_caption_chars=10, max_caption_chars=5)
     with pytest.raises(ValueError, match="extra"):
         PreprocessOptions(imagesize=3)
+    with pytest.raises(ValueError, match="format\n  Input should be 'webdataset', 'parquet'"):
+        PreprocessOptions(format="webdatset")  # a typo fails here, not after the splits before it ran
+    with pytest.raises(ValueError, match=r"class names \[1\] are blank"):
+        PreprocessOptions(classnames=["cat", " ", "dog"])
+    assert PreprocessOptions(classnames="my classes.txt").classnames == "my classes.txt"
 
 
 def test_large_jpegs_decode_at_reduced_scale_with_the_same_result_size():

@@ -1,6 +1,5 @@
 import base64
 import io
-import struct
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ from PIL import Image
 from torchvision import transforms as T  # the reference only: clip_core itself never imports torchvision
 
 import clip_core
+import corpus
 from clip_core.transforms import OPENAI_MEAN, OPENAI_STD, ImageError, decode_image, open_image, peek_image, to_rgb
 
 
@@ -121,25 +121,16 @@ def test_broken_images_raise_clear_errors():
     assert info.value.reason == "undecodable"
 
 
-# 150 bytes of TIFF found by fuzzing: Pillow's decoder raises OverflowError on it, not an OSError
-FUZZED_TIFF = ("SUkqAAgAAAAKAAABBAABAAAAKAAAAAEBBAABAAAAJAAAAAIBAwADAAAAhgAAAAMBAwABAAAAAQAAAAYBAwABAAAAAgAAABEBEAABA"
-               "AAAjAAAABUBAwABAAAAAwAAABYBBAD/////JAAAANYBBAABAAAA4BAAABwBAwABAAAAAQAAAAAAAAAIAAgACABegcHYzhoOoiDW")
-
-
 def test_whatever_pillow_raises_on_a_hostile_file_is_an_image_error():
     with pytest.raises(ImageError, match="truncated or corrupt") as info:
-        open_image(base64.b64decode(FUZZED_TIFF))
+        open_image(base64.b64decode(corpus.FUZZED_TIFF))
     assert info.value.reason == "undecodable"
     # a format Pillow reads but we do not (PPM here; DDS, EPS, SPIDER...): never handed to its decoder
     with pytest.raises(ImageError, match="could not be decoded") as info:
         open_image(_encoded(_photo(64, 48), "PPM"))
     assert info.value.reason == "unsupported"
     # corrupt EXIF (an ASCII value where a number belongs): the pixels decode, upright as stored
-    entries = [struct.pack(">HHII", 0x0112, 3, 1, 6 << 16), struct.pack(">HHI4s", 0x0128, 2, 4, b"des\0")]
-    exif = b"Exif\x00\x00MM\x00*" + struct.pack(">IH", 8, len(entries)) + b"".join(entries) + bytes(4)
-    buffer = io.BytesIO()
-    _photo(64, 48).save(buffer, format="JPEG", exif=exif)
-    assert open_image(buffer.getvalue()).size == (64, 48)
+    assert open_image(corpus.corrupt_exif_jpeg()).size == (64, 48)
 
 
 def test_sixteen_bit_images_scale_to_eight_bits():

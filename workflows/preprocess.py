@@ -14,11 +14,13 @@ The dataset's digest is a hash of its rows' content, independent of sharding and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -27,6 +29,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import Literal
 from urllib.parse import urlparse
 
 import numpy as np
@@ -41,7 +44,8 @@ from clip_core.transforms import ImageError, center_crop, decode_image, peek_ima
 
 from . import storage
 from .preprocess_actors import Deduplicate, Progress
-from .sources import SourceError, SourceSpec, detect_format, plan_files, read_source_batch, sample_labels
+from .sources import (URI_SCHEME, SourceError, SourceSpec, detect_format, plan_files, read_source_batch,
+                      sample_labels)
 from .tracking import dataset_input, set_experiment
 
 log = logging.getLogger(__name__)
@@ -80,7 +84,8 @@ class PreprocessOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: str | None = Field(None, description="webdataset|parquet|csv|folder|synthetic; detected when None")
+    format: Literal["webdataset", "parquet", "csv", "folder", "synthetic"] | None = Field(
+        None, description="detected from the source when None")
     image_key: str | None = None
     caption_key: str | None = None
     label_key: str | None = None
@@ -106,6 +111,14 @@ class PreprocessOptions(BaseModel):
     concurrency: int | None = Field(None, gt=0, description="at most this many processing tasks at once")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per processing task")
     progress_interval_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _named_classes(self):
+        names = self.classnames if isinstance(self.classnames, list) else []  # a file's lines: read_lines checks
+        blank = [i for i, name in enumerate(names) if not name.strip()]
+        if blank:
+            raise ValueError(f"class names {blank[:5]} are blank: label i is classnames[i], and each needs a name")
+        return self
 
     @model_validator(mode="after")
     def _caption_bounds(self):
@@ -185,8 +198,9 @@ def resolve_label(raw: str | None, classnames: list[str] | None, required: bool 
         return None
     if _is_index(raw):
         label = int(raw)
-        if label < 0 or (classnames is not None and label >= len(classnames)):
-            raise Reject("invalid_label", f"label {label} outside 0..{len(classnames or []) - 1}")
+        top = len(classnames) - 1 if classnames is not None else MAX_LABEL
+        if not 0 <= label <= top:
+            raise Reject("invalid_label", f"label {raw[:40]} outside 0..{top}")
         return label
     if classnames is None:
         raise Reject("invalid_label", f"label {raw!r} is a name, but no class names were given")
@@ -196,8 +210,12 @@ def resolve_label(raw: str | None, classnames: list[str] | None, required: bool 
         raise Reject("invalid_label", f"label {raw!r} is not one of the {len(classnames)} class names") from None
 
 
+MAX_LABEL = 2**31 - 1  # labels are stored as int64; no class list is longer
+
+
 def _is_index(label: str) -> bool:
-    return label.lstrip("-").isdigit()
+    """An integer in ASCII digits (str.isdigit also takes '²' and other digits int() refuses)."""
+    return re.fullmatch(r"-?[0-9]+", label) is not None
 
 
 def _check_label_names(uri: str, spec: SourceSpec) -> None:
@@ -347,10 +365,14 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
     import ray
 
     options = options or PreprocessOptions()
+    if not URI_SCHEME.match(source):  # Ray's workers read it, from their own working directories
+        source = os.path.abspath(source)
+    output = output if URI_SCHEME.match(output) else os.path.abspath(output)
     fmt = options.format or detect_format(source)
     spec = SourceSpec(format=fmt, image_key=options.image_key, caption_key=options.caption_key,
                       label_key=options.label_key, max_image_bytes=options.max_image_bytes)
     files = plan_files(source, spec)
+    spec = dataclasses.replace(spec, root=os.path.commonprefix(files).rpartition("/")[0])
     if isinstance(options.classnames, str):
         options = options.model_copy(update={"classnames": storage.read_lines(options.classnames)})
     if fmt == "synthetic" and options.classnames is None:

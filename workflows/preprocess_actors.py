@@ -12,17 +12,18 @@ class Deduplicate:
     first occurrence in source order is kept, run after run."""
 
     def __init__(self):
-        self.first_key_of: dict[str, str] = {}
+        self.first_of: dict[str, tuple[str, str]] = {}  # pixel hash → (source, key) of its first row
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         reasons, details = batch.column("reason").to_pylist(), batch.column("detail").to_pylist()
-        for i, (key, pixel_hash) in enumerate(zip(batch.column("key").to_pylist(),
-                                                  batch.column("pixel_hash").to_pylist())):
+        rows = zip(batch.column("source").to_pylist(), batch.column("key").to_pylist(),
+                   batch.column("pixel_hash").to_pylist())
+        for i, (source, key, pixel_hash) in enumerate(rows):
             if reasons[i] is not None:
                 continue
-            first = self.first_key_of.setdefault(pixel_hash, key)
-            if first != key:
-                reasons[i], details[i] = "duplicate", f"same pixels as {first}"
+            first = self.first_of.setdefault(pixel_hash, (source, key))
+            if first != (source, key):  # a batch seen again (a retried call) marks nothing
+                reasons[i], details[i] = "duplicate", f"same pixels as {first[1]} (in {first[0]})"
         batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
         return batch.set_column(batch.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
 

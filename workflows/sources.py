@@ -58,6 +58,13 @@ class SourceSpec:
     caption_key: str | None = None
     label_key: str | None = None
     max_image_bytes: int = 32 * 2**20
+    root: str = ""  # the folder the planned files share: a Parquet or CSV row's key is its file's path under it
+
+    def file_key(self, uri: str, index: int) -> str:
+        """A Parquet or CSV row's key: `part-0.parquet:7`, or `year=2024/part-0.parquet:7` where another
+        file of the source has the same name."""
+        name = uri[len(self.root):].lstrip("/") if self.root and uri.startswith(self.root) else storage.basename(uri)
+        return f"{name}:{index}"
 
     @property
     def image_field(self) -> str:
@@ -148,12 +155,30 @@ def _check_parquet_columns(uri: str, spec: SourceSpec) -> None:
     fs, path = storage.filesystem(uri)
     try:
         with fs.open_input_file(path) as f:
-            names = pq.read_schema(f).names
+            schema = pq.read_schema(f)
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read the Parquet schema of {uri}: {exc}") from exc
     for role, column in (("image", spec.image_field), ("caption", spec.caption_field), ("label", spec.label_key)):
-        if column and column not in names:
-            raise SourceError(f"{role} column {column!r} not found in {uri}; columns are: {', '.join(names)}")
+        if column and column not in schema.names:
+            raise SourceError(f"{role} column {column!r} not found in {uri}; columns are: {', '.join(schema.names)}")
+        if column and not _holds(role, schema.field(column).type):
+            raise SourceError(f"{role} column {column!r} of {uri} holds {schema.field(column).type}, not "
+                              f"{_HOLDS[role]}" + (" (several captions an image: one row for each first)"
+                                                   if pa.types.is_list(schema.field(column).type) else ""))
+
+
+_HOLDS = {"image": "encoded image bytes (binary, or Hugging Face's struct of bytes)", "caption": "text (string "
+          "or binary)", "label": "an integer or a class name"}
+
+
+def _holds(role: str, type_: pa.DataType) -> bool:
+    text = pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_binary(type_) or \
+        pa.types.is_large_binary(type_)
+    if role == "image":
+        return text or (pa.types.is_struct(type_) and type_.get_field_index("bytes") >= 0)
+    if role == "label":
+        return text or pa.types.is_integer(type_) or pa.types.is_floating(type_)
+    return text
 
 
 def _check_webdataset_members(uri: str, spec: SourceSpec) -> None:
@@ -209,9 +234,12 @@ def _plan_synthetic(source: str, chunk: int = 500) -> list[str]:
         raise SourceError(f"unknown synthetic option(s) {sorted(unknown)} in {source}; use count, seed, image_size")
     if split not in synthetic.SPLITS:
         raise SourceError(f"unknown synthetic split {split!r} in {source}; choose one of {synthetic.SPLITS}")
+    bounds = {"count": (1, 10**8), "seed": (0, 2**32 - 1), "image_size": (8, 1024)}
+    for name, value in query.items():
+        low, high = bounds[name]
+        if not re.fullmatch(r"[0-9]+", value) or not low <= int(value) <= high:
+            raise SourceError(f"synthetic {name}={value!r} in {source}: give an integer in {low}..{high}")
     count = int(query.get("count", 1000))
-    if count <= 0:
-        raise SourceError(f"synthetic count must be positive in {source}")
     base = source.split("#", 1)[0]
     return [f"{base}#{start}-{min(start + chunk, count)}" for start in range(0, count, chunk)]
 
@@ -226,15 +254,39 @@ class _Rows:
         self.rows: list[dict] = []
 
     def add(self, **row) -> pa.Table | None:
-        self.rows.append(row)
+        # names read with surrogateescape (a tar member's, a CSV cell's) may hold bytes that are not UTF-8
+        self.rows.append({k: _printable(v) if isinstance(v, str) else v for k, v in row.items()})
         return self.flush() if len(self.rows) >= READ_BATCH_ROWS else None
 
     def flush(self) -> pa.Table | None:
         if not self.rows:
             return None
-        table = pa.Table.from_pylist(self.rows, schema=RAW_SCHEMA)
-        self.rows = []
-        return table
+        rows, self.rows = self.rows, []
+        try:
+            return pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):  # some row holds what the schema cannot
+            return pa.Table.from_pylist([_storable(row) for row in rows], schema=RAW_SCHEMA)
+
+
+def _printable(text: str) -> str:
+    """`text` with bytes that are not UTF-8 (surrogate escapes) shown as U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _storable(row: dict) -> dict:
+    """The row, or the reject that says which of its fields is not what the source's format holds (a
+    list where a caption belongs, say): one row lost and counted, not the read task."""
+    for name, value in row.items():
+        try:
+            pa.array([value], type=RAW_SCHEMA.field(name).type)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+            return {"key": str(row.get("key")), "source": str(row.get("source")), "reason": "unreadable_source",
+                    "detail": f"{name}: {type(value).__name__} {str(value)[:80]!r} ({exc})"[:500]}
+    return row
 
 
 def read_source_batch(batch: pa.Table, spec: SourceSpec) -> Iterator[pa.Table]:
@@ -278,6 +330,7 @@ def _webdataset_split(name: str) -> tuple[str, str]:
 def _read_webdataset(uri: str, spec: SourceSpec) -> Iterator[dict]:
     fs, path = storage.filesystem(uri)
     image_exts = (spec.image_key,) if spec.image_key else IMAGE_EXTENSIONS
+    wanted = {*image_exts, spec.caption_field, spec.label_key, "json"}
     with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
         key, members = None, {}
         for member in archive:
@@ -288,7 +341,9 @@ def _read_webdataset(uri: str, spec: SourceSpec) -> Iterator[dict]:
                 yield _webdataset_row(uri, key, members, spec, image_exts)
                 members = {}
             key = member_key
-            if member.size > spec.max_image_bytes:
+            if extension not in wanted:  # named in messages, never read: a sample holds only what is used
+                members[extension] = None
+            elif member.size > spec.max_image_bytes:
                 members[extension] = ("too_large", member.size)
             else:
                 members[extension] = archive.extractfile(member).read()
@@ -302,8 +357,10 @@ def _webdataset_row(uri: str, key: str, members: dict, spec: SourceSpec, image_e
     caption = members.get(spec.caption_field)
     oversized = [ext for ext, value in members.items() if isinstance(value, tuple)]
     if oversized:
-        return {**row, "reason": "image_too_large",
-                "detail": f"member {key}.{oversized[0]} is {members[oversized[0]][1]:,} bytes"}
+        reason = ("image_too_large" if oversized[0] in image_exts else
+                  "caption_too_long" if oversized[0] == spec.caption_field else "unreadable_source")
+        return {**row, "reason": reason, "detail": f"member {key}.{oversized[0]} is {members[oversized[0]][1]:,} "
+                f"bytes, over the limit of {spec.max_image_bytes:,}"}
     if image_ext is None:
         return {**row, "reason": "missing_image", "detail": f"members: {sorted(members)}; no {'/'.join(image_exts)}"}
     if caption is None:
@@ -331,8 +388,10 @@ def _read_parquet(uri: str, spec: SourceSpec) -> Iterator[dict]:
                     image = image.get("bytes")
                 caption = record[spec.caption_field]
                 label = record.get(spec.label_key) if spec.label_key else None
+                if isinstance(label, float):  # integer labels in a float column (pandas' ints beside a NaN)
+                    label = None if label != label else (int(label) if label.is_integer() else label)
                 key = (str(record["key"]) if has_key and record.get("key") is not None
-                       else f"{storage.basename(uri)}:{index}")
+                       else spec.file_key(uri, index))
                 yield {"key": key, "source": uri, "image": image,
                        "caption": caption.encode("utf-8") if isinstance(caption, str) else caption,
                        "label": None if label is None else str(label),
@@ -343,13 +402,18 @@ def _read_parquet(uri: str, spec: SourceSpec) -> Iterator[dict]:
 def _read_csv(uri: str, spec: SourceSpec) -> Iterator[dict]:
     fs, path = storage.filesystem(uri)
     base = storage.dirname(uri)
+    # a cell up to the image limit (csv's default, 128 KiB, failed the whole file on one long caption;
+    # the caption limit rejects that row); a .tsv has no quoting (IANA's TSV): a caption that starts with
+    # a quote is text, not the start of a cell that swallows the lines after it
+    csv.field_size_limit(max(csv.field_size_limit(), spec.max_image_bytes))
+    quoting = csv.QUOTE_NONE if _csv_dialect(uri) == "\t" else csv.QUOTE_MINIMAL
     with fs.open_input_stream(path) as stream:
         text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
-        for index, record in enumerate(csv.DictReader(text, delimiter=_csv_dialect(uri))):
+        for index, record in enumerate(csv.DictReader(text, delimiter=_csv_dialect(uri), quoting=quoting)):
             image = (record.get(spec.image_field) or "").strip()
             caption = record.get(spec.caption_field)
             label = record.get(spec.label_key) if spec.label_key else None
-            row = {"key": f"{storage.basename(uri)}:{index}", "source": uri,
+            row = {"key": spec.file_key(uri, index), "source": uri,
                    "caption": caption.encode("utf-8", "surrogateescape") if caption is not None else None,
                    "label": label}
             if not image:
@@ -369,7 +433,8 @@ def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
     for name in files:
         stem, _, extension = name.rpartition(".")
         by_stem.setdefault(stem, {})[extension.lower()] = name
-    root = uri.rstrip("/") + "/"
+    fs, path = storage.filesystem(uri)
+    root = storage.to_uri(fs, path).rstrip("/") + "/"  # as list_files names them (`dir`, `./dir`, file://)
     for stem, members in sorted(by_stem.items()):
         image_ext = next((ext for ext in ((spec.image_key,) if spec.image_key else IMAGE_EXTENSIONS)
                           if ext in members), None)
@@ -394,7 +459,7 @@ def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
                 metadata = storage.read_bytes(members["json"],
                                               max_bytes=spec.max_image_bytes).decode("utf-8", "replace")
             except storage.TooLarge as exc:
-                yield {**row, "reason": "image_too_large", "detail": f"sidecar: {exc}"}
+                yield {**row, "reason": "unreadable_source", "detail": f"sidecar: {exc}"}
                 continue
         yield {**row, "caption_uri": members[spec.caption_field], "label": label, "metadata": metadata}
 
