@@ -746,8 +746,8 @@ class Ingress:
         digest = self._token_digest
         if digest is None:
             return
-        header = request.headers.get("authorization", "")
-        if not (header.startswith("Bearer ") and _same(header.removeprefix("Bearer ").strip(), digest)):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not (scheme.lower() == "bearer" and _same(token.strip(), digest)):  # schemes are case-blind (RFC 9110)
             raise RequestError(401, "unauthorized", f"send 'Authorization: Bearer <token>' (the server's {TOKEN_ENV})")
 
     async def _body(self, request: Request, schema: type[BaseModel]):

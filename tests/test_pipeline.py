@@ -66,6 +66,8 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
     shown = pipeline.show(secret)  # what `rayclip config show` prints and the pipeline run logs
     assert "http://***@127.0.0.1:5000" in shown and "auth_token: '***'" in shown
     assert "hunter2" not in shown and "token-Secret-42" not in shown
+    # Serve would show the app's config on its dashboard: its replicas get the URI without the password
+    assert pipeline.StageConfigs.build(secret)[2].mlflow_tracking_uri == "http://127.0.0.1:5000"
 
 
 def test_stage_keys_outlive_releases_that_add_options():

@@ -239,6 +239,11 @@ def test_serve_keeps_the_tokens_digest_never_the_token(app):
     # a config that holds only the digest authorizes the same token
     digest_only = served.ServeConfig(model="x", auth_token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest())
     assert digest_only.token_digest() == app["config"].token_digest() == app["config"].stored().auth_token_sha256
+    # the scheme's case is the client's choice (RFC 9110); the token's is not
+    assert _post(app, "/v1/embed/text", {"texts": ["a"]}, headers={"Authorization": f"bearer {TOKEN}"}
+                 ).status_code == 200
+    assert _post(app, "/v1/embed/text", {"texts": ["a"]}, headers={"Authorization": f"Bearer {TOKEN.upper()}"}
+                 ).status_code == 401
 
 
 def test_model_info_health_and_docs(app):

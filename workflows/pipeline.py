@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import storage
 from .preprocess import PreprocessOptions, preprocess, read_manifest
 from .registry import Gate
-from .tracking import redacted, set_experiment, using
+from .tracking import redacted, set_experiment, using, without_credentials
 
 PIPELINE_KEY_TAG = "rayclip.pipeline_key"  # on a model version: the train key of the checkpoint it holds
 # fields of the stage configs that the pipeline sets itself (from data/model/storage/mlflow sections)
@@ -293,8 +293,9 @@ class StageConfigs:
                 mlflow_experiment=config.mlflow.experiment))
         serve_values = {k: v for k, v in config.serve.items() if k != "enabled"}
         owned = _SERVE_OWNED | ({"index"} if config.data.index else set())  # the pipeline embeds data.index
+        # Serve keeps (and shows) an app's config: its replicas take MLflow's credentials from its variables
         serve = cls._build("serve", ServeConfig, serve_values, owned, dict(
-            model=f"models:/{config.registry.name}@champion", mlflow_tracking_uri=tracking))
+            model=f"models:/{config.registry.name}@champion", mlflow_tracking_uri=without_credentials(tracking)))
         return train, evaluate, serve
 
 

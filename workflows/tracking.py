@@ -30,6 +30,11 @@ def redact(text: str) -> str:
     return _USERINFO.sub("***@", text)
 
 
+def without_credentials(uri: str | None) -> str | None:
+    """`uri` without its `user:password@` (MLflow then takes them from $MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+    return _USERINFO.sub("", uri) if uri else uri
+
+
 def redacted(value):
     """A copy of a JSON-like value (a dumped config) with every URI's credentials redacted."""
     if isinstance(value, str):
