@@ -65,8 +65,16 @@ class CLIPConfig:
     def validate(self) -> None:
         v, t = self.vision, self.text
         problems = []
-        if self.embed_dim <= 0:
-            problems.append(f"embed_dim must be positive, got {self.embed_dim}")
+        for name, value, kind in (("embed_dim", self.embed_dim, int), ("vision.image_size", v.image_size, int),
+                                  ("vision.width", v.width, int), ("vision.head_width", v.head_width, int),
+                                  ("vision.mlp_ratio", v.mlp_ratio, (int, float)), ("text.width", t.width, int),
+                                  ("text.heads", t.heads, int), ("text.mlp_ratio", t.mlp_ratio, (int, float))):
+            if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                problems.append(f"{name} must be a positive {'number' if kind is not int else 'int'}, got {value!r}")
+        if not isinstance(self.quick_gelu, bool):
+            problems.append(f"quick_gelu must be true or false, got {self.quick_gelu!r}")
+        if problems:  # the checks below divide by these
+            raise ValueError("invalid CLIP config: " + "; ".join(problems))
         if v.is_resnet:
             if len(v.layers) != 4 or any(n <= 0 for n in v.layers):
                 problems.append(f"vision.layers of a ResNet must be four positive ints, got {v.layers}")

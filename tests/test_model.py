@@ -60,6 +60,14 @@ def test_invalid_configs_name_the_problem():
         CLIPConfig.from_dict({"embed_dim": 8, "text": {"depth": 3}})
     with pytest.raises(ValueError, match="unknown precision"):
         clip_core.create_model("tiny", precision="fp8")
+    tiny = get_config("tiny").to_dict()
+    for section, key, value, message in (("vision", "image_size", 0, "vision.image_size must be a positive int"),
+                                         ("vision", "mlp_ratio", 0, "vision.mlp_ratio must be a positive number"),
+                                         ("vision", "head_width", 0, "vision.head_width must be a positive int"),
+                                         (None, "quick_gelu", "false", "quick_gelu must be true or false")):
+        changed = {**tiny, section: {**tiny[section], key: value}} if section else {**tiny, key: value}
+        with pytest.raises(ValueError, match=f"invalid CLIP config: {message}, got {value!r}"):
+            CLIPConfig.from_dict(changed)
 
 
 def test_config_round_trips_through_a_dict():

@@ -451,6 +451,15 @@ def test_missing_columns_and_sources_fail_fast_naming_them(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_huge_caption_is_refused_before_it_is_decoded_and_cleaned():
+    options = PreprocessOptions(max_caption_chars=100)
+    with pytest.raises(stage.Reject) as info:
+        stage.prepare_caption(b"\xff" * 4_000_000, options)  # not even UTF-8: refused for its size first
+    assert (info.value.reason, info.value.detail) == ("caption_too_long", "4,000,000 bytes, for at most 100 characters")
+    # whitespace that collapses is still read: only sizes no caption within the limit could have are refused
+    assert stage.prepare_caption(b"a" + b" " * 2000 + b"cat", options) == "a cat"
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="min_caption_chars"):
         PreprocessOptions(min_caption_chars=10, max_caption_chars=5)

@@ -175,6 +175,8 @@ def prepare_image(data: bytes | None, options: PreprocessOptions) -> tuple[bytes
 def prepare_caption(data: bytes | None, options: PreprocessOptions) -> str:
     if data is None:
         raise Reject("missing_caption")
+    if len(data) > 16 * options.max_caption_chars + 1024:  # before ftfy, whose time grows with it (4 MB: ~4 s)
+        raise Reject("caption_too_long", f"{len(data):,} bytes, for at most {options.max_caption_chars:,} characters")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -161,6 +161,12 @@ class TrainConfig(BaseModel):
         if self.checkpoint_metric and not (self.val or self.zeroshot):
             raise ValueError(f"checkpoint_metric {self.checkpoint_metric!r} needs a validation set: "
                              "set val or zeroshot")
+        computed = ({"loss"} | ({"val_loss", "val_image_to_text_R1", "val_text_to_image_R1"} if self.val else set())
+                    | ({"zeroshot_top1"} if self.zeroshot else set()))
+        if self.checkpoint_metric and self.checkpoint_metric not in computed:  # Ray would score every one -inf
+            raise ValueError(f"checkpoint_metric {self.checkpoint_metric!r} is not a metric this run computes "
+                             f"(with {' and '.join(k for k in ('val', 'zeroshot') if getattr(self, k))} set): "
+                             f"choose one of {sorted(computed)}")
         if self.unmasked_tuning_steps and not self.patch_dropout:
             raise ValueError("unmasked_tuning_steps tunes on whole images after patch dropout: set patch_dropout too")
         if self.unmasked_tuning_steps >= self.steps:
