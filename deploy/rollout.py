@@ -54,8 +54,11 @@ def deploy(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/"
         from workflows.embed import read_embeddings_manifest
 
         read_embeddings_manifest(config.index)
-    _apply(name, app_spec(config, name, route_prefix))
-    _wait(name, {}, timeout_s)
+    # every deployment on the version the model URI names now: Serve rebuilds an app only when its args
+    # change, so deploying the same config again after a reload would otherwise put the replicas back on
+    # the version resolved when the app was first built
+    _roll(name, app_spec(config, name, route_prefix), live_model(config.model, config.mlflow_tracking_uri),
+          _user_config(_application(name), INGRESS), timeout_s)
 
 
 def app_spec(config: ServeConfig, name: str = APP_NAME, route_prefix: str = "/") -> dict:
@@ -80,15 +83,23 @@ def reload(name: str = APP_NAME, model: str | None = None, *, timeout_s: float =
     if current == target:
         return target
     echo(f"deploy: {name}: rolling {current and current['model']} → {target['model']}")
-    for step in (TOWERS, (INGRESS,)):  # towers first, so the ingress never asks for a version they lack
-        overrides = {d["name"]: d for d in app.get("deployments", [])}
+    _roll(name, app, target, current, timeout_s)
+    echo(f"deploy: {name} serves {target['model']}")
+    return target
+
+
+def _roll(name: str, app: dict, target: dict, current: dict | None, timeout_s: float) -> None:
+    """Apply `app` with every deployment on `target`. Where the ingress runs another version (`current`),
+    the towers first (the ingress kept on `current`), so it never asks them for a version they lack."""
+    overrides = {d["name"]: d for d in app.get("deployments", [])}
+    if current is not None:
+        overrides[INGRESS] = {**overrides.get(INGRESS, {}), "name": INGRESS, "user_config": current}
+    for step in ((*TOWERS, INGRESS),) if current in (None, target) else (TOWERS, (INGRESS,)):
         for deployment in step:
             overrides[deployment] = {**overrides.get(deployment, {}), "name": deployment, "user_config": target}
         app["deployments"] = list(overrides.values())
         _apply(name, app)
-        _wait(name, {deployment: target for deployment in step}, timeout_s)
-    echo(f"deploy: {name} serves {target['model']}")
-    return target
+        _wait(name, dict.fromkeys(step, target), timeout_s)
 
 
 def _client():

@@ -699,6 +699,11 @@ def test_alias_moves_and_the_app_rolls_to_the_new_version_under_load_without_a_f
             assert scores == pytest.approx(expected[body["model"]["version"]], abs=1e-4)
         info = httpx.get(app["url"] + "/v1/model", headers=AUTH).json()
         assert (info["version"], info["alias"], info["metrics"]["zeroshot.top1"]) == ("2", "champion", "0.6")
+        # deploying the same config again (`rayclip deploy --config`) serves what the alias names, not the
+        # version the app was first built on (Serve does not rebuild an app whose args are unchanged)
+        rollout.deploy(app["config"])
+        assert httpx.get(app["url"] + "/v1/model", headers=AUTH).json()["version"] == "2"
+        assert _post(app, "/v1/classify", payload).json()["model"]["version"] == "2"
         # the index holds version 1's embeddings: searching them with version 2's queries would mean nothing
         response = _post(app, "/v1/search", {"text": "a red circle"})
         assert (response.status_code, response.json()["error"]["type"]) == (409, "index_model_mismatch")
