@@ -8,7 +8,7 @@ import time
 
 from ray import serve
 
-from .serve import APP_NAME, IMPORT_PATH, INGRESS, TOWERS, ServeConfig, live_model
+from .serve import APP_NAME, IMPORT_PATH, INGRESS, TOWERS, ServeConfig, live_model, load_served_model
 
 
 # Ray Serve's high-throughput mode (Ray >= 2.55): HAProxy instead of Serve's Python proxy, sending HTTP
@@ -83,6 +83,13 @@ def reload(name: str = APP_NAME, model: str | None = None, *, timeout_s: float =
     if current == target:
         return target
     echo(f"deploy: {name}: rolling {current and current['model']} → {target['model']}")
+    try:  # here first: a replica that cannot load it stops, and its replacements fail the same way
+        load_served_model(target["model"], config.mlflow_tracking_uri, quick_gelu=config.quick_gelu)
+    except Exception as exc:
+        from workflows.tracking import redact
+
+        raise DeployError(f"{name}: {target['model']} cannot be loaded, so the app keeps serving "
+                          f"{current and current['model']}: {redact(str(exc))[:1000]}") from exc
     _roll(name, app, target, current, timeout_s)
     echo(f"deploy: {name} serves {target['model']}")
     return target

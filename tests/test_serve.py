@@ -708,6 +708,17 @@ def test_alias_moves_and_the_app_rolls_to_the_new_version_under_load_without_a_f
         response = _post(app, "/v1/search", {"text": "a red circle"})
         assert (response.status_code, response.json()["error"]["type"]) == (409, "index_model_mismatch")
         assert "clip-serve version 2" in response.json()["error"]["message"]
+        # a version that cannot be loaded (here, the artifact store holds other weights than were registered)
+        # is found out before any replica is asked to load it: they would stop, and their replacements fail too
+        registry.register(str(tmp_path / "v2"), "clip-serve", metrics={"zeroshot": {"top1": 0.6,
+                          "digest": "sha256:x"}}, tracking_uri=tracking, echo=quiet)
+        registry.client(tracking).set_model_version_tag("clip-serve", "3", "weights_sha256", "0" * 64)
+        registry.promote("clip-serve", "3", force=True, tracking_uri=tracking, echo=quiet)
+        with pytest.raises(rollout.DeployError, match=r"models:/clip-serve/3 cannot be loaded, so the app keeps "
+                                                      r"serving models:/clip-serve/2: .*other weights"):
+            rollout.reload(echo=quiet)
+        assert _post(app, "/v1/classify", payload).json()["model"]["version"] == "2"
+        registry.rollback("clip-serve", tracking_uri=tracking, echo=quiet)
         # the command line follows the alias back: `rayclip deploy --reload --poll-registry`, its own driver
         # on this test session's Ray (as it would run as a Ray job beside `serve deploy`)
         log = _follow_the_registry_while(app, lambda: registry.rollback("clip-serve", tracking_uri=tracking,
