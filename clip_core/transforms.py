@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+# IMAGE_FORMATS' readers, registered (Pillow registers a few at first use, the rest only on Image.init())
+from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin  # noqa: F401
+from PIL import TiffImagePlugin, WebPImagePlugin  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
@@ -28,9 +31,6 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # what Pillow may read an image as (JPEG's reader also takes a camera's MPO); its other decoders (DDS,
 # EPS, SPIDER, ...) are rarely images anyone trains on and a larger surface for hostile files
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-# their plugins registered (Pillow registers a few at first use, the rest only on Image.init())
-from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin  # noqa: E402, F401, I001
-from PIL import TiffImagePlugin, WebPImagePlugin  # noqa: E402, F401
 
 
 class ImageError(ValueError):
