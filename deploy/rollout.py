@@ -31,6 +31,11 @@ def deploy_file_options(document: dict, name: str = APP_NAME, source: str = "the
     app = apps[name]
     if app.get("import_path") != IMPORT_PATH:
         raise ValueError(f"application {name!r} in {source} imports {app.get('import_path')!r}, not {IMPORT_PATH!r}")
+    uncarried = sorted(set(app) - {"name", "route_prefix", "import_path", "args"})
+    if uncarried:  # dropping them silently would deploy another app than the file describes
+        raise ValueError(f"application {name!r} in {source} sets {', '.join(uncarried)}, which `rayclip deploy` "
+                         f"does not carry (it deploys the args): deploy the file with `serve deploy {source}`, or "
+                         "move those settings into args")
     http = document.get("http_options") or {}
     return {**{key: http[key] for key in ("host", "port") if key in http}, **(app.get("args") or {})}, \
         app.get("route_prefix", "/")

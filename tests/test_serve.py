@@ -590,6 +590,12 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tm
     assert (settings.port, settings.model, settings.num_gpus) == (9000, str(tmp_path / "ckpt"), 0.25)
     with pytest.raises(ValueError, match=r"no application 'other', only \['rayclip'\]: choose one with --name"):
         cli._serve_config(parser.parse_args(["deploy", "--config", str(path), "--name", "other"]))
+    document = yaml.safe_load(path.read_text())
+    document["applications"][0]["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_USERNAME": "ops"}}
+    (tmp_path / "with_env.yaml").write_text(yaml.safe_dump(document))
+    with pytest.raises(ValueError, match=r"application 'rayclip' in .*with_env.yaml sets runtime_env, which "
+                                         r"`rayclip deploy` does not carry .*`serve deploy "):
+        cli._serve_config(parser.parse_args(["deploy", "--config", str(tmp_path / "with_env.yaml")]))
     assert parser.parse_args(["deploy", "--reload", "--poll-registry", "30"]).poll_registry == 30
     for command, seconds in (("deploy", "0"), ("serve", "-5")):  # a poll that never waits would spin
         with pytest.raises(SystemExit):
