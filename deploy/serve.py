@@ -787,6 +787,9 @@ class Ingress:
         except MultiPartException as exc:
             if exc.message.startswith("Too many files"):
                 raise RequestError(422, "too_many", f"at most {limits.max_images} images per request") from None
+            if exc.message.startswith("Too many fields"):  # as a JSON body with too many labels is answered
+                raise RequestError(422, "too_many", f"at most {limits.max_labels} labels and {limits.max_templates} "
+                                   "templates per request") from None
             raise RequestError(400, "invalid_multipart", f"the multipart body could not be read: {exc.message}") \
                 from None
         unknown = sorted(set(form.keys()) - {"images", "labels", "templates", "top_k"})

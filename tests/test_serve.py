@@ -361,6 +361,7 @@ def test_classify_takes_multipart_uploads_and_allow_listed_s3_images_and_never_f
                         files=[("other", ("x.png", png, "image/png"))])) == (422, "invalid_request")
     assert error(upload(files=one + [("labels", ("l.txt", b"a", "text/plain"))])) == (422, "invalid_request")
     assert error(upload(data={"labels": "a"}, files=one * 5)) == (422, "too_many")
+    assert error(upload(data={"labels": [f"l{i}" for i in range(150)]}, files=one)) == (422, "too_many")  # > fields
     assert error(upload(content=b"--x\r\nnonsense", headers={**AUTH, "Content-Type": "multipart/form-data"})
                  ) == (400, "invalid_multipart")
     for source, expected_error in ((f"s3://{app['bucket']}/shapes/missing.png", (422, "image_not_found")),
