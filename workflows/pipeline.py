@@ -53,10 +53,10 @@ class _Section(BaseModel):
 def _absolute(value: str | None) -> str | None:
     """A local path made absolute against this process's directory (Ray's workers run elsewhere);
     URIs (s3://, synthetic://, models:/) and None as they are."""
-    if value is None or "://" in value or value.startswith("models:/"):
+    if value is None or value.startswith("models:/"):
         return value
     prefix, sep, path = value.partition(":") if value.startswith(("openai:", "openclip:")) else ("", "", value)
-    return f"{prefix}{sep}{os.path.abspath(path)}"
+    return f"{prefix}{sep}{storage.absolute(path)}"
 
 
 class DataSection(_Section):

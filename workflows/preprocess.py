@@ -44,8 +44,7 @@ from clip_core.transforms import ImageError, center_crop, decode_image, peek_ima
 
 from . import storage
 from .preprocess_actors import Deduplicate, Progress
-from .sources import (URI_SCHEME, SourceError, SourceSpec, detect_format, plan_files, read_source_batch,
-                      sample_labels)
+from .sources import SourceError, SourceSpec, detect_format, plan_files, read_source_batch, sample_labels
 from .tracking import dataset_input, set_experiment
 
 log = logging.getLogger(__name__)
@@ -367,9 +366,7 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
     import ray
 
     options = options or PreprocessOptions()
-    if not URI_SCHEME.match(source):  # Ray's workers read it, from their own working directories
-        source = os.path.abspath(source)
-    output = output if URI_SCHEME.match(output) else os.path.abspath(output)
+    source, output = storage.absolute(source), storage.absolute(output)
     fmt = options.format or detect_format(source)
     spec = SourceSpec(format=fmt, image_key=options.image_key, caption_key=options.caption_key,
                       label_key=options.label_key, max_image_bytes=options.max_image_bytes)

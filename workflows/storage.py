@@ -73,6 +73,12 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute against this process's directory (Ray's workers run elsewhere); a URI
+    (s3://, file://, synthetic://) as it is."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def dirname(uri: str) -> str:
     uri = str(uri)
     if is_s3(uri):
