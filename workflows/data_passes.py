@@ -50,6 +50,13 @@ def registered_checkpoint(run_path: str) -> str | None:
     return storage.to_uri(fs, result.checkpoint.path) if result.checkpoint is not None else None
 
 
+def train_record(uri: str) -> dict:
+    """A train checkpoint's own account of itself (config.json's `train`: step, data pass, MLflow run)."""
+    from clip_core.checkpoint import CONFIG_FILE
+
+    return json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE))).get("train") or {}
+
+
 def checkpoint_pass(uri: str) -> int:
     """The pass over the data a train checkpoint stopped in: its config.json says so; checkpoints
     from before passes only have the epoch in train_state.pt, and each of their epochs was one run
@@ -58,13 +65,11 @@ def checkpoint_pass(uri: str) -> int:
 
     import torch
 
-    from clip_core.checkpoint import CONFIG_FILE
-
     from .train import TRAIN_STATE
 
-    description = json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE)))
-    if "data_pass" in description.get("train", {}):
-        return int(description["train"]["data_pass"])
+    train = train_record(uri)
+    if "data_pass" in train:
+        return int(train["data_pass"])
     data = storage.read_bytes(storage.join(uri, TRAIN_STATE))
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return int(state.get("epoch", 0))

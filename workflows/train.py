@@ -720,7 +720,9 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     elif config.resume:
         resume_from = config.resume
     if resume_from:
-        trained = json.loads(storage.read_bytes(storage.join(resume_from, CONFIG_FILE))).get("train") or {}
+        from .data_passes import train_record
+
+        trained = train_record(resume_from)
         if trained.get("step", 0) >= config.steps:  # a run stopped after its last checkpoint, before its copy
             echo(f"train: {resume_from} is at step {trained['step']} of {config.steps}: nothing left to train")
             final = resume_from
