@@ -478,8 +478,8 @@ class Pipeline:
         if str(champion) == str(version):
             self._stage("promote", "skipped", f"version {version} is already the champion")
             return True
-        status = registry.client(self.tracking).get_model_version(name, version).tags.get("validation_status")
-        if status == "rolled_back" and not section.force:  # a rerun must not undo an operator's rollback
+        registered = registry.get_version(name, None, version, tracking_uri=self.tracking)
+        if registry.rolled_back(registered) and not section.force:  # a rerun must not undo an operator's rollback
             self._stage("promote", "skipped", f"version {version} was rolled back: it goes live again only with "
                         "registry.force")
             return False

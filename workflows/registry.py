@@ -353,14 +353,17 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _exists(registry, name: str, version: str) -> bool:
+def _exists(name: str, version: str, tracking_uri: str | None) -> bool:
     try:
-        registry.get_model_version(name, version)
-    except Exception as exc:  # noqa: BLE001 - MLflow's, or not: then re-raised
-        if is_missing(exc):
-            return False
-        raise
+        get_version(name, None, version, tracking_uri=tracking_uri)
+    except RegistryError:
+        return False
     return True
+
+
+def rolled_back(model_version) -> bool:
+    """Whether `rollback` took this version off (it goes live again only by force)."""
+    return (model_version.tags or {}).get("validation_status") == "rolled_back"
 
 
 def _history(registry, name: str) -> list[str]:
@@ -412,7 +415,7 @@ def promote(name: str, version: str | int | None = None, *, gate: Gate | None = 
     gate = gate or Gate()
     registry = client(tracking_uri)
     challenger = get_version(name, None if version is not None else CHALLENGER, version, tracking_uri=tracking_uri)
-    if challenger.tags.get("validation_status") == "rolled_back" and not force:
+    if rolled_back(challenger) and not force:
         raise RegistryError(f"version {challenger.version} of {name!r} was rolled back (its rollback.decision tag "
                             "says when and from what): it goes live again only with force (`rayclip promote "
                             "--force`); or register a fixed model as a new version")
@@ -448,7 +451,7 @@ def rollback(name: str, *, tracking_uri: str | None = None, echo=print) -> dict:
     get_version(name, CHAMPION, tracking_uri=tracking_uri)  # names the problem when there is no champion
     history = _history(registry, name)
     current = history[-1]
-    while len(history) >= 2 and not _exists(registry, name, history[-2]):
+    while len(history) >= 2 and not _exists(name, history[-2], tracking_uri):
         del history[-2]  # a previous champion deleted since: the one before it
     if len(history) < 2:
         raise RegistryError(f"model {name!r} has no previous champion to roll back to (history: {history})")
