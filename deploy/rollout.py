@@ -5,6 +5,7 @@ what runs. Through Serve's controller, so it works from any driver connected to 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 from ray import serve
 
@@ -20,6 +21,14 @@ HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_O
 
 class DeployError(ValueError):
     """The Serve application is not in a state the command can work with; the message says why."""
+
+
+class CannotLoad(DeployError):
+    """A rollout found that `model` (an exact version) cannot be loaded; the app serves what it served."""
+
+    def __init__(self, message: str, model: str):
+        super().__init__(message)
+        self.model = model
 
 
 def deploy_file_options(document: dict, name: str = APP_NAME, source: str = "the serve config") -> tuple[dict, str]:
@@ -73,10 +82,12 @@ def app_spec(config: ServeConfig, name: str = APP_NAME, route_prefix: str = "/")
             "logging_config": {"enable_access_log": config.access_log, "log_level": config.log_level}}
 
 
-def reload(name: str = APP_NAME, model: str | None = None, *, timeout_s: float = 600, echo=print) -> dict:
+def reload(name: str = APP_NAME, model: str | None = None, *, timeout_s: float = 600, echo=print,
+           skip: Collection[str] = ()) -> dict:
     """Roll app `name` to the version its model URI names now (after `rayclip promote` moved the alias),
     or to `model`, without dropping a request: the towers load it beside the old one and report ready,
-    then the ingress switches. Returns the live model ({"model", "alias"}); a no-op when unchanged."""
+    then the ingress switches. Returns the live model ({"model", "alias"}); a no-op when unchanged or
+    when the version is one of `skip`. Raises CannotLoad when the version cannot be loaded."""
     running = _application(name)
     if not running.get("deployed_app_config"):
         raise DeployError(f"no Serve application {name!r} deployed from a config on this cluster: start it with "
@@ -85,16 +96,16 @@ def reload(name: str = APP_NAME, model: str | None = None, *, timeout_s: float =
     config = ServeConfig(**app["args"])
     target = live_model(model or config.model, config.mlflow_tracking_uri)
     current = _user_config(running, INGRESS)
-    if current == target:
-        return target
+    if current == target or target["model"] in skip:
+        return current
     echo(f"deploy: {name}: rolling {current and current['model']} → {target['model']}")
     try:  # here first: a replica that cannot load it stops, and its replacements fail the same way
         load_served_model(target["model"], config.mlflow_tracking_uri, quick_gelu=config.quick_gelu)
     except Exception as exc:
         from workflows.tracking import redact
 
-        raise DeployError(f"{name}: {target['model']} cannot be loaded, so the app keeps serving "
-                          f"{current and current['model']}: {redact(str(exc))[:1000]}") from exc
+        raise CannotLoad(f"{name}: {target['model']} cannot be loaded, so the app keeps serving "
+                         f"{current and current['model']}: {redact(str(exc))[:1000]}", target["model"]) from exc
     _roll(name, app, target, current, timeout_s)
     echo(f"deploy: {name} serves {target['model']}")
     return target
@@ -102,16 +113,31 @@ def reload(name: str = APP_NAME, model: str | None = None, *, timeout_s: float =
 
 def _roll(name: str, app: dict, target: dict, current: dict | None, timeout_s: float) -> None:
     """Apply `app` with every deployment on `target`. Where the ingress runs another version (`current`),
-    the towers first (the ingress kept on `current`), so it never asks them for a version they lack."""
+    the towers first (the ingress kept on `current`), so it never asks them for a version they lack; if
+    they cannot load `target` (a replica whose reconfigure fails is stopped, and its replacements fail the
+    same way), they are put back on `current` before the error is raised, and the app serves it again."""
     overrides = {d["name"]: d for d in app.get("deployments", [])}
-    if current is not None:
-        overrides[INGRESS] = {**overrides.get(INGRESS, {}), "name": INGRESS, "user_config": current}
-    for step in ((*TOWERS, INGRESS),) if current in (None, target) else (TOWERS, (INGRESS,)):
-        for deployment in step:
-            overrides[deployment] = {**overrides.get(deployment, {}), "name": deployment, "user_config": target}
+
+    def pin(deployments, user_config: dict) -> None:
+        for deployment in deployments:
+            overrides[deployment] = {**overrides.get(deployment, {}), "name": deployment, "user_config": user_config}
+
+    def apply(deployments, user_config: dict) -> None:
+        pin(deployments, user_config)
         app["deployments"] = list(overrides.values())
         _apply(name, app)
-        _wait(name, dict.fromkeys(step, target), timeout_s)
+        _wait(name, dict.fromkeys(deployments, user_config), timeout_s)
+
+    if current in (None, target):
+        return apply((*TOWERS, INGRESS), target)
+    pin((INGRESS,), current)
+    try:
+        apply(TOWERS, target)
+    except (DeployError, TimeoutError) as exc:
+        apply(TOWERS, current)
+        raise CannotLoad(f"{name}: the towers could not load {target['model']}, so they were put back on "
+                         f"{current['model']}, which the app serves again: {exc}", target["model"]) from exc
+    apply((INGRESS,), target)
 
 
 def _client():

@@ -679,7 +679,8 @@ def _classify_load(url: str, payload: dict, during) -> tuple[list[tuple[float, i
     return asyncio.run(run())
 
 
-def test_alias_moves_and_the_app_rolls_to_the_new_version_under_load_without_a_failed_request(app, tmp_path):
+def test_alias_moves_and_the_app_rolls_to_the_new_version_under_load_without_a_failed_request(app, tmp_path,
+                                                                                              monkeypatch):
     tracking, labels = app["tracking"], ["red circle", "blue square", "green triangle"]
     clip_core.save_checkpoint(briefly_trained(steps=5), tmp_path / "v2")
     quiet = lambda *_: None  # noqa: E731
@@ -721,15 +722,30 @@ def test_alias_moves_and_the_app_rolls_to_the_new_version_under_load_without_a_f
                           "digest": "sha256:x"}}, tracking_uri=tracking, echo=quiet)
         registry.client(tracking).set_model_version_tag("clip-serve", "3", "weights_sha256", "0" * 64)
         registry.promote("clip-serve", "3", force=True, tracking_uri=tracking, echo=quiet)
-        with pytest.raises(rollout.DeployError, match=r"models:/clip-serve/3 cannot be loaded, so the app keeps "
-                                                      r"serving models:/clip-serve/2: .*other weights"):
+        with pytest.raises(rollout.CannotLoad, match=r"models:/clip-serve/3 cannot be loaded, so the app keeps "
+                                                     r"serving models:/clip-serve/2: .*other weights"):
             rollout.reload(echo=quiet)
         assert _post(app, "/v1/classify", payload).json()["model"]["version"] == "2"
-        registry.rollback("clip-serve", tracking_uri=tracking, echo=quiet)
-        # the command line follows the alias back: `rayclip deploy --reload --poll-registry`, its own driver
-        # on this test session's Ray (as it would run as a Ray job beside `serve deploy`)
-        log = _follow_the_registry_while(app, lambda: registry.rollback("clip-serve", tracking_uri=tracking,
-                                                                          echo=quiet), tmp_path)
+        # one the driver could load but the replicas cannot (they run elsewhere): the towers' replicas stop
+        # and their replacements fail, so the towers are put back on the version the ingress still serves
+        with monkeypatch.context() as patch:
+            patch.setattr(rollout, "load_served_model", lambda *args, **kwargs: None)
+            with pytest.raises(rollout.CannotLoad, match=r"the towers could not load models:/clip-serve/3, so they "
+                                                         r"were put back on models:/clip-serve/2"):
+                rollout.reload(echo=quiet)
+        assert _post(app, "/v1/classify", payload).json()["model"]["version"] == "2"
+        assert _post(app, "/v1/embed/text", {"texts": ["a red circle"]}).status_code == 200
+        # the command line follows the alias: `rayclip deploy --reload --poll-registry`, its own driver on
+        # this test session's Ray (as it would run as a Ray job beside `serve deploy`); it tries the version
+        # that cannot be loaded once, not at every poll, and follows the alias back to version 1
+        unloadable = "the poll will not try models:/clip-serve/3 again"
+
+        def back_to_version_1():
+            for _ in range(2):  # 3 → 2 → 1
+                registry.rollback("clip-serve", tracking_uri=tracking, echo=quiet)
+
+        log = _follow_the_registry_while(app, unloadable, back_to_version_1, tmp_path)
+        assert log.count("cannot be loaded") == 1, log[-3000:]
         assert "deploy: rayclip: rolling models:/clip-serve/2 → models:/clip-serve/1" in log, log[-3000:]
     finally:  # the next tests find version 1, whatever failed here
         if str(registry.client(tracking).get_model_version_by_alias("clip-serve", "champion").version) != "1":
@@ -738,9 +754,9 @@ def test_alias_moves_and_the_app_rolls_to_the_new_version_under_load_without_a_f
     assert _post(app, "/v1/classify", payload).json()["model"]["version"] == "1"
 
 
-def _follow_the_registry_while(app, move_alias, tmp_path) -> str:
-    """Runs `rayclip deploy --reload --poll-registry` in a subprocess, calls `move_alias()` once it follows,
-    waits until /v1/model reports version 1, stops it with SIGTERM; returns its output."""
+def _follow_the_registry_while(app, said: str, move_alias, tmp_path) -> str:
+    """Runs `rayclip deploy --reload --poll-registry` in a subprocess, calls `move_alias()` once it has
+    printed `said`, waits until /v1/model reports version 1, stops it with SIGTERM; returns its output."""
     import os
     import signal
     import subprocess
@@ -763,7 +779,7 @@ def _follow_the_registry_while(app, move_alias, tmp_path) -> str:
             time.sleep(0.2)
 
     try:
-        wait_for(lambda: "follows its model alias" in path.read_text(), "the follower did not start")
+        wait_for(lambda: said in path.read_text(), f"the follower did not say {said!r}")
         move_alias()
         wait_for(lambda: httpx.get(app["url"] + "/v1/model", headers=AUTH).json()["version"] == "1",
                  "the app did not roll to version 1")

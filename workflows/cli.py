@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import signal
 import sys
@@ -193,16 +194,26 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _follow_registry(stopping, every: float | None, name: str, model: str | None = None) -> None:
-    """Until `stopping` is set: every `every` seconds (never without it), roll app `name` to the version its
-    model alias names now (after `rayclip promote`/`rollback`)."""
-    from deploy.rollout import reload
+def _follow_registry(stopping, every: float, name: str, model: str | None = None) -> None:
+    """Now and, until `stopping` is set, every `every` seconds: roll app `name` to the version its model
+    alias names now (after `rayclip promote`/`rollback`). Only the first check's failures stop it (no such
+    app, say); later ones are reported, and a version that cannot be loaded is passed over from then on."""
+    from deploy.rollout import CannotLoad, reload
 
-    while not stopping.wait(every):
+    unloadable: set[str] = set()  # a broken version is downloaded once, not at every poll
+    for check in itertools.count():
         try:
-            reload(name, model, echo=lambda line: print(line, flush=True))
-        except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop the service; the next poll retries
+            reload(name, model, echo=lambda line: print(line, flush=True), skip=unloadable)
+        except CannotLoad as exc:
+            unloadable.add(exc.model)
+            print(f"{exc}\n{name}: the poll will not try {exc.model} again: promote another version, or try it "
+                  "once more with `rayclip deploy --reload`", flush=True)
+        except Exception as exc:  # a registry hiccup must not stop the service; the next poll retries
+            if not check:
+                raise
             print(f"{name}: registry poll failed, still serving the current version: {redact(str(exc))}", flush=True)
+        if stopping.wait(every):
+            return
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -218,7 +229,9 @@ def _serve(args: argparse.Namespace) -> int:
     url = start(config, route_prefix=route_prefix)
     stopping = stop_on_signals()
     print(f"serve: {config.model} at {url}  (API docs {url}/docs, playground {url}/); Ctrl-C stops", flush=True)
-    _follow_registry(stopping, args.poll_registry, APP_NAME)
+    if args.poll_registry:
+        _follow_registry(stopping, args.poll_registry, APP_NAME)
+    stopping.wait()
     print("serve: shutting down", flush=True)
     serve.shutdown()
     ray.shutdown()
@@ -239,9 +252,9 @@ def _deploy(args: argparse.Namespace) -> int:
                          "change how the app is deployed: deploy again without --reload")
     if not ray.is_initialized():
         ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="WARNING")
-    if args.reload:
+    if args.reload and not args.poll_registry:
         reload(args.name, args.model)
-    else:
+    elif not args.reload:
         config, route_prefix = _serve_config(args)
         start(config, name=args.name, route_prefix=route_prefix)
         print(f"deploy: {args.name} runs {config.model} on the cluster's Serve (route {route_prefix})")
