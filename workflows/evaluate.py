@@ -116,12 +116,11 @@ class Embedder:
 
 
 def _decode(batch: dict, image_size: int) -> dict:
-    """decode_batch, keeping every row's key, set, caption (when read) and label (-1 where a row has none)."""
+    """decode_batch, keeping every row's key, set and caption (when read)."""
     out = decode_batch(batch, image_size)
     for name in ("key", "caption"):
         if name in batch:
             out[name] = np.asarray(batch[name], dtype=object)
-    out["label"] = np.asarray([-1 if label is None else label for label in batch["label"]], dtype=np.int64)
     out["eval_set"] = np.asarray(batch["eval_set"], dtype=np.int64)
     return out
 

@@ -521,8 +521,8 @@ def _log_to_mlflow(manifest: dict, output: str) -> None:
 # --------------------------------------------------------------------------------- reading
 
 def decode_batch(batch: dict, image_size: int, context_length: int = 77) -> dict:
-    """Ray Data UDF: prepared rows → uint8 images [B, S, S, 3], padded tokens [B, context] and,
-    for labeled sets, labels [B]."""
+    """Ray Data UDF: prepared rows → uint8 images [B, S, S, 3], padded tokens [B, context] and labels [B]
+    (-1 where a row has none)."""
     images = np.empty((len(batch["image"]), image_size, image_size, 3), dtype=np.uint8)
     for i, data in enumerate(batch["image"]):
         image = to_rgb(Image.open(io.BytesIO(data)))
@@ -534,9 +534,19 @@ def decode_batch(batch: dict, image_size: int, context_length: int = 77) -> dict
         ids = list(ids)[:context_length]
         tokens[i, : len(ids)] = ids
     out = {"image": images, "tokens": tokens}
-    if "label" in batch and not any(label is None for label in batch["label"]):
-        out["label"] = np.asarray(batch["label"], dtype=np.int64)
+    if "label" in batch:
+        out["label"] = label_array(batch["label"])
     return out
+
+
+def label_array(column) -> np.ndarray:
+    """A batch's label column as int64, -1 where a row has none: Ray hands a column holding nulls to a
+    numpy batch as floats with NaN, a Python dict (to_pydict) as None."""
+    values = np.asarray(column)
+    if values.dtype == object:
+        values = np.asarray([np.nan if label is None else label for label in values], dtype=np.float64)
+    return np.where(np.isnan(values), -1, values).astype(np.int64) if values.dtype.kind == "f" else \
+        values.astype(np.int64)
 
 
 def read_manifest(uri: str) -> dict:

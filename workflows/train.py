@@ -530,7 +530,7 @@ def _eval_features(uri: str, model, device, autocast, batch_size: int = 256):
         with autocast:
             image_features.append(model.encode_image(normalize(images), normalize=True).float())
             text_features.append(model.encode_text(tokens, normalize=True).float())
-    labels = torch.from_numpy(data["label"]) if "label" in data else None
+    labels = torch.from_numpy(data["label"]) if (data["label"] >= 0).all() else None  # a set with labels
     return torch.cat(image_features), torch.cat(text_features), labels
 
 
