@@ -366,19 +366,28 @@ class Index:
             members = [i for i, (_, against, _) in enumerate(queries) if against == kind]
             scores = self.vectors[kind] @ np.stack([queries[i][0] for i in members]).T.astype(np.float32)
             for column, i in enumerate(members):
-                k = min(queries[i][2], len(scores))
                 column_scores = scores[:, column]
-                nearest = np.argpartition(-column_scores, k - 1)[:k]
-                nearest = nearest[np.lexsort((nearest, -column_scores[nearest]))]
+                nearest = top_k(column_scores, queries[i][2])
                 rows = self.rows.take(nearest).to_pylist()
                 found[i] = [{**row, "cosine": float(column_scores[j])} for row, j in zip(rows, nearest)]
         return found
 
 
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """The rows of the k highest scores, highest first; ties in row order, also at the k-th place (so the
+    first k of k + 1 are the k)."""
+    k = min(k, len(scores))
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
+    candidates = np.flatnonzero(scores >= kth)  # every row tied with the k-th, not whichever partition kept
+    return candidates[np.lexsort((candidates, -scores[candidates]))][:k]
+
+
 def _matrix(column) -> np.ndarray:
     """A fixed-size-list column → a float32 [rows, dim] array."""
     vectors = column.combine_chunks()
-    return vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(vectors),
+    return vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(vectors),
                                                                                        vectors.type.list_size)
 
 

@@ -174,6 +174,15 @@ def _metric(text: str, name: str, default: float | None = None, **labels) -> flo
     raise AssertionError(f"no {name}{{{wanted}}} in /metrics")
 
 
+def test_search_breaks_ties_by_row_order_also_at_the_kth_place():
+    rng = np.random.default_rng(0)
+    scores = rng.choice(np.float32([0.1, 0.5, 0.9]), size=1000)  # duplicate images embed identically
+    reference = np.lexsort((np.arange(1000), -scores))
+    for k in (1, 3, 10, 100, 999, 1000, 5000):
+        assert served.top_k(scores, k).tolist() == reference[:k].tolist()
+    assert served.top_k(np.zeros(0, np.float32), 5).tolist() == []
+
+
 def test_concurrent_requests_are_batched_and_classifiers_cached(app):
     async def burst():
         async with httpx.AsyncClient(base_url=app["url"], headers=AUTH, timeout=60) as client:
