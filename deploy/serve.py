@@ -387,8 +387,8 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 def _matrix(column) -> np.ndarray:
     """A fixed-size-list column → a float32 [rows, dim] array."""
     vectors = column.combine_chunks()
-    return vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(vectors),
-                                                                                       vectors.type.list_size)
+    flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(len(vectors), vectors.type.list_size)
 
 
 # ------------------------------------------------------------------------------ the ingress
