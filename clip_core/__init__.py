@@ -65,9 +65,11 @@ _PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def create_model(name: str | CLIPConfig, *, quick_gelu: bool | None = None, image_size: int | None = None,
-                 init_logit_bias: float | None = None, precision: str = "fp32",
-                 device: str | torch.device = "cpu") -> CLIP:
-    """A randomly initialised CLIP from a preset name (`ViT-B/32`, `ViT-B-32-quickgelu`, `tiny`…) or a config."""
+                 init_logit_scale: float | None = None, init_logit_bias: float | None = None,
+                 precision: str = "fp32", device: str | torch.device = "cpu") -> CLIP:
+    """A randomly initialised CLIP from a preset name (`ViT-B/32`, `ViT-B-32-quickgelu`, `tiny`…) or a config;
+    `init_logit_scale` is the log temperature it starts at (CLIP's log(1/0.07) unless given), and
+    `init_logit_bias` gives it a learnable logit bias (SigLIP's sigmoid loss: log(10) and -10)."""
     import torch
 
     from .config import CLIPConfig, get_config
@@ -76,6 +78,8 @@ def create_model(name: str | CLIPConfig, *, quick_gelu: bool | None = None, imag
     config = name if isinstance(name, CLIPConfig) else get_config(name, quick_gelu=quick_gelu)
     if image_size is not None:
         config = config.replace(vision=dataclasses.replace(config.vision, image_size=image_size))
+    if init_logit_scale is not None:
+        config = config.replace(init_logit_scale=init_logit_scale)
     if init_logit_bias is not None:
         config = config.replace(init_logit_bias=init_logit_bias)
     if precision not in _PRECISIONS:

@@ -105,6 +105,48 @@ def openclip_model_config(config: CLIPConfig) -> dict:
     return out
 
 
+# OpenCLIP model_cfg keys beside the shapes read below: those that change nothing at any value (training
+# only, or read only under another setting that is refused unless at its default), and those that change
+# what a model computes, often without changing a weight's shape, at the values where it computes ours.
+_OPENCLIP_INERT = {"patch_dropout", "output_tokens", "attn_pooler_queries", "attn_pooler_heads", "pad_id", "eos_id",
+                   "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path",
+                   "hf_model_pretrained", "hf_proj_type", "hf_pooler_type", "cast_dtype"}
+_OPENCLIP_OURS = {
+    "model": {"custom_text": False, "multimodal_cfg": None},
+    "vision_cfg": {"pool_type": "tok", "attentional_pool": False, "no_ln_pre": False, "pos_embed_type": "learnable",
+                   "timm_model_name": None},
+    "text_cfg": {"pool_type": "argmax", "no_causal_mask": False, "embed_cls": False, "proj_type": "linear",
+                 "proj_bias": False, "hf_model_name": None, "hf_tokenizer_name": None, "tokenizer_mode": None,
+                 "tokenizer_kwargs": None},
+    "both": {"ls_init_value": None, "final_ln_after_pool": False, "act_kwargs": None, "norm_kwargs": None,
+             "block_type": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
+             "scale_attn_inner": False, "scale_attn": False, "scale_fc": False},
+}
+_OPENCLIP_SHAPES = {"model": {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_bias",
+                              "init_logit_scale"},
+                    "vision_cfg": {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"},
+                    "text_cfg": {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}}
+
+
+def _check_openclip_settings(model_cfg: dict, source: str) -> None:
+    """Refuse an OpenCLIP model_cfg that asks for a model clip_core does not build: such a model would
+    often load (same shapes) and embed differently."""
+    problems = []
+    for section, values in (("model", model_cfg), ("vision_cfg", model_cfg.get("vision_cfg") or {}),
+                            ("text_cfg", model_cfg.get("text_cfg") or {})):
+        ours = {**_OPENCLIP_OURS[section], **(_OPENCLIP_OURS["both"] if section != "model" else {})}
+        for key, value in values.items():
+            if key in _OPENCLIP_SHAPES[section] or key in _OPENCLIP_INERT:
+                continue
+            if key not in ours:
+                problems.append(f"{section}.{key} (a setting clip_core does not know)")
+            elif value != ours[key] and not (ours[key] in (None, False) and not value):
+                problems.append(f"{section}.{key}={value!r} (clip_core builds {ours[key]!r})")
+    if problems:
+        raise CheckpointError(f"{source} describes a model clip_core does not build: {'; '.join(problems)}. "
+                              "Load it with open_clip instead")
+
+
 def _from_openclip_config(model_cfg: dict, name: str | None) -> CLIPConfig:
     v, t = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     layers = v.get("layers", 12)
@@ -213,6 +255,7 @@ def _read_directory(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, di
         if weights is None:
             raise CheckpointError(f"{path} has {OPENCLIP_CONFIG_FILE} but no open_clip_model.safetensors, "
                                   f"{WEIGHTS_FILE} or open_clip_pytorch_model.bin")
+        _check_openclip_settings(model_cfg, str(path / OPENCLIP_CONFIG_FILE))
         config = _from_openclip_config(model_cfg, name=None)
         state_dict = _read_weights(weights)[0]
     else:
@@ -535,7 +578,7 @@ def resize_pos_embed(state_dict: dict[str, torch.Tensor], config: CLIPConfig) ->
     if old_grid == new_grid:
         return state_dict
     cls, grid = old[:1], old[1:].reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", antialias=True, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(old.dtype)
     return {**state_dict, key: torch.cat([cls, grid])}
 

@@ -93,8 +93,12 @@ class CLIPConfig:
                 problems.append(f"vision.width {v.width} is not divisible by head_width {v.head_width}")
         if t.width % t.heads:
             problems.append(f"text.width {t.width} is not divisible by text.heads {t.heads}")
-        if t.context_length <= 0 or t.vocab_size <= 0 or t.layers <= 0:
-            problems.append("text.context_length, text.vocab_size and text.layers must be positive")
+        if t.context_length <= 0 or t.layers <= 0:
+            problems.append("text.context_length and text.layers must be positive")
+        if t.vocab_size != TextConfig.vocab_size:  # another tokenizer's ids: the text tower would embed nonsense
+            problems.append(f"text.vocab_size is {t.vocab_size}, but clip_core tokenizes with CLIP's BPE, "
+                            f"{TextConfig.vocab_size} ids (a model made with another tokenizer, MetaCLIP 2's "
+                            "XLM-V say, needs that tokenizer: load it with open_clip)")
         if problems:
             raise ValueError("invalid CLIP config: " + "; ".join(problems))
 

@@ -128,6 +128,42 @@ def test_exported_openclip_checkpoint_loads_in_openclip(tmp_path):
 
 
 
+def test_loading_at_another_resolution_resizes_position_embeddings_as_openclip_does(tmp_path):
+    torch.manual_seed(2)
+    clip_core.save_checkpoint(clip_core.create_model("tiny"), tmp_path / "ckpt")  # a 64 px ViT, grid 8
+    for size in (96, 48):  # up and down
+        ours = clip_core.load_model(tmp_path / "ckpt", image_size=size)
+        theirs = open_clip.create_model(f"local-dir:{tmp_path / 'ckpt'}", force_image_size=size)
+        _assert_same_outputs(ours, theirs, image_size=size)
+
+
+@pytest.mark.parametrize("section, setting", [("text_cfg", {"pool_type": "eos", "eos_id": 2}),
+                                              ("text_cfg", {"no_causal_mask": True}),
+                                              ("vision_cfg", {"pool_type": "avg"}),
+                                              ("vision_cfg", {"norm_kwargs": {"eps": 1e-6}}),
+                                              ("text_cfg", {"hf_tokenizer_name": "facebook/xlm-v-base"})])
+def test_an_openclip_model_that_computes_otherwise_with_the_same_shapes_is_refused(tmp_path, section, setting):
+    import json
+
+    clip_core.save_checkpoint(clip_core.create_model("tiny"), tmp_path)
+    path = tmp_path / "open_clip_config.json"
+    description = json.loads(path.read_text())
+    description["model_cfg"][section].update(setting)
+    path.write_text(json.dumps(description))
+    (tmp_path / "config.json").unlink()  # now an OpenCLIP local dir only
+    open_clip.create_model(f"local-dir:{tmp_path}")  # OpenCLIP builds it from these very weights
+    key = next(iter(setting))
+    with pytest.raises(clip_core.CheckpointError, match=rf"clip_core does not build: {section}\.{key}="):
+        clip_core.load_model(tmp_path)
+
+
+def test_a_state_dict_with_another_tokenizers_vocabulary_is_refused():
+    state_dict = clip_core.create_model("tiny").state_dict()
+    state_dict["token_embedding.weight"] = torch.zeros(901_629, state_dict["token_embedding.weight"].shape[1])
+    with pytest.raises(ValueError, match="text.vocab_size is 901629, but clip_core tokenizes with CLIP's BPE"):
+        clip_core.checkpoint.config_from_state_dict(state_dict)
+
+
 def _openclip_decays(name: str, param: torch.Tensor) -> bool:
     """open_clip_train.main's rule, which it writes inline: decay all but gains, biases and the temperature."""
     return not (param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)

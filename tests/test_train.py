@@ -460,6 +460,15 @@ def test_init_loads_pretrained_weights_from_s3(prepared, tmp_path, s3_bucket, mo
                      manifests)
 
 
+def test_a_sigmoid_loss_model_starts_at_siglips_temperature_and_bias_and_a_softmax_one_at_clips():
+    from workflows.train import build_model
+
+    for loss, scale, bias in (("siglip", 10.0, -10.0), ("clip", 1 / 0.07, None)):
+        model = build_model(TrainConfig(data=["unread"], steps=1, model="tiny", loss=loss))
+        assert float(model.logit_scale.exp()) == pytest.approx(scale)
+        assert (None if model.logit_bias is None else float(model.logit_bias)) == bias
+
+
 def test_the_train_crop_resamples_bicubic_within_the_pixel_range():
     # with the crop fixed to the whole image, the augmentation is a plain resize: OpenCLIP's bicubic one
     generator = torch.Generator().manual_seed(0)

@@ -201,8 +201,10 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
             implied = True if kind == "openai" else None
             model = clip_core.load_model(local, quick_gelu=implied if config.quick_gelu is None else config.quick_gelu)
     else:
+        siglip = config.loss == "siglip"  # SigLIP's start (its paper, and open_clip_train --siglip): t = 10, b = -10
         model = clip_core.create_model(config.model, quick_gelu=config.quick_gelu,
-                                       init_logit_bias=-10.0 if config.loss == "siglip" else None)
+                                       init_logit_scale=math.log(10) if siglip else None,
+                                       init_logit_bias=-10.0 if siglip else None)
     if config.loss == "siglip" and model.logit_bias is None:
         raise ValueError("the sigmoid loss needs a model with logit_bias; initialise from a SigLIP checkpoint "
                          "or train from scratch")
