@@ -4,6 +4,7 @@ what runs. Through Serve's controller, so it works from any driver connected to 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Collection
 
@@ -59,6 +60,15 @@ def start(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/")
     serve.start(http_options={"host": config.host, "port": config.port}, logging_config={"log_level": config.log_level})
     deploy(config, name=name, route_prefix=route_prefix)
     return f"http://{config.host}:{config.port}{route_prefix.rstrip('/')}"
+
+
+def stop(name: str = APP_NAME) -> None:
+    """Take app `name` down as its command ends: Serve with it where this process started Ray itself, only
+    the app on a cluster it joined (RAY_ADDRESS), where other apps keep running."""
+    if os.environ.get("RAY_ADDRESS"):
+        serve.delete(name)
+    else:
+        serve.shutdown()
 
 
 def deploy(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = 600) -> None:

@@ -566,6 +566,26 @@ def test_playground_page_classifies_a_dropped_image_and_searches_the_index_in_he
     assert (artifacts / "playground.png").stat().st_size > 1000
 
 
+def test_a_command_that_joined_a_cluster_takes_down_only_its_own_app(app, monkeypatch):
+    import ray
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Hello:
+        async def __call__(self, request) -> str:
+            return "hello"
+
+    for name in ("bystander", "leaving"):
+        serve.run(Hello.bind(), name=name, route_prefix=f"/{name}")
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)  # as under `ray job submit`
+    rollout.stop("leaving")
+    try:
+        assert set(serve.status().applications) == {served.APP_NAME, "bystander"}
+        assert httpx.get(app["url"] + "/v1/model", headers=AUTH).status_code == 200
+    finally:
+        serve.delete("bystander")
+
+
 def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tmp_path, capsys):
     from pathlib import Path
 

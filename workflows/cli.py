@@ -218,9 +218,8 @@ def _follow_registry(stopping, every: float, name: str, model: str | None = None
 
 def _serve(args: argparse.Namespace) -> int:
     import ray
-    from ray import serve
 
-    from deploy.rollout import start
+    from deploy.rollout import start, stop
     from deploy.serve import APP_NAME
 
     from .runtime import stop_on_signals
@@ -233,7 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
         _follow_registry(stopping, args.poll_registry, APP_NAME)
     stopping.wait()
     print("serve: shutting down", flush=True)
-    serve.shutdown()
+    stop(APP_NAME)
     ray.shutdown()
     return 0
 

@@ -77,18 +77,18 @@ def run_demo(overrides: list[str] = (), *, config_path: str | None = None, keep_
     if keep_serving:
         serve_until_interrupted(echo)
     else:
-        from ray import serve
+        from deploy import rollout
 
-        serve.shutdown()
+        rollout.stop()
     return outcome
 
 
 def serve_until_interrupted(echo) -> None:
-    from ray import serve
+    from deploy import rollout
 
     from .runtime import stop_on_signals
 
     stopping = stop_on_signals()
     echo("serving until Ctrl-C")
     stopping.wait()
-    serve.shutdown()
+    rollout.stop()
