@@ -318,6 +318,33 @@ def _metrics(sets, top1: float, digest_of: str = "heldout") -> dict:
                          "digest": read_manifest(str(sets / digest_of))["digest"]}}
 
 
+def test_a_stage_nested_in_a_pipeline_of_another_experiment_logs_to_a_new_run_and_mlflow_is_put_back(
+        tmp_path, monkeypatch):
+    from mlflow.tracking import fluent
+
+    from workflows.tracking import set_experiment, start_run
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default store, ./mlflow.db
+    tracking = f"sqlite:///{tmp_path / 'pipeline.db'}"
+    mlflow.set_experiment("my-notebook")  # the caller's own store and experiment, left as they were
+    mine = (mlflow.get_tracking_uri(), fluent._active_experiment_id, os.environ.get("MLFLOW_EXPERIMENT_ID"))
+    with using(tracking):
+        with start_run(None, "first", "train") as first:  # the run a checkpoint names
+            pass
+        set_experiment("renamed")  # a rerun after `mlflow.experiment` changed
+        with mlflow.start_run(run_name="pipeline") as pipeline:
+            with start_run(first.info.run_id, "renamed", "evaluate") as evaluate_run:
+                mlflow.log_metric("eval.top1", 0.5)
+        assert evaluate_run.info.run_id != first.info.run_id
+        assert evaluate_run.info.experiment_id == pipeline.info.experiment_id
+        assert evaluate_run.data.tags.get("mlflow.parentRunId", pipeline.info.run_id) == pipeline.info.run_id
+        set_experiment("first")
+        with mlflow.start_run(run_name="pipeline"):
+            with start_run(first.info.run_id, "first", "evaluate") as reopened:  # same experiment: reopened
+                assert reopened.info.run_id == first.info.run_id
+    assert (mlflow.get_tracking_uri(), fluent._active_experiment_id, os.environ.get("MLFLOW_EXPERIMENT_ID")) == mine
+
+
 def test_register_promote_gate_and_rollback(sets, tmp_path, capsys):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     flags = ["--mlflow-tracking-uri", tracking]

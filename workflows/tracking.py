@@ -106,8 +106,13 @@ def start_run(run_id: str | None, experiment: str, run_name: str, tags: dict | N
     pipeline's), nested in it."""
     import mlflow
 
+    from mlflow.tracking import fluent
+
     nested = mlflow.active_run() is not None
-    if run_id and run_exists(run_id):
+    # MLflow reopens a run only in the active experiment: a rerun after `mlflow.experiment` changed finds
+    # the checkpoint's run in the old one, and logs into a new run of the pipeline's instead
+    if run_id and run_exists(run_id) and fluent._active_experiment_id in (
+            None, mlflow.MlflowClient().get_run(run_id).info.experiment_id):
         return mlflow.start_run(run_id=run_id, nested=nested)
     if not nested:
         set_experiment(experiment)
@@ -116,19 +121,22 @@ def start_run(run_id: str | None, experiment: str, run_name: str, tags: dict | N
 
 @contextlib.contextmanager
 def using(uri: str | None):
-    """MLflow's tracking and registry URIs set to `uri` for the block, then put back as they were,
-    with $MLFLOW_TRACKING_URI and $MLFLOW_REGISTRY_URI (which MLflow's setters also write): a pipeline
-    run in a longer-lived process (a notebook, a test session) leaves MLflow pointing where it did.
-    `None` keeps whatever MLflow points at."""
+    """MLflow's tracking and registry URIs set to `uri` for the block, then put back as they were, with
+    the active experiment and $MLFLOW_TRACKING_URI, $MLFLOW_REGISTRY_URI and $MLFLOW_EXPERIMENT_ID (which
+    MLflow's setters also write): a pipeline run in a longer-lived process (a notebook, a test session)
+    leaves MLflow pointing where it did. `None` keeps whatever MLflow points at."""
     if not uri:
         yield
         return
     import mlflow
+    from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry_state  # no public way to read "unset"
     from mlflow.tracking._tracking_service import utils as tracking_state
 
     saved_tracking, saved_registry = tracking_state._tracking_uri, registry_state._registry_uri
-    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved_experiment = fluent._active_experiment_id
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+                                                      "MLFLOW_EXPERIMENT_ID")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -136,6 +144,7 @@ def using(uri: str | None):
     finally:
         mlflow.set_tracking_uri(saved_tracking)  # None unsets it
         registry_state._registry_uri = saved_registry
+        fluent._active_experiment_id = saved_experiment
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
