@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(handler=_train)
 
     tracking = argparse.ArgumentParser(add_help=False)
-    tracking.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI, else MLflow's default store")
+    tracking.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI, else MLflow's default "
+                          "store; evaluate logs no run without either")
 
     actors = argparse.ArgumentParser(add_help=False)
     actors.add_argument("--batch-size", type=int, default=256)
