@@ -113,7 +113,7 @@ def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_th
 
     job = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayjob.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
-    assert job["spec"]["entrypoint"] == "rayclip run configs/cluster.yaml"
+    assert job["spec"]["entrypoint"] == "rayclip run configs/cluster.yaml --set serve.enabled=false"
     cluster_pipeline = pipeline.load_config(str(ROOT / "configs" / "cluster.yaml"))
     assert cluster_pipeline.root().startswith("s3://") and cluster_pipeline.train["use_gpu"] is True
     assert cluster_pipeline.train["precision"] == "bf16" and cluster_pipeline.train["batch_size"] == 32768

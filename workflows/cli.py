@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("evaluate", parents=[tracking, activation, actors],
                              help="zero-shot, retrieval and linear-probe metrics (Ray Data)",
                              description="Evaluate a checkpoint or registered model. Metrics go to --json, to "
-                             "MLflow (the model's run, else a new run) and, for models:/ URIs, onto the version.")
+                             "MLflow when a tracking URI is set (the model's run, else a new run) and, for "
+                             "models:/ URIs, onto the version.")
     ev.add_argument("model", help=MODEL_HELP)
     ev.add_argument("--zeroshot", help="labeled prepared set for zero-shot classification")
     ev.add_argument("--classnames", help="one class name per line, line i is label i (default: the set's manifest)")
