@@ -733,7 +733,9 @@ class Ingress:
     @api.get("/", include_in_schema=False)
     async def playground(self) -> HTMLResponse:
         """A small page to try the model: drop an image, type labels, see the bars."""
-        return HTMLResponse(PLAYGROUND, headers={"Content-Security-Policy": PLAYGROUND_CSP})
+        # an int, so nothing but digits lands in the page; it refuses larger files before reading them
+        page = PLAYGROUND.replace("{{MAX_IMAGE_BYTES}}", str(int(self.config.limits.max_image_bytes)))
+        return HTMLResponse(page, headers={"Content-Security-Policy": PLAYGROUND_CSP})
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

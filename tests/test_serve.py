@@ -546,6 +546,11 @@ def test_playground_page_classifies_a_dropped_image_and_searches_the_index_in_he
             page.on("request", lambda r: None if r.url.startswith(app["url"]) else blocked.append(r.url))
             page.goto(app["url"] + "/")
             page.wait_for_selector("text=model: clip-serve v1")
+            # the server writes its max_image_bytes (512 KiB here) into the page, which refuses larger files
+            too_big = {"name": "big.png", "mimeType": "image/png", "buffer": bytes(600 * 2**10)}
+            page.set_input_files("#file", too_big)
+            page.wait_for_selector("text=the image is 600.0 KiB; this server takes at most 512.0 KiB")
+            assert page.is_disabled("#classify")
             page.set_input_files("#file", str(tmp_path / "shape.png"))
             page.fill("#labels", ", ".join(labels))
             page.fill("#token", TOKEN)
