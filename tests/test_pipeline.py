@@ -112,6 +112,28 @@ def test_stage_keys_outlive_releases_that_add_options():
         assert now == defaults, f"{stage.__name__}'s defaults changed: bump pipeline.KEY_VERSION"
 
 
+def test_editing_the_model_file_or_the_init_weights_trains_again(tmp_path):
+    model_file, weights = tmp_path / "model.json", tmp_path / "init"
+    model_file.write_text(json.dumps(micro_config().to_dict()))
+    clip_core.save_checkpoint(clip_core.CLIP(micro_config()), weights)
+    config = pipeline.load_config(None, [f"model.name={model_file}", f"model.init={weights}"])
+    train = pipeline.StageConfigs.build(config)[0]
+
+    def key():
+        return pipeline.stage_key(train, {"train": "sha256:0"}, *pipeline.train_inputs(train),
+                                  unkeyed=pipeline._TRAIN_UNKEYED)
+
+    before = key()
+    assert key() == before  # nothing read differently: the rerun skips training
+    model_file.write_text(json.dumps(micro_config().replace(embed_dim=48).to_dict()))
+    edited = key()
+    assert edited != before
+    os.utime(weights / "model.safetensors", ns=(1, 1))  # weights copied in anew
+    assert key() != edited
+    # a preset trained from scratch keys as it always did (test_stage_keys_outlive_releases_that_add_options)
+    assert pipeline.train_inputs(pipeline.StageConfigs.build(pipeline.PipelineConfig())[0]) == []
+
+
 def _micro_pipeline(tmp_path) -> list[str]:
     """--set overrides for a pipeline small enough for a test: the micro model, a few steps, little data."""
     model_file = tmp_path / "micro.json"

@@ -179,6 +179,24 @@ def stage_key(config: BaseModel, *inputs, unkeyed: set[str] = frozenset()) -> st
     return _digest([KEY_VERSION, config.model_dump(mode="json", exclude=set(unkeyed), exclude_defaults=True), *inputs])
 
 
+def train_inputs(config) -> list:
+    """What the train key holds beside the config and the data: the content of a model config file and
+    what tells one set of init weights from another (each file's size and modification time: hashing
+    gigabytes per run would cost minutes), so that editing either trains again instead of reusing the
+    checkpoint of the file's former content. Nothing for a preset trained from scratch."""
+    from .train import init_source
+
+    inputs = []
+    if config.model.endswith(".json"):
+        inputs.append({"model_file": hashlib.sha256(storage.read_bytes(config.model, 2**20)).hexdigest()})
+    if config.init:
+        path = init_source(config.init)[1]
+        files = storage.list_files(path) if storage.is_dir(path) else [path]
+        inputs.append({"init": [(file[len(path):], (info := storage.info(file)).size, str(info.mtime))
+                                for file in files]})
+    return inputs
+
+
 # ------------------------------------------------------------------------------ loading
 
 
@@ -416,7 +434,7 @@ class Pipeline:
         from .train import latest_checkpoint, train
 
         digests = {split: self._digest(uri) for split, uri in data.items() if uri and split != "index"}
-        key = stage_key(train_config, digests, unkeyed=_TRAIN_UNKEYED)
+        key = stage_key(train_config, digests, *train_inputs(train_config), unkeyed=_TRAIN_UNKEYED)
         output = self.config.path("checkpoints", f"train-{key}")
         self.outcome["checkpoint"] = output
         if storage.exists(storage.join(output, "model.safetensors")):
