@@ -378,14 +378,20 @@ def test_register_promote_gate_and_rollback(sets, tmp_path, capsys):
     assert str(client.get_registered_model("clip").aliases["champion"]) == "1"
 
     # a worse challenger leaves the champion where it is, and the decision is on both versions
-    registry.register(str(sets / "ckpt"), "clip", metrics=_metrics(sets, 0.40), tracking_uri=tracking, echo=print)
+    registry.register(str(sets / "ckpt"), "clip", metrics=_metrics(sets, 0.40), tracking_uri=tracking, echo=print,
+                      tags={pipeline.PIPELINE_KEY_TAG: "0123"})
     assert cli.main(["promote", "clip", *flags]) == 1
     assert str(client.get_registered_model("clip").aliases["champion"]) == "1"
     v2 = client.get_model_version("clip", "2")
-    assert v2.tags["validation_status"] == "failed"
+    assert v2.tags["validation_status"] == "failed" and v2.tags[pipeline.PIPELINE_KEY_TAG] == "0123"
     decision = json.loads(v2.tags["promotion.decision"])
     assert (decision["challenger_value"], decision["champion_value"]) == (0.4, 0.5)
     assert json.loads(client.get_model_version("clip", "1").tags["promotion.last_comparison"]) == decision
+    # a pipeline rerun that evaluated the version again: its metrics in place of the old ones
+    registry.record_metrics("clip", "2", {"zeroshot": {"top1": 0.45, "digest": "sha256:x"}}, tracking_uri=tracking)
+    tags = client.get_model_version("clip", "2").tags
+    assert (tags["eval.zeroshot.top1"], tags["eval.zeroshot.digest"]) == ("0.45", "sha256:x")
+    assert "eval.zeroshot.top5" not in tags
 
     # within the allowed drop: promoted; metrics on another eval set cannot be compared
     registry.register(str(sets / "ckpt"), "clip", metrics=_metrics(sets, 0.497), tracking_uri=tracking)

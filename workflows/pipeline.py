@@ -479,11 +479,13 @@ class Pipeline:
                     if client.get_model_version(name, str(found.version)).tags.get(PIPELINE_KEY_TAG) == train_key]
         if existing:
             version = existing[0]
+            # this run's evaluation (another eval config, say) is what the gate and `rayclip models` read
+            registry.record_metrics(name, version, metrics, tracking_uri=self.tracking)
             self._stage("register", "skipped", f"{name} version {version} holds this checkpoint")
         else:
             version = registry.register(checkpoint, name, metrics=metrics, tracking_uri=self.tracking,
+                                        tags={PIPELINE_KEY_TAG: train_key},  # before the alias moves
                                         echo=lambda line: self.echo(f"  {line}"))["version"]
-            client.set_model_version_tag(name, version, PIPELINE_KEY_TAG, train_key)
             self._stage("register", "done", f"{name} version {version} (challenger)")
         self.outcome["model_version"] = version
         return version

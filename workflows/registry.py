@@ -226,8 +226,12 @@ def version_metrics(tags: dict[str, str] | None) -> dict[str, str]:
 
 
 def record_metrics(name: str, version: str, metrics: dict, *, tracking_uri: str | None = None) -> None:
-    registry = client(tracking_uri)
-    for key, value in metric_tags(metrics).items():
+    """Put `metrics` on the version as its eval tags, in place of those it held."""
+    registry, tags = client(tracking_uri), metric_tags(metrics)
+    for key in version_metrics(registry.get_model_version(name, str(version)).tags):
+        if f"eval.{key}" not in tags:
+            registry.delete_model_version_tag(name, str(version), f"eval.{key}")
+    for key, value in tags.items():
         registry.set_model_version_tag(name, str(version), key, value)
 
 
@@ -274,9 +278,9 @@ def _signature():
 
 def register(checkpoint: str, name: str, *, metrics: dict | None = None, tracking_uri: str | None = None,
              experiment: str = "rayclip", run_id: str | None = None, alias: str = CHALLENGER,
-             quick_gelu: bool | None = None, echo=print) -> dict:
+             quick_gelu: bool | None = None, tags: dict[str, str] | None = None, echo=print) -> dict:
     """Log `checkpoint` as a pyfunc model in its train run (or a new `register` run), register it
-    as a new version of `name` with lineage (and eval metrics) as tags, and point `alias` at it.
+    as a new version of `name` with lineage, eval metrics and `tags` as tags, and point `alias` at it.
     `quick_gelu`: the activation of weights in another format (see fetch_checkpoint)."""
     import mlflow
     import pandas as pd
@@ -291,7 +295,7 @@ def register(checkpoint: str, name: str, *, metrics: dict | None = None, trackin
             if Path(source.directory, file).is_file():
                 shutil.copy(Path(source.directory, file), staged)
         clip_core.load_model(staged)  # refuse a checkpoint that does not load before registering it
-        tags = {**lineage(staged), **metric_tags(metrics or {}), "checkpoint_source": checkpoint}
+        tags = {**lineage(staged), **metric_tags(metrics or {}), "checkpoint_source": checkpoint, **(tags or {})}
         with start_run(run_id or source.run_id, experiment, "register", {"rayclip.stage": "register"}):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
