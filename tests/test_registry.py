@@ -118,6 +118,16 @@ def test_a_set_of_captions_without_labels_is_embedded_and_evaluated_for_retrieva
         assert low - 1e-9 <= metrics["retrieval"][key.replace("R@", "R")] <= high + 1e-9, key
 
 
+def test_evaluate_writes_its_json_only_once_mlflow_holds_its_metrics(sets, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    config = EvaluateConfig(model=str(sets / "ckpt"), retrieval=str(sets / "heldout"), batch_size=64,
+                            output_json=str(tmp_path / "metrics.json"),
+                            mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(MlflowException, match="127.0.0.1"):
+        evaluate(config, echo=lambda *_: None)
+    assert not (tmp_path / "metrics.json").exists()  # else a pipeline rerun skips it, and MLflow never gets them
+
+
 def test_per_class_recall_keeps_every_class_apart_when_two_share_a_name():
     confusion = np.array([[3, 1, 0], [0, 0, 2], [0, 0, 0]])  # true x predicted; class 2 has no images
     assert per_class_recall(confusion, ["crane", "crane", "kite"]) == {"crane (0)": 0.75, "crane (1)": 0.0}

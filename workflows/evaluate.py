@@ -309,12 +309,12 @@ def evaluate(config: EvaluateConfig, echo=print) -> dict:
         artifacts = os.path.join(scratch, "eval")
         os.makedirs(artifacts)
         metrics = _evaluate(config, source, artifacts, echo)
-        if config.output_json:
-            storage.write_bytes(config.output_json, (json.dumps(metrics, indent=2) + "\n").encode())
         if source.name:
             registry.record_metrics(source.name, source.version, metrics, tracking_uri=config.mlflow_tracking_uri)
         if config.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
             metrics["mlflow_run_id"] = _log_to_mlflow(config, source, metrics, artifacts)
+        if config.output_json:  # last: the pipeline skips an evaluation whose file exists, MLflow's part included
+            storage.write_bytes(config.output_json, (json.dumps(metrics, indent=2) + "\n").encode())
     return metrics
 
 
