@@ -15,12 +15,13 @@ import torch
 import clip_core
 from workflows import cli, demo, pipeline, synthetic
 from workflows.preprocess import read_manifest
+from workflows.tracking import redact, without_credentials
 
 from micro import micro_config
 from ports import free_port
 
 
-def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
+def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path, monkeypatch):
     path = tmp_path / "pipeline.yaml"
     path.write_text("data:\n  preprocess:\n    image_size: big\nregistry:\n  gate:\n    max_drop: -1\n")
     with pytest.raises(pipeline.ConfigError) as error:
@@ -61,10 +62,24 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path):
     assert (local.model.name, local.data.train) == (os.path.abspath("micro.json"), os.path.abspath("shards/{0..3}.tar"))
     shown = pipeline.show(config)
     assert "steps: 7" in shown and "lr: 0.001" in shown  # the tiny preset's recipe, resolved
-    secret = pipeline.load_config(None, ["mlflow.tracking_uri=http://ops:hunter2@127.0.0.1:5000",
-                                         "serve.auth_token=token-Secret-42"])
+    with pytest.raises(pipeline.ConfigError, match=r"serve.enabled must be true or false, not 'false'"):
+        pipeline.load_config(None, ["serve.enabled='false'"])
+    # the deploy stage cannot hand a URI's password to Serve's replicas: refused before any work, unless
+    # they can read it from MLflow's variables (or there is no deploy stage)
+    secret_overrides = ["mlflow.tracking_uri=http://ops:hunter2@127.0.0.1:5000", "serve.auth_token=token-Secret-42"]
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    with pytest.raises(pipeline.ConfigError, match="set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
+        pipeline.load_config(None, secret_overrides)
+    with pytest.raises(pipeline.ConfigError, match=r"serve from an MLflow tracking server \(http://\)"):
+        pipeline.load_config(None, ["mlflow.tracking_uri=postgresql://mlflow:s3cret@db/mlflow"])
+    assert not pipeline.load_config(None, [*secret_overrides, "serve.enabled=false"]).serving()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ops")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
+    secret = pipeline.load_config(None, secret_overrides)
     shown = pipeline.show(secret)  # what `rayclip config show` prints and the pipeline run logs
     assert "http://***@127.0.0.1:5000" in shown and "auth_token: '***'" in shown
+    assert redact("at https://u:p@ss@host:5000/api, then s3://b/k@1") == "at https://***@host:5000/api, then s3://b/k@1"
+    assert without_credentials("https://u:p@ss@host/api") == "https://host/api"
     assert "hunter2" not in shown and "token-Secret-42" not in shown
     # Serve would show the app's config on its dashboard: its replicas get the URI without the password
     assert pipeline.StageConfigs.build(secret)[2].mlflow_tracking_uri == "http://127.0.0.1:5000"

@@ -151,6 +151,13 @@ class PipelineConfig(_Section):
         root = self.storage.root or os.environ.get("RAYCLIP_STORAGE") or "work"
         return root if storage.is_s3(root) else os.path.abspath(root)
 
+    def serving(self) -> bool:
+        """Whether the pipeline ends with its deploy stage (serve.enabled, true unless set false)."""
+        enabled = self.serve.get("enabled", True)
+        if not isinstance(enabled, bool):  # "false" in quotes would deploy
+            raise ValueError(f"serve.enabled must be true or false, not {enabled!r}")
+        return enabled
+
     def tracking_uri(self) -> str:
         uri = self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if uri:
@@ -253,6 +260,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> PipelineC
         raise ConfigError(_explain(exc, (), lines, path)) from None
     except _SectionError as exc:
         raise ConfigError(_explain(exc.error, exc.section, lines, path)) from None
+    except ValueError as exc:  # a rule across sections
+        raise ConfigError(f"invalid pipeline config: {exc}") from None
     return config
 
 
@@ -311,6 +320,15 @@ class StageConfigs:
                 mlflow_experiment=config.mlflow.experiment))
         serve_values = {k: v for k, v in config.serve.items() if k != "enabled"}
         owned = _SERVE_OWNED | ({"index"} if config.data.index else set())  # the pipeline embeds data.index
+        if config.serving() and without_credentials(tracking) != tracking and not (
+                tracking.startswith(("http://", "https://")) and os.environ.get("MLFLOW_TRACKING_PASSWORD")):
+            raise ValueError(
+                "serve: the tracking URI holds a user and password, which the deploy stage cannot hand to Serve's "
+                "replicas (Serve shows an app's config on its dashboard): "
+                + ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD here and on the cluster's nodes, "
+                   "which the replicas read" if tracking.startswith(("http://", "https://")) else
+                   "serve from an MLflow tracking server (http://) in front of this database")
+                + ", or set serve.enabled=false")
         # Serve keeps (and shows) an app's config: its replicas take MLflow's credentials from its variables
         serve = cls._build("serve", ServeConfig, serve_values, owned, dict(
             model=f"models:/{config.registry.name}@champion", mlflow_tracking_uri=without_credentials(tracking)))
@@ -400,7 +418,7 @@ class Pipeline:
         if data["index"]:
             serve = serve.model_copy(update={"index": self.index(data["index"], evaluate)})
             mlflow.set_tag("rayclip.index", serve.index)
-        if config.serve.get("enabled", True):
+        if self.config.serving():
             self.outcome["url"] = self.deploy(serve)
             mlflow.set_tag("rayclip.deployment", self.outcome["url"])
         else:

@@ -22,7 +22,7 @@ HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQU
 for _key, _value in HTTP_RETRY_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")  # to the last @ before the path: a password may hold a raw @
 
 
 def redact(text: str) -> str:
