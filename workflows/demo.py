@@ -15,6 +15,7 @@ import json
 import urllib.request
 
 from . import pipeline, synthetic
+from .tracking import redact
 
 
 SEARCH = "a blue star"  # a combination the training set shows
@@ -65,9 +66,10 @@ def run_demo(overrides: list[str] = (), *, config_path: str | None = None, keep_
         outcome["found"] = _post(outcome["url"], "/v1/search", {"text": SEARCH, "k": 3}, token)
         found = "; ".join(f"{row['caption']} {row['cosine']:.2f}" for row in outcome["found"])
         echo(f"POST {outcome['url']}/v1/search  (\"{SEARCH}\" among the validation images) → {found}")
-    tracking = config.tracking_uri()
+    tracking = redact(config.tracking_uri())  # printed, and kept in a job's logs
+    ui = tracking if tracking.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {tracking}"
     echo("where to look:")
-    echo(f"  MLflow UI:   mlflow ui --backend-store-uri {tracking}   (run {outcome['mlflow_run_id']}, "
+    echo(f"  MLflow UI:   {ui}   (run {outcome['mlflow_run_id']}, "
          f"model {config.registry.name} version {outcome['model_version']})")
     echo(f"  registry:    MLFLOW_TRACKING_URI={tracking} rayclip models {config.registry.name}   "
          "(and promote, rollback, serve)")
