@@ -21,7 +21,7 @@ from micro import micro_config
 from ports import free_port
 
 
-def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path, monkeypatch):
+def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path, monkeypatch, capsys):
     path = tmp_path / "pipeline.yaml"
     path.write_text("data:\n  preprocess:\n    image_size: big\nregistry:\n  gate:\n    max_drop: -1\n")
     with pytest.raises(pipeline.ConfigError) as error:
@@ -62,6 +62,11 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path, monkeypa
     assert (local.model.name, local.data.train) == (os.path.abspath("micro.json"), os.path.abspath("shards/{0..3}.tar"))
     shown = pipeline.show(config)
     assert "steps: 7" in shown and "lr: 0.001" in shown  # the tiny preset's recipe, resolved
+    path.write_text("train:\n  steps: [1\n")  # what `rayclip run` and `config show` answer: no traceback
+    assert cli.main(["config", "show", str(path)]) == 2
+    assert "rayclip config: error: not valid YAML: while parsing a flow sequence" in capsys.readouterr().err
+    assert cli.main(["config", "show", "--set", "train.steps={"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
     with pytest.raises(pipeline.ConfigError, match=r"serve.enabled must be true or false, not 'false'"):
         pipeline.load_config(None, ["serve.enabled='false'"])
     # the deploy stage cannot hand a URI's password to Serve's replicas: refused before any work, unless

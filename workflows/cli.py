@@ -19,9 +19,14 @@ MODEL_HELP = "checkpoint directory, s3:// prefix, or models:/NAME@ALIAS | models
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .pipeline import PipelineError
 
     overrides = [f"train.steps={args.steps}"] if args.steps is not None else []
-    run_demo([*overrides, *args.set], config_path=args.config, keep_serving=args.keep_serving)
+    try:
+        run_demo([*overrides, *args.set], config_path=args.config, keep_serving=args.keep_serving)
+    except PipelineError as exc:  # as `rayclip run` answers it
+        print(f"rayclip demo: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -499,11 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import yaml
+
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except (ValueError, OSError) as exc:
         print(f"rayclip {args.command}: error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as exc:  # a config file or a --set value
+        print(f"rayclip {args.command}: error: not valid YAML: {redact(str(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:
         if not is_mlflow_error(exc):
