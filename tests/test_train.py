@@ -547,6 +547,22 @@ def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):
 
 
 
+def test_train_flags_override_the_config_file_which_overrides_the_environment(tmp_path, monkeypatch):
+    from workflows import cli
+
+    (tmp_path / "train.yaml").write_text("data: [prepared]\nsteps: 9\nmlflow_tracking_uri: http://file:5000\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+
+    def config(*flags):
+        return cli._train_config(cli.build_parser().parse_args(["train", *flags]))
+
+    assert config("--config", str(tmp_path / "train.yaml")).mlflow_tracking_uri == "http://file:5000"
+    flagged = config("--config", str(tmp_path / "train.yaml"), "--mlflow-tracking-uri", "http://flag:5000",
+                     "--steps", "3")
+    assert (flagged.mlflow_tracking_uri, flagged.steps) == ("http://flag:5000", 3)
+    assert config("--data", "prepared").mlflow_tracking_uri == "sqlite:///env.db"
+
+
 def test_resume_latest_finds_the_newest_checkpoint_across_runs(tmp_path):
     for run, steps in (("train-a", (3, 6)), ("train-b", (9,)), ("train-c", ())):
         for step in steps:

@@ -69,9 +69,19 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .train import train
+
+    train(_train_config(args))
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    """The TrainConfig of `rayclip train`: flags over the --config file over $MLFLOW_TRACKING_URI."""
+    from .train import TrainConfig
 
     values = _read_config_file(args.config) if args.config else {}
+    if not values.get("mlflow_tracking_uri"):  # flag > file > environment, as for serve
+        values["mlflow_tracking_uri"] = os.environ.get("MLFLOW_TRACKING_URI")
     values.update({k: v for k, v in {"data": args.data, "val": args.val, "zeroshot": args.zeroshot,
               "output": args.output,
               "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "workers": args.workers,
@@ -80,10 +90,9 @@ def _train(args: argparse.Namespace) -> int:
               "lr": args.lr, "accum_freq": args.accum_freq, "precision": args.precision,
               "patch_dropout": args.patch_dropout, "unmasked_tuning_steps": args.unmasked_tuning_steps,
               "checkpoint_every": args.checkpoint_every, "max_failures": args.max_failures,
-              "mlflow_tracking_uri": args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+              "mlflow_tracking_uri": args.mlflow_tracking_uri,
               "seed": args.seed, "quick_gelu": args.quick_gelu}.items() if v is not None})
-    train(TrainConfig(**values))
-    return 0
+    return TrainConfig(**values)
 
 
 def _tracking_uri(args: argparse.Namespace) -> str | None:
