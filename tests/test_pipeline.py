@@ -57,6 +57,10 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path, monkeypa
     cluster = pipeline.load_config(str(path))
     assert cluster.root() == "s3://bucket/runs" and cluster.train == {"workers": 4, "use_gpu": True}
     assert "  workers: 4\n" in pipeline.show(cluster) and "num_workers" not in pipeline.show(cluster)
+    assert pipeline.load_config(None, ["storage.root=~/runs"]).root() == os.path.expanduser("~/runs")
+    assert pipeline.load_config(None, ["storage.root=file:///data/runs"]).root() == "/data/runs"
+    with pytest.raises(pipeline.ConfigError, match="storage.root 'gs://b/runs': give a local directory or an s3://"):
+        pipeline.load_config(None, ["storage.root=gs://b/runs"])
     # local paths are pinned to this directory: Ray's workers (and a job's driver) run elsewhere
     local = pipeline.load_config(None, ["model.name=micro.json", "data.train=shards/{0..3}.tar"])
     assert (local.model.name, local.data.train) == (os.path.abspath("micro.json"), os.path.abspath("shards/{0..3}.tar"))

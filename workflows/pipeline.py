@@ -148,8 +148,10 @@ class PipelineConfig(_Section):
         return value
 
     def root(self) -> str:
-        root = self.storage.root or os.environ.get("RAYCLIP_STORAGE") or "work"
-        return root if storage.is_s3(root) else os.path.abspath(root)
+        root = storage.absolute(self.storage.root or os.environ.get("RAYCLIP_STORAGE") or "work")
+        if "://" in root and not storage.is_s3(root):
+            raise storage.UnsupportedURI(f"storage.root {root!r}: give a local directory or an s3:// prefix")
+        return root
 
     def serving(self) -> bool:
         """Whether the pipeline ends with its deploy stage (serve.enabled, true unless set false)."""

@@ -74,9 +74,10 @@ def join(uri: str, *parts: str) -> str:
 
 
 def absolute(uri: str) -> str:
-    """A local path made absolute against this process's directory (Ray's workers run elsewhere); a URI
-    (s3://, file://, synthetic://) as it is."""
-    return uri if "://" in uri else os.path.abspath(uri)
+    """A local path or file:// URI as an absolute path against this process's directory, `~` expanded
+    (Ray's workers run elsewhere); any other URI (s3://, synthetic://) as it is."""
+    uri = uri.removeprefix("file://")
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
 def dirname(uri: str) -> str:
