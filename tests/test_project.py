@@ -47,6 +47,26 @@ def test_cli_reports_the_installed_version():
     assert (result.returncode, result.stdout.strip()) == (0, f"rayclip {version('rayclip')}")
 
 
+def test_the_git_commit_recorded_is_rayclips_checkout_never_a_repository_it_is_installed_into(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from workflows.tracking import git_commit
+
+    assert git_commit() == subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                          check=True).stdout.strip()
+    project = tmp_path / "user-project"  # a user's repository, with rayclip installed in its virtualenv
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    subprocess.run(["git", "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q", "--allow-empty", "-m", "x"],
+                   cwd=project, check=True)
+    site = project / ".venv" / "site-packages"
+    shutil.copytree(ROOT / "workflows", site / "workflows")
+    found = subprocess.run([sys.executable, "-c", "from workflows.tracking import git_commit; print(git_commit())"],
+                           cwd=site, capture_output=True, text=True, check=True).stdout.strip()
+    assert found == "None"
+
+
 def test_synthetic_heldout_classes_never_appear_in_training():
     heldout = set(synthetic.heldout_class_names())
     assert len(heldout) == 16

@@ -185,9 +185,12 @@ def rayclip_version() -> str:
 
 
 def git_commit() -> str | None:
-    """The commit of the checkout rayclip runs from, when it runs from one."""
+    """The commit of the checkout rayclip runs from, when it runs from one (not that of a repository it is
+    installed into: a virtualenv inside a user's project)."""
+    here = Path(__file__).resolve().parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        top, commit = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True,
+                                     check=True, cwd=here).stdout.split()
+    except (OSError, subprocess.CalledProcessError, ValueError):
         return None
+    return commit if Path(top).resolve() == here.parent else None
