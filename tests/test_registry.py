@@ -557,9 +557,17 @@ def test_registered_model_on_mlflow_server_evaluates_promotes_and_loads_in_a_fre
         "images = [bytes.fromhex(h) for h in json.loads(sys.stdin.read())]\n"
         f"out = model.predict(pd.DataFrame({{'image': images}}), params={{'labels': {labels!r}, 'top_k': 2}})\n"
         "emb = model.predict(pd.DataFrame({'text': ['a red circle']}))\n"
+        "refused = []\n"
+        "no_rows = pd.DataFrame({'text': pd.Series([], dtype=object)})\n"
+        "for bad, params in (({'text': ['a dog', 'a cat']}, None), (pd.DataFrame({'image': images}),\n"
+        "                    {'labels': ['a'], 'top_k': 0}), (no_rows, None)):\n"
+        "    try:\n"
+        "        model.predict(bad, params=params)\n"
+        "    except Exception as exc:\n"
+        "        refused.append(str(exc))\n"
         "print(json.dumps({'labels': out['labels'].tolist(), 'scores': out['scores'].tolist(),\n"
-        "                  'dim': len(emb['embedding'][0]), "
-        "'norm': float(sum(x * x for x in emb['embedding'][0]))}))\n")
+        "                  'dim': len(emb['embedding'][0]), 'refused': refused,\n"
+        "                  'norm': float(sum(x * x for x in emb['embedding'][0]))}))\n")
     # load_model leaves its download in a temporary directory for the caller to keep: this test's, not /tmp
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TMPDIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], input=json.dumps([i.hex() for i in images]),
@@ -569,6 +577,10 @@ def test_registered_model_on_mlflow_server_evaluates_promotes_and_loads_in_a_fre
     assert len(answer["labels"]) == 3 and all(len(row) == 2 and set(row) <= set(labels) for row in answer["labels"])
     assert all(1 >= row[0] >= row[1] >= 0 for row in answer["scores"])
     assert answer["dim"] == 64 and answer["norm"] == pytest.approx(1.0, abs=1e-4)
+    # a dict's list is one row holding a list (not a text per item), top_k=0, no rows: each a clear error
+    assert len(answer["refused"]) == 3, answer["refused"]
+    assert "row 0: 'text' must be a string, got list" in answer["refused"][0]
+    assert "top_k=0: ask for at least 1" in answer["refused"][1] and "no rows" in answer["refused"][2]
     # the served answer is the checkpoint's own zero-shot prediction
     model = clip_core.load_model(sets / "ckpt")
     classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), labels)

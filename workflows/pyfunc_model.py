@@ -37,7 +37,11 @@ class CLIPPyfunc(mlflow.pyfunc.PythonModel):
         params = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
         images = _column(model_input, "image")
         texts = _column(model_input, "text")
+        if not len(model_input):
+            raise ValueError("no rows: send one row per image or text")
         labels = [str(label) for label in params["labels"]]
+        if int(params["top_k"]) < 1:
+            raise ValueError(f"top_k={params['top_k']}: ask for at least 1 label per image")
         with torch.inference_mode():
             if labels:
                 return self._classify(images, labels, list(params["templates"]), int(params["top_k"]))
@@ -72,7 +76,11 @@ class CLIPPyfunc(mlflow.pyfunc.PythonModel):
             for i, row in zip(image_rows, features.float().numpy()):
                 embeddings[i] = row.astype(np.float32)
         if text_rows:
-            features = self.model.encode_text(self.tokenize([str(texts[i]) for i in text_rows]), normalize=True)
+            wrong = next((i for i in text_rows if not isinstance(texts[i], str)), None)
+            if wrong is not None:  # MLflow makes {"text": ["a", "b"]} one row holding the list
+                raise ValueError(f"row {wrong}: 'text' must be a string, got {type(texts[wrong]).__name__}: send "
+                                 "one text per row (a DataFrame, or dataframe_records over REST)")
+            features = self.model.encode_text(self.tokenize([texts[i] for i in text_rows]), normalize=True)
             for i, row in zip(text_rows, features.float().numpy()):
                 embeddings[i] = row.astype(np.float32)
         return pd.DataFrame({"embedding": embeddings})
