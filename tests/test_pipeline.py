@@ -71,6 +71,10 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path, monkeypa
     assert "rayclip config: error: not valid YAML: while parsing a flow sequence" in capsys.readouterr().err
     assert cli.main(["config", "show", "--set", "train.steps={"]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+    with pytest.raises(pipeline.ConfigError, match=r"registry.gate.metric 'zeroshot.top1': the pipeline's "
+                                                   r"evaluation would not produce it"):
+        pipeline.load_config(None, ["data.zeroshot=null"])  # after training, no version could ever be promoted
+    pipeline.load_config(None, ["data.zeroshot=null", "registry.gate.metric=retrieval.image_to_text_R1"])
     with pytest.raises(pipeline.ConfigError, match=r"serve.enabled must be true or false, not 'false'"):
         pipeline.load_config(None, ["serve.enabled='false'"])
     # the deploy stage cannot hand a URI's password to Serve's replicas: refused before any work, unless

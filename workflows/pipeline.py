@@ -320,6 +320,12 @@ class StageConfigs:
             evaluate = cls._build("eval", EvaluateConfig, config.eval, _EVAL_OWNED, dict(
                 model=checkpoint, zeroshot=data["zeroshot"], retrieval=data["val"], mlflow_tracking_uri=tracking,
                 mlflow_experiment=config.mlflow.experiment))
+        gate = config.registry.gate  # the sections the pipeline's evaluation writes, by the set each needs
+        if not config.registry.force and gate.section not in {section for section, split in (
+                ("zeroshot", config.data.zeroshot), ("retrieval", config.data.val)) if split}:
+            raise ValueError(f"registry.gate.metric {gate.metric!r}: the pipeline's evaluation would not produce it, "
+                             "so no version could be promoted: gate on a zeroshot metric (with data.zeroshot set) "
+                             "or a retrieval one (with data.val set), or set registry.force: true")
         serve_values = {k: v for k, v in config.serve.items() if k != "enabled"}
         owned = _SERVE_OWNED | ({"index"} if config.data.index else set())  # the pipeline embeds data.index
         if config.serving() and without_credentials(tracking) != tracking and not (
