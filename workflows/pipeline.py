@@ -448,7 +448,7 @@ class Pipeline:
             try:
                 manifest = read_manifest(output)
                 self._stage(f"preprocess {split}", "skipped", f"{output} exists (digest {manifest['digest'][:19]}…)")
-            except (FileNotFoundError, ValueError):
+            except (FileNotFoundError, json.JSONDecodeError):  # not a newer schema: upgrade first
                 manifest = preprocess(source, output, options, echo=lambda line: self.echo(f"  {line}"))
                 self._stage(f"preprocess {split}", "done", f"{manifest['counts']['kept']:,} of "
                             f"{manifest['counts']['read']:,} rows kept → {output}")
