@@ -355,11 +355,13 @@ def test_a_stage_nested_in_a_pipeline_of_another_experiment_logs_to_a_new_run_an
     assert (mlflow.get_tracking_uri(), fluent._active_experiment_id, os.environ.get("MLFLOW_EXPERIMENT_ID")) == mine
 
 
-def test_register_promote_gate_and_rollback(sets, tmp_path, capsys):
+def test_register_promote_gate_and_rollback(sets, tmp_path, capsys, s3_bucket):
+    from workflows import storage
+
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     flags = ["--mlflow-tracking-uri", tracking]
-    (tmp_path / "m1.json").write_text(json.dumps(_metrics(sets, 0.50)))
-    assert cli.main(["register", str(sets / "ckpt"), "--name", "clip", "--metrics", str(tmp_path / "m1.json"),
+    storage.write_bytes(f"s3://{s3_bucket}/m1.json", json.dumps(_metrics(sets, 0.50)).encode())  # as evaluate --json
+    assert cli.main(["register", str(sets / "ckpt"), "--name", "clip", "--metrics", f"s3://{s3_bucket}/m1.json",
                      *flags]) == 0
     assert torch.is_grad_enabled(), "registering (MLflow runs the pyfunc on the input example) left autograd off"
     client = registry.client(tracking)

@@ -132,9 +132,10 @@ def _register(args: argparse.Namespace) -> int:
     from .registry import register
 
     metrics = None
-    if args.metrics:
-        with open(args.metrics, encoding="utf-8") as f:
-            metrics = json.load(f)
+    if args.metrics:  # where `rayclip evaluate --json` wrote it: local or s3://
+        from . import storage
+
+        metrics = json.loads(storage.read_bytes(args.metrics, max_bytes=64 * 2**20))
     register(args.checkpoint, args.name, metrics=metrics, tracking_uri=_tracking_uri(args), quick_gelu=args.quick_gelu)
     return 0
 
