@@ -265,6 +265,7 @@ def load_served_model(uri: str, tracking_uri: str | None, device: str = "cpu",
         info["lineage"] = {key: source.tags[key] for key in ("dataset_digests", "train_run_id", "git_commit",
                                                              "config_hash") if key in source.tags}
         info["run_id"] = source.run_id
+    info["quick_gelu"] = model.config.quick_gelu
     info["image_size"] = model.image_size
     info["embed_dim"] = model.config.embed_dim
     info["logit_scale"] = float(model.logit_scale.detach().exp().clamp(max=100))
@@ -351,6 +352,7 @@ class Index:
         self.rows = table.select(["key", "caption", "label"])
         self.about = {"uri": self.config.index, "rows": table.num_rows, "embeddings": sorted(self.vectors),
                       "weights_sha256": manifest["model"]["weights_sha256"],
+                      "quick_gelu": manifest["model"].get("quick_gelu"),  # None: an index from before it was kept
                       "model": {key: manifest["model"][key] for key in ("uri", "name", "version")}}
         self.search.set_max_batch_size(self.config.max_batch_size)
         self.search.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
@@ -371,6 +373,22 @@ class Index:
                 rows = self.rows.take(nearest).to_pylist()
                 found[i] = [{**row, "cosine": float(column_scores[j])} for row, j in zip(rows, nearest)]
         return found
+
+
+def index_mismatch(index: dict, info: dict) -> str | None:
+    """Why the index's embeddings (Index.about) do not compare with the live model's (its info), or None:
+    other weights, or the same weights run with the other activation (a --quick-gelu override)."""
+    made_with = index["model"]["name"] or index["model"]["uri"]
+    if index["model"]["version"]:
+        made_with += f" version {index['model']['version']}"
+    live = f"{info['name']} version {info['version']}"
+    if index["weights_sha256"] != info["weights_sha256"]:
+        return f"the index was embedded with {made_with}, not the live model ({live})"
+    if index.get("quick_gelu") not in (None, info["quick_gelu"]):
+        activation = {True: "QuickGELU", False: "GELU"}
+        return (f"the index was embedded with {made_with} running {activation[index['quick_gelu']]}, and the live "
+                f"model ({live}) runs {activation[info['quick_gelu']]}")
+    return None
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -707,13 +725,10 @@ class Ingress:
         if self._index_info is None:
             (self._index_info,) = await self._towers(lambda: [self.index.info.remote()])
         index, info = self._index_info, await self.model_info()
-        if index["weights_sha256"] != info["weights_sha256"]:
-            made_with = index["model"]["name"] or index["model"]["uri"]
-            if index["model"]["version"]:
-                made_with += f" version {index['model']['version']}"
-            raise RequestError(409, "index_model_mismatch", f"the index was embedded with {made_with}, not the live "
-                               f"model ({info['name']} version {info['version']}): its embeddings are not comparable; "
-                               "embed the data again with the live model (`rayclip embed`) and serve that index")
+        mismatch = index_mismatch(index, info)
+        if mismatch:
+            raise RequestError(409, "index_model_mismatch", f"{mismatch}: its embeddings are not comparable; embed "
+                               "the data again with the live model (`rayclip embed`) and serve that index")
         if body.against not in index["embeddings"]:
             raise RequestError(422, "no_text_embeddings", "the index holds no caption embeddings (made with "
                                "`rayclip embed --no-text`): search against 'image'")

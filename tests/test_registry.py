@@ -289,6 +289,7 @@ def test_embed_writes_every_row_as_clip_core_embeds_it_as_parquet_any_reader_ope
     assert manifest["dataset"]["digest"] == read_manifest(heldout)["digest"]
     assert manifest["model"]["weights_sha256"] == json.loads((sets / "ckpt" / "config.json").read_text())[
         "weights_sha256"]
+    assert manifest["model"]["quick_gelu"] is clip_core.load_model(sets / "ckpt").config.quick_gelu
 
     prepared = read_prepared_table(heldout).to_pydict()
     rows = decode_batch(prepared, model.image_size)

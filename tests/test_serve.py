@@ -183,6 +183,18 @@ def test_search_breaks_ties_by_row_order_also_at_the_kth_place():
     assert served.top_k(np.zeros(0, np.float32), 5).tolist() == []
 
 
+def test_an_index_compares_with_the_live_model_only_on_the_same_weights_and_activation():
+    index = {"model": {"name": "clip", "uri": "models:/clip/1", "version": "1"}, "weights_sha256": "a",
+             "quick_gelu": False}
+    live = {"name": "clip", "version": "1", "weights_sha256": "a", "quick_gelu": False}
+    assert served.index_mismatch(index, live) is None
+    assert served.index_mismatch({**index, "quick_gelu": None}, live) is None  # an index from before it was kept
+    assert "embedded with clip version 1, not the live model (clip version 2)" in served.index_mismatch(
+        index, {**live, "version": "2", "weights_sha256": "b"})
+    assert "running GELU, and the live model (clip version 1) runs QuickGELU" in served.index_mismatch(
+        index, {**live, "quick_gelu": True})
+
+
 def test_concurrent_requests_are_batched_and_classifiers_cached(app):
     async def burst():
         async with httpx.AsyncClient(base_url=app["url"], headers=AUTH, timeout=60) as client:

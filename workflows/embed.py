@@ -108,7 +108,8 @@ def embed(config: EmbedConfig, echo=print) -> dict:
     manifest = {
         "format": FORMAT,
         "model": {"uri": config.model, "name": source.name, "version": source.version,
-                  "weights_sha256": json.loads(files[CONFIG_FILE]).get("weights_sha256"), "image_size": image_size},
+                  "weights_sha256": json.loads(files[CONFIG_FILE]).get("weights_sha256"), "image_size": image_size,
+                  "quick_gelu": model_config.quick_gelu},  # weights in another format may run with either
         "dataset": {"uri": config.data, "digest": dataset_manifest["digest"]},
         "embed_dim": model_config.embed_dim,
         "dtype": config.dtype,
