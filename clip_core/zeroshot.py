@@ -139,17 +139,28 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         if n_images != n_texts:
             raise ValueError(f"{n_images} images and {n_texts} captions: pass text_to_image to pair them")
         text_to_image = torch.arange(n_texts)
-    text_to_image = torch.as_tensor(text_to_image, device=image_features.device)
-    similarity = image_features @ text_features.T  # shape = [images, texts]
-    positive = text_to_image[None, :] == torch.arange(n_images, device=similarity.device)[:, None]
-
-    # ranks are 1 + the number of wrong answers scoring at least as high (ties count against)
-    # text→image: the true image among all images, per caption
-    true_score = similarity.T[torch.arange(n_texts), text_to_image]
-    t2i_rank = ((similarity.T >= true_score[:, None] - tie_tolerance) & ~positive.T).sum(dim=1) + 1
+    device = image_features.device
+    text_to_image = torch.as_tensor(text_to_image, device=device)
+    images = torch.arange(n_images, device=device)
+    # similarities a block of rows at a time (~256 MB of them): the whole [images, texts] matrix and its
+    # masks took ~20 GB for 50k pairs. Ranks are 1 + the wrong answers scoring at least as high (ties count
+    # against). text→image: the true image among all images, per caption
+    block = max(1, 2**26 // max(n_images, n_texts, 1))
+    t2i_rank = torch.empty(n_texts, dtype=torch.long, device=device)
+    for start in range(0, n_texts, block):
+        rows = slice(start, start + block)
+        similarity = text_features[rows] @ image_features.T  # shape = [block of texts, images]
+        true_score = similarity.gather(1, text_to_image[rows, None])
+        wrong = text_to_image[rows, None] != images[None, :]
+        t2i_rank[rows] = ((similarity >= true_score - tie_tolerance) & wrong).sum(dim=1) + 1
     # image→text: the best-scoring true caption among all captions, per image
-    best_true = similarity.masked_fill(~positive, -math.inf).max(dim=1).values
-    i2t_rank = ((similarity >= best_true[:, None] - tie_tolerance) & ~positive).sum(dim=1) + 1
+    i2t_rank = torch.empty(n_images, dtype=torch.long, device=device)
+    for start in range(0, n_images, block):
+        rows = slice(start, start + block)
+        similarity = image_features[rows] @ text_features.T  # shape = [block of images, texts]
+        positive = text_to_image[None, :] == images[rows, None]
+        best_true = similarity.masked_fill(~positive, -math.inf).max(dim=1).values
+        i2t_rank[rows] = ((similarity >= best_true[:, None] - tie_tolerance) & ~positive).sum(dim=1) + 1
 
     out = {}
     for direction, ranks in (("image_to_text", i2t_rank), ("text_to_image", t2i_rank)):

@@ -124,3 +124,25 @@ def test_zero_shot_logits_scale_cosine_similarity():
     classifier = F.normalize(torch.eye(3), dim=0)
     logits = zero_shot_logits(torch.tensor([[2.0, 0.0, 0.0]]), classifier, logit_scale=10.0)
     torch.testing.assert_close(logits, torch.tensor([[10.0, 0.0, 0.0]]))
+
+
+def test_retrieval_metrics_in_blocks_rank_as_the_whole_similarity_matrix_does():
+    """Past 8,192 rows the similarities are taken a block at a time: every rank as from the whole matrix."""
+    import math
+
+    generator = torch.Generator().manual_seed(0)
+    n_images = 9000
+    text_to_image = torch.cat([torch.arange(n_images), torch.randint(n_images, (300,), generator=generator)])
+    images = F.normalize(torch.randn(n_images, 8, generator=generator), dim=-1)
+    texts = F.normalize(images[text_to_image] + 0.8 * torch.randn(len(text_to_image), 8, generator=generator), dim=-1)
+    similarity = images @ texts.T
+    positive = text_to_image[None, :] == torch.arange(n_images)[:, None]
+    true_score = similarity.T[torch.arange(len(text_to_image)), text_to_image]
+    t2i = ((similarity.T >= true_score[:, None]) & ~positive.T).sum(dim=1) + 1
+    best_true = similarity.masked_fill(~positive, -math.inf).max(dim=1).values
+    i2t = ((similarity >= best_true[:, None]) & ~positive).sum(dim=1) + 1
+    metrics = clip_core.retrieval_metrics(images, texts, text_to_image, tie_tolerance=0.0)
+    for direction, ranks in (("image_to_text", i2t.float()), ("text_to_image", t2i.float())):
+        assert metrics[f"{direction}_R@5"] == float((ranks <= 5).float().mean())
+        assert metrics[f"{direction}_mean_rank"] == pytest.approx(float(ranks.mean()), rel=1e-6)
+        assert metrics[f"{direction}_median_rank"] == float(ranks.median())
