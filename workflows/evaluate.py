@@ -251,13 +251,16 @@ def retrieval_png(uri: str, ordered: dict, path: str, queries: int = 4, top: int
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    table = read_prepared_table(uri, columns=["key", "image", "caption"]).to_pydict()
-    by_key = {key: (image, caption) for key, image, caption in zip(table["key"], table["image"], table["caption"])}
     keys = ordered["key"].astype(str)
     scores = ordered["text_features"][:queries] @ ordered["image_features"].T
+    shown = [np.argsort(-row)[:top] for row in scores]
+    wanted = sorted({keys[i] for row in shown for i in row} | {keys[q] for q in range(len(scores))})
+    table = read_prepared_table(uri, columns=["key", "image", "caption"],  # only the images drawn
+                                filters=[("key", "in", wanted)]).to_pydict()
+    by_key = {key: (image, caption) for key, image, caption in zip(table["key"], table["image"], table["caption"])}
     fig, axes = plt.subplots(len(scores), top, figsize=(2 * top, 2.3 * len(scores)), squeeze=False)
     for q, row in enumerate(scores):
-        for rank, index in enumerate(np.argsort(-row)[:top]):
+        for rank, index in enumerate(shown[q]):
             ax = axes[q][rank]
             ax.imshow(Image.open(io.BytesIO(by_key[keys[index]][0])).convert("RGB"))
             ax.set_xticks([])

@@ -567,9 +567,10 @@ def shard_uris(uri: str, manifest: dict) -> list[str]:
     return [storage.join(uri, shard["path"]) for shard in manifest["shards"]]
 
 
-def read_prepared_table(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """A whole (small) prepared dataset in memory, without Ray: for validation and evaluation sets."""
-    return storage.read_parquet(shard_uris(uri, read_manifest(uri)), columns)
+def read_prepared_table(uri: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+    """A whole (small) prepared dataset in memory, without Ray: for validation and evaluation sets (or
+    the rows pyarrow `filters` keep)."""
+    return storage.read_parquet(shard_uris(uri, read_manifest(uri)), columns, filters)
 
 
 def load_prepared(uri: str, *, manifest: dict | None = None, shuffle_files: bool = False, seed: int | None = None):

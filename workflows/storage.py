@@ -231,8 +231,9 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None, recursive: boo
     return sorted(to_uri(fs, n) for n in names)
 
 
-def read_parquet(uris: list[str], columns: list[str] | None = None):
-    """The Parquet files at `uris` (local or s3://) as one pyarrow Table, in order; without Ray."""
+def read_parquet(uris: list[str], columns: list[str] | None = None, filters=None):
+    """The Parquet files at `uris` (local or s3://) as one pyarrow Table, in order; without Ray; only
+    the rows `filters` (pyarrow's, e.g. `[("key", "in", keys)]`) keep."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -240,7 +241,7 @@ def read_parquet(uris: list[str], columns: list[str] | None = None):
     for uri in uris:
         fs, path = filesystem(uri)
         with fs.open_input_file(path) as f:
-            tables.append(pq.read_table(f, columns=columns))
+            tables.append(pq.read_table(f, columns=columns, filters=filters))
     return pa.concat_tables(tables)
 
 
