@@ -951,8 +951,10 @@ def build_app(config: ServeConfig, live: dict | None = None):
     every deployment starts on `live` (default: `config.model` resolved now)."""
     live = live or live_model(config.model, config.mlflow_tracking_uri)
     values = config.stored().model_dump()
+    # here too, not only in the app spec `rayclip deploy` applies: `serve deploy FILE` takes its args alone
+    logging = {"logging_config": {"enable_access_log": config.access_log, "log_level": config.log_level}}
     tower_options = dict(
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        **logging, ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         max_ongoing_requests=max(config.max_ongoing_requests, config.max_batch_size),
         max_queued_requests=config.max_queued_requests, user_config=live,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
@@ -964,7 +966,8 @@ def build_app(config: ServeConfig, live: dict | None = None):
     index = serve.deployment(Index, name=INDEX, **index_options).bind(values) if config.index else None
     sizing = ({"autoscaling_config": _autoscaling_config(config.ingress_autoscaling)} if config.ingress_autoscaling
               else {"num_replicas": config.ingress_replicas})
-    ingress = serve.deployment(Ingress, name=INGRESS, **sizing, ray_actor_options={"num_cpus": 0}, user_config=live,
+    ingress = serve.deployment(Ingress, name=INGRESS, **sizing, **logging, ray_actor_options={"num_cpus": 0},
+                               user_config=live,
                                max_ongoing_requests=max(256, config.max_ongoing_requests * 4),
                                max_queued_requests=config.ingress_max_queued_requests,
                                backpressure_config=BackpressureConfig(status_code=503,

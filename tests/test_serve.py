@@ -618,6 +618,9 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tm
     clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")
     app = builder({**application.args, "model": str(tmp_path / "ckpt")})  # not the cluster's MLflow
     assert type(app).__name__ == "Application"
+    quiet = builder({**application.args, "model": str(tmp_path / "ckpt"), "access_log": False, "log_level": "ERROR"})
+    logging = quiet._bound_deployment.logging_config  # (no public reader) `serve deploy` passes args alone
+    assert (logging["enable_access_log"], logging["log_level"]) == (False, "ERROR")
     settings = served.ServeConfig(**application.args)
     assert settings.num_gpus == 0.25 and settings.autoscaling.max_replicas == 8
     assert settings.ingress_autoscaling.max_replicas == 8

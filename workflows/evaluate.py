@@ -156,18 +156,33 @@ def embedded(uris: list[str], files_ref, image_size: int, *, batch_size: int, wo
 
 def embed_sets(uris: list[str], files_ref, image_size: int, config: EvaluateConfig,
                with_text: list[bool]) -> list[dict]:
-    """Per prepared set: {"key", "label", "image_features", "text_features"}, ordered by key. All sets
-    run through one pipeline, so the model actors start once."""
+    """Per prepared set: {"key", "label", "image_features", and "text_features" where `with_text`},
+    ordered by key. All sets run through one pipeline, so the model actors start once. Each set's rows are
+    written into arrays of its manifest's size as they stream in: gathering the batches and then the
+    sets held the features (and zeros for texts no set asked for) four times over."""
     dataset = embedded(uris, files_ref, image_size, batch_size=config.batch_size, workers=config.workers,
                        use_gpu=config.use_gpu, precision=config.precision, with_text=with_text)
     dataset.context.execution_options.preserve_order = True
-    parts = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
-    columns = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-    out = []
-    for index in range(len(uris)):
-        rows = np.flatnonzero(columns["eval_set"] == index)
-        rows = rows[np.argsort(columns["key"][rows].astype(str), kind="stable")]
-        out.append({name: columns[name][rows] for name in ("key", "label", "image_features", "text_features")})
+    sizes = [read_manifest(uri)["counts"]["kept"] for uri in uris]
+    names = [("key", "label", "image_features", *(["text_features"] if text else [])) for text in with_text]
+    out: list[dict] = [{} for _ in uris]
+    filled = [0] * len(uris)
+    for part in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for index in np.unique(part["eval_set"]):
+            rows = part["eval_set"] == index
+            start, count = filled[index], int(rows.sum())
+            for name in names[index]:
+                column = part[name][rows]
+                if name not in out[index]:
+                    out[index][name] = np.empty((sizes[index], *column.shape[1:]), dtype=column.dtype)
+                out[index][name][start : start + count] = column
+            filled[index] += count
+    if filled != sizes:  # never expected: a changed dataset or a bug, not bad input
+        raise RuntimeError(f"embedded {filled} rows of {uris}, whose manifests count {sizes}")
+    for data in out:
+        order = np.argsort(data["key"].astype(str), kind="stable")
+        for name in data:
+            data[name] = data[name][order]
     return out
 
 
