@@ -58,6 +58,9 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path, monkeypa
     assert cluster.root() == "s3://bucket/runs" and cluster.train == {"workers": 4, "use_gpu": True}
     assert "  workers: 4\n" in pipeline.show(cluster) and "num_workers" not in pipeline.show(cluster)
     assert pipeline.load_config(None, ["storage.root=~/runs"]).root() == os.path.expanduser("~/runs")
+    (tmp_path / "short.yaml").write_text("storage: s3://bucket/runs\nmlflow:\n  tracking_uri: http://127.0.0.1:5000\n")
+    assert pipeline.load_config(str(tmp_path / "short.yaml"), ["storage.root=s3://other/runs"]).root() == \
+        "s3://other/runs"
     assert pipeline.load_config(None, ["storage.root=file:///data/runs"]).root() == "/data/runs"
     with pytest.raises(pipeline.ConfigError, match="storage.root 'gs://b/runs': give a local directory or an s3://"):
         pipeline.load_config(None, ["storage.root=gs://b/runs"])
