@@ -574,8 +574,22 @@ def test_playground_page_classifies_a_dropped_image_and_searches_the_index_in_he
             page.wait_for_selector("#found .row")
             found = page.locator("#found .caption").all_inner_texts()
             page.screenshot(path=str(artifacts / "playground.png"), full_page=True)
+
+            # under a route prefix (`--route-prefix /clip` serves the page at /clip, no slash) the page asks the
+            # app under it, not the origin's root (where another app would get the token): a proxy here
+            def under_clip(route):
+                path = route.request.url[len(app["url"] + "/clip"):]
+                route.fulfill(response=route.fetch(url=app["url"] + (path or "/")))
+
+            prefixed = browser.new_page()
+            prefixed.route(app["url"] + "/clip**", under_clip)
+            asked = []
+            prefixed.on("request", lambda r: asked.append(r.url))
+            prefixed.goto(app["url"] + "/clip")
+            prefixed.wait_for_selector("text=model: clip-serve v1")
         finally:
             browser.close()
+    assert asked and all(url.startswith(app["url"] + "/clip") for url in asked), asked
     assert sorted(shown) == sorted(labels) and shown[0] == labels[int(top[0, 0])]
     expected = _post(app, "/v1/search", {"text": "a green square", "k": 10}).json()["results"]
     assert found == [row["caption"] for row in expected] and len(found) == 10
