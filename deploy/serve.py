@@ -20,6 +20,7 @@ import base64
 import binascii
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,12 +54,16 @@ class Limits(BaseModel):
     max_body_bytes: int = Field(32 * 2**20, gt=0)
     max_image_bytes: int = Field(10 * 2**20, gt=0, description="one decoded-from-base64 image")
     max_image_pixels: int = Field(40_000_000, gt=0, description="width x height; above is a decompression bomb")
+    max_request_pixels: int = Field(100_000_000, gt=0, description="the images of a request together: what "
+                                    "bounds the CPU one request costs the ingress")
     max_aspect_ratio: float = Field(50.0, ge=1.0, description="longer / shorter side; a thin strip's resize to "
                                     "the model's size would otherwise take gigabytes")
     max_images: int = Field(32, gt=0, description="images per request")
     max_texts: int = Field(256, gt=0, description="texts per request")
     max_labels: int = Field(1000, gt=0)
     max_templates: int = Field(100, gt=0)
+    max_prompts: int = Field(8192, gt=0, description="labels x templates of a classifier not yet cached: each is a "
+                             "text the text tower encodes (ImageNet's 1000 classes x 80 templates needs 80000)")
     max_text_chars: int = Field(1000, gt=0)
     max_search_results: int = Field(1000, gt=0, description="k of /v1/search")
 
@@ -75,7 +80,7 @@ class Autoscaling(BaseModel):
 class ServeConfig(BaseModel):
     """Everything the Serve app needs; `rayclip serve` flags and deploy/serve_config.yaml map onto it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # an error must not print the token
     model: str = Field("models:/clip@champion", description="models:/NAME@ALIAS, models:/NAME/N or a checkpoint dir")
     quick_gelu: bool | None = Field(None, description="the activation of weights in another format: True QuickGELU, "
                                     "False GELU, overriding what they imply; a rayclip checkpoint keeps its own")
@@ -334,8 +339,12 @@ class TextTower(_Tower):
         import clip_core
 
         model, _, tokenize = await self.load(serve.get_multiplexed_model_id())
-        with torch.inference_mode(), self._autocast():
-            return clip_core.zero_shot_classifier(model, tokenize, labels, templates).float().cpu().numpy()
+
+        def build() -> np.ndarray:  # in a thread: up to max_prompts texts, while the replica's batches go on
+            with torch.inference_mode(), self._autocast():
+                return clip_core.zero_shot_classifier(model, tokenize, labels, templates).float().cpu().numpy()
+
+        return await asyncio.to_thread(build)
 
 
 class Index:
@@ -426,12 +435,43 @@ def decode_base64(data: str, index: int, limits: Limits) -> bytes:
         raise RequestError(400, "invalid_base64", f"images[{index}] is not valid base64") from None
 
 
+@contextlib.contextmanager
+def _image_errors(index: int):
+    """clip_core's ImageError for images[index] as the 4xx it is."""
+    import clip_core
+
+    try:
+        yield
+    except clip_core.ImageError as exc:
+        if exc.reason == "too_large":
+            raise RequestError(413, "image_too_large", f"images[{index}]: {exc}") from None
+        if exc.reason == "unsupported":
+            raise RequestError(415, "unsupported_image_format", f"images[{index}] is not an image format this "
+                               "server reads (JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
+        raise RequestError(400, "invalid_image", f"images[{index}]: {exc}") from None
+
+
+def check_request_pixels(images: list[bytes], limits: Limits) -> None:
+    """Refuse images whose pixels together are over the request's budget, from their headers alone: a
+    few kilobytes of flat-colour PNG or WebP can each hold the most pixels one image may have."""
+    from clip_core.transforms import peek_image
+
+    total = 0
+    for index, data in enumerate(images):
+        with _image_errors(index):
+            width, height = peek_image(data, max_pixels=limits.max_image_pixels).size
+        total += width * height
+    if total > limits.max_request_pixels:
+        raise RequestError(413, "images_too_large", f"the images hold {total / 1e6:.1f} megapixels together, over "
+                           f"{limits.max_request_pixels / 1e6:g} per request: send fewer or smaller images")
+
+
 def prepare_image(data: bytes, index: int, image_size: int, limits: Limits) -> np.ndarray:
     """Encoded bytes → the uint8 [S, S, 3] centre crop the towers take."""
     import clip_core
     from clip_core.transforms import decode_image, peek_image
 
-    try:
+    with _image_errors(index):
         image = peek_image(data, max_pixels=limits.max_image_pixels)
         width, height = image.size
         if max(width, height) > limits.max_aspect_ratio * min(width, height):
@@ -440,13 +480,6 @@ def prepare_image(data: bytes, index: int, image_size: int, limits: Limits) -> n
         image = decode_image(image, max_pixels=limits.max_image_pixels, reduce_to=image_size)
         # a thin strip's resize may be over the pixel limit even where its aspect ratio is allowed
         pixels = clip_core.image_transform(image_size, max_pixels=limits.max_image_pixels).crop(image)
-    except clip_core.ImageError as exc:
-        if exc.reason == "too_large":
-            raise RequestError(413, "image_too_large", f"images[{index}]: {exc}") from None
-        if exc.reason == "unsupported":
-            raise RequestError(415, "unsupported_image_format", f"images[{index}] is not an image format this "
-                               "server reads (JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
-        raise RequestError(400, "invalid_image", f"images[{index}]: {exc}") from None
     return np.asarray(pixels, dtype=np.uint8)
 
 
@@ -655,6 +688,10 @@ class Ingress:
             check_templates(templates)
         except ValueError as exc:
             raise RequestError(422, "invalid_template", str(exc)) from None
+        if len(labels) * len(templates) > limits.max_prompts:
+            raise RequestError(422, "too_many", f"{len(labels)} labels x {len(templates)} templates are "
+                               f"{len(labels) * len(templates)} prompts to encode, over {limits.max_prompts}: send "
+                               "fewer labels or templates")
         info = await self.model_info()
         pixels = await self._pixels(images, info)
         classifier, features = await asyncio.gather(self._classifier(info, labels, templates),
@@ -858,6 +895,7 @@ class Ingress:
         encoded = [await self._image_bytes(data, i) for i, data in enumerate(images)]
 
         def prepare() -> list[np.ndarray]:
+            check_request_pixels(encoded, limits)
             return [prepare_image(data, i, info["image_size"], limits) for i, data in enumerate(encoded)]
 
         return await asyncio.get_running_loop().run_in_executor(self._decoder, prepare)
@@ -987,4 +1025,8 @@ IMPORT_PATH = f"{__name__}:app_builder"
 def app_builder(args: dict):
     """`serve deploy deploy/serve_config.yaml` entry point (`import_path: deploy.serve:app_builder`):
     the application's `args` are ServeConfig fields."""
+    if args.get("auth_token"):  # Serve keeps args as given, and shows them on its dashboard
+        raise ValueError("auth_token in a serve deploy config would be kept and shown by Serve as written: give "
+                         "auth_token_sha256 (the token's SHA-256 hex digest) or auth_token_file (a mounted secret) "
+                         "instead, or deploy with `rayclip deploy`, which keeps only the digest")
     return build_app(ServeConfig(**args))

@@ -55,7 +55,8 @@ def app(tmp_path_factory, ray_session):
                                 index=str(root / "index"),
                                 limits=served.Limits(max_images=4, max_texts=16, max_labels=20, max_search_results=20,
                                                      max_body_bytes=2**20, max_image_bytes=512 * 2**10,
-                                                     max_image_pixels=1_000_000))
+                                                     max_image_pixels=1_000_000, max_request_pixels=2_500_000,
+                                                     max_prompts=60))
     url = rollout.start(config)
     yield {"url": url, "model": clip_core.load_model(root / "ckpt"), "config": config, "root": root,
            "tracking": tracking, "bucket": bucket}
@@ -328,14 +329,22 @@ def test_bad_text_requests_get_a_4xx_with_a_json_error(app, case, payload, heade
     ("a template with another field", ["PNG"], {"labels": ["a"], "templates": ["a {} of {kind}"]}, 422,
      "invalid_template"),
     ("a template with a stray brace", ["PNG"], {"labels": ["a"], "templates": ["a {} }"]}, 422, "invalid_template"),
+    # each a prompt for the text tower to encode: 20 x 4 is over the 60 allowed
+    ("labels x templates", ["PNG"], {"labels": [f"l{i}" for i in range(20)],
+                                     "templates": ["a {}", "the {}", "one {}", "my {}"]}, 422, "too_many"),
+    # three flat 1000x1000 PNGs of a few kB each: 3 megapixels to decode, over the request's 2.5
+    ("megapixels of a request", ["FLAT"] * 3, ["a"], 413, "images_too_large"),
 ])
 def test_bad_classify_requests_get_a_4xx_and_the_replicas_survive(app, case, images, labels, status, kind):
     png = _png(_images(1)[0])
     full = base64.b64decode(png)
     strip = io.BytesIO()
     Image.new("L", (40000, 1)).save(strip, format="PNG")
+    flat = io.BytesIO()
+    Image.new("RGB", (1000, 1000)).save(flat, format="PNG")
     substitutes = {"PNG": png, "TRUNCATED": base64.b64encode(full[: len(full) // 2]).decode(), "BOMB": _bomb(),
-                   "STRIP": base64.b64encode(strip.getvalue()).decode()}
+                   "STRIP": base64.b64encode(strip.getvalue()).decode(),
+                   "FLAT": base64.b64encode(flat.getvalue()).decode()}
     payload = {"images": [substitutes.get(i, i) for i in images],
                **(labels if isinstance(labels, dict) else {"labels": labels})}
     response = _post(app, "/v1/classify", payload)
@@ -640,6 +649,11 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tm
     assert settings.ingress_autoscaling.max_replicas == 8
     with pytest.raises(ValueError, match="unknown_option"):
         builder({**application.args, "unknown_option": 1})
+    with pytest.raises(ValueError, match="auth_token in a serve deploy config would be kept and shown by Serve"):
+        builder({**application.args, "auth_token": "tok-Secret-77"})  # Serve keeps args as given: refused
+    with pytest.raises(ValueError) as invalid:
+        served.ServeConfig(auth_token="tok-Secret-77", port="not a port")
+    assert "tok-Secret" not in str(invalid.value)  # pydantic errors leave the input out
 
     # `rayclip deploy --config deploy/serve_config.yaml` (and `serve --config`) read the same file
     from workflows import cli
