@@ -39,14 +39,20 @@ from workflows.train_rows import training_dataset  # noqa: E402
 DECODE_PER_CORE = 2833  # photo-like 224 px JPEGs decoded + cropped per second per core (docs/scaling.md)
 
 
-def flops_per_sample(model_name: str, samples: int = 2) -> float:
-    """Forward + backward FLOPs of one training sample (contrastive loss included), counted on the CPU."""
+def flops_per_sample(model_name: str, batch_size: int = 256, samples: int = 2) -> float:
+    """Forward + backward FLOPs of one training sample (contrastive loss included), counted on the CPU
+    for `samples` rows: attention on the math path (FlopCounterMode has no formula for the CPU's fused
+    kernel, whose FLOPs it left out), and captions as long as the longest of a `batch_size` batch (the
+    text tower runs to the batch's last [EOT], so two short captions undercounted it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     model = clip_core.create_model(model_name)
-    pairs = list(synthetic.samples(samples, image_size=model.image_size))
-    images = torch.stack([clip_core.image_transform(model.image_size)(p.image) for p in pairs])
-    tokens = clip_core.get_tokenizer()([p.caption for p in pairs])
-    with FlopCounterMode(display=False) as counter:
-        clip_core.ClipLoss()(*model(images, tokens)[:3]).backward()
+    tokenize = clip_core.get_tokenizer()
+    captions = [p.caption for p in synthetic.samples(batch_size, image_size=16)]
+    longest = max(captions, key=lambda caption: int(tokenize([caption]).argmax(dim=-1)))
+    images = torch.randn(samples, 3, model.image_size, model.image_size)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        clip_core.ClipLoss()(*model(images, tokenize([longest] * samples))[:3]).backward()
     return counter.get_total_flops() / samples
 
 

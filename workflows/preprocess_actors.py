@@ -13,6 +13,7 @@ class Deduplicate:
 
     def __init__(self):
         self.first_of: dict[str, tuple[str, str]] = {}  # pixel hash → (source, key) of its first row
+        self._sources: dict[str, str] = {}  # one string per source file, not one per row (~100 bytes a row)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         reasons, details = batch.column("reason").to_pylist(), batch.column("detail").to_pylist()
@@ -21,7 +22,7 @@ class Deduplicate:
         for i, (source, key, pixel_hash) in enumerate(rows):
             if reasons[i] is not None:
                 continue
-            first = self.first_of.setdefault(pixel_hash, (source, key))
+            first = self.first_of.setdefault(pixel_hash, (self._sources.setdefault(source, source), key))
             if first != (source, key):  # a batch seen again (a retried call) marks nothing
                 reasons[i], details[i] = "duplicate", f"same pixels as {first[1]} (in {first[0]})"
         batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
