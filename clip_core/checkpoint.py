@@ -73,6 +73,19 @@ def save_checkpoint(model: CLIP, directory: str | os.PathLike, *, extra: dict | 
     return directory
 
 
+def _read_json(path: Path, max_bytes: int = 2**20):
+    """A checkpoint's JSON file, parsed; refused past `max_bytes`, since it is read whole and configs are small."""
+    with open(path, "rb") as fp:
+        data = fp.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{path} is larger than {max_bytes} bytes, the limit for a checkpoint's JSON files: "
+                              "not read")
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as fp:
         return hashlib.file_digest(fp, "sha256").hexdigest()
@@ -233,7 +246,7 @@ def described_config(description: dict, directory: str) -> CLIPConfig:
 
 def _read_directory(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, dict]:
     if (path / CONFIG_FILE).is_file():
-        description = json.loads((path / CONFIG_FILE).read_text())
+        description = _read_json(path / CONFIG_FILE)
         if is_hf_config(description):
             config, state_dict = _read_hf_directory(path, description)
             return (config.replace(quick_gelu=quick_gelu) if quick_gelu is not None else config), state_dict
@@ -247,7 +260,7 @@ def _read_directory(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, di
                                   "weights were changed or damaged after they were saved; copy the checkpoint again")
         state_dict = load_file(weights)
     elif (path / OPENCLIP_CONFIG_FILE).is_file():
-        model_cfg = json.loads((path / OPENCLIP_CONFIG_FILE).read_text()).get("model_cfg")
+        model_cfg = _read_json(path / OPENCLIP_CONFIG_FILE).get("model_cfg")
         if not model_cfg:
             raise CheckpointError(f"{path / OPENCLIP_CONFIG_FILE} has no 'model_cfg' section")
         weights = next((path / name for name in ("open_clip_model.safetensors", WEIGHTS_FILE,
@@ -420,7 +433,7 @@ def _read_hf_directory(path: Path, description: dict) -> tuple[CLIPConfig, dict]
         raise CheckpointError(f"{path} has a Hugging Face CLIP {CONFIG_FILE} but none of {', '.join(_HF_WEIGHTS)}")
     if weights.name.endswith(".index.json"):
         state_dict = {}
-        for shard in sorted(set(json.loads(weights.read_text())["weight_map"].values())):
+        for shard in sorted(set(_read_json(weights)["weight_map"].values())):
             if Path(shard).name != shard or not shard.endswith(".safetensors"):
                 raise CheckpointError(f"{weights} names the shard {shard!r}: shards are .safetensors files beside it")
             state_dict.update(load_file(path / shard))
@@ -437,7 +450,7 @@ def _read_hf_directory(path: Path, description: dict) -> tuple[CLIPConfig, dict]
                               f"{vision['layer_norm_eps']}; clip_core's CLIP normalises with 1e-5")
     preprocessor = path / "preprocessor_config.json"
     if preprocessor.is_file():
-        described = json.loads(preprocessor.read_text())
+        described = _read_json(preprocessor)
         for key, expected in (("image_mean", OPENAI_MEAN), ("image_std", OPENAI_STD)):
             value = described.get(key, list(expected))
             if len(value) != 3 or any(abs(a - b) > 1e-4 for a, b in zip(value, expected)):
@@ -613,7 +626,13 @@ class _ScriptObject:
 class _RestrictedUnpickler(pickle.Unpickler):
     @staticmethod
     def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+        """A view of `storage`, refused unless it lies inside: `set_` would grow the storage with
+        uninitialised memory (the loading process's heap) to fit it."""
         untyped, dtype = storage
+        numel = untyped.nbytes() // dtype.itemsize
+        if not _view_fits(numel, offset, size, stride):
+            raise CheckpointError(f"a tensor of size {size!r} and stride {stride!r} at offset {offset!r} does not "
+                                  f"fit its storage of {numel} elements: the archive is malformed")
         return torch.empty(0, dtype=dtype).set_(untyped, offset, size, stride)
 
     _ALLOWED = {
@@ -637,12 +656,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only tensors are read from TorchScript")
 
     def persistent_load(self, pid):
-        kind, dtype, key, _location, _numel = pid
-        if kind != "storage" or not isinstance(dtype, torch.dtype):
+        kind, dtype, key, _location, numel = pid
+        if kind != "storage" or not isinstance(dtype, torch.dtype) or not isinstance(numel, int):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        data = bytearray(self._archive.read(f"{self._prefix}data/{key}"))
+        record = f"{self._prefix}data/{key}"
+        try:
+            stored = self._archive.getinfo(record).file_size
+        except KeyError:
+            raise CheckpointError(f"storage record {record} is missing: the archive is malformed") from None
+        if stored != numel * dtype.itemsize:
+            raise CheckpointError(f"storage record {record} holds {stored} bytes but declares {numel} {dtype} "
+                                  f"elements ({numel * dtype.itemsize} bytes): the archive is malformed")
+        data = bytearray(self._archive.read(record))
         untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
         return untyped, dtype
+
+
+def _view_fits(numel: int, offset, size, stride) -> bool:
+    """Whether a strided view lies inside a storage of `numel` elements (an empty view always does)."""
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and all(isinstance(n, int) and n >= 0 for n in (offset, *size, *stride))):
+        return False
+    return 0 in size or offset + sum((n - 1) * s for n, s in zip(size, stride)) < numel
 
 
 def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -654,7 +689,10 @@ def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tens
             raise CheckpointError(f"{path} is a zip archive without a TorchScript data.pkl")
         prefix = data_pkl[: -len("data.pkl")]
         with archive.open(data_pkl) as fp:
-            root = _RestrictedUnpickler(fp, archive, prefix).load()
+            try:
+                root = _RestrictedUnpickler(fp, archive, prefix).load()
+            except CheckpointError as exc:
+                raise CheckpointError(f"{path}: {exc}") from None
     state_dict: dict[str, torch.Tensor] = {}
 
     def collect(obj, key_prefix: str) -> None:

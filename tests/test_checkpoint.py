@@ -1,6 +1,11 @@
+import collections
+import io
 import json
 import os
 import pickle
+import sys
+import types
+import zipfile
 
 import numpy as np
 import pytest
@@ -99,6 +104,55 @@ def test_pickled_code_is_never_run(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+def _write_torchscript_like_archive(path, record: bytes, numel: int, offset: int, size: tuple, stride: tuple):
+    """A TorchScript-shaped zip whose one float tensor is a view (`offset`, `size`, `stride`) of the storage
+    record `record`, which data.pkl declares to hold `numel` floats."""
+    storage, module = object(), types.ModuleType("__torch__")
+
+    class Model:
+        pass
+
+    class Tensor:
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (storage, offset, size, stride, False, collections.OrderedDict())
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is storage else None
+
+    Model.__module__, Model.__qualname__, module.Model = "__torch__", "Model", Model
+    root = Model()
+    root.weight = Tensor()
+    data_pkl = io.BytesIO()
+    sys.modules["__torch__"] = module
+    try:
+        Pickler(data_pkl, protocol=2).dump(root)
+    finally:
+        del sys.modules["__torch__"]
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", data_pkl.getvalue())
+        archive.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+        archive.writestr("archive/data/0", record)
+    return path
+
+
+def test_torchscript_tensor_outside_its_storage_is_refused(tmp_path):
+    floats = torch.arange(4, dtype=torch.float32)
+    fitting = _write_torchscript_like_archive(tmp_path / "fits.pt", floats.numpy().tobytes(), 4, 1, (3,), (1,))
+    torch.testing.assert_close(clip_core.checkpoint.read_torchscript_state_dict(fitting)["weight"], floats[1:])
+    short = _write_torchscript_like_archive(tmp_path / "short.pt", floats.numpy().tobytes(), 4096, 0, (64, 64), (64, 1))
+    with pytest.raises(CheckpointError, match=r"short.pt: storage record archive/data/0 holds 16 bytes but declares "
+                                              r"4096 .*the archive is malformed"):
+        clip_core.load_model(short)
+    for name, offset, size, stride in [("beyond", 0, (64, 64), (64, 1)), ("far", 10**12, (4,), (1,)),
+                                       ("negative", -1, (4,), (1,)), ("strided", 0, (2, 2), (3, 1))]:
+        archive = _write_torchscript_like_archive(tmp_path / f"{name}.pt", floats.numpy().tobytes(), 4,
+                                                  offset, size, stride)
+        with pytest.raises(CheckpointError, match=rf"{name}.pt: a tensor of size .* does not fit its storage of 4 "
+                                                  "elements: the archive is malformed"):
+            clip_core.load_model(archive)
+
+
 def test_loading_at_another_resolution_interpolates_position_embeddings(tmp_path):
     for name, size, new_size, key, grid in [("tiny", 64, 96, "visual.positional_embedding", 12),
                                            ("RN50", 64, 128, "visual.attnpool.positional_embedding", 4)]:
@@ -118,6 +172,17 @@ def test_future_checkpoint_format_asks_for_an_upgrade(tmp_path):
     (directory / "config.json").write_text(json.dumps(description))
     with pytest.raises(CheckpointError, match="upgrade rayclip"):
         clip_core.load_model(directory)
+
+
+def test_oversized_json_files_are_refused_unread(tmp_path):
+    directory = clip_core.save_checkpoint(clip_core.create_model("tiny"), tmp_path)
+    for name in ("config.json", "open_clip_config.json"):
+        description = json.loads((directory / name).read_text())
+        (directory / name).write_text(json.dumps(description) + " " * 2 * 2**20)
+        with pytest.raises(CheckpointError, match=rf"{name} is larger than 1048576 bytes, the limit for a "
+                                                  "checkpoint's JSON files"):
+            clip_core.load_model(directory)
+        (directory / name).unlink()
 
 
 def test_weights_whose_digest_differs_from_the_recorded_one_are_refused(tmp_path):
