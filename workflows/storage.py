@@ -15,6 +15,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -179,6 +180,35 @@ def download(uri: str, local_dir: str) -> str:
     return local
 
 
+def private_directory() -> Path:
+    """This user's directory for the downloads its processes share (`local_copy`), under the system's
+    temporary directory: made with mode 0o700, and refused (PermissionError) unless it is a directory
+    (not a link) that this user owns and no one else may write. The temporary directory is shared by
+    every local user: one who made it first could otherwise plant files there for us to load."""
+    directory = Path(tempfile.gettempdir()) / f"rayclip-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700)
+    check_private(directory)
+    return directory
+
+
+def check_private(directory: str | os.PathLike) -> None:
+    """Refuse (PermissionError) `directory` unless it is a real directory owned by this user that neither
+    its group nor others may write: files in it can then only have come from this user."""
+    status = os.lstat(directory)
+    problem = None
+    if not stat.S_ISDIR(status.st_mode):
+        problem = "is not a directory (a link or a file)"
+    elif status.st_uid != os.getuid():
+        problem = f"is owned by uid {status.st_uid}, not by this user (uid {os.getuid()})"
+    elif status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"is writable by its group or others (mode {stat.S_IMODE(status.st_mode):o})"
+    if problem:
+        raise PermissionError(f"{directory} {problem}: rayclip keeps its downloads there and will not read files "
+                              "someone else could have put there; remove it (rayclip makes it afresh, mode 700) or "
+                              "set TMPDIR to a directory of your own")
+
+
 @contextlib.contextmanager
 def local_copy(uri: str):
     """A local path to read `uri` from: a local path as it is; an s3:// file or directory downloaded once
@@ -189,11 +219,12 @@ def local_copy(uri: str):
     downloads again into the same directory, over the files the others are reading (on resume from S3
     that tore train_state.pt and crashed a worker in the memory-mapped weights). Here a download lands
     whole (a rename) and is never repeated while anyone reads it. A reader that dies inside leaves the copy
-    in the temporary directory, where the next reader of `uri` finds it."""
+    in this user's `private_directory`, where the next reader of `uri` finds it; a copy is shared only by
+    the processes of one user (Ray's workers run as the user who started Ray)."""
     if not is_s3(uri):
         yield uri
         return
-    base = Path(tempfile.gettempdir()) / f"rayclip-{hashlib.sha256(uri.encode()).hexdigest()[:20]}"
+    base = private_directory() / hashlib.sha256(uri.encode()).hexdigest()[:20]
     done, partial, readers = base, Path(f"{base}.partial"), Path(f"{base}.readers")
 
     @contextlib.contextmanager

@@ -1,0 +1,86 @@
+"""workflows.storage without Ray: where remote files are cached locally, and who may have put them there."""
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from workflows import storage
+
+
+@pytest.fixture
+def temporary_root(tmp_path, monkeypatch) -> Path:
+    """The system's temporary directory, as `tempfile.gettempdir()` answers, moved to a fresh one."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def test_remote_copies_are_cached_in_a_directory_only_this_user_can_write(temporary_root, tmp_path, s3_bucket):
+    (tmp_path / "weights.bin").write_bytes(b"weights")
+    uri = f"s3://{s3_bucket}/weights/weights.bin"
+    storage.copy(str(tmp_path / "weights.bin"), uri)
+    with storage.local_copy(uri) as first:
+        private = temporary_root / f"rayclip-{os.getuid()}"
+        assert Path(first).parent.parent == private and Path(first).read_bytes() == b"weights"
+        status = os.lstat(private)
+        assert status.st_uid == os.getuid() and stat.S_IMODE(status.st_mode) & 0o077 == 0
+        with storage.local_copy(uri) as second:  # the processes of a node share one download
+            assert second == first
+    assert not Path(first).exists()
+
+
+def _plant_writable_by_others(directory: Path) -> None:
+    directory.mkdir()
+    directory.chmod(0o777)
+
+
+def _plant_writable_by_group(directory: Path) -> None:
+    directory.mkdir()
+    directory.chmod(0o770)
+
+
+def _plant_link(directory: Path) -> None:
+    elsewhere = directory.parent / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    directory.symlink_to(elsewhere)
+
+
+def _plant_file(directory: Path) -> None:
+    directory.write_bytes(b"")
+
+
+@pytest.mark.parametrize("plant", [_plant_writable_by_others, _plant_writable_by_group, _plant_link, _plant_file])
+def test_a_cache_directory_someone_else_could_have_filled_is_refused(temporary_root, plant):
+    """Another local user who makes our cache directory first, or leaves it writable, could put weights in
+    it for us to load (the cache was once /tmp/rayclip-<hash of the URI>, a name anyone could predict)."""
+    private = temporary_root / f"rayclip-{os.getuid()}"
+    plant(private)
+    # refused before anything is read: no S3 server answers for this bucket
+    with pytest.raises(PermissionError, match=f"{private} is .*will not read files someone else could have put"):
+        with storage.local_copy("s3://no-such-bucket/runs/checkpoint_00000001"):
+            pass
+
+
+def test_a_cache_directory_owned_by_another_user_is_refused(temporary_root, monkeypatch):
+    me = os.getuid()
+    planted = temporary_root / f"rayclip-{me + 1}"
+    planted.mkdir(mode=0o700)  # owned by `me`, as if another user had made it for uid me + 1
+    monkeypatch.setattr(os, "getuid", lambda: me + 1)
+    with pytest.raises(PermissionError, match=f"is owned by uid {me}, not by this user \\(uid {me + 1}\\)"):
+        with storage.local_copy("s3://no-such-bucket/weights/model.safetensors"):
+            pass
+
+
+def test_the_cache_directory_is_made_private_whatever_the_umask(temporary_root):
+    previous = os.umask(0)
+    try:
+        private = storage.private_directory()
+    finally:
+        os.umask(previous)
+    assert private == temporary_root / f"rayclip-{os.getuid()}"
+    assert stat.S_IMODE(os.lstat(private).st_mode) == 0o700
+    assert storage.private_directory() == private  # found again, accepted
