@@ -130,9 +130,12 @@ def _rows(uri: str) -> int:
 
 
 def read_embeddings(uri: str) -> tuple[dict, pa.Table]:
-    """The manifest and the rows of the embeddings at `uri` (the files its manifest lists)."""
+    """The manifest and the rows of the embeddings at `uri` (the files its manifest lists, which must lie
+    under `uri`: `storage.join_listed`)."""
     manifest = read_embeddings_manifest(uri)
-    return manifest, storage.read_parquet([storage.join(uri, file["path"]) for file in manifest["files"]])
+    listed_in = storage.join(uri, MANIFEST)
+    return manifest, storage.read_parquet([storage.join_listed(uri, file["path"], listed_in)
+                                           for file in manifest["files"]])
 
 
 def read_embeddings_manifest(uri: str) -> dict:

@@ -561,10 +561,12 @@ def read_manifest(uri: str) -> dict:
 
 
 def shard_uris(uri: str, manifest: dict) -> list[str]:
-    """The prepared dataset's shard files, as its `manifest` lists them; a dataset without rows is refused."""
+    """The prepared dataset's shard files, as its `manifest` lists them; a dataset without rows is refused, and
+    so is a manifest that lists a file outside `uri` (`storage.join_listed`)."""
     if not manifest["shards"]:
         raise ValueError(f"the prepared dataset at {uri} has no rows ({manifest['counts']})")
-    return [storage.join(uri, shard["path"]) for shard in manifest["shards"]]
+    listed_in = storage.join(uri, MANIFEST)
+    return [storage.join_listed(uri, shard["path"], listed_in) for shard in manifest["shards"]]
 
 
 def read_prepared_table(uri: str, columns: list[str] | None = None, filters=None) -> pa.Table:

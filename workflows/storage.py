@@ -74,6 +74,17 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def join_listed(uri: str, path: str, manifest: str) -> str:
+    """`uri` joined with `path`, a file that the manifest at `manifest` lists under `uri`; refused (ValueError)
+    unless `path` is relative and stays inside `uri`: no scheme, no leading "/", no "..", "." or empty part.
+    A manifest may come from a bucket others write to: it must not lead a reader to /etc/… or ../other-team/…"""
+    parts = path.split("/") if isinstance(path, str) else None
+    if parts is None or "://" in path or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{manifest} lists the file {path!r}, which is not a relative path inside {uri} (no scheme, "
+                         "leading '/', '..', '.' or empty part): a manifest names files of its own directory only")
+    return join(uri, *parts)
+
+
 def absolute(uri: str) -> str:
     """A local path or file:// URI as an absolute path against this process's directory, `~` expanded
     (Ray's workers run elsewhere); any other URI (s3://, synthetic://) as it is."""
