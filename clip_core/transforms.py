@@ -40,6 +40,9 @@ class ImageError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # pickled whole: raised in a Ray task, it reaches the driver as it was raised
+        return type(self), (str(self), self.reason)
+
 
 def open_image(source: bytes | str | os.PathLike | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                reduce_to: int | None = None) -> Image.Image:

@@ -163,3 +163,11 @@ def test_invalid_transform_settings_are_rejected():
         clip_core.image_transform(0)
     with pytest.raises(ValueError, match="scale must satisfy"):
         clip_core.image_transform(64, train=True, scale=(0.5, 1.5))
+
+
+def test_an_image_error_survives_pickling_with_its_reason():
+    """Raised in a Ray task (decoding a prepared shard), it is pickled on its way to the driver."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ImageError("the image <bytes> is 5000x5000", "too_large")))
+    assert type(error) is ImageError and str(error) == "the image <bytes> is 5000x5000" and error.reason == "too_large"

@@ -1,16 +1,21 @@
 """What the stages read that someone else may have written (a manifest, a shard in a shared bucket): a
 crafted one is refused with an error naming it, and a valid one reads as before. Without Ray."""
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from clip_core.transforms import ImageError, center_crop, resize_shortest_side, to_rgb
 from workflows.embed import FORMAT as EMBEDDINGS_FORMAT
 from workflows.embed import read_embeddings
-from workflows.preprocess import read_prepared_table
+from workflows.evaluate import retrieval_png
+from workflows.preprocess import decode_batch, label_array, prepared_max_pixels, read_prepared_table
 
 
 def _write_parquet(path: Path, keys: list[str]) -> None:
@@ -69,3 +74,97 @@ def test_files_a_manifest_lists_inside_its_directory_are_read(tmp_path):
     _write_parquet(tmp_path / "out" / "embeddings" / "0.parquet", ["x"])
     _, table = read_embeddings(_embeddings(tmp_path / "out", ["embeddings/0.parquet"]))
     assert table["key"].to_pylist() == ["x"]
+
+
+# ------------------------------------------------------------------------- prepared images
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def _decode_batch_before(batch: dict, image_size: int, context_length: int = 77) -> dict:
+    """decode_batch as it was (bare Image.open), the reference for the pixels of valid prepared images."""
+    images = np.empty((len(batch["image"]), image_size, image_size, 3), dtype=np.uint8)
+    for i, data in enumerate(batch["image"]):
+        image = to_rgb(Image.open(io.BytesIO(data)))
+        if image.size != (image_size, image_size):
+            image = center_crop(resize_shortest_side(image, image_size), image_size)
+        images[i] = np.asarray(image)
+    tokens = np.zeros((len(batch["tokens"]), context_length), dtype=np.int64)
+    for i, ids in enumerate(batch["tokens"]):
+        ids = list(ids)[:context_length]
+        tokens[i, : len(ids)] = ids
+    return {"image": images, "tokens": tokens, "label": label_array(batch["label"])}
+
+
+def test_decode_batch_reads_valid_prepared_images_as_before():
+    pictures = [_picture(64, 64, seed) for seed in range(3)]
+    images = [_encoded(pictures[0], "PNG"), _encoded(pictures[1], "JPEG", quality=95),
+              _encoded(pictures[2], "WEBP", lossless=True),
+              _encoded(_picture(96, 80, 3), "JPEG"),  # prepared at another size: resized and cropped as before
+              _encoded(_picture(48, 48, 4).convert("L"), "PNG")]
+    batch = {"key": np.asarray([f"k{i}" for i in range(len(images))], dtype=object),
+             "image": np.asarray(images, dtype=object),
+             "tokens": [[49406, 320, 49407], [49406, 49407], list(range(100)), [1], []],
+             "label": np.asarray([0, np.nan, 2, 3, np.nan])}
+    now, before = decode_batch(batch, 64), _decode_batch_before(batch, 64)
+    assert now.keys() == before.keys()
+    for name in now:
+        assert now[name].dtype == before[name].dtype and np.array_equal(now[name], before[name]), name
+    assert np.array_equal(now["image"][0], np.asarray(pictures[0]))  # PNG and lossless WebP: the pixels stored
+    assert np.array_equal(now["image"][2], np.asarray(pictures[2]))
+
+
+def test_decode_batch_refuses_a_prepared_image_of_another_format_naming_its_row():
+    batch = {"key": ["good", "odd"], "image": [_encoded(_picture(64, 64), "PNG"), _encoded(_picture(64, 64), "GIF")],
+             "tokens": [[1], [2]]}
+    with pytest.raises(ImageError, match="prepared image of row key 'odd': the image is GIF, not one of the formats "
+                                         "preprocess writes \\(JPEG, PNG, WEBP\\)"):
+        decode_batch(batch, 64)
+    batch["image"][1] = _encoded(_picture(64, 64), "TGA")  # not even among the formats clip_core opens
+    with pytest.raises(ImageError, match="prepared image of row key 'odd': the image <bytes> could not be decoded"):
+        decode_batch(batch, 64)
+    del batch["key"]
+    with pytest.raises(ImageError, match="prepared image of row 1 of a batch without keys"):
+        decode_batch(batch, 64)
+
+
+def test_decode_batch_refuses_a_prepared_image_larger_than_preprocess_writes():
+    """A 5000 x 5000 PNG (25 MB of bytes decoded from 25 kB): under Pillow's own bomb limit, which the bare
+    Image.open relied on, and over the largest image preprocess writes (4096 x 4096)."""
+    bomb = _encoded(Image.new("L", (5000, 5000)), "PNG")
+    assert len(bomb) < 100_000
+    batch = {"key": ["bomb"], "image": [bomb], "tokens": [[1]]}
+    with pytest.raises(ImageError, match="prepared image of row key 'bomb': the image <bytes> is 5000x5000 = "
+                                         "25,000,000 pixels, over the limit of 16,777,216") as error:
+        decode_batch(batch, 224)
+    assert error.value.reason == "too_large"
+    assert prepared_max_pixels(224) == 4096**2 and prepared_max_pixels(3000) == 4 * 3000**2
+
+
+def _prepared_images(directory: Path, images: dict[str, bytes]) -> str:
+    table = pa.table({"key": list(images), "image": list(images.values()),
+                             "caption": [f"a picture called {key}" for key in images]})
+    (directory / "shards").mkdir(parents=True)
+    pq.write_table(table, directory / "shards" / "shard-0.parquet")
+    return _prepared(directory, ["shards/shard-0.parquet"])
+
+
+def test_the_retrieval_figure_draws_prepared_images_through_the_checked_opener(tmp_path):
+    images = {f"k{i}": _encoded(_picture(32, 32, i), "PNG") for i in range(3)}
+    features = np.eye(3, dtype=np.float32)
+    ordered = {"key": np.asarray(list(images)), "image_features": features, "text_features": features}
+    retrieval_png(_prepared_images(tmp_path / "good", images), ordered, str(tmp_path / "good.png"), queries=2, top=2)
+    assert Image.open(tmp_path / "good.png").format == "PNG"
+    images["k1"] = _encoded(_picture(32, 32), "GIF")
+    data = _prepared_images(tmp_path / "odd", images)
+    with pytest.raises(ImageError, match=f"the image of key 'k1' in {data}: the image is GIF"):
+        retrieval_png(data, ordered, str(tmp_path / "odd.png"), queries=2, top=2)

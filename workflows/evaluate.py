@@ -28,7 +28,7 @@ import clip_core
 from clip_core.checkpoint import CONFIG_FILE, described_config
 
 from . import registry, storage
-from .preprocess import decode_batch, load_prepared, read_manifest, read_prepared_table
+from .preprocess import decode_batch, load_prepared, open_prepared_image, read_manifest, read_prepared_table
 from .tracking import start_run, using
 
 TEMPLATE_SETS = {"default": clip_core.DEFAULT_TEMPLATES, "simple": clip_core.SIMPLE_TEMPLATES,
@@ -258,13 +258,10 @@ def confusion_png(confusion: np.ndarray, classnames: list[str], path: str) -> No
 
 def retrieval_png(uri: str, ordered: dict, path: str, queries: int = 4, top: int = 5) -> None:
     """For the first `queries` captions: the caption and its top retrieved images (true one in green)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     keys = ordered["key"].astype(str)
     scores = ordered["text_features"][:queries] @ ordered["image_features"].T
@@ -276,8 +273,8 @@ def retrieval_png(uri: str, ordered: dict, path: str, queries: int = 4, top: int
     fig, axes = plt.subplots(len(scores), top, figsize=(2 * top, 2.3 * len(scores)), squeeze=False)
     for q, row in enumerate(scores):
         for rank, index in enumerate(shown[q]):
-            ax = axes[q][rank]
-            ax.imshow(Image.open(io.BytesIO(by_key[keys[index]][0])).convert("RGB"))
+            ax, key = axes[q][rank], str(keys[index])
+            ax.imshow(open_prepared_image(by_key[key][0], where=f"the image of key {key!r} in {uri}"))
             ax.set_xticks([])
             ax.set_yticks([])
             color = "green" if index == q else "red"

@@ -40,7 +40,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clip_core.tokenizer import TOKENIZER_ID, get_tokenizer, normalize_caption
-from clip_core.transforms import ImageError, center_crop, decode_image, peek_image, resize_shortest_side, to_rgb
+from clip_core.transforms import ImageError, center_crop, decode_image, peek_image, resize_shortest_side
 
 from . import storage
 from .preprocess_actors import Deduplicate, Progress
@@ -76,6 +76,9 @@ PROCESSED_SCHEMA = pa.schema([
 SHARD_COLUMNS = ["key", "image", "caption", "tokens", "label", "width", "height", "metadata"]
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("reason", pa.string()),
                            ("detail", pa.string())])
+# A prepared image is image_size x image_size (at most MAX_IMAGE_SIZE on a side), in one of PREPARED_FORMATS
+MAX_IMAGE_SIZE = 4096
+PREPARED_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}  # image_format → what Pillow reads it as
 
 
 class PreprocessOptions(BaseModel):
@@ -90,8 +93,8 @@ class PreprocessOptions(BaseModel):
     label_key: str | None = None
     classnames: list[str] | str | None = Field(None, description="label i is classnames[i]; string labels map "
                                                "through it. A string is a file (local or s3://) with one per line")
-    image_size: int = Field(224, gt=0, le=4096)
-    image_format: str = Field("jpeg", pattern="^(jpeg|png|webp)$")
+    image_size: int = Field(224, gt=0, le=MAX_IMAGE_SIZE)
+    image_format: str = Field("jpeg", pattern=f"^({'|'.join(PREPARED_FORMATS)})$")
     jpeg_quality: int = Field(95, ge=1, le=100)
     min_image_side: int = Field(32, ge=1)
     max_aspect_ratio: float = Field(5.0, ge=1.0)
@@ -520,12 +523,35 @@ def _log_to_mlflow(manifest: dict, output: str) -> None:
 
 # --------------------------------------------------------------------------------- reading
 
+def prepared_max_pixels(image_size: int = 0) -> int:
+    """The most pixels a prepared image read for a model of `image_size` may have: what preprocess writes at its
+    largest (a model may read data prepared at another size), or twice the model's side."""
+    return max(MAX_IMAGE_SIZE**2, 4 * image_size**2)
+
+
+def open_prepared_image(data: bytes, image_size: int = 0, where: str = "a prepared image") -> Image.Image:
+    """A prepared shard's image decoded as RGB through clip_core.transforms' checked opener: ImageError naming
+    `where` (the row) unless it is a JPEG, PNG or WebP of at most `prepared_max_pixels(image_size)`. A shard may
+    come from a bucket others write to; Pillow's own limit (179 megapixels, any of its formats) is no bound."""
+    limit = prepared_max_pixels(image_size)
+    try:
+        image = peek_image(data, max_pixels=limit)
+        if image.format not in PREPARED_FORMATS.values():
+            raise ImageError(f"the image is {image.format}, not one of the formats preprocess writes "
+                             f"({', '.join(PREPARED_FORMATS.values())})", "unsupported")
+        return decode_image(image, max_pixels=limit)
+    except ImageError as exc:
+        raise ImageError(f"{where}: {exc}; prepare the data again with `rayclip preprocess`", exc.reason) from exc
+
+
 def decode_batch(batch: dict, image_size: int, context_length: int = 77) -> dict:
     """Ray Data UDF: prepared rows → uint8 images [B, S, S, 3], padded tokens [B, context] and labels [B]
-    (-1 where a row has none)."""
+    (-1 where a row has none). An image that is not what preprocess writes raises ImageError naming its row."""
     images = np.empty((len(batch["image"]), image_size, image_size, 3), dtype=np.uint8)
+    keys = batch.get("key")
     for i, data in enumerate(batch["image"]):
-        image = to_rgb(Image.open(io.BytesIO(data)))
+        row = f"key {str(keys[i])!r}" if keys is not None else f"{i} of a batch without keys"
+        image = open_prepared_image(data, image_size, f"the prepared image of row {row}")
         if image.size != (image_size, image_size):
             image = center_crop(resize_shortest_side(image, image_size), image_size)
         images[i] = np.asarray(image)
