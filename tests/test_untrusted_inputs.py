@@ -11,11 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import clip_core
 from clip_core.transforms import ImageError, center_crop, resize_shortest_side, to_rgb
+from workflows import registry, storage
+from workflows.data_passes import train_record
 from workflows.embed import FORMAT as EMBEDDINGS_FORMAT
 from workflows.embed import read_embeddings
 from workflows.evaluate import retrieval_png
 from workflows.preprocess import decode_batch, label_array, prepared_max_pixels, read_prepared_table
+
+from micro import micro_config
 
 
 def _write_parquet(path: Path, keys: list[str]) -> None:
@@ -168,3 +173,48 @@ def test_the_retrieval_figure_draws_prepared_images_through_the_checked_opener(t
     data = _prepared_images(tmp_path / "odd", images)
     with pytest.raises(ImageError, match=f"the image of key 'k1' in {data}: the image is GIF"):
         retrieval_png(data, ordered, str(tmp_path / "odd.png"), queries=2, top=2)
+
+
+# ------------------------------------------------------------------------- checkpoints and model versions
+
+
+def test_a_checkpoint_config_over_a_mebibyte_is_refused_unread(tmp_path):
+    clip_core.save_checkpoint(clip_core.CLIP(micro_config()), tmp_path / "ckpt")
+    description = registry.checkpoint_description(str(tmp_path / "ckpt"))
+    assert description["model"]["name"] == "micro"
+    train = {"step": 7, "data_pass": 2}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**description, "train": train}))
+    assert train_record(str(tmp_path / "ckpt")) == train
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**description, "padding": "x" * 2**20}))
+    with pytest.raises(storage.TooLarge, match="config.json is larger than the limit of 1,048,576 bytes"):
+        registry.checkpoint_description(str(tmp_path / "ckpt"))
+    with pytest.raises(storage.TooLarge, match="config.json is larger than the limit of 1,048,576 bytes"):
+        train_record(str(tmp_path / "ckpt"))  # read on resume, perhaps from a shared bucket
+
+
+def test_a_model_version_is_fetched_as_its_inference_files_alone(tmp_path):
+    """A registry writer may put anything beside a version's checkpoint in the artifact store: a replica fetching
+    the version downloads the files it loads from, not a disk's worth of others. (sqlite MLflow, no server.)"""
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    clip_core.save_checkpoint(clip_core.CLIP(micro_config()), tmp_path / "ckpt")
+    written = {file.name: file.read_bytes() for file in (tmp_path / "ckpt").iterdir()}
+    assert set(written) == set(registry.INFERENCE_FILES)
+    registry.register(str(tmp_path / "ckpt"), "clip", tracking_uri=tracking, echo=lambda *_: None)
+    [stored] = list(tmp_path.glob("mlartifacts/**/artifacts/checkpoint"))
+    (stored / "train_state.pt").write_bytes(b"\0" * 2**20)
+    (stored / "extra").mkdir()
+    (stored / "extra" / "filler.bin").write_bytes(b"\0" * 2**20)
+
+    source = registry.fetch_checkpoint("models:/clip/1", str(tmp_path / "fetched"), tracking_uri=tracking)
+    fetched = {path.relative_to(tmp_path / "fetched") for path in (tmp_path / "fetched").rglob("*") if path.is_file()}
+    assert fetched == {Path("artifacts", "checkpoint", name) for name in registry.INFERENCE_FILES}, fetched
+    assert source.directory == str(tmp_path / "fetched" / "artifacts" / "checkpoint") and source.version == "1"
+    assert {name: Path(source.directory, name).read_bytes() for name in written} == written
+    assert clip_core.load_model(source.directory).config.name == "micro"
+
+    (stored / "open_clip_config.json").unlink()  # a version registered without it: fetched without it
+    source = registry.fetch_checkpoint("models:/clip@challenger", str(tmp_path / "again"), tracking_uri=tracking)
+    assert sorted(path.name for path in Path(source.directory).iterdir()) == ["config.json", "model.safetensors"]
+    (stored / "config.json").unlink()
+    with pytest.raises(registry.RegistryError, match="version 1\\) has no checkpoint/config.json in the artifact"):
+        registry.fetch_checkpoint("models:/clip/1", str(tmp_path / "once-more"), tracking_uri=tracking)

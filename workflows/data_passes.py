@@ -51,10 +51,11 @@ def registered_checkpoint(run_path: str) -> str | None:
 
 
 def train_record(uri: str) -> dict:
-    """A train checkpoint's own account of itself (config.json's `train`: step, data pass, MLflow run)."""
+    """A train checkpoint's own account of itself (config.json's `train`: step, data pass, MLflow run); a
+    config.json over 1 MiB (a rayclip one is a few kB) is refused unread (storage.TooLarge)."""
     from clip_core.checkpoint import CONFIG_FILE
 
-    return json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE))).get("train") or {}
+    return json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE), max_bytes=1 << 20)).get("train") or {}
 
 
 def checkpoint_pass(uri: str) -> int:

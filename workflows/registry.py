@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -38,6 +39,7 @@ EVAL_SECTIONS = ("zeroshot", "retrieval", "linear_probe")  # what `rayclip evalu
 HISTORY_TAG = "rayclip.champion_history"
 CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc artifact: artifacts/checkpoint inside the model
 INFERENCE_FILES = (WEIGHTS_FILE, CONFIG_FILE, OPENCLIP_CONFIG_FILE)
+CONFIG_MAX_BYTES = 1 << 20  # a checkpoint's config.json is a few kB
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 # what the pyfunc imports at serving time (its own code and clip_core travel with the model)
 PYFUNC_REQUIREMENTS = ("torch", "numpy", "pillow", "safetensors", "ftfy", "regex", "pandas")
@@ -127,10 +129,18 @@ def _fetch(uri: str, destination: str, tracking_uri: str | None, quick_gelu: boo
 
         name, alias, number = parsed
         model_version = get_version(name, alias, number, tracking_uri=tracking_uri)
+        checkpoint = f"models:/{name}/{model_version.version}/artifacts/{CHECKPOINT_ARTIFACT}"
         with using(tracking_uri):
-            directory = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{model_version.version}/artifacts/{CHECKPOINT_ARTIFACT}",
-                dst_path=destination)
+            # the inference files alone, never whatever else a registry writer put beside them (a disk's worth)
+            stored = {posixpath.basename(info.path) for info in mlflow.artifacts.list_artifacts(artifact_uri=checkpoint)
+                      if not info.is_dir}
+            if CONFIG_FILE not in stored:
+                raise RegistryError(f"{uri} (version {model_version.version}) has no {CHECKPOINT_ARTIFACT}/"
+                                    f"{CONFIG_FILE} in the artifact store: it is not a rayclip model version; "
+                                    "register the checkpoint again")
+            downloaded = [mlflow.artifacts.download_artifacts(artifact_uri=f"{checkpoint}/{file}", dst_path=destination)
+                          for file in INFERENCE_FILES if file in stored]
+        directory = os.path.dirname(downloaded[0])  # <destination>/artifacts/checkpoint, each file in it
         # the checkpoint must claim the registered weights; load_model then checks the file against its claim
         recorded = (model_version.tags or {}).get("weights_sha256")
         if recorded and (claimed := checkpoint_description(directory).get("weights_sha256")) != recorded:
@@ -140,7 +150,7 @@ def _fetch(uri: str, destination: str, tracking_uri: str | None, quick_gelu: boo
         return ModelSource(directory, uri, name, str(model_version.version), model_version.run_id,
                            dict(model_version.tags or {}))
     description = storage.join(uri, CONFIG_FILE)
-    if not (storage.exists(description) and _is_ours(storage.read_bytes(description, max_bytes=1 << 20))):
+    if not (storage.exists(description) and _is_ours(storage.read_bytes(description, max_bytes=CONFIG_MAX_BYTES))):
         return _converted(uri, destination, quick_gelu)
     if not storage.is_s3(uri):
         return ModelSource(uri, uri, run_id=_train_run_id(uri))
@@ -176,8 +186,13 @@ def _converted(uri: str, destination: str, quick_gelu: bool | None) -> ModelSour
 
 
 def checkpoint_description(directory: str) -> dict:
-    """A local checkpoint's config.json."""
-    return json.loads(Path(directory, CONFIG_FILE).read_text())
+    """A local checkpoint's config.json (at most CONFIG_MAX_BYTES: it may come from someone else's store)."""
+    with open(Path(directory, CONFIG_FILE), "rb") as file:
+        data = file.read(CONFIG_MAX_BYTES + 1)
+    if len(data) > CONFIG_MAX_BYTES:
+        raise storage.TooLarge(f"{Path(directory, CONFIG_FILE)} is larger than the limit of {CONFIG_MAX_BYTES:,} "
+                               "bytes: it is not a rayclip checkpoint's config")
+    return json.loads(data)
 
 
 def _train_run_id(directory: str) -> str | None:
