@@ -120,6 +120,9 @@ def test_cluster_launcher_config_passes_rays_own_schema_and_has_the_node_groups(
     assert any(f"-c {root}/constraints.txt" in install and install.endswith(f"-e {root}") for root in mounted), install
     assert any("MLFLOW_TRACKING_URI" in c for c in config["setup_commands"])
     assert any("RAYCLIP_STORAGE" in c for c in config["setup_commands"])
+    # the dashboard's job API runs any code: on the head's loopback, reached through `ray dashboard`'s tunnel
+    (start,) = [command for command in config["head_start_ray_commands"] if command.startswith("ray start")]
+    assert "--dashboard-host=127.0.0.1" in start
     assert subprocess.run([str(RAYCLIP.parent / "ray"), "up", "--help"], capture_output=True).returncode == 0
 
 
@@ -153,8 +156,12 @@ def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_th
     # every pod runs Serve in the high-throughput mode tests/test_serve.py serves the app in
     cluster = service["spec"]["rayClusterConfig"]
     for pod in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
-        env = {item["name"]: item.get("value") for item in pod["template"]["spec"]["containers"][0]["env"]}
-        assert rollout.HIGH_THROUGHPUT_ENV.items() <= env.items(), env
+        env = {item["name"]: item for item in pod["template"]["spec"]["containers"][0]["env"]}
+        assert rollout.HIGH_THROUGHPUT_ENV.items() <= {k: v.get("value") for k, v in env.items()}.items(), env
+        # the API never serves without its token: a missing secret stops the pod instead
+        assert env["RAYCLIP_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"].get("optional") is not True
+    # the dashboard's job API runs any code: Ray's token auth on both clusters
+    assert cluster["authOptions"] == job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     # what the pipeline registers and promotes is what the service serves, from the same MLflow
     assert settings.model == f"models:/{cluster_pipeline.registry.name}@champion"
     tracking = cluster_pipeline.tracking_uri()

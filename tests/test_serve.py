@@ -681,7 +681,7 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tm
         assert f"{seconds}: give a number of seconds above 0" in capsys.readouterr().err
 
 
-def test_flags_override_the_config_file_which_overrides_the_environment(monkeypatch):
+def test_flags_override_the_config_file_which_overrides_the_environment(monkeypatch, capsys):
     from pathlib import Path
 
     from workflows import cli
@@ -704,6 +704,13 @@ def test_flags_override_the_config_file_which_overrides_the_environment(monkeypa
     with pytest.raises(ValueError, match="holds a password, which Serve would keep") as info:
         cli._serve_config(parser.parse_args(["serve", "--mlflow-tracking-uri", "http://ops:hunter2@mlflow:5000"]))
     assert "hunter2" not in cli.redact(str(info.value))
+    # listening beyond this machine without a token: said, not refused (a private network may be meant)
+    capsys.readouterr()
+    monkeypatch.delenv(served.TOKEN_ENV)
+    cli._serve_config(parser.parse_args(["deploy", "--config", path]))
+    assert "warning: the app listens on 0.0.0.0:8000 without auth" in capsys.readouterr().err
+    cli._serve_config(parser.parse_args(["serve"]))
+    assert "without auth" not in capsys.readouterr().err  # 127.0.0.1
 
 
 def test_the_token_can_come_from_a_mounted_secret_file(tmp_path):

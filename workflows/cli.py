@@ -199,7 +199,12 @@ def _serve_config(args: argparse.Namespace):
         # the replicas may run where this environment is not (a cluster joined through RAY_ADDRESS): they get
         # the token's digest in their config instead of reading the variable themselves
         values["auth_token_sha256"] = sha256_hex(os.environ[TOKEN_ENV])
-    return ServeConfig(**values), getattr(args, "route_prefix", None) or route_prefix
+    config = ServeConfig(**values)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not any(
+            (config.auth_token, config.auth_token_sha256, config.auth_token_file)):
+        print(f"rayclip {args.command}: warning: the app listens on {config.host}:{config.port} without auth: "
+              f"anyone who reaches that port can use the model; set {TOKEN_ENV} or auth_token_file", file=sys.stderr)
+    return config, getattr(args, "route_prefix", None) or route_prefix
 
 
 def _seconds(text: str) -> float:
