@@ -119,6 +119,8 @@ async def _load(url: str, payloads: list[dict] | None, concurrency: int, request
         client = time.process_time() - client
         cpu = {role: 1000 * (spent - cpu[role]) / requests for role, spent in _cpu_seconds(roles).items()}
     ordered = sorted(latencies)
+    if not ordered:
+        raise RuntimeError(f"none of the {requests} requests to {url} was answered with 200 ({failures} failed)")
 
     def pct(p):
         return 1000 * ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
