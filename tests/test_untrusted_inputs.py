@@ -218,3 +218,19 @@ def test_a_model_version_is_fetched_as_its_inference_files_alone(tmp_path):
     (stored / "config.json").unlink()
     with pytest.raises(registry.RegistryError, match="version 1\\) has no checkpoint/config.json in the artifact"):
         registry.fetch_checkpoint("models:/clip/1", str(tmp_path / "once-more"), tracking_uri=tracking)
+
+
+def test_a_parquet_source_whose_cells_inflate_past_the_image_limit_is_refused_before_it_is_read(tmp_path):
+    from workflows.sources import SourceSpec, read_source_batch
+
+    spec = SourceSpec(format="parquet", image_key="jpg", caption_key="txt", max_image_bytes=2**20)
+    bomb = tmp_path / "bomb.parquet"  # 8 MiB of zeros: a few kB on disk, over the 1 MiB image limit
+    pq.write_table(pa.table({"jpg": [bytes(8 * 2**20)], "txt": ["a caption"]}), bomb, compression="zstd")
+    assert bomb.stat().st_size < 64 * 2**10
+    (table,) = read_source_batch(pa.table({"uri": [str(bomb)]}), spec)
+    row = table.to_pylist()[0]
+    assert row["reason"] == "unreadable_source" and "cells past the image limit" in row["detail"]
+    fine = tmp_path / "fine.parquet"
+    pq.write_table(pa.table({"jpg": [bytes(100)] * 3, "txt": ["a", "b", "c"]}), fine)
+    (table,) = read_source_batch(pa.table({"uri": [str(fine)]}), spec)
+    assert table.num_rows == 3 and set(table.column("reason").to_pylist()) == {None}

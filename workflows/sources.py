@@ -380,6 +380,7 @@ def _read_parquet(uri: str, spec: SourceSpec) -> Iterator[dict]:
         has_key = "key" in parquet.schema_arrow.names
         if has_key and "key" not in columns:
             columns.append("key")
+        _check_row_group_sizes(parquet.metadata, columns, spec)
         index = 0
         for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
             for record in batch.to_pylist():
@@ -397,6 +398,20 @@ def _read_parquet(uri: str, spec: SourceSpec) -> Iterator[dict]:
                        "label": None if label is None else str(label),
                        "reason": "missing_image" if image is None else ("missing_caption" if caption is None else None)}
                 index += 1
+
+
+def _check_row_group_sizes(metadata, columns: list[str], spec: SourceSpec) -> None:
+    """Refuse a Parquet file whose row groups hold more bytes, uncompressed, than their rows can at the
+    image limit (plus 1 MiB a row for caption, label and key): a few kilobytes of compressed zeros can
+    be a cell of gigabytes, which reading the row group would hold in memory before any limit applies."""
+    budget = spec.max_image_bytes + 2**20
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        held = sum(group.column(c).total_uncompressed_size for c in range(group.num_columns)
+                   if group.column(c).path_in_schema.split(".")[0] in columns)
+        if held > group.num_rows * budget:
+            raise ValueError(f"row group {g} holds {held:,} bytes uncompressed in {group.num_rows} row(s), over "
+                             f"{budget:,} a row: cells past the image limit; not read")
 
 
 def _read_csv(uri: str, spec: SourceSpec) -> Iterator[dict]:
