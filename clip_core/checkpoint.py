@@ -661,9 +661,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         record = f"{self._prefix}data/{key}"
         try:
-            stored = self._archive.getinfo(record).file_size
+            info = self._archive.getinfo(record)
         except KeyError:
             raise CheckpointError(f"storage record {record} is missing: the archive is malformed") from None
+        stored = info.file_size
+        if info.compress_type != zipfile.ZIP_STORED and stored > 100 * max(info.compress_size, 1):
+            # torch writes records uncompressed; megabytes of deflated zeros would inflate to gigabytes
+            raise CheckpointError(f"storage record {record} inflates {info.compress_size} bytes to {stored}: not "
+                                  "a TorchScript archive as torch writes one")
         if stored != numel * dtype.itemsize:
             raise CheckpointError(f"storage record {record} holds {stored} bytes but declares {numel} {dtype} "
                                   f"elements ({numel * dtype.itemsize} bytes): the archive is malformed")

@@ -104,7 +104,8 @@ def test_pickled_code_is_never_run(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
-def _write_torchscript_like_archive(path, record: bytes, numel: int, offset: int, size: tuple, stride: tuple):
+def _write_torchscript_like_archive(path, record: bytes, numel: int, offset: int, size: tuple, stride: tuple,
+                                    compress_type: int = zipfile.ZIP_STORED):
     """A TorchScript-shaped zip whose one float tensor is a view (`offset`, `size`, `stride`) of the storage
     record `record`, which data.pkl declares to hold `numel` floats."""
     storage, module = object(), types.ModuleType("__torch__")
@@ -132,7 +133,7 @@ def _write_torchscript_like_archive(path, record: bytes, numel: int, offset: int
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", data_pkl.getvalue())
         archive.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
-        archive.writestr("archive/data/0", record)
+        archive.writestr("archive/data/0", record, compress_type=compress_type)
     return path
 
 
@@ -140,6 +141,10 @@ def test_torchscript_tensor_outside_its_storage_is_refused(tmp_path):
     floats = torch.arange(4, dtype=torch.float32)
     fitting = _write_torchscript_like_archive(tmp_path / "fits.pt", floats.numpy().tobytes(), 4, 1, (3,), (1,))
     torch.testing.assert_close(clip_core.checkpoint.read_torchscript_state_dict(fitting)["weight"], floats[1:])
+    inflating = _write_torchscript_like_archive(tmp_path / "zeros.pt", bytes(2**22), 2**20, 0, (2**20,), (1,),
+                                                compress_type=zipfile.ZIP_DEFLATED)  # 4 MiB in ~4 kB
+    with pytest.raises(CheckpointError, match=r"storage record archive/data/0 inflates \d+ bytes to 4194304"):
+        clip_core.load_model(inflating)
     short = _write_torchscript_like_archive(tmp_path / "short.pt", floats.numpy().tobytes(), 4096, 0, (64, 64), (64, 1))
     with pytest.raises(CheckpointError, match=r"short.pt: storage record archive/data/0 holds 16 bytes but declares "
                                               r"4096 .*the archive is malformed"):
