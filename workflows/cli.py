@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import signal
 import sys
@@ -214,14 +213,16 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _follow_registry(stopping, every: float, name: str, model: str | None = None) -> None:
-    """Now and, until `stopping` is set, every `every` seconds: roll app `name` to the version its model
-    alias names now (after `rayclip promote`/`rollback`). Only the first check's failures stop it (no such
-    app, say); later ones are reported, and a version that cannot be loaded is passed over from then on."""
+def _follow_registry(stopping, every: float, name: str, model: str | None = None, *, now: bool = False) -> None:
+    """Until `stopping` is set, every `every` seconds (and first at once with `now`, whose failures other
+    than a version that cannot be loaded stop it: no such app, say): roll app `name` to the version its
+    model alias names now (after `rayclip promote`/`rollback`). A version that cannot be loaded is passed
+    over from then on; other failures are reported, and the next poll tries again."""
     from deploy.rollout import CannotLoad, reload
 
     unloadable: set[str] = set()  # a broken version is downloaded once, not at every poll
-    for check in itertools.count():
+    first = now
+    while first or not stopping.wait(every):
         try:
             reload(name, model, echo=lambda line: print(line, flush=True), skip=unloadable)
         except CannotLoad as exc:
@@ -229,11 +230,10 @@ def _follow_registry(stopping, every: float, name: str, model: str | None = None
             print(f"{exc}\n{name}: the poll will not try {exc.model} again: promote another version, or try it "
                   "once more with `rayclip deploy --reload`", flush=True)
         except Exception as exc:  # a registry hiccup must not stop the service; the next poll retries
-            if not check:
+            if first:
                 raise
             print(f"{name}: registry poll failed, still serving the current version: {redact(str(exc))}", flush=True)
-        if stopping.wait(every):
-            return
+        first = False
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -283,7 +283,7 @@ def _deploy(args: argparse.Namespace) -> int:
         stopping = stop_on_signals()
         print(f"deploy: {args.name} follows its model alias (checked every {args.poll_registry:g} s); Ctrl-C stops",
               flush=True)
-        _follow_registry(stopping, args.poll_registry, args.name, args.model)
+        _follow_registry(stopping, args.poll_registry, args.name, args.model, now=args.reload)
     return 0
 
 
