@@ -18,7 +18,7 @@ from workflows.data_passes import train_record
 from workflows.embed import FORMAT as EMBEDDINGS_FORMAT
 from workflows.embed import read_embeddings
 from workflows.evaluate import retrieval_png
-from workflows.preprocess import decode_batch, label_array, prepared_max_pixels, read_prepared_table
+from workflows.preprocess import decode_batch, prepared_max_pixels, read_prepared_table
 
 from micro import micro_config
 
@@ -95,19 +95,12 @@ def _picture(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels, "RGB")
 
 
-def _decode_batch_before(batch: dict, image_size: int, context_length: int = 77) -> dict:
-    """decode_batch as it was (bare Image.open), the reference for the pixels of valid prepared images."""
-    images = np.empty((len(batch["image"]), image_size, image_size, 3), dtype=np.uint8)
-    for i, data in enumerate(batch["image"]):
-        image = to_rgb(Image.open(io.BytesIO(data)))
-        if image.size != (image_size, image_size):
-            image = center_crop(resize_shortest_side(image, image_size), image_size)
-        images[i] = np.asarray(image)
-    tokens = np.zeros((len(batch["tokens"]), context_length), dtype=np.int64)
-    for i, ids in enumerate(batch["tokens"]):
-        ids = list(ids)[:context_length]
-        tokens[i, : len(ids)] = ids
-    return {"image": images, "tokens": tokens, "label": label_array(batch["label"])}
+def _pixels_before(data: bytes, image_size: int) -> np.ndarray:
+    """A prepared image as decode_batch read it before (bare Image.open): the reference for valid images."""
+    image = to_rgb(Image.open(io.BytesIO(data)))
+    if image.size != (image_size, image_size):
+        image = center_crop(resize_shortest_side(image, image_size), image_size)
+    return np.asarray(image)
 
 
 def test_decode_batch_reads_valid_prepared_images_as_before():
@@ -120,10 +113,10 @@ def test_decode_batch_reads_valid_prepared_images_as_before():
              "image": np.asarray(images, dtype=object),
              "tokens": [[49406, 320, 49407], [49406, 49407], list(range(100)), [1], []],
              "label": np.asarray([0, np.nan, 2, 3, np.nan])}
-    now, before = decode_batch(batch, 64), _decode_batch_before(batch, 64)
-    assert now.keys() == before.keys()
-    for name in now:
-        assert now[name].dtype == before[name].dtype and np.array_equal(now[name], before[name]), name
+    now = decode_batch(batch, 64)
+    assert now["image"].dtype == np.uint8
+    assert np.array_equal(now["image"], np.stack([_pixels_before(data, 64) for data in images]))
+    assert now["label"].tolist() == [0, -1, 2, 3, -1] and now["tokens"][2].tolist() == list(range(77))
     assert np.array_equal(now["image"][0], np.asarray(pictures[0]))  # PNG and lossless WebP: the pixels stored
     assert np.array_equal(now["image"][2], np.asarray(pictures[2]))
 
