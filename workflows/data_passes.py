@@ -55,7 +55,9 @@ def train_record(uri: str) -> dict:
     config.json over 1 MiB (a rayclip one is a few kB) is refused unread (storage.TooLarge)."""
     from clip_core.checkpoint import CONFIG_FILE
 
-    return json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE), max_bytes=1 << 20)).get("train") or {}
+    from .registry import CONFIG_MAX_BYTES
+
+    return json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE), max_bytes=CONFIG_MAX_BYTES)).get("train") or {}
 
 
 def checkpoint_pass(uri: str) -> int:

@@ -235,8 +235,8 @@ def _set(values: dict, assignment: str) -> None:
     section = PipelineConfig.model_fields.get(parents[0]) if parents else None
     if section is not None and isinstance(section.default, dict):  # --set writes one key into its default
         values.setdefault(parents[0], copy.deepcopy(section.default))
-    if isinstance(values.get("storage"), str):  # the file's `storage: PATH` shorthand, for --set storage.root
-        values["storage"] = {"root": values["storage"]}
+    if "storage" in values:  # the file's `storage: PATH` shorthand as its section, for --set storage.root
+        values["storage"] = PipelineConfig._storage_shorthand(values["storage"])
     node = values
     for part in parents:
         node = node.setdefault(part, {})

@@ -187,12 +187,7 @@ def _converted(uri: str, destination: str, quick_gelu: bool | None) -> ModelSour
 
 def checkpoint_description(directory: str) -> dict:
     """A local checkpoint's config.json (at most CONFIG_MAX_BYTES: it may come from someone else's store)."""
-    with open(Path(directory, CONFIG_FILE), "rb") as file:
-        data = file.read(CONFIG_MAX_BYTES + 1)
-    if len(data) > CONFIG_MAX_BYTES:
-        raise storage.TooLarge(f"{Path(directory, CONFIG_FILE)} is larger than the limit of {CONFIG_MAX_BYTES:,} "
-                               "bytes: it is not a rayclip checkpoint's config")
-    return json.loads(data)
+    return json.loads(storage.read_bytes(str(Path(directory, CONFIG_FILE)), max_bytes=CONFIG_MAX_BYTES))
 
 
 def _train_run_id(directory: str) -> str | None:
