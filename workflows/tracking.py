@@ -190,7 +190,7 @@ def git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         top, commit = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True,
-                                     check=True, cwd=here).stdout.split()
+                                     check=True, cwd=here).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError, ValueError):
         return None
     return commit if Path(top).resolve() == here.parent else None
