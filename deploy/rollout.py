@@ -32,6 +32,11 @@ class CannotLoad(DeployError):
         self.model = model
 
 
+class NotReady(DeployError):
+    """A rollout's replicas were not ready on the new version in time (replicas still starting: a node
+    being added, a slow download); the app serves what it served, and a later try may succeed."""
+
+
 def deploy_file_options(document: dict, name: str = APP_NAME, source: str = "the serve config") -> tuple[dict, str]:
     """A `serve deploy` file (deploy/serve_config.yaml) → app `name`'s ServeConfig fields, with
     `http_options`' host and port, and its route prefix."""
@@ -125,7 +130,8 @@ def _roll(name: str, app: dict, target: dict, current: dict | None, timeout_s: f
     """Apply `app` with every deployment on `target`. Where the ingress runs another version (`current`),
     the towers first (the ingress kept on `current`), so it never asks them for a version they lack; if
     they cannot load `target` (a replica whose reconfigure fails is stopped, and its replacements fail the
-    same way), they are put back on `current` before the error is raised, and the app serves it again."""
+    same way), they are put back on `current` before the error is raised, and the app serves it again:
+    CannotLoad when Serve gave up on them, NotReady when they were only not ready within `timeout_s`."""
     overrides = {d["name"]: d for d in app.get("deployments", [])}
 
     def pin(deployments, user_config: dict) -> None:
@@ -143,7 +149,12 @@ def _roll(name: str, app: dict, target: dict, current: dict | None, timeout_s: f
     pin((INGRESS,), current)
     try:
         apply(TOWERS, target)
-    except (DeployError, TimeoutError) as exc:
+    except TimeoutError as exc:  # not proof the version is broken: the cluster may still be adding nodes
+        apply(TOWERS, current)
+        raise NotReady(f"{name}: the towers were not ready on {target['model']} within {timeout_s:g} s, so they "
+                       f"were put back on {current['model']}, which the app serves again; try again (a longer "
+                       f"timeout, or once the cluster has the resources): {exc}") from exc
+    except DeployError as exc:
         apply(TOWERS, current)
         raise CannotLoad(f"{name}: the towers could not load {target['model']}, so they were put back on "
                          f"{current['model']}, which the app serves again: {exc}", target["model"]) from exc

@@ -738,6 +738,45 @@ def test_a_running_app_is_reloaded_only_when_it_runs_the_wanted_settings():
     assert not rollout.runs_as(served.ServeConfig(model="models:/clip@champion", auth_token="other").stored(), wanted)
 
 
+def test_a_rollout_whose_replicas_are_only_slow_is_put_back_and_tried_again_not_passed_over(monkeypatch, capsys):
+    """Towers not ready on the new version within the timeout (a cluster still adding a GPU node) are put
+    back on the version the ingress serves, as for one they cannot load; but the version is not known to be
+    broken, so the registry poll tries it again rather than passing it over for good."""
+    v1, v2 = {"model": "models:/clip/1"}, {"model": "models:/clip/2"}
+    applied = []
+    monkeypatch.setattr(rollout, "_apply", lambda name, app: applied.append(
+        {d["name"]: d["user_config"]["model"] for d in app["deployments"]}))
+
+    def wait(name, user_configs, timeout_s):
+        if v2 in user_configs.values():
+            raise TimeoutError(f"Serve application {name!r} not running after {timeout_s:g} s (status DEPLOYING)")
+
+    monkeypatch.setattr(rollout, "_wait", wait)
+    with pytest.raises(rollout.NotReady, match=r"not ready on models:/clip/2 within 5 s, so they were put back on "
+                                               r"models:/clip/1") as raised:
+        rollout._roll("rayclip", {"deployments": []}, v2, v1, timeout_s=5)
+    assert not isinstance(raised.value, rollout.CannotLoad)
+    back = {tower: "models:/clip/1" for tower in served.TOWERS} | {served.INGRESS: "models:/clip/1"}
+    assert applied[-1] == back, applied
+
+    import threading
+
+    from workflows import cli
+
+    calls, stopping = [], threading.Event()
+
+    def reload(name, model, echo, skip):
+        calls.append(set(skip))
+        if len(calls) == 3:
+            stopping.set()
+        raise rollout.NotReady("rayclip: the towers were not ready on models:/clip/2")
+
+    monkeypatch.setattr(rollout, "reload", reload)
+    cli._follow_registry(stopping, 0.01, "rayclip", now=True)  # the first try, at once, does not stop it either
+    assert calls == [set()] * 3, calls
+    assert capsys.readouterr().out.count("the next poll tries it again") == 3
+
+
 def _classify_load(url: str, payload: dict, during) -> tuple[list[tuple[float, int, dict]], float]:
     """Four clients sending `payload` back to back while `during()` runs in a thread, each until two of its
     requests began after `during` returned: ((start time, status, body) per request, when `during` returned)."""

@@ -215,10 +215,11 @@ def _seconds(text: str) -> float:
 
 def _follow_registry(stopping, every: float, name: str, model: str | None = None, *, now: bool = False) -> None:
     """Until `stopping` is set, every `every` seconds (and first at once with `now`, whose failures other
-    than a version that cannot be loaded stop it: no such app, say): roll app `name` to the version its
-    model alias names now (after `rayclip promote`/`rollback`). A version that cannot be loaded is passed
-    over from then on; other failures are reported, and the next poll tries again."""
-    from deploy.rollout import CannotLoad, reload
+    than a version that cannot be loaded or was not ready in time stop it: no such app, say): roll app
+    `name` to the version its model alias names now (after `rayclip promote`/`rollback`). A version that
+    cannot be loaded is passed over from then on; other failures are reported, and the next poll tries
+    again."""
+    from deploy.rollout import CannotLoad, NotReady, reload
 
     unloadable: set[str] = set()  # a broken version is downloaded once, not at every poll
     first = now
@@ -229,6 +230,8 @@ def _follow_registry(stopping, every: float, name: str, model: str | None = None
             unloadable.add(exc.model)
             print(f"{exc}\n{name}: the poll will not try {exc.model} again: promote another version, or try it "
                   "once more with `rayclip deploy --reload`", flush=True)
+        except NotReady as exc:  # a version whose replicas were slow to start is tried again
+            print(f"{exc}\n{name}: the next poll tries it again", flush=True)
         except Exception as exc:  # a registry hiccup must not stop the service; the next poll retries
             if first:
                 raise
