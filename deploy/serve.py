@@ -794,8 +794,14 @@ class Ingress:
         return {"status": "ok"}
 
     @api.get("/readyz")
-    async def readyz(self) -> dict:
+    async def readyz(self, request: Request) -> dict:
+        """Ready once the live model can be named; which model it is, only to a caller with the token (a
+        probe needs none)."""
         info = await self.model_info()
+        try:
+            self.authorize(request)
+        except RequestError:
+            return {"status": "ready"}
         return {"status": "ready", "model": {"name": info["name"], "version": info["version"]}}
 
     @api.get("/metrics")

@@ -273,7 +273,8 @@ def test_model_info_health_and_docs(app):
     assert (info["name"], info["version"], info["alias"]) == ("clip-serve", "1", "champion")
     assert info["metrics"]["zeroshot.top1"] == "0.5" and "config_hash" in info["lineage"]
     assert httpx.get(app["url"] + "/healthz").json() == {"status": "ok"}
-    assert httpx.get(app["url"] + "/readyz").json()["model"]["version"] == "1"
+    assert httpx.get(app["url"] + "/readyz", headers=AUTH).json()["model"]["version"] == "1"
+    assert httpx.get(app["url"] + "/readyz").json() == {"status": "ready"}, "the model is named only with the token"
     assert httpx.get(app["url"] + "/docs").status_code == 200
     paths = httpx.get(app["url"] + "/openapi.json").json()["paths"]
     classify = paths["/v1/classify"]["post"]["requestBody"]["content"]
@@ -566,6 +567,9 @@ def test_playground_page_classifies_a_dropped_image_and_searches_the_index_in_he
             blocked = []
             page.on("request", lambda r: None if r.url.startswith(app["url"]) else blocked.append(r.url))
             page.goto(app["url"] + "/")
+            page.wait_for_selector("text=model ready (the server names it to a caller with its API token)")
+            page.fill("#token", TOKEN)
+            page.locator("#token").dispatch_event("change")
             page.wait_for_selector("text=model: clip-serve v1")
             # the server writes its max_image_bytes (512 KiB here) into the page, which refuses larger files
             too_big = {"name": "big.png", "mimeType": "image/png", "buffer": bytes(600 * 2**10)}
@@ -574,7 +578,6 @@ def test_playground_page_classifies_a_dropped_image_and_searches_the_index_in_he
             assert page.is_disabled("#classify")
             page.set_input_files("#file", str(tmp_path / "shape.png"))
             page.fill("#labels", ", ".join(labels))
-            page.fill("#token", TOKEN)
             page.click("#classify")
             page.wait_for_selector("#results .row")
             shown = page.locator("#results .name").all_inner_texts()
@@ -595,7 +598,7 @@ def test_playground_page_classifies_a_dropped_image_and_searches_the_index_in_he
             asked = []
             prefixed.on("request", lambda r: asked.append(r.url))
             prefixed.goto(app["url"] + "/clip")
-            prefixed.wait_for_selector("text=model: clip-serve v1")
+            prefixed.wait_for_selector("text=model ready")
         finally:
             browser.close()
     assert asked and all(url.startswith(app["url"] + "/clip") for url in asked), asked
