@@ -43,6 +43,7 @@ from bench.common import markdown_table, plot_lines, write_report  # noqa: E402
 from workflows.evaluate import EvaluateConfig, evaluate  # noqa: E402
 from workflows.preprocess import PreprocessOptions, preprocess, read_manifest, read_prepared_table  # noqa: E402
 from workflows.runtime import init_ray  # noqa: E402
+from workflows.tracking import sqlite_uri  # noqa: E402
 from workflows.train import RECIPES, TrainConfig, train  # noqa: E402
 
 ROOT = Path("/usr/share/openclipart")
@@ -323,7 +324,7 @@ def main() -> None:
         # the recipe as the train stage resolves it for this many steps (a shorter run warms up for a tenth)
         config = TrainConfig(data=[str(out / "prepared-train")], model=MODEL, steps=steps, workers=1, log_every=1,
                              checkpoint_every=steps, storage=str(out / "runs"), output=str(out / "ours"),
-                             mlflow_tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+                             mlflow_tracking_uri=sqlite_uri(str(out / "mlflow.db")))
         mixing, largest = folder_share(kept, config.shuffle_buffer)
         manifest = read_manifest(str(out / "prepared-train"))
         shards, stored = len(manifest["shards"]), sum(shard["bytes"] for shard in manifest["shards"])

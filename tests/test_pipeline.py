@@ -165,6 +165,24 @@ def test_editing_the_model_file_or_the_init_weights_trains_again(tmp_path):
     assert pipeline.train_inputs(pipeline.StageConfigs.build(pipeline.PipelineConfig())[0]) == []
 
 
+def test_a_root_whose_path_holds_url_characters_keeps_mlflow_and_its_artifacts_in_it(tmp_path, monkeypatch):
+    """The default tracking store is a sqlite database under storage.root: a '?' in that path would end
+    SQLAlchemy's database name there, a '%20' would become a space, and a '#' would cut the artifact URI."""
+    from workflows.tracking import set_experiment, using
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "run 1%20a#b?c=d"
+    root.mkdir()
+    config = pipeline.load_config(None, [f"storage.root={root}"])
+    uri = config.tracking_uri()
+    with using(uri):
+        experiment = set_experiment("x")
+        with mlflow.start_run(experiment_id=experiment.experiment_id):
+            mlflow.log_text("hello", "note.txt")
+    assert (root / "mlflow.db").is_file() and sorted(p.name for p in root.iterdir()) == ["mlartifacts", "mlflow.db"]
+    assert [p.read_text() for p in (root / "mlartifacts").rglob("note.txt")] == ["hello"]
+
+
 def _micro_pipeline(tmp_path) -> list[str]:
     """--set overrides for a pipeline small enough for a test: the micro model, a few steps, little data."""
     model_file = tmp_path / "micro.json"

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import storage
 from .preprocess import PreprocessOptions, preprocess, read_manifest
 from .registry import Gate
-from .tracking import redacted, set_experiment, using, without_credentials
+from .tracking import redacted, set_experiment, sqlite_uri, using, without_credentials
 
 PIPELINE_KEY_TAG = "rayclip.pipeline_key"  # on a model version: the train key of the checkpoint it holds
 # fields of the stage configs that the pipeline sets itself (from data/model/storage/mlflow sections)
@@ -167,7 +167,7 @@ class PipelineConfig(_Section):
         if storage.is_s3(self.root()):
             raise ValueError("mlflow.tracking_uri: set it (or $MLFLOW_TRACKING_URI) to an MLflow server when "
                              "storage.root is on S3")
-        return f"sqlite:///{os.path.join(self.root(), 'mlflow.db')}"
+        return sqlite_uri(os.path.join(self.root(), "mlflow.db"))
 
     def path(self, *parts: str) -> str:
         return storage.join(self.root(), *parts)

@@ -82,6 +82,24 @@ def run_exists(run_id: str) -> bool:
         raise
 
 
+def sqlite_uri(path: str) -> str:
+    """The tracking URI of the sqlite database at `path`, made absolute and quoted: SQLAlchemy reads a
+    '?' in the path as the start of options and unquotes '%20'."""
+    import urllib.parse
+
+    return "sqlite:///" + urllib.parse.quote(os.path.abspath(path))
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The database file a sqlite tracking URI names (as SQLAlchemy, and so MLflow, reads it); None for
+    another kind of URI."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    return make_url(uri).database
+
+
 def set_experiment(name: str):
     """`mlflow.set_experiment`, except that a new experiment in a sqlite store keeps its artifacts
     beside the database (`<db dir>/mlartifacts`) instead of MLflow's default `./mlruns` in
@@ -90,11 +108,11 @@ def set_experiment(name: str):
     from mlflow.exceptions import MlflowException
 
     uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
-        database = uri.removeprefix("sqlite:///")
-        location = os.path.join(os.path.dirname(os.path.abspath(database)), "mlartifacts")
+    database = sqlite_path(uri)
+    if database and mlflow.get_experiment_by_name(name) is None:
+        location = Path(database).resolve().parent / "mlartifacts"
         try:
-            mlflow.create_experiment(name, artifact_location=f"file://{location}")
+            mlflow.create_experiment(name, artifact_location=location.as_uri())
         except MlflowException:
             pass  # created meanwhile by another process
     return mlflow.set_experiment(name)

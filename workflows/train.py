@@ -37,7 +37,8 @@ from clip_core.transforms import normalize
 from . import storage
 from .parallel import distribute, gather, gathered_state, load_optimizer_state, scalar, sharded
 from .preprocess import decode_batch
-from .tracking import dataset_input, flat_params, git_commit, rayclip_version, redacted, start_run
+from .tracking import (dataset_input, flat_params, git_commit, rayclip_version, redacted, sqlite_path, sqlite_uri,
+                       start_run)
 from .train_data import Augment, Position, batches, to_device
 from .train_rows import shuffles_globally, training_dataset
 
@@ -698,9 +699,9 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() otherwise costs ~2 s
     init_ray(dashboard=True)  # Ray Train's placement-group cleaner asks the state API every second
-    if config.mlflow_tracking_uri and config.mlflow_tracking_uri.startswith("sqlite:///"):
-        config = config.model_copy(update={"mlflow_tracking_uri": "sqlite:///" + os.path.abspath(
-            config.mlflow_tracking_uri.removeprefix("sqlite:///"))})
+    database = sqlite_path(config.mlflow_tracking_uri or "")
+    if database and not os.path.isabs(database):  # the workers may run elsewhere
+        config = config.model_copy(update={"mlflow_tracking_uri": sqlite_uri(database)})
     if config.git_commit is None:
         config = config.model_copy(update={"git_commit": git_commit()})
     if config.cpus_per_worker is None:
