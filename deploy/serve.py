@@ -384,6 +384,19 @@ class Index:
         return found
 
 
+INDEX_ROW_BYTES = 512  # an allowance a row for its key, caption and label beside its vectors
+
+
+def index_memory(manifest: dict) -> int:
+    """The bytes of memory an Index replica reserves for the embeddings `manifest` describes (Ray's `memory`
+    resource: the replica goes to a node with that much to spare, and waits for one rather than run a node
+    out of memory): each kind's float32 matrix, the vectors as stored while they are converted, and
+    INDEX_ROW_BYTES a row."""
+    kinds = sum(column.endswith("_embedding") for column in manifest["columns"])
+    stored = np.dtype(manifest["dtype"]).itemsize
+    return manifest["rows"] * (kinds * manifest["embed_dim"] * (4 + stored) + INDEX_ROW_BYTES)
+
+
 def index_mismatch(index: dict, info: dict) -> str | None:
     """Why the index's embeddings (Index.about) do not compare with the live model's (its info), or None:
     other weights, or the same weights run with the other activation (a --quick-gelu override)."""
@@ -1005,9 +1018,14 @@ def build_app(config: ServeConfig, live: dict | None = None):
         autoscaling_config=_autoscaling_config(config.autoscaling))
     image = serve.deployment(ImageTower, name=TOWERS[0], **tower_options).bind(values)
     text = serve.deployment(TextTower, name=TOWERS[1], **tower_options).bind(values)
-    index_options = {**{key: value for key, value in tower_options.items() if key != "user_config"},
-                     "ray_actor_options": {"num_cpus": config.num_cpus}}  # numpy: no GPU share
-    index = serve.deployment(Index, name=INDEX, **index_options).bind(values) if config.index else None
+    index = None
+    if config.index:
+        from workflows.embed import read_embeddings_manifest
+
+        index_options = {**{key: value for key, value in tower_options.items() if key != "user_config"},
+                         "ray_actor_options": {"num_cpus": config.num_cpus,  # numpy: no GPU share
+                                               "memory": index_memory(read_embeddings_manifest(config.index))}}
+        index = serve.deployment(Index, name=INDEX, **index_options).bind(values)
     sizing = ({"autoscaling_config": _autoscaling_config(config.ingress_autoscaling)} if config.ingress_autoscaling
               else {"num_replicas": config.ingress_replicas})
     ingress = serve.deployment(Ingress, name=INGRESS, **sizing, **logging, ray_actor_options={"num_cpus": 0},

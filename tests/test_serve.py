@@ -175,6 +175,21 @@ def _metric(text: str, name: str, default: float | None = None, **labels) -> flo
     raise AssertionError(f"no {name}{{{wanted}}} in /metrics")
 
 
+def test_the_index_replica_reserves_the_memory_its_embeddings_take(app):
+    from workflows.embed import read_embeddings_manifest
+
+    manifest = read_embeddings_manifest(str(app["root"] / "index"))
+    assert manifest["rows"] == 48 and manifest["dtype"] == "float32"
+    # 48 rows x (image and text x 64 dims x (float32 matrix + float32 as stored) + 512 for key and caption)
+    expected = 48 * (2 * manifest["embed_dim"] * 8 + 512)
+    assert served.index_memory(manifest) == expected
+    assert served.index_memory({**manifest, "dtype": "float16", "columns": ["key", "image_embedding"]}) == (
+        48 * (manifest["embed_dim"] * 6 + 512))
+    deployments = rollout._application(served.APP_NAME)["deployments"]
+    options = deployments[served.INDEX]["deployment_config"]["ray_actor_options"]
+    assert options["memory"] == expected, options
+
+
 def test_search_breaks_ties_by_row_order_also_at_the_kth_place():
     rng = np.random.default_rng(0)
     scores = rng.choice(np.float32([0.1, 0.5, 0.9]), size=1000)  # duplicate images embed identically
