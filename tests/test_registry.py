@@ -596,6 +596,7 @@ def test_registered_model_on_mlflow_server_evaluates_promotes_and_loads_in_a_fre
 def test_basic_auth_server_credentials_come_from_the_environment_and_are_never_stored(sets, mlflow_auth_server,
                                                                                       monkeypatch, capsys, tmp_path):
     user, password = mlflow_auth_server.credentials
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)  # MLflow's run links printed
     flags = ["--mlflow-tracking-uri", mlflow_auth_server.uri]
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-Password-7")
@@ -614,6 +615,9 @@ def test_basic_auth_server_credentials_come_from_the_environment_and_are_never_s
     in_uri = mlflow_auth_server.uri.replace("http://", f"http://{user}:{password}@")
     assert cli.main(["models", "clip-auth", "--mlflow-tracking-uri", in_uri]) == 0
     assert cli.main(["models", "nope", "--mlflow-tracking-uri", in_uri]) == 2
+    # a run that ends prints MLflow's "View run ... at <host>" link, which would hold the password
+    assert cli.main(["register", str(sets / "ckpt"), "--name", "clip-auth", "--metrics", str(tmp_path / "m1.json"),
+                     "--mlflow-tracking-uri", in_uri]) == 0
     printed = capsys.readouterr()
     assert "champion" in printed.out and "no registered model 'nope' in http://***@127.0.0.1" in printed.err
     assert password not in printed.out + printed.err

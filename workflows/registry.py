@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from clip_core.checkpoint import CONFIG_FILE, OPENCLIP_CONFIG_FILE, WEIGHTS_FILE
 
 from . import storage
-from .tracking import failure, is_missing, is_mlflow_error, redact, start_run, using
+from .tracking import failure, guard_output, is_missing, is_mlflow_error, redact, start_run, using
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 EVAL_SECTIONS = ("zeroshot", "retrieval", "linear_probe")  # what `rayclip evaluate` writes
@@ -54,6 +54,7 @@ class RegistryError(ValueError):
 def client(tracking_uri: str | None = None):
     import mlflow
 
+    guard_output(tracking_uri)
     return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

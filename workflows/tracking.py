@@ -35,6 +35,15 @@ def without_credentials(uri: str | None) -> str | None:
     return _USERINFO.sub("", uri) if uri else uri
 
 
+def guard_output(uri: str | None) -> None:
+    """Before MLflow is pointed at `uri`: MLflow prints a "View run ... at" link as a run ends, with the
+    tracking host as given, so for a URI that holds credentials it would print the password (into a Ray
+    job's log, say); those lines are turned off in this process then ($MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
+    unless set)."""
+    if uri and redact(uri) != uri:
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
 def redacted(value):
     """A copy of a JSON-like value (a dumped config) with every URI's credentials redacted."""
     if isinstance(value, str):
@@ -153,6 +162,7 @@ def using(uri: str | None):
 
     saved_tracking, saved_registry = tracking_state._tracking_uri, registry_state._registry_uri
     saved_experiment = fluent._active_experiment_id
+    guard_output(uri)
     saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
                                                       "MLFLOW_EXPERIMENT_ID")}
     mlflow.set_tracking_uri(uri)

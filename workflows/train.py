@@ -37,8 +37,8 @@ from clip_core.transforms import normalize
 from . import storage
 from .parallel import distribute, gather, gathered_state, load_optimizer_state, scalar, sharded
 from .preprocess import decode_batch
-from .tracking import (dataset_input, flat_params, git_commit, rayclip_version, redacted, sqlite_path, sqlite_uri,
-                       start_run)
+from .tracking import (dataset_input, flat_params, git_commit, guard_output, rayclip_version, redacted, sqlite_path,
+                       sqlite_uri, start_run)
 from .train_data import Augment, Position, batches, to_device
 from .train_rows import shuffles_globally, training_dataset
 
@@ -566,6 +566,7 @@ class _RankZeroTracker:
         """The run's id; the run stays active in this thread only: the logging calls name it."""
         import mlflow
 
+        guard_output(config.mlflow_tracking_uri)
         mlflow.set_tracking_uri(config.mlflow_tracking_uri)
         tags = {"rayclip.stage": "train", "rayclip.version": rayclip_version(), "git_commit": config.git_commit or "",
                 "torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
@@ -802,6 +803,7 @@ def _copy_checkpoint(source: str, destination: str) -> None:
 def _log_checkpoints(config: TrainConfig, run_id: str, final: str, best: str | None) -> None:
     import mlflow
 
+    guard_output(config.mlflow_tracking_uri)
     client = mlflow.MlflowClient(config.mlflow_tracking_uri)
     for uri, name in ((final, "checkpoint"), (best, "best_checkpoint")):
         if uri is None:
