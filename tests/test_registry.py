@@ -165,6 +165,35 @@ def test_gate_on_a_rank_metric_wants_it_lower():
     passed, reason, _ = registry.evaluate_gate(version(2, 3.5), version(1, 3.0), gate)
     assert not passed and "worse than the allowed drop" in reason
     assert registry.evaluate_gate(version(2, 1.0), version(1, 3.0), gate)[0]
+    # a NaN (a diverged model's evaluation) is no first champion; a NaN champion blocks no challenger
+    passed, reason, _ = registry.evaluate_gate(version(1, "nan"), None, gate)
+    assert not passed and "is nan: its evaluation went wrong" in reason
+    assert not registry.evaluate_gate(version(2, "nan"), version(1, 3.0), gate)[0]
+    passed, reason, compared = registry.evaluate_gate(version(2, 3.0), version(1, "nan"), gate)
+    assert passed and "champion version 1's retrieval.image_to_text_median_rank is nan and no floor" in reason
+    assert compared["champion_version"] == "1"
+    assert not registry.evaluate_gate(version(2, 3.0), version(1, "inf"), gate.model_copy(update={"floor": 2.0}))[0]
+
+
+def test_evaluating_one_section_keeps_the_others_and_replaces_its_own(tmp_path):
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")
+    registry.register(str(tmp_path / "ckpt"), "clip", metrics={
+        "zeroshot": {"top1": 0.5, "digest": "sha256:z"},
+        "retrieval": {"image_to_text_median_rank": 0.2, "text_to_image_median_rank": 3.0, "digest": "sha256:r"}},
+        tracking_uri=tracking, echo=lambda *_: None)
+    registry.record_metrics("clip", "1", {"retrieval": {"image_to_text_median_rank": 0.4, "digest": "sha256:r2"}},
+                            tracking_uri=tracking)
+    tags = registry.version_metrics(registry.client(tracking).get_model_version("clip", "1").tags)
+    assert tags == {"zeroshot.top1": "0.5", "zeroshot.digest": "sha256:z", "retrieval.image_to_text_median_rank": "0.4",
+                    "retrieval.digest": "sha256:r2"}, tags
+    # a version whose weights are gone from the artifact store (an upload cut short) is refused when fetched,
+    # not later in whatever loads it
+    (weights,) = (tmp_path / "mlartifacts").rglob(f"checkpoint/{clip_core.checkpoint.WEIGHTS_FILE}")
+    weights.unlink()
+    with pytest.raises(registry.RegistryError, match=r"version 1\) has no checkpoint/model.safetensors in the "
+                                                     r"artifact store: .* its upload was cut short"):
+        registry.fetch_checkpoint("models:/clip/1", str(tmp_path / "fetched"), tracking_uri=tracking)
 
 
 def test_lineage_names_the_data_a_checkpoint_trained_on_even_if_it_changed_since(sets, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import posixpath
 import re
@@ -135,10 +136,11 @@ def _fetch(uri: str, destination: str, tracking_uri: str | None, quick_gelu: boo
             # the inference files alone, never whatever else a registry writer put beside them (a disk's worth)
             stored = {posixpath.basename(info.path) for info in mlflow.artifacts.list_artifacts(artifact_uri=checkpoint)
                       if not info.is_dir}
-            if CONFIG_FILE not in stored:
-                raise RegistryError(f"{uri} (version {model_version.version}) has no {CHECKPOINT_ARTIFACT}/"
-                                    f"{CONFIG_FILE} in the artifact store: it is not a rayclip model version; "
-                                    "register the checkpoint again")
+            for required in (CONFIG_FILE, WEIGHTS_FILE):  # here, not in whatever loads it later (Ray actors)
+                if required not in stored:
+                    raise RegistryError(f"{uri} (version {model_version.version}) has no {CHECKPOINT_ARTIFACT}/"
+                                        f"{required} in the artifact store: it is not a rayclip model version, or "
+                                        "its upload was cut short; register the checkpoint again")
             downloaded = [mlflow.artifacts.download_artifacts(artifact_uri=f"{checkpoint}/{file}", dst_path=destination)
                           for file in INFERENCE_FILES if file in stored]
         directory = os.path.dirname(downloaded[0])  # <destination>/artifacts/checkpoint, each file in it
@@ -237,10 +239,12 @@ def version_metrics(tags: dict[str, str] | None) -> dict[str, str]:
 
 
 def record_metrics(name: str, version: str, metrics: dict, *, tracking_uri: str | None = None) -> None:
-    """Put `metrics` on the version as its eval tags, in place of those it held."""
+    """Put `metrics` on the version as its eval tags, each section in `metrics` in place of that section's
+    tags (a section's earlier figures, on another set, would mix with the new); the other sections stay
+    (evaluating retrieval alone keeps the zero-shot figures the gate compares)."""
     registry, tags = client(tracking_uri), metric_tags(metrics)
     for key in version_metrics(registry.get_model_version(name, str(version)).tags):
-        if f"eval.{key}" not in tags:
+        if key.split(".", 1)[0] in metrics and f"eval.{key}" not in tags:
             registry.delete_model_version_tag(name, str(version), f"eval.{key}")
     for key, value in tags.items():
         registry.set_model_version_tag(name, str(version), key, value)
@@ -404,15 +408,23 @@ def evaluate_gate(challenger, champion, gate: Gate) -> tuple[bool, str, dict]:
     if value is None:
         return False, (f"version {challenger.version} has no {gate.metric} metric: run `rayclip evaluate "
                        f"models:/{challenger.name}/{challenger.version} ...` first"), compared
+    if not math.isfinite(value):
+        return False, (f"version {challenger.version}'s {gate.metric} is {value}: its evaluation went wrong (a "
+                       "diverged model?); evaluate it again or register another"), compared
     sign = -1 if gate.lower_is_better else 1
+    champion_value, champion_digest = _metric(champion, gate) if champion is not None else (None, None)
+    if champion is not None and champion_value is not None and not math.isfinite(champion_value):
+        compared.update(champion_version=str(champion.version), champion_value=champion_value)
+        champion = None  # nothing to compare with: a broken champion must not block every challenger
     if champion is None:
         compared["floor"] = gate.floor
+        nobody = ("no champion yet" if "champion_version" not in compared else
+                  f"champion version {compared['champion_version']}'s {gate.metric} is {compared['champion_value']}")
         if gate.floor is None:
-            return True, f"no champion yet and no floor; {gate.metric} {value:.4g}", compared
+            return True, f"{nobody} and no floor; {gate.metric} {value:.4g}", compared
         passed = sign * (value - gate.floor) >= 0
-        return passed, (f"no champion yet; {gate.metric} {value:.4g} {'meets' if passed else 'misses'} the floor "
+        return passed, (f"{nobody}; {gate.metric} {value:.4g} {'meets' if passed else 'misses'} the floor "
                         f"{gate.floor:.4g}"), compared
-    champion_value, champion_digest = _metric(champion, gate)
     compared.update(champion_version=str(champion.version), champion_value=champion_value, max_drop=gate.max_drop)
     if champion_value is None or champion_digest != digest:
         return False, (f"champion version {champion.version} has no {gate.metric} on the same eval set "
