@@ -175,6 +175,27 @@ def test_gate_on_a_rank_metric_wants_it_lower():
     assert not registry.evaluate_gate(version(2, 3.0), version(1, "inf"), gate.model_copy(update={"floor": 2.0}))[0]
 
 
+def test_a_promote_compares_with_the_champion_that_a_concurrent_promote_put_in_place(tmp_path, monkeypatch):
+    tracking, quiet = f"sqlite:///{tmp_path / 'mlflow.db'}", lambda *_: None
+    clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")
+    for top1 in (0.55, 0.90, 0.60):
+        registry.register(str(tmp_path / "ckpt"), "clip", metrics={"zeroshot": {"top1": top1, "digest": "sha256:z"}},
+                          tracking_uri=tracking, echo=quiet)
+    registry.promote("clip", "1", tracking_uri=tracking, echo=quiet)
+    gate, raced = registry.evaluate_gate, []
+
+    def gate_while_version_2_is_promoted(challenger, champion, *args):
+        if str(challenger.version) == "3" and not raced:  # v3 has been compared with v1, and now v2 goes live
+            raced.append(registry.promote("clip", "2", tracking_uri=tracking, echo=quiet)["decision"])
+        return gate(challenger, champion, *args)
+
+    monkeypatch.setattr(registry, "evaluate_gate", gate_while_version_2_is_promoted)
+    decision = registry.promote("clip", "3", tracking_uri=tracking, echo=quiet)
+    assert raced == ["passed"]
+    assert (decision["decision"], decision["champion_version"]) == ("failed", "2"), decision
+    assert str(registry.client(tracking).get_registered_model("clip").aliases["champion"]) == "2"
+
+
 def test_evaluating_one_section_keeps_the_others_and_replaces_its_own(tmp_path):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")

@@ -446,13 +446,16 @@ def promote(name: str, version: str | int | None = None, *, gate: Gate | None = 
         raise RegistryError(f"version {challenger.version} of {name!r} was rolled back (its rollback.decision tag "
                             "says when and from what): it goes live again only with force (`rayclip promote "
                             "--force`); or register a fixed model as a new version")
-    aliases = registry.get_registered_model(name).aliases
-    champion = None
-    if CHAMPION in aliases:
-        champion = registry.get_model_version(name, str(aliases[CHAMPION]))
-        if str(champion.version) == str(challenger.version):
+    while True:  # the gate against the champion that is still the champion when the alias moves
+        champion = _champion(registry, name)
+        if champion is not None and str(champion.version) == str(challenger.version):
             raise RegistryError(f"version {challenger.version} of {name!r} is already the champion")
-    passed, reason, compared = evaluate_gate(challenger, champion, gate)
+        passed, reason, compared = evaluate_gate(challenger, champion, gate)
+        # MLflow has no compare-and-set on aliases: this check narrows the window of two promotes at once to
+        # one request; promotes that must never race need a lock of their own (one pipeline job at a time)
+        now = _champion(registry, name)
+        if (now and str(now.version)) == (champion and str(champion.version)):
+            break
     status = "passed" if passed else ("forced" if force else "failed")
     decision = {"decision": status, "reason": reason, "forced": force and not passed, "timestamp": _now(),
                 "gate": gate.model_dump(), **compared}
@@ -470,6 +473,11 @@ def promote(name: str, version: str | int | None = None, *, gate: Gate | None = 
             registry.set_model_version_tag(name, str(champion.version), "superseded_by", str(challenger.version))
     echo(f"promote: {name} version {challenger.version}: {status} — {reason}")
     return decision
+
+
+def _champion(registry, name: str):
+    aliases = registry.get_registered_model(name).aliases
+    return registry.get_model_version(name, str(aliases[CHAMPION])) if CHAMPION in aliases else None
 
 
 def rollback(name: str, *, tracking_uri: str | None = None, echo=print) -> dict:
