@@ -196,6 +196,34 @@ def test_a_promote_compares_with_the_champion_that_a_concurrent_promote_put_in_p
     assert str(registry.client(tracking).get_registered_model("clip").aliases["champion"]) == "2"
 
 
+def test_registering_into_the_train_run_leaves_its_status_and_a_deleted_one_is_not_reopened(tmp_path, monkeypatch):
+    import mlflow
+
+    from workflows.tracking import using
+
+    tracking, quiet = f"sqlite:///{tmp_path / 'mlflow.db'}", lambda *_: None
+    clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")
+    client = registry.client(tracking)
+    with using(tracking):
+        with mlflow.start_run(run_name="train") as run:
+            train_id = run.info.run_id
+    finished = client.get_run(train_id).info
+    # a registration that fails while it logs into the train run (as a checkpoint's run_id makes it)
+    import mlflow.pyfunc  # noqa: F401 - the module itself, not mlflow's lazy attribute
+
+    monkeypatch.setattr(sys.modules["mlflow.pyfunc"], "log_model", lambda **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        registry.register(str(tmp_path / "ckpt"), "clip", run_id=train_id, tracking_uri=tracking, echo=quiet)
+    after = client.get_run(train_id).info
+    assert (after.status, after.end_time) == ("FINISHED", finished.end_time)
+    monkeypatch.undo()
+    # the train run deleted (in the UI's trash) since: the registration logs into a new run
+    client.delete_run(train_id)
+    version = registry.register(str(tmp_path / "ckpt"), "clip", run_id=train_id, tracking_uri=tracking, echo=quiet)
+    run_id = version["run_id"]
+    assert run_id != train_id and client.get_run(run_id).info.run_name == "register"
+
+
 def test_evaluating_one_section_keeps_the_others_and_replaces_its_own(tmp_path):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")

@@ -29,7 +29,7 @@ from clip_core.checkpoint import CONFIG_FILE, described_config
 
 from . import registry, storage
 from .preprocess import decode_batch, load_prepared, open_prepared_image, read_manifest, read_prepared_table
-from .tracking import start_run, using
+from .tracking import log_into, using
 
 TEMPLATE_SETS = {"default": clip_core.DEFAULT_TEMPLATES, "simple": clip_core.SIMPLE_TEMPLATES,
                  "imagenet": clip_core.IMAGENET_TEMPLATES}
@@ -383,7 +383,7 @@ def _log_to_mlflow(config: EvaluateConfig, source: registry.ModelSource, metrics
     if config.mlflow_parent_run_id:
         tags["mlflow.parentRunId"] = config.mlflow_parent_run_id
     with using(config.mlflow_tracking_uri), \
-            start_run(config.mlflow_run_id or source.run_id, config.mlflow_experiment, "evaluate", tags) as run:
+            log_into(config.mlflow_run_id or source.run_id, config.mlflow_experiment, "evaluate", tags) as run:
         mlflow.log_metrics({key: float(value) for key, value in registry.metric_tags(metrics).items()
                             if _is_number(value)})
         mlflow.log_artifacts(artifacts, artifact_path="eval")

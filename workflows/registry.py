@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from clip_core.checkpoint import CONFIG_FILE, OPENCLIP_CONFIG_FILE, WEIGHTS_FILE
 
 from . import storage
-from .tracking import failure, guard_output, is_missing, is_mlflow_error, redact, start_run, using
+from .tracking import failure, guard_output, is_missing, is_mlflow_error, log_into, redact, using
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 EVAL_SECTIONS = ("zeroshot", "retrieval", "linear_probe")  # what `rayclip evaluate` writes
@@ -311,7 +311,7 @@ def register(checkpoint: str, name: str, *, metrics: dict | None = None, trackin
                 shutil.copy(Path(source.directory, file), staged)
         clip_core.load_model(staged)  # refuse a checkpoint that does not load before registering it
         tags = {**lineage(staged), **metric_tags(metrics or {}), "checkpoint_source": checkpoint, **(tags or {})}
-        with start_run(run_id or source.run_id, experiment, "register", {"rayclip.stage": "register"}):
+        with log_into(run_id or source.run_id, experiment, "register", {"rayclip.stage": "register"}):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                 artifacts={CHECKPOINT_ARTIFACT: staged}, code_paths=[str(Path(clip_core.__file__).parent)],

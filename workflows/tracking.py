@@ -78,13 +78,12 @@ def failure(exc: BaseException) -> str:
 
 
 def run_exists(run_id: str) -> bool:
-    """Whether `run_id` is a run in the current tracking store (a checkpoint may come from another)."""
+    """Whether `run_id` is a live run in the current tracking store (a checkpoint may come from another)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:
-        mlflow.MlflowClient().get_run(run_id)
-        return True
+    try:  # a deleted run (in the UI's trash) cannot be reopened: missing too
+        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage != "deleted"
     except MlflowException as exc:
         if is_missing(exc):
             return False
@@ -144,6 +143,28 @@ def start_run(run_id: str | None, experiment: str, run_name: str, tags: dict | N
     if not nested:
         set_experiment(experiment)
     return mlflow.start_run(run_name=run_name, tags=tags, nested=nested)
+
+
+@contextlib.contextmanager
+def log_into(run_id: str | None, experiment: str, run_name: str, tags: dict | None = None):
+    """`start_run`'s block for a stage that logs into a run another stage made (register and evaluate into
+    the checkpoint's train run): when the block ends, that run's status and end time are put back as they
+    were, so a registration that fails does not mark a finished training run FAILED, nor one still training
+    end."""
+    import mlflow
+
+    before = mlflow.MlflowClient().get_run(run_id).info if run_id and run_exists(run_id) else None
+    active = start_run(run_id, experiment, run_name, tags)
+    try:
+        with active:
+            yield active
+    finally:
+        if before is not None and active.info.run_id == before.run_id:
+            client = mlflow.MlflowClient()
+            if before.status == "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            else:
+                client.set_terminated(run_id, status=before.status, end_time=before.end_time)
 
 
 @contextlib.contextmanager
