@@ -86,7 +86,8 @@ def test_evaluate_matches_in_process_metrics_and_logs_to_mlflow(sets, tmp_path):
         assert low - 1e-9 <= metrics["retrieval"][key.replace("R@", "R")] <= high + 1e-9, key
     assert metrics["zeroshot"]["digest"] == read_manifest(str(sets / "heldout"))["digest"]
     probes = [f"k{k}_top1" for k in (1, 2, 4, 8, 16)] + ["full_top1"]  # the paper's few-shot ladder by default
-    assert set(metrics["linear_probe"]) >= {*probes, "digest", "train_digest"}
+    assert set(metrics["linear_probe"]) >= {*probes, "digest", "train_digest", "setup_digest"}
+    assert metrics["zeroshot"]["setup_digest"].startswith("sha256:")  # see test_gate_compares_only_figures_of_the_same_set_and_setup
     assert all(0 <= metrics["linear_probe"][key] <= 1 for key in probes)
     assert json.loads((tmp_path / "metrics.json").read_text())["zeroshot"] == metrics["zeroshot"]
 
@@ -173,6 +174,21 @@ def test_gate_on_a_rank_metric_wants_it_lower():
     assert passed and "champion version 1's retrieval.image_to_text_median_rank is nan and no floor" in reason
     assert compared["champion_version"] == "1"
     assert not registry.evaluate_gate(version(2, 3.0), version(1, "inf"), gate.model_copy(update={"floor": 2.0}))[0]
+
+
+def test_gate_compares_only_figures_of_the_same_set_and_setup():
+    from types import SimpleNamespace
+
+    def version(number, top1, setup):
+        return SimpleNamespace(name="clip", version=number, tags={
+            "eval.zeroshot.top1": str(top1), "eval.zeroshot.digest": "sha256:d", "eval.zeroshot.setup_digest": setup})
+
+    gate = registry.Gate()
+    assert registry.evaluate_gate(version(2, 0.6, "sha256:s"), version(1, 0.6, "sha256:s"), gate)[0]
+    # the same images with other class names or templates: a zero-shot score that does not compare
+    passed, reason, compared = registry.evaluate_gate(version(2, 0.6, "sha256:t"), version(1, 0.5, "sha256:s"), gate)
+    assert not passed and "has no zeroshot.top1 on the same eval set (sha256:d) and setup (sha256:t" in reason
+    assert compared["eval_setup_digest"] == "sha256:t"
 
 
 def test_a_promote_compares_with_the_champion_that_a_concurrent_promote_put_in_place(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ not depend on how Ray splits the work.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import tempfile
@@ -291,6 +292,11 @@ def retrieval_png(uri: str, ordered: dict, path: str, queries: int = 4, top: int
 # ------------------------------------------------------------------------------ the stage
 
 
+def _setup_digest(*setup) -> str:
+    """What a section's figures depend on beside the eval set: the gate compares them only when it is equal."""
+    return "sha256:" + hashlib.sha256(json.dumps(setup).encode()).hexdigest()
+
+
 def _dataset_info(uri: str) -> dict:
     manifest = read_manifest(uri)
     return {"dataset": uri, "digest": manifest["digest"], "rows": manifest["counts"]["kept"]}
@@ -355,7 +361,7 @@ def _evaluate(config: EvaluateConfig, source: registry.ModelSource, artifacts: s
                                              classifier)
         metrics["zeroshot"] = {**scores, "per_class_recall": per_class_recall(confusion, classnames),
                                **_dataset_info(config.zeroshot), "classes": len(classnames),
-                               "templates": len(templates)}
+                               "templates": len(templates), "setup_digest": _setup_digest(classnames, templates)}
         confusion_png(confusion, classnames, os.path.join(artifacts, "confusion_matrix.png"))
     if config.retrieval:
         ordered = data[config.retrieval]
@@ -368,6 +374,8 @@ def _evaluate(config: EvaluateConfig, source: registry.ModelSource, artifacts: s
         _require_labels(test_uri, data[test_uri])
         metrics["linear_probe"] = {**linear_probes(data[train_uri], data[test_uri], config.shots, config.seed),
                                    **_dataset_info(test_uri), "train_digest": read_manifest(train_uri)["digest"]}
+        metrics["linear_probe"]["setup_digest"] = _setup_digest(metrics["linear_probe"]["train_digest"], config.shots,
+                                                                config.seed)
     for section in registry.EVAL_SECTIONS:
         if section in metrics:
             echo(f"evaluate: {section}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics[section].items()

@@ -394,17 +394,20 @@ def _history(registry, name: str) -> list[str]:
     return history
 
 
-def _metric(model_version, gate: Gate) -> tuple[float | None, str | None]:
+def _metric(model_version, gate: Gate) -> tuple[float | None, str | None, str | None]:
+    """(value, eval set digest, setup digest): figures compare only on the same set and the same setup
+    (zero-shot: class names and templates; linear probe: training set, shots, seed)."""
     values = version_metrics(model_version.tags)
     raw = values.get(gate.metric)
-    return (float(raw) if raw is not None else None), values.get(f"{gate.section}.digest")
+    return ((float(raw) if raw is not None else None), values.get(f"{gate.section}.digest"),
+            values.get(f"{gate.section}.setup_digest"))
 
 
 def evaluate_gate(challenger, champion, gate: Gate) -> tuple[bool, str, dict]:
     """(passed, reason, compared values) for a challenger against the champion (or None)."""
-    value, digest = _metric(challenger, gate)
+    value, digest, setup = _metric(challenger, gate)
     compared = {"metric": gate.metric, "challenger_version": str(challenger.version), "challenger_value": value,
-                "eval_digest": digest}
+                "eval_digest": digest, "eval_setup_digest": setup}
     if value is None:
         return False, (f"version {challenger.version} has no {gate.metric} metric: run `rayclip evaluate "
                        f"models:/{challenger.name}/{challenger.version} ...` first"), compared
@@ -412,7 +415,8 @@ def evaluate_gate(challenger, champion, gate: Gate) -> tuple[bool, str, dict]:
         return False, (f"version {challenger.version}'s {gate.metric} is {value}: its evaluation went wrong (a "
                        "diverged model?); evaluate it again or register another"), compared
     sign = -1 if gate.lower_is_better else 1
-    champion_value, champion_digest = _metric(champion, gate) if champion is not None else (None, None)
+    champion_value, champion_digest, champion_setup = (_metric(champion, gate) if champion is not None
+                                                       else (None, None, None))
     if champion is not None and champion_value is not None and not math.isfinite(champion_value):
         compared.update(champion_version=str(champion.version), champion_value=champion_value)
         champion = None  # nothing to compare with: a broken champion must not block every challenger
@@ -426,9 +430,11 @@ def evaluate_gate(challenger, champion, gate: Gate) -> tuple[bool, str, dict]:
         return passed, (f"{nobody}; {gate.metric} {value:.4g} {'meets' if passed else 'misses'} the floor "
                         f"{gate.floor:.4g}"), compared
     compared.update(champion_version=str(champion.version), champion_value=champion_value, max_drop=gate.max_drop)
-    if champion_value is None or champion_digest != digest:
-        return False, (f"champion version {champion.version} has no {gate.metric} on the same eval set "
-                       f"({digest}): evaluate models:/{champion.name}@{CHAMPION} on it, then promote again"), compared
+    if champion_value is None or (champion_digest, champion_setup) != (digest, setup):
+        return False, (f"champion version {champion.version} has no {gate.metric} on the same eval set ({digest}) "
+                       f"and setup ({setup}: the class names and templates, or a probe's training set, shots and "
+                       f"seed): evaluate models:/{champion.name}@{CHAMPION} as the challenger was, then promote "
+                       "again"), compared
     drop = sign * (champion_value - value)
     passed = drop <= gate.max_drop + 1e-12
     return passed, (f"{gate.metric} {value:.4g} vs champion {champion_value:.4g}: "
