@@ -87,7 +87,9 @@ def test_evaluate_matches_in_process_metrics_and_logs_to_mlflow(sets, tmp_path):
     assert metrics["zeroshot"]["digest"] == read_manifest(str(sets / "heldout"))["digest"]
     probes = [f"k{k}_top1" for k in (1, 2, 4, 8, 16)] + ["full_top1"]  # the paper's few-shot ladder by default
     assert set(metrics["linear_probe"]) >= {*probes, "digest", "train_digest", "setup_digest"}
-    assert metrics["zeroshot"]["setup_digest"].startswith("sha256:")  # see test_gate_compares_only_figures_of_the_same_set_and_setup
+    assert metrics["zeroshot"]["setup_digest"].startswith("sha256:")  # test_gate_compares_only_figures_of_the_same...
+    described = json.loads((sets / "ckpt" / "config.json").read_text())
+    assert metrics["model"]["weights_sha256"] == described["weights_sha256"]
     assert all(0 <= metrics["linear_probe"][key] <= 1 for key in probes)
     assert json.loads((tmp_path / "metrics.json").read_text())["zeroshot"] == metrics["zeroshot"]
 
@@ -238,6 +240,20 @@ def test_registering_into_the_train_run_leaves_its_status_and_a_deleted_one_is_n
     version = registry.register(str(tmp_path / "ckpt"), "clip", run_id=train_id, tracking_uri=tracking, echo=quiet)
     run_id = version["run_id"]
     assert run_id != train_id and client.get_run(run_id).info.run_name == "register"
+
+
+def test_metrics_about_other_weights_are_not_registered_with_a_checkpoint(tmp_path):
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")
+    weights = json.loads((tmp_path / "ckpt" / "config.json").read_text())["weights_sha256"]
+    metrics = {"model": {"uri": "elsewhere", "weights_sha256": "0" * 64}, "zeroshot": {"top1": 0.9, "digest": "d"}}
+    with pytest.raises(registry.RegistryError, match=r"the metrics given are about other weights \(sha256 "
+                                                     r"000000000000…\) than .*ckpt's \(" + weights[:12]):
+        registry.register(str(tmp_path / "ckpt"), "clip", metrics=metrics, tracking_uri=tracking, echo=print)
+    assert not registry.client(tracking).search_registered_models()
+    metrics["model"]["weights_sha256"] = weights
+    assert registry.register(str(tmp_path / "ckpt"), "clip", metrics=metrics, tracking_uri=tracking,
+                             echo=print)["version"] == "1"
 
 
 def test_evaluating_one_section_keeps_the_others_and_replaces_its_own(tmp_path):

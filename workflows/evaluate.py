@@ -344,7 +344,9 @@ def _evaluate(config: EvaluateConfig, source: registry.ModelSource, artifacts: s
 
     files, model_config = inference_files(source)
     image_size, files_ref = model_config.vision.image_size, ray.put(files)
-    metrics: dict = {"model": {"uri": config.model, "name": source.name, "version": source.version}}
+    metrics: dict = {"model": {"uri": config.model, "name": source.name, "version": source.version,
+                               # what `register --metrics` checks these figures are about
+                               "weights_sha256": json.loads(files[CONFIG_FILE]).get("weights_sha256")}}
     echo(f"evaluate: {config.model} (image size {image_size}) on {config.workers} model actor(s)")
 
     uses = [(config.zeroshot, False), (config.retrieval, True), *((uri, False) for uri in config.linear_probe or ())]

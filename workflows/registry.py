@@ -311,6 +311,11 @@ def register(checkpoint: str, name: str, *, metrics: dict | None = None, trackin
                 shutil.copy(Path(source.directory, file), staged)
         clip_core.load_model(staged)  # refuse a checkpoint that does not load before registering it
         tags = {**lineage(staged), **metric_tags(metrics or {}), "checkpoint_source": checkpoint, **(tags or {})}
+        evaluated = ((metrics or {}).get("model") or {}).get("weights_sha256")
+        if evaluated and tags.get("weights_sha256") and evaluated != tags["weights_sha256"]:
+            raise RegistryError(f"the metrics given are about other weights (sha256 {evaluated[:12]}…) than "
+                                f"{checkpoint}'s ({tags['weights_sha256'][:12]}…): evaluate this checkpoint "
+                                "(`rayclip evaluate CHECKPOINT ... --json FILE`) and register with that file")
         with log_into(run_id or source.run_id, experiment, "register", {"rayclip.stage": "register"}):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
