@@ -242,7 +242,7 @@ def test_registering_into_the_train_run_leaves_its_status_and_a_deleted_one_is_n
     assert run_id != train_id and client.get_run(run_id).info.run_name == "register"
 
 
-def test_metrics_about_other_weights_are_not_registered_with_a_checkpoint(tmp_path):
+def test_metrics_about_other_weights_are_not_registered_with_a_checkpoint(tmp_path, capsys):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")
     weights = json.loads((tmp_path / "ckpt" / "config.json").read_text())["weights_sha256"]
@@ -254,6 +254,10 @@ def test_metrics_about_other_weights_are_not_registered_with_a_checkpoint(tmp_pa
     metrics["model"]["weights_sha256"] = weights
     assert registry.register(str(tmp_path / "ckpt"), "clip", metrics=metrics, tracking_uri=tracking,
                              echo=print)["version"] == "1"
+    # MLflow refusing a request it understood is no reason to check the server
+    assert cli.main(["promote", "clip", "--version", "abc", "--mlflow-tracking-uri", tracking]) == 2
+    error = capsys.readouterr().err
+    assert "MLflow refused the request: " in error and "version" in error and "server is up" not in error, error
 
 
 def test_evaluating_one_section_keeps_the_others_and_replaces_its_own(tmp_path):

@@ -68,9 +68,16 @@ def is_missing(exc: BaseException) -> bool:
     return is_mlflow_error(exc) and getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
+# MLflow's answers to a request it understood and refused: the server is up, the request is what to change
+REFUSED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
+           "BAD_REQUEST"}
+
+
 def failure(exc: BaseException) -> str:
     """One line for an MLflow failure: what MLflow said (credentials redacted) and what to do."""
     said = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if getattr(exc, "error_code", None) in REFUSED:
+        return f"MLflow refused the request: {said[:600]}"
     retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     return (f"MLflow failed: {said[:600]} (after up to {retries} retries, $MLFLOW_HTTP_REQUEST_MAX_RETRIES): check "
             "that the tracking server is up and, for an authenticating server, $MLFLOW_TRACKING_USERNAME and "
