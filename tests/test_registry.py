@@ -212,6 +212,13 @@ def test_a_promote_compares_with_the_champion_that_a_concurrent_promote_put_in_p
     assert raced == ["passed"]
     assert (decision["decision"], decision["champion_version"]) == ("failed", "2"), decision
     assert str(registry.client(tracking).get_registered_model("clip").aliases["champion"]) == "2"
+    # the history a rollback walks is bounded: a tag holds at most 5000 characters in MLflow's SQL stores
+    monkeypatch.undo()
+    client = registry.client(tracking)
+    client.set_registered_model_tag("clip", registry.HISTORY_TAG, json.dumps(["1", "2"] * 400))
+    registry.promote("clip", "3", force=True, tracking_uri=tracking, echo=quiet)
+    history = json.loads(client.get_registered_model("clip").tags[registry.HISTORY_TAG])
+    assert len(history) == registry.HISTORY_KEPT and history[-2:] == ["2", "3"]
 
 
 def test_registering_into_the_train_run_leaves_its_status_and_a_deleted_one_is_not_reopened(tmp_path, monkeypatch):

@@ -38,6 +38,8 @@ from .tracking import failure, guard_output, is_missing, is_mlflow_error, log_in
 CHALLENGER, CHAMPION = "challenger", "champion"
 EVAL_SECTIONS = ("zeroshot", "retrieval", "linear_probe")  # what `rayclip evaluate` writes
 HISTORY_TAG = "rayclip.champion_history"
+# the champions a rollback can walk back through: a tag value is at most 5000 characters in MLflow's SQL stores
+HISTORY_KEPT = 500
 CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc artifact: artifacts/checkpoint inside the model
 INFERENCE_FILES = (WEIGHTS_FILE, CONFIG_FILE, OPENCLIP_CONFIG_FILE)
 CONFIG_MAX_BYTES = 1 << 20  # a checkpoint's config.json is a few kB
@@ -479,7 +481,7 @@ def promote(name: str, version: str | int | None = None, *, gate: Gate | None = 
         # the alias before the history: an alias moved without its history entry joins it on the next read
         history = _history(registry, name) + [str(challenger.version)]
         registry.set_registered_model_alias(name, CHAMPION, str(challenger.version))
-        registry.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        registry.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_KEPT:]))
         if champion is not None:
             registry.set_model_version_tag(name, str(champion.version), "superseded_by", str(challenger.version))
     echo(f"promote: {name} version {challenger.version}: {status} — {reason}")
