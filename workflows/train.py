@@ -251,7 +251,7 @@ def cosine_schedule(warmup: int, total: int):
 
 
 def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor, accum_freq: int,
-                     autocast, patch_keep: torch.Tensor | None = None) -> torch.Tensor:
+                     autocast, patch_keep: torch.Tensor | None = None, scaler=None) -> torch.Tensor:
     """Forward + backward for one optimizer step's local batch; returns the loss, detached and where
     it was computed: reading it waits for the device, so the loop reads it only when it logs.
 
@@ -260,12 +260,14 @@ def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor,
     recomputed with grad and scored against all cached features. Each feature is live in exactly
     one backward, and the temperature (and bias) only in the last, so the accumulated gradient is
     the big batch's. DDP synchronises on the last micro-batch only. `patch_keep` (patch dropout)
-    is drawn once per step, so both computations of a micro-batch see the same patches.
+    is drawn once per step, so both computations of a micro-batch see the same patches. Under fp16
+    each backward runs on the loss multiplied by `scaler`'s scale (the GradScaler the optimizer step
+    unscales by): small fp16 gradients would otherwise flush to zero.
     """
     if accum_freq == 1:
         with autocast:
             loss = loss_fn(*model(images, tokens, patch_keep=patch_keep))
-        loss.backward()
+        _backward(loss, scaler)
         return loss.detach()
     image_chunks, token_chunks = images.chunk(accum_freq), tokens.chunk(accum_freq)
     keep_chunks = patch_keep.chunk(accum_freq) if patch_keep is not None else [None] * accum_freq
@@ -282,8 +284,12 @@ def contrastive_step(model, loss_fn, images: torch.Tensor, tokens: torch.Tensor,
                 text_features = torch.cat([c[1] for c in cached[:j]] + [live[1]] + [c[1] for c in cached[j + 1:]])
                 extras = [value if last else value.detach() for value in live[2:]]
                 loss = loss_fn(image_features, text_features, *extras)
-            loss.backward()
+            _backward(loss, scaler)
     return loss.detach()
+
+
+def _backward(loss: torch.Tensor, scaler) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
 def build_optimizer(model, config: TrainConfig, device: torch.device, cast: torch.dtype | None = None):
@@ -302,7 +308,7 @@ def optimizer_step(model, runnable, optimizer, scheduler, scaler, loss_fn, image
     the whole contrastive batch, clipped by global norm, the AdamW step at this step's learning
     rate, the temperature clamped. Returns (loss, grad norm before clipping, the lr used)."""
     optimizer.zero_grad(set_to_none=True)
-    loss = contrastive_step(runnable, loss_fn, images, tokens, config.accum_freq, autocast, patch_keep)
+    loss = contrastive_step(runnable, loss_fn, images, tokens, config.accum_freq, autocast, patch_keep, scaler)
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm or float("inf"))
