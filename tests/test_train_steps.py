@@ -2,14 +2,27 @@
 resumes from, the numbers it logs."""
 
 import copy
+import json
 
 import pytest
+import ray
 import torch
 
 import clip_core
-from workflows.train import TrainConfig, autocast_dtype, build_optimizer, optimizer_step
+from workflows import storage
+from workflows.train import (TrainConfig, autocast_dtype, build_model, build_optimizer, check_config, init_image_size,
+                             optimizer_step)
 
 from micro import micro_config
+
+
+MANIFESTS = [{"counts": {"kept": 1000}}]  # what check_config reads of config.data's manifests
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    """check_config asks Ray for the cluster's resources: a 4-CPU one, without starting Ray."""
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
 
 
 def _batch(size: int = 8):
@@ -43,3 +56,28 @@ def test_an_fp16_step_scales_every_backward_and_clips_and_updates_by_the_unscale
     # ... on the gradient at its true size: fp16 rounding apart, the fp32 step's
     assert fp16_norm == pytest.approx(fp32_norm, rel=2e-2)
     assert torch.nn.functional.cosine_similarity(fp16_grads, fp32_grads, dim=0) > 0.999
+
+
+def test_weights_with_a_logit_bias_are_refused_for_the_softmax_loss_before_any_worker_starts(
+        tmp_path, monkeypatch, cluster):
+    # e.g. --init from a checkpoint trained with loss: siglip, then trained with the default loss
+    clip_core.save_checkpoint(clip_core.create_model(micro_config(), init_logit_bias=-10.0), tmp_path / "siglip")
+    config = TrainConfig(data=["unread"], steps=10, init=str(tmp_path / "siglip"), cpus_per_worker=1)
+    refused = rf"--init {tmp_path / 'siglip'} has a logit_bias \(a SigLIP model\).*set loss: siglip"
+    with monkeypatch.context() as patch:
+        # the driver learns it from the checkpoint's config alone: the weights are the workers' to fetch
+        patch.setattr(storage, "local_copy", lambda uri: pytest.fail(f"the driver read the weights at {uri}"))
+        with pytest.raises(ValueError, match=refused):
+            init_image_size(config)
+    with pytest.raises(ValueError, match=refused):
+        build_model(config)  # and a worker, or the driver for weights without a config file
+    assert build_model(config.model_copy(update={"loss": "siglip"})).logit_bias is not None
+    # a model config file with a bias, trained from scratch
+    (tmp_path / "micro.json").write_text(json.dumps(micro_config().replace(init_logit_bias=-10.0).to_dict()))
+    with pytest.raises(ValueError, match=r"the model .*micro.json has a logit_bias"):
+        check_config(TrainConfig(data=["unread"], steps=10, model=str(tmp_path / "micro.json"), cpus_per_worker=1),
+                     MANIFESTS)
+    # the other way round, as before: the sigmoid loss needs a bias
+    clip_core.save_checkpoint(clip_core.CLIP(micro_config()), tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"the sigmoid loss needs a model with logit_bias and --init .*clip has none"):
+        init_image_size(config.model_copy(update={"init": str(tmp_path / "clip"), "loss": "siglip"}))

@@ -206,9 +206,8 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
         model = clip_core.create_model(config.model, quick_gelu=config.quick_gelu,
                                        init_logit_scale=math.log(10) if siglip else None,
                                        init_logit_bias=-10.0 if siglip else None)
-    if config.loss == "siglip" and model.logit_bias is None:
-        raise ValueError("the sigmoid loss needs a model with logit_bias; initialise from a SigLIP checkpoint "
-                         "or train from scratch")
+    check_loss_fits(config, model.logit_bias is not None,
+                    f"--init {config.init}" if config.init else f"the model {config.model}")
     if config.patch_dropout:
         clip_core.model.require_patches(model.config)
     if config.lock_image:
@@ -219,19 +218,34 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
     return model
 
 
+def check_loss_fits(config: TrainConfig, logit_bias: bool, source: str) -> None:
+    """The sigmoid loss needs the model's logit_bias and the softmax one takes none: either mismatch fails
+    every worker's first step (and each retry), so the driver checks it from the model's config too."""
+    if config.loss == "siglip" and not logit_bias:
+        raise ValueError(f"the sigmoid loss needs a model with logit_bias and {source} has none; initialise from "
+                         "a SigLIP checkpoint or train from scratch")
+    if config.loss == "clip" and logit_bias:
+        raise ValueError(f"{source} has a logit_bias (a SigLIP model), which the softmax CLIP loss has no term for: "
+                         "set loss: siglip in the train config to train it with the sigmoid loss, or start from "
+                         "weights without one")
+
+
 def init_image_size(config: TrainConfig) -> int:
     """The resolution of the --init weights, which the driver's decoding plan needs. A rayclip checkpoint
     (or a Hugging Face one) says it in its config file: the driver reads that alone, and only the workers
     fetch the weights (the head node would otherwise download and hold them once more: 1.7 GB for
     ViT-L/14). Other formats are built to see."""
-    from clip_core.checkpoint import described_image_size
+    from clip_core.checkpoint import described_config, described_image_size, is_hf_config
 
     _, path = init_source(config.init)
     description = storage.join(path, CONFIG_FILE)
     if storage.exists(description):
         described = json.loads(storage.read_bytes(description, max_bytes=1 << 20))
+        if not is_hf_config(described):  # a transformers CLIPModel has no logit_bias
+            check_loss_fits(config, described_config(described, path).init_logit_bias is not None,
+                            f"--init {config.init}")
         return described_image_size(described, path)
-    return build_model(config).image_size
+    return build_model(config).image_size  # build_model checks the loss fits
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -676,8 +690,12 @@ def check_config(config: TrainConfig, manifests: list[dict]) -> None:
         _, path = init_source(config.init)
         if not storage.exists(path):
             raise FileNotFoundError(f"no pretrained weights at {path} (from --init {config.init})")
-    elif config.patch_dropout:
-        clip_core.model.require_patches(clip_core.config.get_config(config.model))
+    else:
+        model_config = clip_core.config.get_config(config.model)
+        if config.patch_dropout:
+            clip_core.model.require_patches(model_config)
+        if config.loss == "clip":  # a sigmoid-loss run from scratch gets its bias in build_model
+            check_loss_fits(config, model_config.init_logit_bias is not None, f"the model {config.model}")
 
 
 def default_storage(config: TrainConfig) -> str:
