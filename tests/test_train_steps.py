@@ -10,8 +10,10 @@ import torch
 
 import clip_core
 from workflows import storage
-from workflows.train import (TrainConfig, autocast_dtype, build_model, build_optimizer, check_config, init_image_size,
-                             optimizer_step)
+from workflows.train import (TrainConfig, _save_train_state, autocast_dtype, build_model, build_optimizer,
+                             check_config, checkpoint_to_resume, init_image_size, latest_checkpoint, optimizer_step,
+                             resumable_checkpoints, resume_mismatch)
+from workflows.train_data import Position
 
 from micro import micro_config
 
@@ -81,3 +83,68 @@ def test_weights_with_a_logit_bias_are_refused_for_the_softmax_loss_before_any_w
     clip_core.save_checkpoint(clip_core.CLIP(micro_config()), tmp_path / "clip")
     with pytest.raises(ValueError, match=r"the sigmoid loss needs a model with logit_bias and --init .*clip has none"):
         init_image_size(config.model_copy(update={"init": str(tmp_path / "clip"), "loss": "siglip"}))
+
+
+def _train_checkpoint(directory, config: TrainConfig, step: int) -> str:
+    """A checkpoint as the train loop writes it: weights, config.json with its train record, train_state.pt."""
+    model = clip_core.CLIP(micro_config())
+    optimizer, scheduler, _ = build_optimizer(model, config, torch.device("cpu"))
+    directory.mkdir(parents=True)
+    _save_train_state(str(directory), model, model.state_dict(), optimizer.state_dict(), scheduler, None,
+                      Position(step, 0, step), [], config, None, {"step": step})
+    return str(directory)
+
+
+def _register(run, *steps: int) -> None:
+    """Ray Train's record of the checkpoints it registered for a run (its checkpoint manager's snapshot, as Ray
+    writes it once a reported checkpoint is whole in storage)."""
+    results = [{"version": 0, "checkpoint_dir_name": f"checkpoint_{step:08d}", "metrics": {"step": step}}
+               for step in steps]
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({
+        "ray_version": ray.__version__, "checkpoint_results": results,
+        "checkpoint_report_indices": list(range(len(steps))), "latest_checkpoint_result": results[-1],
+        "pending_training_results": [], "pending_validation_specs": [], "current_report_index": len(steps),
+        "validated_checkpoint_dir_names": [], "timed_out_validation_checkpoint_dir_names": [],
+        "failed_validation_checkpoint_dir_names": []}))
+
+
+def test_resume_latest_takes_the_newest_registered_checkpoint_that_trained_this_model_on_this_data(tmp_path):
+    runs = tmp_path / "ray_results"  # the default storage, shared by every `rayclip train` whose --output is beside it
+    (tmp_path / "micro.json").write_text(json.dumps(micro_config().to_dict()))
+    ours = TrainConfig(data=["train"], steps=20, model=str(tmp_path / "micro.json"), data_digests=["sha256:ours"],
+                       resume="latest")
+    theirs = ours.model_copy(update={"data_digests": ["sha256:theirs"]})
+    mine = [_train_checkpoint(runs / "train-a" / f"checkpoint_{step:08d}", ours, step) for step in (3, 6)]
+    _register(runs / "train-a", 3, 6)
+    # a newer upload cut short (its worker died mid-way): a train state, torn weights, never registered
+    torn = runs / "train-a" / "checkpoint_00000009"
+    _train_checkpoint(torn, ours, 9)
+    (torn / "model.safetensors").write_bytes((torn / "model.safetensors").read_bytes()[:100])
+    # the newest: another run's, on other data
+    other = _train_checkpoint(runs / "train-b" / "checkpoint_00000012", theirs, 12)
+    _register(runs / "train-b", 12)
+    (runs / "train-c").mkdir()  # a run that never checkpointed
+
+    assert resumable_checkpoints(str(runs)) == [other, mine[1]]
+    assert latest_checkpoint(str(runs)) == other and latest_checkpoint(str(runs), "train-a") == mine[1]
+    assert latest_checkpoint(str(tmp_path / "absent")) is None
+    assert checkpoint_to_resume(ours, str(runs)) == mine[1]
+    assert checkpoint_to_resume(theirs, str(runs)) == other
+    assert checkpoint_to_resume(ours.model_copy(update={"resume": None}), str(runs)) is None
+    # none of this model on this data: refused, naming what differs and the way out
+    with pytest.raises(ValueError, match=r"no checkpoint under .*ray_results trained this model on this data; the "
+                                         r"newest, .*train-b/checkpoint_00000012: its model \(.*micro.json\) is "
+                                         r"not this run's \(tiny\).*--resume PATH"):
+        checkpoint_to_resume(ours.model_copy(update={"model": "tiny"}), str(runs))
+    with pytest.raises(ValueError, match=r"the newest, .*train-a/checkpoint_00000006: it trained on data "
+                                         r"\['sha256:ours'\], this run's is \['sha256:theirs'\]"):
+        checkpoint_to_resume(theirs.model_copy(update={"run_name": "train-a"}), str(runs))
+    with pytest.raises(FileNotFoundError, match="no registered checkpoint with a train state under .*train-c"):
+        checkpoint_to_resume(ours.model_copy(update={"run_name": "train-c"}), str(runs))
+    # one named by hand is checked too (before it is resumed, or copied out as the result if it is at the last step)
+    with pytest.raises(ValueError, match=rf"--resume {other} cannot carry this run on: it trained on data "
+                                         rf"\['sha256:theirs'\], this run's is \['sha256:ours'\].*--init {other}"):
+        checkpoint_to_resume(ours.model_copy(update={"resume": other}), str(runs))
+    assert checkpoint_to_resume(ours.model_copy(update={"resume": mine[0]}), str(runs)) == mine[0]
+    # a run from pretrained weights carries on only from the same weights
+    assert "it started from" in resume_mismatch(ours.model_copy(update={"init": "openai:ViT-B-32.pt"}), mine[1])

@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction,
                     help="QuickGELU (--no-quick-gelu: GELU) instead of the preset's own, as OpenCLIP's "
                     "--force-quick-gelu; with --init, whatever the weights imply (openai: QuickGELU)")
-    tr.add_argument("--resume", help="'latest' (the newest checkpoint under --storage) or a checkpoint path")
+    tr.add_argument("--resume", help="'latest' (the newest checkpoint under --storage of this model on this data) "
+                    "or a checkpoint path")
     tr.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI; no tracking when unset")
     tr.add_argument("--seed", type=int)
     tr.set_defaults(handler=_train)

@@ -135,7 +135,8 @@ class TrainConfig(BaseModel):
                                 "globally (a streaming shuffle, as webdataset's)")
     decode_batch_size: int = Field(64, gt=0, description="rows a Ray Data task decodes at once from a "
                                    "streamed pass (a globally shuffled pass decodes each gathered block whole)")
-    resume: str | None = Field(None, description="'latest' (under storage) or a checkpoint path")
+    resume: str | None = Field(None, description="'latest' (the newest registered checkpoint under storage, of "
+                               "run_name when set, that trained this model on this data) or a checkpoint path")
     mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "rayclip"
     mlflow_parent_run_id: str | None = None
@@ -202,10 +203,7 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
             implied = True if kind == "openai" else None
             model = clip_core.load_model(local, quick_gelu=implied if config.quick_gelu is None else config.quick_gelu)
     else:
-        siglip = config.loss == "siglip"  # SigLIP's start (its paper, and open_clip_train --siglip): t = 10, b = -10
-        model = clip_core.create_model(config.model, quick_gelu=config.quick_gelu,
-                                       init_logit_scale=math.log(10) if siglip else None,
-                                       init_logit_bias=-10.0 if siglip else None)
+        model = clip_core.create_model(scratch_config(config))
     check_loss_fits(config, model.logit_bias is not None,
                     f"--init {config.init}" if config.init else f"the model {config.model}")
     if config.patch_dropout:
@@ -216,6 +214,15 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
         model.lock_text_tower(config.lock_text_unlocked_layers)
     model.set_grad_checkpointing(config.grad_checkpointing)
     return model
+
+
+def scratch_config(config: TrainConfig) -> clip_core.CLIPConfig:
+    """The model a run without --init builds: the preset's (or the config file's), at SigLIP's start for
+    the sigmoid loss (its paper, and open_clip_train --siglip): t = 10, b = -10."""
+    model_config = clip_core.get_config(config.model, quick_gelu=config.quick_gelu)
+    if config.loss == "siglip":
+        model_config = model_config.replace(init_logit_scale=math.log(10), init_logit_bias=-10.0)
+    return model_config
 
 
 def check_loss_fits(config: TrainConfig, logit_bias: bool, source: str) -> None:
@@ -691,11 +698,10 @@ def check_config(config: TrainConfig, manifests: list[dict]) -> None:
         if not storage.exists(path):
             raise FileNotFoundError(f"no pretrained weights at {path} (from --init {config.init})")
     else:
-        model_config = clip_core.config.get_config(config.model)
+        model_config = scratch_config(config)
         if config.patch_dropout:
             clip_core.model.require_patches(model_config)
-        if config.loss == "clip":  # a sigmoid-loss run from scratch gets its bias in build_model
-            check_loss_fits(config, model_config.init_logit_bias is not None, f"the model {config.model}")
+        check_loss_fits(config, model_config.init_logit_bias is not None, f"the model {config.model}")
 
 
 def default_storage(config: TrainConfig) -> str:
@@ -705,14 +711,83 @@ def default_storage(config: TrainConfig) -> str:
     return storage.join(base, "ray_results")
 
 
-def latest_checkpoint(storage_path: str) -> str | None:
-    """The checkpoint with the highest step under any run in `storage_path`."""
+def resumable_checkpoints(storage_path: str, run_name: str | None = None) -> list[str]:
+    """The checkpoints `--resume latest` may take, newest step first: each run's latest under `storage_path`
+    (only run `run_name`'s when given) as Ray Train registered it, with its train state. A checkpoint
+    directory is uploaded before it is registered, so one whose upload was cut short (weights missing or
+    torn) or whose worker died in report() is never a candidate, however high its step."""
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
+
+    from .data_passes import registered_checkpoint
+
     if not storage.exists(storage_path):
+        return []
+    states = [uri for uri in storage.list_files(storage_path) if storage.basename(uri) == TRAIN_STATE]
+    runs = sorted({storage.dirname(storage.dirname(uri)) for uri in states})
+    if run_name is not None:
+        runs = [run for run in runs if storage.basename(run) == run_name]
+    found = []
+    for run in runs:
+        try:
+            checkpoint = registered_checkpoint(run)
+        except CheckpointManagerInitializationError:  # written by another Ray version: what it registered is unknown
+            continue
+        if checkpoint is not None and storage.exists(storage.join(checkpoint, TRAIN_STATE)):
+            found.append(checkpoint)
+    return sorted(found, key=storage.basename, reverse=True)
+
+
+def latest_checkpoint(storage_path: str, run_name: str | None = None) -> str | None:
+    """The newest of `resumable_checkpoints`, or None."""
+    return next(iter(resumable_checkpoints(storage_path, run_name)), None)
+
+
+def resume_mismatch(config: TrainConfig, checkpoint: str) -> str | None:
+    """Why the train checkpoint at `checkpoint` cannot carry this run on, None if it can: it holds another
+    model (its architecture, or for --init runs the weights it started from) or trained on other data (its
+    optimizer state and data position would be another run's)."""
+    from clip_core.checkpoint import described_config
+
+    from .registry import CONFIG_MAX_BYTES
+
+    description = json.loads(storage.read_bytes(storage.join(checkpoint, CONFIG_FILE), max_bytes=CONFIG_MAX_BYTES))
+    recorded = (description.get("train") or {}).get("config") or {}
+    if config.init or recorded.get("init"):
+        theirs, ours = (recorded.get("init"), recorded.get("quick_gelu")), (redacted(config.init), config.quick_gelu)
+        if theirs != ours:
+            return f"it started from (init, quick_gelu) {theirs}, this run from {ours}"
+    elif described_config(description, checkpoint).replace(name=None) != scratch_config(config).replace(name=None):
+        return f"its model ({recorded.get('model', 'unrecorded')}) is not this run's ({config.model})"
+    if recorded.get("data_digests") != config.data_digests:
+        return f"it trained on data {recorded.get('data_digests')}, this run's is {config.data_digests}"
+    return None
+
+
+def checkpoint_to_resume(config: TrainConfig, storage_path: str) -> str | None:
+    """The checkpoint `config.resume` names (None without one): 'latest' is the newest of
+    `resumable_checkpoints` that can carry this run on (the storage is shared by every run writing there).
+    One that cannot (another model, other data) is refused naming what differs; `config.data_digests`
+    must be set."""
+    if not config.resume:
         return None
-    candidates = [uri for uri in storage.list_files(storage_path) if storage.basename(uri) == TRAIN_STATE]
+    if config.resume != "latest":
+        mismatch = resume_mismatch(config, config.resume)
+        if mismatch:
+            raise ValueError(f"--resume {config.resume} cannot carry this run on: {mismatch}. Resume it with its "
+                             f"own model and data, or start from its weights with --init {config.resume}")
+        return config.resume
+    where = storage.join(storage_path, config.run_name) if config.run_name else storage_path
+    candidates = resumable_checkpoints(storage_path, config.run_name)
     if not candidates:
-        return None
-    return storage.dirname(max(candidates, key=lambda uri: storage.basename(storage.dirname(uri))))
+        raise FileNotFoundError(f"--resume latest: no registered checkpoint with a train state under {where}; "
+                                "resume one by its path (--resume PATH)")
+    resume_from = next((uri for uri in candidates if resume_mismatch(config, uri) is None), None)
+    if resume_from is None:
+        raise ValueError(f"--resume latest: no checkpoint under {where} trained this model on this data; the newest, "
+                         f"{candidates[0]}: {resume_mismatch(config, candidates[0])}. Resume the run you meant "
+                         "with its own model and data (--resume PATH, or its run_name to scope latest to it), or "
+                         "train afresh (no --resume, or a fresh --output)")
+    return resume_from
 
 
 def train(config: TrainConfig, echo=print) -> TrainResult:
@@ -740,13 +815,7 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
                                        "global_shuffle": shuffles_globally(config, manifests)})
 
     storage_path = default_storage(config)
-    resume_from = None
-    if config.resume == "latest":
-        resume_from = latest_checkpoint(storage_path)
-        if resume_from is None:
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {storage_path}")
-    elif config.resume:
-        resume_from = config.resume
+    resume_from = checkpoint_to_resume(config, storage_path)
     if resume_from:
         from .data_passes import train_record
 
