@@ -148,3 +148,20 @@ def test_resume_latest_takes_the_newest_registered_checkpoint_that_trained_this_
     assert checkpoint_to_resume(ours.model_copy(update={"resume": mine[0]}), str(runs)) == mine[0]
     # a run from pretrained weights carries on only from the same weights
     assert "it started from" in resume_mismatch(ours.model_copy(update={"init": "openai:ViT-B-32.pt"}), mine[1])
+
+
+def test_resuming_by_hand_needs_a_whole_train_checkpoint_before_any_worker_starts(tmp_path, cluster):
+    config = TrainConfig(data=["train"], steps=20, model="tiny", cpus_per_worker=1)
+    trained = _train_checkpoint(tmp_path / "checkpoint_00000006", config, 6)
+    check_config(config.model_copy(update={"resume": trained}), MANIFESTS)
+    # weights alone (a registered model version's, or save_checkpoint's): to start from, not to resume
+    weights_only = str(clip_core.save_checkpoint(clip_core.CLIP(micro_config()), tmp_path / "weights"))
+    with pytest.raises(FileNotFoundError, match=rf"{weights_only} has weights but no train_state.pt .*cannot be "
+                                                rf"resumed; start from its weights with --init {weights_only}"):
+        check_config(config.model_copy(update={"resume": weights_only}), MANIFESTS)
+    (tmp_path / "checkpoint_00000006" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{trained} is not a whole train checkpoint: it lacks "
+                                                "model.safetensors"):
+        check_config(config.model_copy(update={"resume": trained}), MANIFESTS)
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume at"):
+        check_config(config.model_copy(update={"resume": str(tmp_path / "nowhere")}), MANIFESTS)

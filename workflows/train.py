@@ -691,8 +691,19 @@ def check_config(config: TrainConfig, manifests: list[dict]) -> None:
     if not config.use_gpu and config.workers * config.cpus_per_worker > cpus and not os.environ.get("RAY_ADDRESS"):
         raise ValueError(f"{config.workers} workers x {config.cpus_per_worker} CPUs exceed this Ray cluster's "
                          f"{cpus:g} CPUs; lower workers or cpus_per_worker")
-    if config.resume and config.resume != "latest" and not storage.exists(config.resume):
-        raise FileNotFoundError(f"no checkpoint to resume at {config.resume}")
+    if config.resume and config.resume != "latest":
+        if not storage.exists(config.resume):
+            raise FileNotFoundError(f"no checkpoint to resume at {config.resume}")
+        # the workers would fail to load it, each retry again
+        missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE, TRAIN_STATE)
+                   if not storage.exists(storage.join(config.resume, name))]
+        if missing == [TRAIN_STATE]:
+            raise FileNotFoundError(f"{config.resume} has weights but no {TRAIN_STATE} (optimizer, schedule, data "
+                                    f"position): a weights-only checkpoint cannot be resumed; start from its weights "
+                                    f"with --init {config.resume}")
+        if missing:
+            raise FileNotFoundError(f"{config.resume} is not a whole train checkpoint: it lacks {', '.join(missing)}; "
+                                    "resume from a checkpoint directory the train stage wrote")
     if config.init:
         _, path = init_source(config.init)
         if not storage.exists(path):
