@@ -3,15 +3,20 @@ resumes from, the numbers it logs."""
 
 import copy
 import json
+import os
 
 import pytest
 import ray
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import clip_core
 from workflows import storage
+from workflows.parallel import global_mean
 from workflows.train import (TrainConfig, _save_train_state, autocast_dtype, build_model, build_optimizer,
-                             check_config, checkpoint_to_resume, init_image_size, latest_checkpoint, optimizer_step,
+                             check_config, checkpoint_to_resume, contrastive_step, init_image_size, latest_checkpoint,
+                             optimizer_step,
                              resumable_checkpoints, resume_mismatch)
 from workflows.train_data import Position
 
@@ -165,3 +170,38 @@ def test_resuming_by_hand_needs_a_whole_train_checkpoint_before_any_worker_start
         check_config(config.model_copy(update={"resume": trained}), MANIFESTS)
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume at"):
         check_config(config.model_copy(update={"resume": str(tmp_path / "nowhere")}), MANIFESTS)
+
+
+WORLD = 2
+
+
+def _local_and_logged_loss(kind: str, rank: int = 0, world: int = 1):
+    """One step's loss on this worker's rows of a fixed global batch of 8: as contrastive_step returns it, and as
+    the train loop logs it."""
+    torch.manual_seed(0)
+    model = clip_core.create_model(micro_config(), init_logit_bias=-10.0 if kind == "siglip" else None)
+    images, tokens = _batch(8)
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    loss = contrastive_step(model, clip_core.create_loss(kind), images[rows], tokens[rows], 1,
+                            torch.autocast("cpu", enabled=False))
+    return float(loss), float(global_mean(loss))
+
+
+def _logging_worker(rank: int, init_file: str, kind: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.save(_local_and_logged_loss(kind, rank, WORLD), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_the_logged_loss_is_the_whole_batchs_whatever_the_number_of_workers(kind, tmp_path):
+    mp.spawn(_logging_worker, args=(str(tmp_path / "rendezvous"), kind, str(tmp_path)), nprocs=WORLD, join=True)
+    (local0, logged0), (local1, logged1) = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    whole, logged_alone = _local_and_logged_loss(kind)
+    assert logged_alone == whole
+    # each worker's own loss is over its rows only: the one rank 0 logged before
+    assert abs(local0 - whole) > 1e-3 and abs(local1 - whole) > 1e-3
+    assert logged0 == logged1 == pytest.approx(whole, abs=1e-5)

@@ -1,6 +1,6 @@
 """How the model runs across the training workers: as it is on one, wrapped by DDP or sharded in
 place by FSDP on several; and the collective helpers the loop and its checkpoints need under either
-(whole state on rank 0, a gradient norm as a float, one object from every worker)."""
+(whole state on rank 0, a gradient norm as a float, one object from every worker, a loss over all of them)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,20 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
 def scalar(value) -> float:
     """A float from a tensor that may be an FSDP DTensor (e.g. the total gradient norm)."""
     return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
+def global_mean(value: torch.Tensor) -> torch.Tensor:
+    """`value` averaged over the workers (itself on one); every worker must call it. Each worker's
+    contrastive loss (clip_core.loss, either kind) is the mean over its own rows of the global batch,
+    and every worker has as many: their mean is the whole batch's loss, the one OpenCLIP logs, not
+    one worker's share that changes with their number."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)  # a sum: gloo has no AVG
+    return total / dist.get_world_size()
 
 
 def gather(obj):

@@ -35,7 +35,7 @@ from clip_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from clip_core.transforms import normalize
 
 from . import storage
-from .parallel import distribute, gather, gathered_state, load_optimizer_state, scalar, sharded
+from .parallel import distribute, gather, gathered_state, global_mean, load_optimizer_state, scalar, sharded
 from .preprocess import decode_batch
 from .tracking import (dataset_input, flat_params, git_commit, guard_output, rayclip_version, redacted, sqlite_path,
                        sqlite_uri, start_run)
@@ -454,7 +454,9 @@ def train_loop(loop_config: dict) -> None:
         position.step += 1
         window_steps += 1
         if position.step % config.log_every == 0 or position.step == config.steps:
-            loss = float(loss)  # waits for the device, so the window's time holds all of its steps' work
+            # the whole batch's (every worker logs at the same steps); reading it waits for the device, so
+            # the window's time holds all of its steps' work
+            loss = float(global_mean(loss))
             elapsed = time.perf_counter() - window_started
             metrics = {"loss": loss, "lr": lr,
                        "logit_scale": model.logit_scale.detach().exp().item(),
