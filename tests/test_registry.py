@@ -224,12 +224,13 @@ def test_a_promote_compares_with_the_champion_that_a_concurrent_promote_put_in_p
 def test_registering_into_the_train_run_leaves_its_status_and_a_deleted_one_is_not_reopened(tmp_path, monkeypatch):
     import mlflow
 
-    from workflows.tracking import using
+    from workflows.tracking import set_experiment, using
 
     tracking, quiet = f"sqlite:///{tmp_path / 'mlflow.db'}", lambda *_: None
     clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")
     client = registry.client(tracking)
     with using(tracking):
+        set_experiment("rayclip")  # artifacts beside the database (experiment 0's are in ./mlruns)
         with mlflow.start_run(run_name="train") as run:
             train_id = run.info.run_id
     finished = client.get_run(train_id).info
