@@ -201,10 +201,13 @@ def resolve_label(raw: str | None, classnames: list[str] | None, required: bool 
             raise Reject("missing_label", "empty label" if raw is not None else "no label")
         return None
     if _is_index(raw):
-        label = int(raw)
         top = len(classnames) - 1 if classnames is not None else MAX_LABEL
-        if not 0 <= label <= top:
-            raise Reject("invalid_label", f"label {raw[:40]} outside 0..{top}")
+        # no index has more digits than MAX_LABEL: int() of a longer run is refused (ValueError past
+        # 4,300 digits, which failed the whole run) and its time grows with the digits
+        digits = raw.lstrip("0") or "0"
+        label = int(digits) if len(digits) <= len(str(MAX_LABEL)) else None
+        if label is None or not 0 <= label <= top:
+            raise Reject("invalid_label", f"label {raw[:40]}{'…' if len(raw) > 40 else ''} outside 0..{top}")
         return label
     if classnames is None:
         raise Reject("invalid_label", f"label {raw!r} is a name, but no class names were given")
