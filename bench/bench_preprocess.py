@@ -88,8 +88,9 @@ def dedupe_bytes_per_row(rows: int = 200_000) -> float:
     keys = [f"{i:09d}" for i in range(rows)]  # img2dataset's key width, 10,000 rows per shard
     sources = [f"s3://laion-bucket/shards/{i // 10_000:05d}.tar" for i in range(rows)]
     hashes = [hashlib.sha256(key.encode()).hexdigest()[:32] for key in keys]
-    table = pa.table({"source": sources, "key": keys, "pixel_hash": hashes, "reason": pa.nulls(rows, pa.string()),
-                      "detail": pa.nulls(rows, pa.string())})
+    captions = [f"a photo number {i} of a laion-like caption" for i in range(rows)]
+    table = pa.table({"source": sources, "key": keys, "pixel_hash": hashes, "caption": captions,
+                      "reason": pa.nulls(rows, pa.string()), "detail": pa.nulls(rows, pa.string())})
     deduplicate = Deduplicate()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]

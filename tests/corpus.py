@@ -90,7 +90,8 @@ def bad_corpus() -> dict[str, tuple[dict[str, bytes], str | None]]:
         "long-caption": ({"jpg": encode(photo(70, 70, seed=12)), "txt": b"word " * 2000}, "caption_too_long"),
         "empty-caption": ({"jpg": encode(photo(70, 70, seed=13)), "txt": b"   \n"}, "empty_caption"),
         "panorama": ({"jpg": encode(photo(400, 40, seed=14)), "txt": b"very wide"}, "extreme_aspect_ratio"),
-        "duplicate": ({"jpg": good_jpeg, "txt": b"the same photo again"}, "duplicate"),
+        "duplicate": ({"jpg": good_jpeg, "txt": b"a  good photo\n"}, "duplicate"),  # ok-jpeg's pair once cleaned
+        "another-caption": ({"jpg": good_jpeg, "txt": b"the same photo, another caption"}, None),  # another pair
         "no-caption": ({"jpg": encode(photo(70, 70, seed=15))}, "missing_caption"),
         "no-image": ({"txt": b"a caption without its image"}, "missing_image"),
         "short-caption": ({"jpg": encode(photo(70, 70, seed=16)), "txt": b"ok"}, "caption_too_short"),  # < 3 chars

@@ -6,7 +6,8 @@ import pytest
 
 import corpus
 from workflows.preprocess import PreprocessOptions, Reject, process_batch, resolve_label
-from workflows.sources import RAW_SCHEMA
+from workflows.preprocess_actors import Deduplicate
+from workflows.sources import RAW_SCHEMA, SourceSpec, read_source_batch
 
 
 def _raw_rows(*rows: dict) -> pa.Table:
@@ -28,3 +29,21 @@ def test_a_label_of_thousands_of_digits_is_an_invalid_label_not_a_failed_run():
                           PreprocessOptions(image_size=32, label_key="label"))
     assert [(r["key"], r["reason"], r["label"]) for r in table.to_pylist()] == [("huge", "invalid_label", None),
                                                                               ("fine", None, 1)]
+
+
+def _read(uri, spec: SourceSpec) -> pa.Table:
+    return pa.concat_tables(read_source_batch(pa.table({"uri": [str(uri)]}), spec))
+
+
+def test_an_image_with_several_captions_keeps_every_caption_and_drops_only_a_repeated_pair(tmp_path):
+    # COCO's and Flickr's layout: one row per (image, caption), five captions an image
+    corpus.write_csv(tmp_path, corpus.clean_pairs(1))
+    image = "images/pair0-0000.jpg"
+    captions = [f"caption number {i} of the same image" for i in range(5)]
+    (tmp_path / "coco.csv").write_text("filepath,caption\n" + "".join(f"{image},{c}\n" for c in captions)
+                                       + f"{image},caption  number 0 of the same image \n")  # the same once cleaned
+    raw = _read(tmp_path / "coco.csv", SourceSpec(format="csv"))
+    rows = Deduplicate()(process_batch(raw, PreprocessOptions(image_size=32))).to_pylist()
+    assert [(r["key"], r["reason"]) for r in rows] == [*((f"coco.csv:{i}", None) for i in range(5)),
+                                                      ("coco.csv:5", "duplicate")]
+    assert rows[5]["detail"] == f"same pixels and caption as coco.csv:0 (in {tmp_path / 'coco.csv'})"
