@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 import corpus
+from workflows import storage
 from workflows.preprocess import PreprocessOptions, Reject, process_batch, resolve_label
 from workflows.preprocess_actors import Deduplicate
 from workflows.sources import RAW_SCHEMA, SourceSpec, read_source_batch
@@ -47,3 +48,29 @@ def test_an_image_with_several_captions_keeps_every_caption_and_drops_only_a_rep
     assert [(r["key"], r["reason"]) for r in rows] == [*((f"coco.csv:{i}", None) for i in range(5)),
                                                       ("coco.csv:5", "duplicate")]
     assert rows[5]["detail"] == f"same pixels and caption as coco.csv:0 (in {tmp_path / 'coco.csv'})"
+
+
+def test_a_folder_sidecar_that_cannot_be_read_rejects_its_row_and_the_rest_of_the_folder_is_read(tmp_path,
+                                                                                                   monkeypatch):
+    pairs = corpus.clean_pairs(6)
+    corpus.write_folder(tmp_path, pairs, labels=["0", "1", "0", "1", "0", "1"])
+    for key, _, _ in pairs:
+        (tmp_path / f"{key}.json").write_text("{}")
+    read_bytes = storage.read_bytes
+
+    def flaky(uri, max_bytes=None):
+        if uri.endswith("pair0-0001.json"):  # listed, then deleted before it was read
+            raise FileNotFoundError(f"[Errno 2] Failed to open local file '{uri}'")
+        if uri.endswith("pair0-0003.cls"):
+            raise OSError("When reading information for key 'pair0-0003.cls': AWS Error SLOW_DOWN (HTTP status 503)")
+        return read_bytes(uri, max_bytes)
+
+    monkeypatch.setattr(storage, "read_bytes", flaky)
+    rows = _read(tmp_path, SourceSpec(format="folder", label_key="cls")).to_pylist()
+    assert [(r["key"], r["reason"]) for r in rows] == [
+        ("pair0-0000", None), ("pair0-0001", "unreadable_source"), ("pair0-0002", None),
+        ("pair0-0003", "unreadable_source"), ("pair0-0004", None), ("pair0-0005", None)]
+    assert rows[1]["detail"].startswith("sidecar pair0-0001.json: FileNotFoundError: ")
+    assert rows[3]["detail"] == ("sidecar pair0-0003.cls: OSError: When reading information for key "
+                                 "'pair0-0003.cls': AWS Error SLOW_DOWN (HTTP status 503)")
+    assert [r["label"] for r in rows if r["reason"] is None] == ["0", "0", "0", "1"]

@@ -468,6 +468,9 @@ def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
         except storage.TooLarge as exc:
             yield {**row, "reason": "invalid_label", "detail": str(exc)}
             continue
+        except OSError as exc:
+            yield _unreadable_sidecar(row, label_uri, exc)
+            continue
         metadata = None
         if "json" in members:  # held to the per-member limit, as a tar's members are
             try:
@@ -476,7 +479,17 @@ def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
             except storage.TooLarge as exc:
                 yield {**row, "reason": "unreadable_source", "detail": f"sidecar: {exc}"}
                 continue
+            except OSError as exc:
+                yield _unreadable_sidecar(row, members["json"], exc)
+                continue
         yield {**row, "caption_uri": members[spec.caption_field], "label": label, "metadata": metadata}
+
+
+def _unreadable_sidecar(row: dict, uri: str, exc: OSError) -> dict:
+    """The reject of one row whose sidecar cannot be read (gone since the listing, no permission, S3's 503):
+    raised out of the reader, it ended the folder's rows there, the rest of them never read."""
+    return {**row, "reason": "unreadable_source",
+            "detail": f"sidecar {storage.basename(uri)}: {type(exc).__name__}: {exc}"[:500]}
 
 
 def _read_synthetic(uri: str, spec: SourceSpec) -> Iterator[dict]:
