@@ -1,6 +1,8 @@
 """Reading raw sources and processing their rows, without Ray: the functions the preprocess stream maps
 (read_source_batch, process_batch, Deduplicate), called directly on small files."""
 
+import json
+
 import pyarrow as pa
 import pytest
 
@@ -74,3 +76,37 @@ def test_a_folder_sidecar_that_cannot_be_read_rejects_its_row_and_the_rest_of_th
     assert rows[3]["detail"] == ("sidecar pair0-0003.cls: OSError: When reading information for key "
                                  "'pair0-0003.cls': AWS Error SLOW_DOWN (HTTP status 503)")
     assert [r["label"] for r in rows if r["reason"] is None] == ["0", "0", "0", "1"]
+
+
+def test_a_json_caption_member_is_read_for_its_caption_field(tmp_path):
+    # webdataset's and img2dataset's per-sample metadata: --caption-key json takes its "caption"
+    image = corpus.encode(corpus.photo(64, 64))
+    documents = {"img2dataset": {"caption": "a red dog", "url": "http://x", "key": "000"},
+                 "no-caption": {"url": "http://x", "alt": "a red dog"}, "not-text": {"caption": ["a", "b"]},
+                 "a-list": ["a red dog"], "not-json": "{caption: a red dog", "huge": {"caption": "a" * 2**20}}
+    corpus.write_tar(tmp_path / "shard.tar", [
+        member for key, document in documents.items() for member in
+        ((f"{key}.jpg", image), (f"{key}.json", (document if isinstance(document, str) else
+                                                 json.dumps(document)).encode()))])
+    raw = _read(tmp_path / "shard.tar", SourceSpec(format="webdataset", caption_key="json"))
+    rows = {r["key"]: r for r in process_batch(raw, PreprocessOptions(image_size=32)).to_pylist()}
+    assert rows["img2dataset"]["caption"] == "a red dog" and rows["img2dataset"]["reason"] is None
+    assert json.loads(rows["img2dataset"]["metadata"])["url"] == "http://x", "still passed through as metadata"
+    assert {key: (row["reason"], row["detail"]) for key, row in rows.items() if key != "img2dataset"} == {
+        "no-caption": ("missing_caption", "member no-caption.json has no text 'caption' field (its fields: url, alt)"),
+        "not-text": ("missing_caption", "member not-text.json has no text 'caption' field (its fields: caption)"),
+        "a-list": ("missing_caption", "member a-list.json has no text 'caption' field (list)"),
+        "not-json": ("missing_caption", "member not-json.json is not a JSON document: Expecting property name "
+                                        "enclosed in double quotes: line 1 column 2 (char 1)"),
+        "huge": ("caption_too_long", "member huge.json is 1,048,591 bytes, over the limit of 1,048,576")}
+
+    # an image folder with .json sidecars (img2dataset's `files` output) reads them the same way
+    corpus.write_folder(tmp_path / "folder", corpus.clean_pairs(2))
+    (tmp_path / "folder" / "pair0-0000.json").write_text(json.dumps({"caption": "a blue cat", "url": "http://y"}))
+    (tmp_path / "folder" / "pair0-0001.json").write_text(json.dumps({"url": "http://y"}))
+    raw = _read(tmp_path / "folder", SourceSpec(format="folder", caption_key="json"))
+    rows = process_batch(raw, PreprocessOptions(image_size=32)).to_pylist()
+    assert [(r["key"], r["caption"], r["reason"], r["detail"]) for r in rows] == [
+        ("pair0-0000", "a blue cat", None, None),
+        ("pair0-0001", None, "missing_caption",
+         "sidecar pair0-0001.json has no text 'caption' field (its fields: url)")]

@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("output", help="directory or s3:// prefix for manifest.json, shards/ and rejects.parquet")
     pre.add_argument("--format", choices=["webdataset", "parquet", "csv", "folder", "synthetic"])
     pre.add_argument("--image-key", help="image column (parquet/csv) or member extension (webdataset/folder)")
-    pre.add_argument("--caption-key", help="caption column or member extension (default txt/caption)")
+    pre.add_argument("--caption-key", help="caption column or member extension (default txt/caption); json: the "
+                     "'caption' field of each sample's .json (webdataset's, img2dataset's)")
     pre.add_argument("--label-key", help="label column or member extension, for labeled evaluation sets")
     pre.add_argument("--classnames", help="file (local or s3://) with one class name per line; line i is label i")
     pre.add_argument("--image-size", type=int, default=224)

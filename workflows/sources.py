@@ -33,6 +33,8 @@ FORMATS = ("webdataset", "parquet", "csv", "folder", "synthetic")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 READ_BATCH_ROWS = 256
 SAMPLED_MEMBERS = 100  # a WebDataset source's first shard is checked for its fields on this many members
+# a .json document read for its caption (--caption-key json) is parsed whole, in objects several times its size
+MAX_CAPTION_DOCUMENT_BYTES = 2**20
 URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 RAW_SCHEMA = pa.schema([
@@ -341,10 +343,11 @@ def _read_webdataset(uri: str, spec: SourceSpec) -> Iterator[dict]:
                 yield _webdataset_row(uri, key, members, spec, image_exts)
                 members = {}
             key = member_key
+            limit = MAX_CAPTION_DOCUMENT_BYTES if extension == spec.caption_field == "json" else spec.max_image_bytes
             if extension not in wanted:  # named in messages, never read: a sample holds only what is used
                 members[extension] = None
-            elif member.size > spec.max_image_bytes:
-                members[extension] = ("too_large", member.size)
+            elif member.size > limit:
+                members[extension] = ("too_large", member.size, limit)
             else:
                 members[extension] = archive.extractfile(member).read()
         if key is not None:
@@ -359,17 +362,36 @@ def _webdataset_row(uri: str, key: str, members: dict, spec: SourceSpec, image_e
     if oversized:
         reason = ("image_too_large" if oversized[0] in image_exts else
                   "caption_too_long" if oversized[0] == spec.caption_field else "unreadable_source")
-        return {**row, "reason": reason, "detail": f"member {key}.{oversized[0]} is {members[oversized[0]][1]:,} "
-                f"bytes, over the limit of {spec.max_image_bytes:,}"}
+        _, size, limit = members[oversized[0]]
+        return {**row, "reason": reason, "detail": f"member {key}.{oversized[0]} is {size:,} bytes, over the limit "
+                f"of {limit:,}"}
     if image_ext is None:
         return {**row, "reason": "missing_image", "detail": f"members: {sorted(members)}; no {'/'.join(image_exts)}"}
     if caption is None:
         return {**row, "reason": "missing_caption", "detail": f"members: {sorted(members)}; no .{spec.caption_field}"}
     metadata = members.get("json")
     label = members.get(spec.label_key) if spec.label_key else None
-    return {**row, "image": members[image_ext], "caption": caption,
+    fields = _document_caption(caption, f"member {key}.json") if spec.caption_field == "json" else {"caption": caption}
+    if "reason" in fields:
+        return {**row, **fields}
+    return {**row, "image": members[image_ext], **fields,
             "label": label.decode("utf-8", "replace").strip() if label is not None else None,
             "metadata": metadata.decode("utf-8", "replace") if metadata is not None else None}
+
+
+def _document_caption(document: bytes, where: str) -> dict:
+    """The `caption` of a .json document read as the caption (--caption-key json), the per-sample metadata
+    webdataset and img2dataset write ({"caption": "…", "url": …}), as the row's field; else its missing_caption
+    reject."""
+    try:
+        fields = json.loads(document)
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past the parser's depth
+        return {"reason": "missing_caption", "detail": f"{where} is not a JSON document: {exc}"[:500]}
+    caption = fields.get("caption") if isinstance(fields, dict) else None
+    if not isinstance(caption, str):
+        found = f"its fields: {', '.join(map(str, fields))}" if isinstance(fields, dict) else type(fields).__name__
+        return {"reason": "missing_caption", "detail": f"{where} has no text 'caption' field ({found})"[:500]}
+    return {"caption": caption.encode("utf-8", "surrogatepass")}  # a lone surrogate ('\ud800'): caption_not_utf8
 
 
 def _read_parquet(uri: str, spec: SourceSpec) -> Iterator[dict]:
@@ -471,18 +493,26 @@ def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
         except OSError as exc:
             yield _unreadable_sidecar(row, label_uri, exc)
             continue
-        metadata = None
-        if "json" in members:  # held to the per-member limit, as a tar's members are
+        metadata, caption = None, {"caption_uri": members[spec.caption_field]}
+        if "json" in members:  # held to the per-member limit, as a tar's members are, or the caption's
+            document = spec.caption_field == "json"
             try:
-                metadata = storage.read_bytes(members["json"],
-                                              max_bytes=spec.max_image_bytes).decode("utf-8", "replace")
+                data = storage.read_bytes(members["json"], max_bytes=MAX_CAPTION_DOCUMENT_BYTES if document
+                                          else spec.max_image_bytes)
             except storage.TooLarge as exc:
-                yield {**row, "reason": "unreadable_source", "detail": f"sidecar: {exc}"}
+                yield {**row, "reason": "caption_too_long" if document else "unreadable_source",
+                       "detail": f"sidecar: {exc}"}
                 continue
             except OSError as exc:
                 yield _unreadable_sidecar(row, members["json"], exc)
                 continue
-        yield {**row, "caption_uri": members[spec.caption_field], "label": label, "metadata": metadata}
+            metadata = data.decode("utf-8", "replace")
+            if document:
+                caption = _document_caption(data, f"sidecar {storage.basename(members['json'])}")
+                if "reason" in caption:
+                    yield {**row, **caption}
+                    continue
+        yield {**row, **caption, "label": label, "metadata": metadata}
 
 
 def _unreadable_sidecar(row: dict, uri: str, exc: OSError) -> dict:
