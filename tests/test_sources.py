@@ -10,7 +10,7 @@ import corpus
 from workflows import storage
 from workflows.preprocess import PreprocessOptions, Reject, process_batch, resolve_label
 from workflows.preprocess_actors import Deduplicate
-from workflows.sources import RAW_SCHEMA, SourceSpec, read_source_batch
+from workflows.sources import RAW_SCHEMA, SourceSpec, plan_files, read_source_batch
 
 
 def _raw_rows(*rows: dict) -> pa.Table:
@@ -110,3 +110,14 @@ def test_a_json_caption_member_is_read_for_its_caption_field(tmp_path):
         ("pair0-0000", "a blue cat", None, None),
         ("pair0-0001", None, "missing_caption",
          "sidecar pair0-0001.json has no text 'caption' field (its fields: url)")]
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path):
+    corpus.write_csv(tmp_path, corpus.clean_pairs(2))
+    path = tmp_path / "excel.csv"  # Excel's "CSV UTF-8", pandas' to_csv(encoding="utf-8-sig")
+    path.write_text((tmp_path / "pairs.csv").read_text(), encoding="utf-8-sig")
+    spec = SourceSpec(format="csv", caption_key="title")
+    assert plan_files(str(path), spec) == [str(path)]
+    rows = _read(path, spec).to_pylist()
+    assert [(r["image_uri"], r["caption"], r["reason"]) for r in rows] == [
+        (f"{tmp_path}/images/pair0-{i:04d}.jpg", f"a photo number {i} of set 0".encode(), None) for i in range(2)]

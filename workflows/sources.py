@@ -35,6 +35,8 @@ READ_BATCH_ROWS = 256
 SAMPLED_MEMBERS = 100  # a WebDataset source's first shard is checked for its fields on this many members
 # a .json document read for its caption (--caption-key json) is parsed whole, in objects several times its size
 MAX_CAPTION_DOCUMENT_BYTES = 2**20
+# UTF-8, and a byte-order mark before the header (Excel's "CSV UTF-8") is no part of the first column's name
+CSV_ENCODING = "utf-8-sig"
 URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 RAW_SCHEMA = pa.schema([
@@ -218,7 +220,7 @@ def _csv_dialect(uri: str) -> str:
 def _check_csv_columns(uri: str, spec: SourceSpec) -> None:
     fs, path = storage.filesystem(uri)
     with fs.open_input_stream(path) as stream:
-        first_line = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="").readline()
+        first_line = io.TextIOWrapper(stream, encoding=CSV_ENCODING, errors="surrogateescape", newline="").readline()
     header = next(csv.reader([first_line], delimiter=_csv_dialect(uri)), [])
     for role, column in (("image", spec.image_field), ("caption", spec.caption_field), ("label", spec.label_key)):
         if column and column not in header:
@@ -445,7 +447,7 @@ def _read_csv(uri: str, spec: SourceSpec) -> Iterator[dict]:
     csv.field_size_limit(max(csv.field_size_limit(), spec.max_image_bytes))
     quoting = csv.QUOTE_NONE if _csv_dialect(uri) == "\t" else csv.QUOTE_MINIMAL
     with fs.open_input_stream(path) as stream:
-        text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
+        text = io.TextIOWrapper(stream, encoding=CSV_ENCODING, errors="surrogateescape", newline="")
         for index, record in enumerate(csv.DictReader(text, delimiter=_csv_dialect(uri), quoting=quoting)):
             image = (record.get(spec.image_field) or "").strip()
             caption = record.get(spec.caption_field)
