@@ -94,10 +94,10 @@ def test_each_format_reads_locally(tmp_path):
                                    "http://example.com/a.jpg,a photo on the web",
                                    "https://example.com/b.jpg,another photo on the web"]) + "\n")
     tsv_path = corpus.write_csv(tmp_path / "tsv", pairs, delimiter="\t")
-    # a TSV has no quoting: a caption that opens a quote is text, not a cell that swallows the lines below
+    # a TSV quoted as pandas writes it (OpenCLIP's): a quote doubled inside a quoted cell, a line break kept
     lines = tsv_path.read_text().splitlines()
     (tmp_path / "tsv" / "images" / "quote.jpg").write_bytes(corpus.encode(corpus.photo(60, 60, seed=123)))
-    tsv_path.write_text("\n".join([*lines[:2], 'images/quote.jpg\t"six inch figurine', *lines[2:]]) + "\n")
+    tsv_path.write_text("\n".join([*lines[:2], 'images/quote.jpg\t"the ""six inch""\nfigurine"', *lines[2:]]) + "\n")
     corpus.write_folder(tmp_path / "folder", [*pairs, heavy])
     (tmp_path / "folder" / "orphan.jpg").write_bytes(pairs[0][1])  # no sidecar caption
     (tmp_path / "folder" / "lonely.txt").write_text("a caption whose image is missing")
@@ -115,7 +115,7 @@ def test_each_format_reads_locally(tmp_path):
         manifest = preprocess(source, str(tmp_path / f"out-{name}"), PreprocessOptions(image_size=32, **options),
                               echo=_quiet)
         rows = _shard_rows(tmp_path / f"out-{name}")
-        expected = sorted([*captions, '"six inch figurine']) if name == "tsv" else captions
+        expected = sorted([*captions, 'the "six inch" figurine']) if name == "tsv" else captions
         assert sorted(r["caption"] for r in rows) == expected, name
         expected_read = {"parquet": 15, "csv": 15, "tsv": 13, "folder": 15}.get(name, 12)
         assert manifest["counts"]["read"] == expected_read, name

@@ -121,3 +121,19 @@ def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path):
     rows = _read(path, spec).to_pylist()
     assert [(r["image_uri"], r["caption"], r["reason"]) for r in rows] == [
         (f"{tmp_path}/images/pair0-{i:04d}.jpg", f"a photo number {i} of set 0".encode(), None) for i in range(2)]
+
+
+def test_a_tsv_is_read_with_quoting_as_pandas_writes_it_and_a_quote_left_open_is_a_counted_reject(tmp_path):
+    corpus.write_csv(tmp_path, corpus.clean_pairs(1), delimiter="\t")
+    image = "images/pair0-0000.jpg"
+    (tmp_path / "openclip.tsv").write_text(  # pandas' to_csv(sep="\t"): OpenCLIP's --csv-separator default
+        f'filepath\ttitle\n{image}\t"the ""Thinker"" by Rodin"\n{image}\t"two\nlines"\n'
+        f'{image}\t"six inch" figurine\n{image}\tplain caption\n{image}\t"a quote left open\n{image}\tswallowed\n')
+    rows = _read(tmp_path / "openclip.tsv", SourceSpec(format="csv", caption_key="title")).to_pylist()
+    assert [(r["key"], r["caption"], r["reason"]) for r in rows] == [
+        ("openclip.tsv:0", b'the "Thinker" by Rodin', None), ("openclip.tsv:1", b"two\nlines", None),
+        ("openclip.tsv:2", None, "unreadable_source"), ("openclip.tsv:3", b"plain caption", None),
+        ("openclip.tsv:4", None, "unreadable_source")]
+    assert rows[2]["detail"] == ("line 5: '\t' expected after '\"' (a cell that opens with a quote closes with "
+                                 "one, and a quote inside it is written twice)")
+    assert rows[4]["detail"].startswith("lines 7-8: unexpected end of data (")

@@ -442,13 +442,15 @@ def _read_csv(uri: str, spec: SourceSpec) -> Iterator[dict]:
     fs, path = storage.filesystem(uri)
     base = storage.dirname(uri)
     # a cell up to the image limit (csv's default, 128 KiB, failed the whole file on one long caption;
-    # the caption limit rejects that row); a .tsv has no quoting (IANA's TSV): a caption that starts with
-    # a quote is text, not the start of a cell that swallows the lines after it
+    # the caption limit rejects that row), and no larger: a quote left open holds at most that much
     csv.field_size_limit(max(csv.field_size_limit(), spec.max_image_bytes))
-    quoting = csv.QUOTE_NONE if _csv_dialect(uri) == "\t" else csv.QUOTE_MINIMAL
     with fs.open_input_stream(path) as stream:
         text = io.TextIOWrapper(stream, encoding=CSV_ENCODING, errors="surrogateescape", newline="")
-        for index, record in enumerate(csv.DictReader(text, delimiter=_csv_dialect(uri), quoting=quoting)):
+        for index, record in enumerate(_csv_records(text, _csv_dialect(uri))):
+            if isinstance(record, str):
+                yield {"key": spec.file_key(uri, index), "source": uri, "reason": "unreadable_source",
+                       "detail": record}
+                continue
             image = (record.get(spec.image_field) or "").strip()
             caption = record.get(spec.caption_field)
             label = record.get(spec.label_key) if spec.label_key else None
@@ -462,6 +464,27 @@ def _read_csv(uri: str, spec: SourceSpec) -> Iterator[dict]:
             image_uri = image if URI_SCHEME.match(image) or posixpath.isabs(image) else storage.join(base, image)
             yield {**row, "image_uri": image_uri,
                    "reason": "missing_caption" if caption is None else None}
+
+
+def _csv_records(text: io.TextIOBase, delimiter: str) -> Iterator[dict | str]:
+    """The records of a CSV or TSV file quoted as pandas and Python's csv write them (a quote inside a quoted
+    cell doubled, a line break inside one kept), a .tsv too: OpenCLIP's are pandas'. Read strictly, a quote
+    never closed or text after a closing one is an error, not a cell that swallows the lines after it unseen:
+    that record is a string saying what and where, and reading goes on at the next line."""
+    records = csv.DictReader(text, delimiter=delimiter, strict=True)
+    _ = records.fieldnames  # the header first: a header that cannot be read fails the file
+    while True:
+        first_line = records.reader.line_num + 1
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            last_line = records.reader.line_num
+            lines = f"line {first_line}" if last_line == first_line else f"lines {first_line}-{last_line}"
+            record = (f"{lines}: {exc} (a cell that opens with a quote closes with one, and a quote inside it is "
+                      f"written twice)")
+        yield record
 
 
 def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
