@@ -7,10 +7,12 @@ import pyarrow as pa
 import pytest
 
 import corpus
-from workflows import storage
+from workflows import cli, storage
+from workflows import preprocess as preprocess_stage
+from workflows.pipeline import load_config
 from workflows.preprocess import PreprocessOptions, Reject, process_batch, resolve_label
 from workflows.preprocess_actors import Deduplicate
-from workflows.sources import RAW_SCHEMA, SourceSpec, plan_files, read_source_batch
+from workflows.sources import RAW_SCHEMA, SourceError, SourceSpec, plan_files, read_source_batch
 
 
 def _raw_rows(*rows: dict) -> pa.Table:
@@ -137,3 +139,37 @@ def test_a_tsv_is_read_with_quoting_as_pandas_writes_it_and_a_quote_left_open_is
     assert rows[2]["detail"] == ("line 5: '\t' expected after '\"' (a cell that opens with a quote closes with "
                                  "one, and a quote inside it is written twice)")
     assert rows[4]["detail"].startswith("lines 7-8: unexpected end of data (")
+
+
+def test_a_tab_separated_csv_reads_with_csv_separator_and_without_it_fails_saying_to_pass_it(tmp_path, monkeypatch,
+                                                                                              capsys):
+    corpus.write_csv(tmp_path, corpus.clean_pairs(2), delimiter="\t")
+    (tmp_path / "pairs.tsv").rename(tmp_path / "openclip.csv")  # OpenCLIP's --csv-separator is a tab by default
+    with pytest.raises(SourceError, match=r"image column 'filepath' not found in .*openclip.csv; columns are: .* "
+                                          r"\(the header is separated by '\\t', not ',': pass --csv-separator '\\t', "
+                                          r"or set csv_separator in a pipeline config's preprocess options\)"):
+        plan_files(str(tmp_path / "openclip.csv"), SourceSpec(format="csv", caption_key="title"))
+    spec = SourceSpec(format="csv", caption_key="title", csv_separator="\t")
+    assert [r["caption"] for r in _read(plan_files(str(tmp_path / "openclip.csv"), spec)[0], spec).to_pylist()] == [
+        b"a photo number 0 of set 0", b"a photo number 1 of set 0"]
+    (tmp_path / "excel.csv").write_text("filepath;title\nimages/pair0-0000.jpg;un chat, noir\n")  # Excel's, in Europe
+    spec = SourceSpec(format="csv", caption_key="title", csv_separator=";")
+    assert [r["caption"] for r in _read(plan_files(str(tmp_path / "excel.csv"), spec)[0], spec).to_pylist()] == [
+        b"un chat, noir"]
+
+    # the option as typed: `--csv-separator '\t'` (a backslash and a t), or in a pipeline config
+    assert {PreprocessOptions(csv_separator=typed).csv_separator for typed in ("\\t", "tab", "\t")} == {"\t"}
+    with pytest.raises(ValueError, match="csv_separator ', ': give one character other than a quote or a line break"):
+        PreprocessOptions(csv_separator=", ")
+    assert load_config(None, ["data.split_options.zeroshot.csv_separator=;",
+                              "data.split_options.zeroshot.classnames=[cat]"]).data.options("zeroshot").csv_separator \
+        == ";"
+    seen = []
+    monkeypatch.setattr(preprocess_stage, "preprocess", lambda source, output, options: seen.append(options))
+    assert cli.main(["preprocess", str(tmp_path / "openclip.csv"), str(tmp_path / "out"), "--caption-key", "title",
+                     "--csv-separator", "\\t"]) == 0
+    assert seen[0].csv_separator == "\t"
+    monkeypatch.undo()
+    assert cli.main(["preprocess", str(tmp_path / "openclip.csv"), str(tmp_path / "out"), "--caption-key", "title"]) \
+        == 2, "planning fails before Ray starts"
+    assert "pass --csv-separator '\\t'" in capsys.readouterr().err

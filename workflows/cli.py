@@ -58,7 +58,8 @@ def _preprocess(args: argparse.Namespace) -> int:
     from .preprocess import PreprocessOptions, preprocess
 
     options = PreprocessOptions(format=args.format, image_key=args.image_key, caption_key=args.caption_key,
-                                label_key=args.label_key, classnames=args.classnames, image_size=args.image_size,
+                                label_key=args.label_key, csv_separator=args.csv_separator,
+                                classnames=args.classnames, image_size=args.image_size,
                                 image_format=args.image_format, jpeg_quality=args.jpeg_quality,
                                 rows_per_shard=args.rows_per_shard, dedupe=not args.no_dedupe,
                                 shuffle=not args.no_shuffle, concurrency=args.concurrency, num_cpus=args.num_cpus,
@@ -342,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--caption-key", help="caption column or member extension (default txt/caption); json: the "
                      "'caption' field of each sample's .json (webdataset's, img2dataset's)")
     pre.add_argument("--label-key", help="label column or member extension, for labeled evaluation sets")
+    pre.add_argument("--csv-separator", help="a CSV's column separator, one character ('\\t' for a tab, as "
+                     "OpenCLIP's --csv-separator defaults to; default: a tab in a .tsv, a comma otherwise)")
     pre.add_argument("--classnames", help="file (local or s3://) with one class name per line; line i is label i")
     pre.add_argument("--image-size", type=int, default=224)
     pre.add_argument("--image-format", choices=["jpeg", "png", "webp"], default="jpeg")

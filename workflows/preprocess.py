@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from clip_core.tokenizer import TOKENIZER_ID, get_tokenizer, normalize_caption
 from clip_core.transforms import ImageError, center_crop, decode_image, peek_image, resize_shortest_side
@@ -91,6 +91,9 @@ class PreprocessOptions(BaseModel):
     image_key: str | None = None
     caption_key: str | None = None
     label_key: str | None = None
+    csv_separator: str | None = Field(None, description="a CSV source's column separator, one character ('\\t' "
+                                      "or 'tab' for a tab, OpenCLIP's --csv-separator default); None: a tab in a "
+                                      ".tsv, a comma otherwise")
     classnames: list[str] | str | None = Field(None, description="label i is classnames[i]; string labels map "
                                                "through it. A string is a file (local or s3://) with one per line")
     image_size: int = Field(224, gt=0, le=MAX_IMAGE_SIZE)
@@ -113,6 +116,15 @@ class PreprocessOptions(BaseModel):
     concurrency: int | None = Field(None, gt=0, description="at most this many processing tasks at once")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per processing task")
     progress_interval_s: float = Field(10.0, gt=0)
+
+    @field_validator("csv_separator")
+    @classmethod
+    def _one_character(cls, value: str | None) -> str | None:
+        value = {"\\t": "\t", "tab": "\t"}.get(value, value)  # a tab is hard to type on a command line
+        if value is not None and (len(value) != 1 or value in "\"\r\n"):
+            raise ValueError(f"csv_separator {value!r}: give one character other than a quote or a line break "
+                             "(e.g. ',', ';', or '\\t' for a tab)")
+        return value
 
     @model_validator(mode="after")
     def _named_classes(self):
@@ -375,7 +387,8 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
     source, output = storage.absolute(source), storage.absolute(output)
     fmt = options.format or detect_format(source)
     spec = SourceSpec(format=fmt, image_key=options.image_key, caption_key=options.caption_key,
-                      label_key=options.label_key, max_image_bytes=options.max_image_bytes)
+                      label_key=options.label_key, max_image_bytes=options.max_image_bytes,
+                      csv_separator=options.csv_separator)
     files = plan_files(source, spec)
     spec = dataclasses.replace(spec, root=os.path.commonprefix(files).rpartition("/")[0])
     if isinstance(options.classnames, str):

@@ -63,12 +63,16 @@ class SourceSpec:
     label_key: str | None = None
     max_image_bytes: int = 32 * 2**20
     root: str = ""  # the folder the planned files share: a Parquet or CSV row's key is its file's path under it
+    csv_separator: str | None = None  # a CSV's column separator; None: a tab in a .tsv, a comma otherwise
 
     def file_key(self, uri: str, index: int) -> str:
         """A Parquet or CSV row's key: `part-0.parquet:7`, or `year=2024/part-0.parquet:7` where another
         file of the source has the same name."""
         name = uri[len(self.root):].lstrip("/") if self.root and uri.startswith(self.root) else storage.basename(uri)
         return f"{name}:{index}"
+
+    def csv_delimiter(self, uri: str) -> str:
+        return self.csv_separator or ("\t" if uri.lower().endswith(".tsv") else ",")
 
     @property
     def image_field(self) -> str:
@@ -213,19 +217,27 @@ def _check_extensions(extensions: set[str], where: str, spec: SourceSpec) -> Non
                               f"{', '.join(sorted(extensions))} (choose with --{role}-key)")
 
 
-def _csv_dialect(uri: str) -> str:
-    return "\t" if uri.lower().endswith(".tsv") else ","
-
-
 def _check_csv_columns(uri: str, spec: SourceSpec) -> None:
     fs, path = storage.filesystem(uri)
     with fs.open_input_stream(path) as stream:
         first_line = io.TextIOWrapper(stream, encoding=CSV_ENCODING, errors="surrogateescape", newline="").readline()
-    header = next(csv.reader([first_line], delimiter=_csv_dialect(uri)), [])
+    delimiter = spec.csv_delimiter(uri)
+    header = next(csv.reader([first_line], delimiter=delimiter), [])
     for role, column in (("image", spec.image_field), ("caption", spec.caption_field), ("label", spec.label_key)):
         if column and column not in header:
             raise SourceError(f"{role} column {column!r} not found in {uri}; columns are: {', '.join(header)} "
-                              f"(choose with --{role}-key)")
+                              f"({_separator_hint(first_line, delimiter) or f'choose with --{role}-key'})")
+
+
+def _separator_hint(first_line: str, delimiter: str) -> str | None:
+    """What to pass for a header without `delimiter` but with another separator: OpenCLIP's --csv-separator
+    is a tab by default, so its .csv files are often tab-separated."""
+    other = next((c for c in ",\t;|" if c in first_line), None) if delimiter not in first_line else None
+    if other is None:
+        return None
+    shown = "\\t" if other == "\t" else other
+    return (f"the header is separated by {other!r}, not {delimiter!r}: pass --csv-separator '{shown}', or set "
+            f"csv_separator in a pipeline config's preprocess options")
 
 
 def _plan_synthetic(source: str, chunk: int = 500) -> list[str]:
@@ -446,7 +458,7 @@ def _read_csv(uri: str, spec: SourceSpec) -> Iterator[dict]:
     csv.field_size_limit(max(csv.field_size_limit(), spec.max_image_bytes))
     with fs.open_input_stream(path) as stream:
         text = io.TextIOWrapper(stream, encoding=CSV_ENCODING, errors="surrogateescape", newline="")
-        for index, record in enumerate(_csv_records(text, _csv_dialect(uri))):
+        for index, record in enumerate(_csv_records(text, spec.csv_delimiter(uri))):
             if isinstance(record, str):
                 yield {"key": spec.file_key(uri, index), "source": uri, "reason": "unreadable_source",
                        "detail": record}
