@@ -85,11 +85,12 @@ def dedupe_bytes_per_row(rows: int = 200_000) -> float:
 
     from workflows.preprocess_actors import Deduplicate
 
-    keys = [f"{i:09d}" for i in range(rows)]  # img2dataset's key width, 10,000 rows per shard
+    keys = [f"{i // 10_000:05d}.tar:{i:09d}" for i in range(rows)]  # img2dataset's key width, 10,000 rows a shard
     sources = [f"s3://laion-bucket/shards/{i // 10_000:05d}.tar" for i in range(rows)]
     hashes = [hashlib.sha256(key.encode()).hexdigest()[:32] for key in keys]
     captions = [f"a photo number {i} of a laion-like caption" for i in range(rows)]
-    table = pa.table({"source": sources, "key": keys, "pixel_hash": hashes, "caption": captions,
+    table = pa.table({"source": sources, "position": [i % 10_000 for i in range(rows)], "key": keys,
+                      "pixel_hash": hashes, "caption": captions,
                       "reason": pa.nulls(rows, pa.string()), "detail": pa.nulls(rows, pa.string())})
     deduplicate = Deduplicate()
     tracemalloc.start()

@@ -118,7 +118,8 @@ def corrupt_exif_jpeg() -> bytes:
 
 
 def write_bad_webdataset(directory: Path) -> dict[str, str | None]:
-    """Two shards of the bad corpus plus one unreadable shard; returns key → expected reason."""
+    """Two shards of the bad corpus plus one unreadable shard; returns key (`shard-00000.tar:ok-jpeg`) →
+    expected reason."""
     directory.mkdir(parents=True, exist_ok=True)
     corpus = bad_corpus()
     items = list(corpus.items())
@@ -127,8 +128,8 @@ def write_bad_webdataset(directory: Path) -> dict[str, str | None]:
         members = [(f"{key}.{ext}", data) for key, (files, _) in half for ext, data in files.items()]
         write_tar(directory / f"shard-{index:05d}.tar", members)
     (directory / "shard-00002.tar").write_bytes(b"this is not a tar archive at all" * 20)
-    expected = {key.encode("utf-8", "surrogateescape").decode("utf-8", "replace"): reason  # keys are printable
-                for key, (_, reason) in corpus.items()}
+    expected = {f"shard-{index:05d}.tar:" + key.encode("utf-8", "surrogateescape").decode("utf-8", "replace"): reason
+                for index, half in enumerate(halves) for key, (_, reason) in half}  # keys are printable
     expected["shard-00002.tar#unreadable"] = "unreadable_source"
     return expected
 

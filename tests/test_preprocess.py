@@ -54,8 +54,8 @@ def test_bad_input_corpus_every_row_is_kept_or_rejected_with_its_reason(tmp_path
     assert counts["read"] == len(expected) == counts["kept"] + counts["rejected"]
     assert _rejects(tmp_path / "out") == {key: reason for key, reason in expected.items() if reason}
     source_of = {r["key"]: r["source"] for r in pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()}
-    assert source_of["corrupt-jpeg"] == str(tmp_path / "src" / "shard-00000.tar")
-    assert source_of["no-image"] == str(tmp_path / "src" / "shard-00001.tar")
+    assert source_of["shard-00000.tar:corrupt-jpeg"] == str(tmp_path / "src" / "shard-00000.tar")
+    assert source_of["shard-00001.tar:no-image"] == str(tmp_path / "src" / "shard-00001.tar")
     assert source_of["shard-00002.tar#unreadable"] == str(tmp_path / "src" / "shard-00002.tar")
     kept = _shard_rows(tmp_path / "out")
     assert sorted(r["key"] for r in kept) == sorted(key for key, reason in expected.items() if reason is None)
@@ -64,7 +64,7 @@ def test_bad_input_corpus_every_row_is_kept_or_rejected_with_its_reason(tmp_path
         image = Image.open(io.BytesIO(row["image"]))
         assert image.size == (48, 48) and image.mode == "RGB"
         assert row["tokens"][0] == 49406 and row["tokens"][-1] == 49407 and len(row["tokens"]) <= 77
-    assert json.loads(next(r for r in kept if r["key"] == "ok-jpeg")["metadata"]) == {"url": "x"}
+    assert json.loads(next(r for r in kept if r["key"] == "shard-00000.tar:ok-jpeg")["metadata"]) == {"url": "x"}
     for shard in manifest["shards"]:
         assert hashlib.sha256((tmp_path / "out" / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
         # a shard holds the rows kept out of at most rows_per_shard read: rejects make it smaller, never larger
@@ -175,8 +175,10 @@ def test_labeled_sets_map_labels_through_class_names_in_every_format(tmp_path, c
         assert cli.main(["preprocess", str(source), str(tmp_path / f"out-{name}"), "--image-size", "32",
                          *flags, "--label-key", label_key, "--classnames", str(tmp_path / "classnames.txt")]) == 0
         output = tmp_path / f"out-{name}"
-        # a CSV row's key is its line; the other formats keep the sample's key
-        keys = [f"pairs.csv:{i}" for i in range(len(pairs))] if name == "csv" else [key for key, _, _ in pairs]
+        # a CSV row's key is its line, a tar's sample's is its key in the tar; the others keep the sample's key
+        keys = ([f"pairs.csv:{i}" for i in range(len(pairs))] if name == "csv" else
+                [f"shard-{i // 3:05d}.tar:{key}" for i, (key, _, _) in enumerate(pairs)] if name == "webdataset" else
+                [key for key, _, _ in pairs])
         expected_labels = {keys[0]: 0, keys[1]: 1, keys[2]: 1}
         expected_rejects = {keys[3]: "invalid_label", keys[4]: "invalid_label", keys[5]: "missing_label"}
         if name == "folder":
@@ -257,10 +259,10 @@ def test_s3_in_and_out(tmp_path, s3_bucket):
                                                               else []), name
         assert load_prepared(output).count() == kept
         digests[name] = manifest["digest"]
-    # the digest is the content: the same keys, pixels and captions from a tar or a Parquet file agree;
-    # the CSV rows are keyed by their line, so that dataset differs
-    assert digests["wds"] == digests["pq"] != digests["csv"]
-    assert digests["folder"] == digests["wds"], "folder keys are the file stems, as the tar's"
+    # the digest is the content: the same keys, pixels and captions from a Parquet file or a folder agree;
+    # a tar's rows are keyed with their tar, the CSV rows by their line, so those datasets differ
+    assert digests["folder"] == digests["pq"] not in (digests["csv"], digests["wds"])
+    assert digests["wds"] != digests["csv"]
 
 
 def test_prepared_rows_feed_torch_batches_shuffled_by_seed(tmp_path):

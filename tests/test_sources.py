@@ -51,7 +51,7 @@ def test_an_image_with_several_captions_keeps_every_caption_and_drops_only_a_rep
     rows = Deduplicate()(process_batch(raw, PreprocessOptions(image_size=32))).to_pylist()
     assert [(r["key"], r["reason"]) for r in rows] == [*((f"coco.csv:{i}", None) for i in range(5)),
                                                       ("coco.csv:5", "duplicate")]
-    assert rows[5]["detail"] == f"same pixels and caption as coco.csv:0 (in {tmp_path / 'coco.csv'})"
+    assert rows[5]["detail"] == f"same pixels and caption as row 0 of {tmp_path / 'coco.csv'} (counting from 0)"
 
 
 def test_a_folder_sidecar_that_cannot_be_read_rejects_its_row_and_the_rest_of_the_folder_is_read(tmp_path,
@@ -91,7 +91,8 @@ def test_a_json_caption_member_is_read_for_its_caption_field(tmp_path):
         ((f"{key}.jpg", image), (f"{key}.json", (document if isinstance(document, str) else
                                                  json.dumps(document)).encode()))])
     raw = _read(tmp_path / "shard.tar", SourceSpec(format="webdataset", caption_key="json"))
-    rows = {r["key"]: r for r in process_batch(raw, PreprocessOptions(image_size=32)).to_pylist()}
+    rows = {r["key"].removeprefix("shard.tar:"): r
+            for r in process_batch(raw, PreprocessOptions(image_size=32)).to_pylist()}
     assert rows["img2dataset"]["caption"] == "a red dog" and rows["img2dataset"]["reason"] is None
     assert json.loads(rows["img2dataset"]["metadata"])["url"] == "http://x", "still passed through as metadata"
     assert {key: (row["reason"], row["detail"]) for key, row in rows.items() if key != "img2dataset"} == {
@@ -173,3 +174,30 @@ def test_a_tab_separated_csv_reads_with_csv_separator_and_without_it_fails_sayin
     assert cli.main(["preprocess", str(tmp_path / "openclip.csv"), str(tmp_path / "out"), "--caption-key", "title"]) \
         == 2, "planning fails before Ray starts"
     assert "pass --csv-separator '\\t'" in capsys.readouterr().err
+
+
+def test_webdataset_keys_name_their_tar_and_an_exact_duplicate_is_dropped_however_its_rows_are_keyed(tmp_path):
+    # two tars written apart, each numbering its samples from 000; the first also holds one sample twice
+    one, two = (corpus.encode(corpus.photo(64, 64, seed=seed)) for seed in (1, 2))
+    (tmp_path / "part").mkdir()
+    corpus.write_tar(tmp_path / "s0.tar", [("000.jpg", one), ("000.txt", b"a cat"), ("001.jpg", two),
+                                          ("001.txt", b"a dog"), ("000.jpg", one), ("000.txt", b"a cat")])
+    corpus.write_tar(tmp_path / "part" / "s0.tar", [("000.jpg", two), ("000.txt", b"a dog on a mat")])
+    spec = SourceSpec(format="webdataset", root=str(tmp_path))  # as preprocess plans it: the files' folder
+    raw = pa.concat_tables(read_source_batch(pa.table({"uri": [str(tmp_path / "s0.tar"),
+                                                               str(tmp_path / "part" / "s0.tar")]}), spec))
+    processed = process_batch(raw, PreprocessOptions(image_size=32))
+    deduplicate = Deduplicate()
+    rows = deduplicate(processed).to_pylist()
+    assert [(r["key"], r["position"], r["reason"]) for r in rows] == [
+        ("s0.tar:000", 0, None), ("s0.tar:001", 1, None), ("s0.tar:000", 2, "duplicate"),
+        ("part/s0.tar:000", 0, None)]
+    assert rows[2]["detail"] == f"same pixels and caption as row 0 of {tmp_path / 's0.tar'} (counting from 0)"
+    # a batch seen again (a retried call) is marked as the first time: its first occurrences are no duplicates
+    assert deduplicate(processed).to_pylist() == rows
+
+    # a Parquet key column holding a row twice (two copies of a partition concatenated)
+    corpus.write_parquet(tmp_path / "keyed.parquet", [("a", one, "a cat"), ("b", two, "a dog"), ("a", one, "a cat")])
+    raw = _read(tmp_path / "keyed.parquet", SourceSpec(format="parquet", image_key="jpg", caption_key="txt"))
+    rows = Deduplicate()(process_batch(raw, PreprocessOptions(image_size=32))).to_pylist()
+    assert [(r["key"], r["reason"]) for r in rows] == [("a", None), ("b", None), ("a", "duplicate")]

@@ -72,6 +72,7 @@ PROCESSED_SCHEMA = pa.schema([
     ("pixel_hash", pa.string()),
     ("reason", pa.string()),
     ("detail", pa.string()),
+    ("position", pa.int64()),  # the row's place in its source file (see sources.RAW_SCHEMA); not in shards
 ])
 SHARD_COLUMNS = ["key", "image", "caption", "tokens", "label", "width", "height", "metadata"]
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("reason", pa.string()),
@@ -282,7 +283,7 @@ def process_batch(batch: pa.Table, options: PreprocessOptions, progress=None) ->
     tokenize = get_tokenizer()
     out = []
     for row in batch.to_pylist():
-        result = {"key": row["key"], "source": row["source"], "metadata": row["metadata"]}
+        result = {"key": row["key"], "source": row["source"], "position": row["position"], "metadata": row["metadata"]}
         try:
             if row["reason"]:
                 raise Reject(row["reason"], row["detail"] or "")

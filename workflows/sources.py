@@ -4,7 +4,8 @@ Every reader turns one source file into batches of *raw rows* with one schema (R
 the image as bytes or as a URI still to fetch, the caption as raw bytes (so invalid UTF-8 can
 be rejected rather than crash), an optional label, passthrough metadata, and a `reason` when
 the row is already known to be unusable (an image without caption in a WebDataset shard, an
-unreadable shard). Nothing is dropped here: every sample read becomes exactly one row.
+unreadable shard). Nothing is dropped here: every sample read becomes exactly one row, numbered
+by its place in its file (`position`).
 
 Planning happens on the driver and fails fast: a missing source, a missing column or an
 unknown format is an error naming what was expected and what was found.
@@ -50,6 +51,7 @@ RAW_SCHEMA = pa.schema([
     ("metadata", pa.string()),
     ("reason", pa.string()),
     ("detail", pa.string()),
+    ("position", pa.int64()),  # the row's place in its source file, 0 first: what tells it from every other row
 ])
 
 
@@ -65,8 +67,9 @@ class SourceSpec:
     root: str = ""  # the folder the planned files share: a Parquet or CSV row's key is its file's path under it
     csv_separator: str | None = None  # a CSV's column separator; None: a tab in a .tsv, a comma otherwise
 
-    def file_key(self, uri: str, index: int) -> str:
-        """A Parquet or CSV row's key: `part-0.parquet:7`, or `year=2024/part-0.parquet:7` where another
+    def file_key(self, uri: str, index: int | str) -> str:
+        """A row's key from its file and its place there: `part-0.parquet:7` (a Parquet or CSV row's index),
+        `shard-00003.tar:000042` (a WebDataset sample's key), or `year=2024/part-0.parquet:7` where another
         file of the source has the same name."""
         name = uri[len(self.root):].lstrip("/") if self.root and uri.startswith(self.root) else storage.basename(uri)
         return f"{name}:{index}"
@@ -264,14 +267,18 @@ def _plan_synthetic(source: str, chunk: int = 500) -> list[str]:
 
 
 class _Rows:
-    """Collects raw rows and hands them out as RAW_SCHEMA tables of READ_BATCH_ROWS."""
+    """Collects one source file's raw rows, numbered in the order read (`position`), and hands them out
+    as RAW_SCHEMA tables of READ_BATCH_ROWS."""
 
     def __init__(self):
         self.rows: list[dict] = []
+        self.added = 0
 
     def add(self, **row) -> pa.Table | None:
         # names read with surrogateescape (a tar member's, a CSV cell's) may hold bytes that are not UTF-8
-        self.rows.append({k: _printable(v) if isinstance(v, str) else v for k, v in row.items()})
+        self.rows.append({**{k: _printable(v) if isinstance(v, str) else v for k, v in row.items()},
+                          "position": self.added})
+        self.added += 1
         return self.flush() if len(self.rows) >= READ_BATCH_ROWS else None
 
     def flush(self) -> pa.Table | None:
@@ -300,7 +307,8 @@ def _storable(row: dict) -> dict:
         try:
             pa.array([value], type=RAW_SCHEMA.field(name).type)
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
-            return {"key": str(row.get("key")), "source": str(row.get("source")), "reason": "unreadable_source",
+            return {"key": str(row.get("key")), "source": str(row.get("source")), "position": row["position"],
+                    "reason": "unreadable_source",
                     "detail": f"{name}: {type(value).__name__} {str(value)[:80]!r} ({exc})"[:500]}
     return row
 
@@ -369,7 +377,9 @@ def _read_webdataset(uri: str, spec: SourceSpec) -> Iterator[dict]:
 
 
 def _webdataset_row(uri: str, key: str, members: dict, spec: SourceSpec, image_exts) -> dict:
-    row = {"key": key, "source": uri}
+    # keyed with its tar as a CSV row with its file: shards written apart (by hand, by several img2dataset runs)
+    # each number their samples from 000, and evaluation sorts and looks up rows by key
+    row = {"key": spec.file_key(uri, key), "source": uri}
     image_ext = next((ext for ext in image_exts if ext in members), None)
     caption = members.get(spec.caption_field)
     oversized = [ext for ext, value in members.items() if isinstance(value, tuple)]
