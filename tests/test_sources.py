@@ -4,6 +4,7 @@
 import json
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import corpus
@@ -201,3 +202,21 @@ def test_webdataset_keys_name_their_tar_and_an_exact_duplicate_is_dropped_howeve
     raw = _read(tmp_path / "keyed.parquet", SourceSpec(format="parquet", image_key="jpg", caption_key="txt"))
     rows = Deduplicate()(process_batch(raw, PreprocessOptions(image_size=32))).to_pylist()
     assert [(r["key"], r["reason"]) for r in rows] == [("a", None), ("b", None), ("a", "duplicate")]
+
+
+def test_a_parquet_text_image_column_is_read_as_paths_beside_the_file_and_never_downloads(tmp_path):
+    corpus.write_csv(tmp_path, corpus.clean_pairs(1))  # images/pair0-0000.jpg
+    image = tmp_path / "images" / "pair0-0000.jpg"
+    pq.write_table(pa.table({"filepath": ["images/pair0-0000.jpg", str(image), f"file://{image}",
+                                          "https://example.com/a.jpg", " ", None],
+                             "caption": ["relative", "absolute", "file uri", "on the web", "blank", "none"]}),
+                   tmp_path / "paths.parquet")
+    spec = SourceSpec(format="parquet", image_key="filepath")
+    raw = _read(plan_files(str(tmp_path / "paths.parquet"), spec)[0], spec)
+    assert raw.column("image_uri").to_pylist()[:4] == [str(image), str(image), f"file://{image}",
+                                                       "https://example.com/a.jpg"]
+    rows = process_batch(raw, PreprocessOptions(image_size=32, image_key="filepath")).to_pylist()
+    assert [(r["caption"], r["reason"]) for r in rows] == [
+        ("relative", None), ("absolute", None), ("file uri", None), (None, "unsupported_uri"), (None, "missing_image"),
+        (None, "missing_image")]
+    assert "never downloads" in rows[3]["detail"]

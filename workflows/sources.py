@@ -178,8 +178,8 @@ def _check_parquet_columns(uri: str, spec: SourceSpec) -> None:
                                                    if pa.types.is_list(schema.field(column).type) else ""))
 
 
-_HOLDS = {"image": "encoded image bytes (binary, or Hugging Face's struct of bytes)", "caption": "text (string "
-          "or binary)", "label": "an integer or a class name"}
+_HOLDS = {"image": "encoded image bytes (binary, or Hugging Face's struct of bytes) or their paths (string)",
+          "caption": "text (string or binary)", "label": "an integer or a class name"}
 
 
 def _holds(role: str, type_: pa.DataType) -> bool:
@@ -420,6 +420,7 @@ def _document_caption(document: bytes, where: str) -> dict:
 
 def _read_parquet(uri: str, spec: SourceSpec) -> Iterator[dict]:
     fs, path = storage.filesystem(uri)
+    base = storage.dirname(uri)
     with fs.open_input_file(path) as f:
         parquet = pq.ParquetFile(f)
         columns = [c for c in (spec.image_field, spec.caption_field, spec.label_key) if c]
@@ -433,16 +434,20 @@ def _read_parquet(uri: str, spec: SourceSpec) -> Iterator[dict]:
                 image = record[spec.image_field]
                 if isinstance(image, dict):  # Hugging Face datasets' Image feature: {bytes, path}
                     image = image.get("bytes")
+                image_uri = None
+                if isinstance(image, str):  # a text column names each image, as a CSV's cells do
+                    image, image_uri = None, _image_uri(image.strip(), base) if image.strip() else None
                 caption = record[spec.caption_field]
                 label = record.get(spec.label_key) if spec.label_key else None
                 if isinstance(label, float):  # integer labels in a float column (pandas' ints beside a NaN)
                     label = None if label != label else (int(label) if label.is_integer() else label)
                 key = (str(record["key"]) if has_key and record.get("key") is not None
                        else spec.file_key(uri, index))
-                yield {"key": key, "source": uri, "image": image,
+                yield {"key": key, "source": uri, "image": image, "image_uri": image_uri,
                        "caption": caption.encode("utf-8") if isinstance(caption, str) else caption,
                        "label": None if label is None else str(label),
-                       "reason": "missing_image" if image is None else ("missing_caption" if caption is None else None)}
+                       "reason": "missing_image" if image is None and image_uri is None else
+                       ("missing_caption" if caption is None else None)}
                 index += 1
 
 
@@ -482,10 +487,15 @@ def _read_csv(uri: str, spec: SourceSpec) -> Iterator[dict]:
             if not image:
                 yield {**row, "reason": "missing_image", "detail": f"empty {spec.image_field!r} cell"}
                 continue
-            # any scheme:// is absolute; storage reads file:// and s3:// and refuses the others (unsupported_uri)
-            image_uri = image if URI_SCHEME.match(image) or posixpath.isabs(image) else storage.join(base, image)
-            yield {**row, "image_uri": image_uri,
+            yield {**row, "image_uri": _image_uri(image, base),
                    "reason": "missing_caption" if caption is None else None}
+
+
+def _image_uri(cell: str, base: str) -> str:
+    """The image a CSV cell or a Parquet text cell names: a path relative to its table's folder `base`, or
+    absolute; any scheme:// is absolute too, and storage reads file:// and s3:// and refuses the others (the
+    row's unsupported_uri: an image is never downloaded)."""
+    return cell if URI_SCHEME.match(cell) or posixpath.isabs(cell) else storage.join(base, cell)
 
 
 def _csv_records(text: io.TextIOBase, delimiter: str) -> Iterator[dict | str]:
