@@ -139,8 +139,11 @@ def main() -> None:
                         info.size = len(payload)
                         archive.addfile(info, io.BytesIO(payload))
         one_file = Path(tmp) / "pairs.parquet"  # the same rows as one file, as a single CSV or Parquet source is
+        # in row groups of 256 rows (~55 MiB; Hugging Face writes image sets in 100s): one group of them all
+        # (~260 MiB) is past what preprocess reads at once
         pq.write_table(pa.table({"key": [f"{i:06d}" for i in range(len(pipeline_images))], "jpg": pipeline_images,
-                                 "txt": [f"photo {i}" for i in range(len(pipeline_images))]}), one_file)
+                                 "txt": [f"photo {i}" for i in range(len(pipeline_images))]}), one_file,
+                       row_group_size=256)
         variants = {  # name: (source, options)
             f"{shards} tar shards": (tars, options),
             f"{shards} tar shards, rows written in source order (`shuffle: false`)":

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import corpus
-from workflows import cli, storage
+from workflows import cli, sources, storage
 from workflows import preprocess as preprocess_stage
 from workflows.pipeline import load_config
 from workflows.preprocess import PreprocessOptions, Reject, process_batch, resolve_label
@@ -220,3 +220,18 @@ def test_a_parquet_text_image_column_is_read_as_paths_beside_the_file_and_never_
         ("relative", None), ("absolute", None), ("file uri", None), (None, "unsupported_uri"), (None, "missing_image"),
         (None, "missing_image")]
     assert "never downloads" in rows[3]["detail"]
+
+
+def test_a_parquet_row_group_over_the_memory_budget_is_refused_saying_how_to_rewrite_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_ROW_GROUP_BYTES", 64 * 2**10)  # 256 MiB in earnest: a small file shows it
+    table = pa.table({"image": [bytes([i]) * 10_000 for i in range(20)], "caption": [f"photo {i}" for i in range(20)]})
+    pq.write_table(table, tmp_path / "one-group.parquet")  # pyarrow's default: up to a million rows a group
+    (row,) = _read(tmp_path / "one-group.parquet", SourceSpec(format="parquet")).to_pylist()
+    assert (row["key"], row["reason"]) == ("one-group.parquet#unreadable", "unreadable_source")
+    assert row["detail"].startswith("ValueError: row group 0 holds 200,")
+    assert row["detail"].endswith(" bytes uncompressed in 20 rows, over the 65,536 a read task holds at once; not "
+                                  "read: rewrite the file with smaller row groups, e.g. pyarrow.parquet.write_table("
+                                  "table, path, row_group_size=3)")
+    pq.write_table(table, tmp_path / "small-groups.parquet", row_group_size=3)
+    rows = _read(tmp_path / "small-groups.parquet", SourceSpec(format="parquet")).to_pylist()
+    assert len(rows) == 20 and {row["reason"] for row in rows} == {None}

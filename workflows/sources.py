@@ -36,6 +36,9 @@ READ_BATCH_ROWS = 256
 SAMPLED_MEMBERS = 100  # a WebDataset source's first shard is checked for its fields on this many members
 # a .json document read for its caption (--caption-key json) is parsed whole, in objects several times its size
 MAX_CAPTION_DOCUMENT_BYTES = 2**20
+# A Parquet row group's columns are read whole, whatever the batch size: a read task holds about twice a row
+# group's uncompressed bytes (one 572 MiB row group of images, 1.2 GB). Larger ones are refused, not read
+MAX_ROW_GROUP_BYTES = 256 * 2**20
 # UTF-8, and a byte-order mark before the header (Excel's "CSV UTF-8") is no part of the first column's name
 CSV_ENCODING = "utf-8-sig"
 URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -454,7 +457,9 @@ def _read_parquet(uri: str, spec: SourceSpec) -> Iterator[dict]:
 def _check_row_group_sizes(metadata, columns: list[str], spec: SourceSpec) -> None:
     """Refuse a Parquet file whose row groups hold more bytes, uncompressed, than their rows can at the
     image limit (plus 1 MiB a row for caption, label and key): a few kilobytes of compressed zeros can
-    be a cell of gigabytes, which reading the row group would hold in memory before any limit applies."""
+    be a cell of gigabytes, which reading the row group would hold in memory before any limit applies.
+    And one whose row groups, however honest, hold more than MAX_ROW_GROUP_BYTES: pyarrow's default
+    row_group_size (a million rows) writes a table of images as one row group, gigabytes read at once."""
     budget = spec.max_image_bytes + 2**20
     for g in range(metadata.num_row_groups):
         group = metadata.row_group(g)
@@ -463,6 +468,12 @@ def _check_row_group_sizes(metadata, columns: list[str], spec: SourceSpec) -> No
         if held > group.num_rows * budget:
             raise ValueError(f"row group {g} holds {held:,} bytes uncompressed in {group.num_rows} row(s), over "
                              f"{budget:,} a row: cells past the image limit; not read")
+        if held > MAX_ROW_GROUP_BYTES:
+            rows = max(1, group.num_rows * MAX_ROW_GROUP_BYTES // (2 * held))  # about half the limit a group
+            raise ValueError(f"row group {g} holds {held:,} bytes uncompressed in {group.num_rows:,} rows, over the "
+                             f"{MAX_ROW_GROUP_BYTES:,} a read task holds at once; not read: rewrite the file with "
+                             f"smaller row groups, e.g. pyarrow.parquet.write_table(table, path, "
+                             f"row_group_size={rows})")
 
 
 def _read_csv(uri: str, spec: SourceSpec) -> Iterator[dict]:
