@@ -98,6 +98,9 @@ def test_each_format_reads_locally(tmp_path):
     lines = tsv_path.read_text().splitlines()
     (tmp_path / "tsv" / "images" / "quote.jpg").write_bytes(corpus.encode(corpus.photo(60, 60, seed=123)))
     tsv_path.write_text("\n".join([*lines[:2], 'images/quote.jpg\t"the ""six inch""\nfigurine"', *lines[2:]]) + "\n")
+    # OpenCLIP's .csv: tab-separated, its --csv-separator default
+    openclip_csv = tmp_path / "openclip" / "pairs.csv"
+    corpus.write_csv(tmp_path / "openclip", pairs, delimiter="\t").rename(openclip_csv)
     corpus.write_folder(tmp_path / "folder", [*pairs, heavy])
     (tmp_path / "folder" / "orphan.jpg").write_bytes(pairs[0][1])  # no sidecar caption
     (tmp_path / "folder" / "lonely.txt").write_text("a caption whose image is missing")
@@ -108,6 +111,7 @@ def test_each_format_reads_locally(tmp_path):
         "parquet": (str(tmp_path / "pq"), {"image_key": "jpg", "caption_key": "txt", "max_image_bytes": 50_000}),
         "csv": (str(csv_path), {"caption_key": "title"}),
         "tsv": (str(tsv_path), {"caption_key": "title"}),
+        "openclip-csv": (str(openclip_csv), {"caption_key": "title", "csv_separator": "\t"}),
         "folder": (str(tmp_path / "folder"), {"max_image_bytes": 50_000}),
     }
     captions = sorted(caption for _, _, caption in pairs)
@@ -148,6 +152,26 @@ def test_each_row_has_its_own_key_and_relative_paths_read(tmp_path, monkeypatch)
                                              "year=2024/part-0.parquet:1": "duplicate"}
     preprocess("folder", "out-folder", PreprocessOptions(image_size=32), echo=_quiet)
     assert sorted(r["key"] for r in _shard_rows(tmp_path / "out-folder")) == sorted(p[0] for p in pairs)
+
+
+def test_every_caption_of_an_image_is_kept_and_only_an_exact_repeat_is_dropped(tmp_path):
+    """COCO's layout (one row per caption) in two tars that each number their samples from 000, one of them
+    holding a sample twice under the same key: through the whole stream, a row's place in its file (not its
+    key) tells a repeat from a retried batch."""
+    cat, dog = (corpus.encode(corpus.photo(64, 64, seed=seed)) for seed in (1, 2))
+    (tmp_path / "src").mkdir()
+    corpus.write_tar(tmp_path / "src" / "a.tar", [
+        ("000.jpg", cat), ("000.txt", b"a cat"), ("001.jpg", cat), ("001.txt", b"a cat on a mat"),
+        ("002.jpg", dog), ("002.txt", b"a dog"), ("000.jpg", cat), ("000.txt", b"a  cat")])
+    corpus.write_tar(tmp_path / "src" / "b.tar", [("000.jpg", dog), ("000.txt", b"a dog, again")])
+    manifest = preprocess(str(tmp_path / "src"), str(tmp_path / "out"),
+                          PreprocessOptions(image_size=32, batch_size=2, rows_per_shard=2), echo=_quiet)
+    assert manifest["counts"]["read"] == 5 and manifest["counts"]["rejected_by_reason"] == {"duplicate": 1}
+    assert sorted((r["key"], r["caption"]) for r in _shard_rows(tmp_path / "out")) == [
+        ("a.tar:000", "a cat"), ("a.tar:001", "a cat on a mat"), ("a.tar:002", "a dog"), ("b.tar:000", "a dog, again")]
+    (reject,) = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    assert (reject["key"], reject["reason"]) == ("a.tar:000", "duplicate")
+    assert reject["detail"] == f"same pixels and caption as row 0 of {tmp_path / 'src' / 'a.tar'} (counting from 0)"
 
 
 def test_labeled_sets_map_labels_through_class_names_in_every_format(tmp_path, capsys):
