@@ -137,10 +137,30 @@ def test_a_tsv_is_read_with_quoting_as_pandas_writes_it_and_a_quote_left_open_is
     assert [(r["key"], r["caption"], r["reason"]) for r in rows] == [
         ("openclip.tsv:0", b'the "Thinker" by Rodin', None), ("openclip.tsv:1", b"two\nlines", None),
         ("openclip.tsv:2", None, "unreadable_source"), ("openclip.tsv:3", b"plain caption", None),
-        ("openclip.tsv:4", None, "unreadable_source")]
+        ("openclip.tsv:4", None, "unreadable_source"), ("openclip.tsv:5", b"swallowed", None)]
     assert rows[2]["detail"] == ("line 5: '\t' expected after '\"' (a cell that opens with a quote closes with "
                                  "one, and a quote inside it is written twice)")
-    assert rows[4]["detail"].startswith("lines 7-8: unexpected end of data (")
+    # the quote left open took the lines after it into one record: its own line is the reject, the rest are
+    # read again, each counted
+    assert rows[4]["detail"].startswith("line 7: unexpected end of data (lines 7-8 read as one record")
+
+
+def test_a_stray_quote_in_a_file_not_written_by_pandas_costs_its_own_row_only(tmp_path):
+    corpus.write_csv(tmp_path, corpus.clean_pairs(1), delimiter="\t")
+    image = "images/pair0-0000.jpg"
+    lines = [f"{image}\tcaption {i}" for i in range(1000)]
+    lines[5] = f'{image}\t"quoted start of caption'
+    (tmp_path / "hand.tsv").write_text("filepath\ttitle\n" + "\n".join(lines) + "\n")
+    rows = _read(tmp_path / "hand.tsv", SourceSpec(format="csv", caption_key="title")).to_pylist()
+    assert len(rows) == 1000 and [r["reason"] for r in rows].count("unreadable_source") == 1
+    assert rows[5]["detail"].startswith("line 7: ") and rows[999]["caption"] == b"caption 999"
+
+
+def test_the_chunks_of_a_synthetic_source_number_its_rows_as_one_file():
+    chunks = sources._plan_synthetic("synthetic://train?count=1000&seed=0&image_size=16")
+    spec = SourceSpec(format="synthetic")
+    positions = [p for chunk in chunks for p in _read(chunk, spec).column("position").to_pylist()]
+    assert len(chunks) == 2 and positions == list(range(1000))
 
 
 def test_a_tab_separated_csv_reads_with_csv_separator_and_without_it_fails_saying_to_pass_it(tmp_path, monkeypatch,

@@ -13,6 +13,7 @@ unknown format is an error naming what was expected and what was found.
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import itertools
@@ -278,9 +279,11 @@ class _Rows:
         self.added = 0
 
     def add(self, **row) -> pa.Table | None:
+        # a reader of part of a file (a synthetic chunk) numbers its rows from the part's start itself
+        position = row.pop("position", self.added)
         # names read with surrogateescape (a tar member's, a CSV cell's) may hold bytes that are not UTF-8
         self.rows.append({**{k: _printable(v) if isinstance(v, str) else v for k, v in row.items()},
-                          "position": self.added})
+                          "position": position})
         self.added += 1
         return self.flush() if len(self.rows) >= READ_BATCH_ROWS else None
 
@@ -509,24 +512,46 @@ def _image_uri(cell: str, base: str) -> str:
     return cell if URI_SCHEME.match(cell) or posixpath.isabs(cell) else storage.join(base, cell)
 
 
+class _Lines:
+    """A text file's lines for csv, numbered, with those of the record being read kept (`record`), and lines
+    taken back to be read again (`again`) before the file's next."""
+
+    def __init__(self, text: io.TextIOBase):
+        self.numbered = enumerate(text, 1)
+        self.again: collections.deque[tuple[int, str]] = collections.deque()
+        self.record: list[tuple[int, str]] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        numbered = self.again.popleft() if self.again else next(self.numbered)
+        self.record.append(numbered)
+        return numbered[1]
+
+
 def _csv_records(text: io.TextIOBase, delimiter: str) -> Iterator[dict | str]:
     """The records of a CSV or TSV file quoted as pandas and Python's csv write them (a quote inside a quoted
     cell doubled, a line break inside one kept), a .tsv too: OpenCLIP's are pandas'. Read strictly, a quote
     never closed or text after a closing one is an error, not a cell that swallows the lines after it unseen:
-    that record is a string saying what and where, and reading goes on at the next line."""
-    records = csv.DictReader(text, delimiter=delimiter, strict=True)
+    that record's first line is a string saying what and where, and the lines after it are read again (a
+    stray quote opening a caption took every line to the end of the file with it, uncounted)."""
+    lines = _Lines(text)
+    records = csv.DictReader(lines, delimiter=delimiter, strict=True)
     _ = records.fieldnames  # the header first: a header that cannot be read fails the file
     while True:
-        first_line = records.reader.line_num + 1
+        lines.record = []
         try:
             record = next(records)
         except StopIteration:
             return
         except csv.Error as exc:
-            last_line = records.reader.line_num
-            lines = f"line {first_line}" if last_line == first_line else f"lines {first_line}-{last_line}"
-            record = (f"{lines}: {exc} (a cell that opens with a quote closes with one, and a quote inside it is "
-                      f"written twice)")
+            (first_line, _), *rest = lines.record or [(0, "")]
+            lines.again.extendleft(reversed(rest))
+            more = f" (lines {first_line}-{rest[-1][0]} read as one record: the lines after the first are read " \
+                   "again)" if rest else ""
+            record = (f"line {first_line}: {exc}{more} (a cell that opens with a quote closes with one, and a quote "
+                      "inside it is written twice)")
         yield record
 
 
@@ -594,9 +619,10 @@ def _read_synthetic(uri: str, spec: SourceSpec) -> Iterator[dict]:
     parsed = urlparse(uri)
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     start, stop = (int(x) for x in parsed.fragment.split("-"))
-    for sample in synthetic.samples(stop - start, split=parsed.netloc or "train", seed=int(query.get("seed", 0)),
-                                    image_size=int(query.get("image_size", 64)), start=start):
-        yield {"key": sample.key, "source": uri.split("#", 1)[0], "image": sample.image_bytes(),
+    samples = synthetic.samples(stop - start, split=parsed.netloc or "train", seed=int(query.get("seed", 0)),
+                                image_size=int(query.get("image_size", 64)), start=start)
+    for position, sample in enumerate(samples, start):  # the chunks of one source number its rows as one file
+        yield {"key": sample.key, "source": uri.split("#", 1)[0], "position": position, "image": sample.image_bytes(),
                "caption": sample.caption.encode("utf-8"), "label": sample.classname,  # named; see preprocess
                "metadata": json.dumps({"classname": sample.classname})}
 
