@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import storage
-from .preprocess import PreprocessOptions, preprocess, read_manifest
+from .preprocess import OUTPUT_VERSION, PreprocessOptions, preprocess, read_manifest
 from .registry import Gate
 from .tracking import redacted, set_experiment, sqlite_uri, using, without_credentials
 
@@ -186,6 +186,11 @@ def stage_key(config: BaseModel, *inputs, unkeyed: set[str] = frozenset()) -> st
     (`unkeyed` fields left out). A new option, at a default that computes what the release before
     computed, leaves every key as it was; a changed default must bump KEY_VERSION."""
     return _digest([KEY_VERSION, config.model_dump(mode="json", exclude=set(unkeyed), exclude_defaults=True), *inputs])
+
+
+def data_key(options: PreprocessOptions, source: str) -> str:
+    """The key of `source` prepared with `options`: and with what this release's preprocessing makes of them."""
+    return stage_key(options, source, {"preprocess_output": OUTPUT_VERSION})
 
 
 def train_inputs(config) -> list:
@@ -445,7 +450,7 @@ class Pipeline:
                 prepared[split] = None
                 continue
             options = self.config.data.options(split)
-            key = stage_key(options, source)
+            key = data_key(options, source)
             output = outputs.setdefault(key, self.config.path("data", f"{split}-{key}"))
             try:
                 manifest = read_manifest(output)
