@@ -191,6 +191,11 @@ def test_gate_compares_only_figures_of_the_same_set_and_setup():
     passed, reason, compared = registry.evaluate_gate(version(2, 0.6, "sha256:t"), version(1, 0.5, "sha256:s"), gate)
     assert not passed and "has no zeroshot.top1 on the same eval set (sha256:d) and setup (sha256:t" in reason
     assert compared["eval_setup_digest"] == "sha256:t"
+    # a champion evaluated before setups were recorded is compared on the same set alone, and that is said
+    legacy = version(1, 0.6, "x")
+    del legacy.tags["eval.zeroshot.setup_digest"]
+    passed, reason, _ = registry.evaluate_gate(version(2, 0.6, "sha256:t"), legacy, gate)
+    assert passed and "predates setup digests" in reason
 
 
 def test_a_promote_compares_with_the_champion_that_a_concurrent_promote_put_in_place(tmp_path, monkeypatch):

@@ -437,7 +437,8 @@ def evaluate_gate(challenger, champion, gate: Gate) -> tuple[bool, str, dict]:
         return passed, (f"{nobody}; {gate.metric} {value:.4g} {'meets' if passed else 'misses'} the floor "
                         f"{gate.floor:.4g}"), compared
     compared.update(champion_version=str(champion.version), champion_value=champion_value, max_drop=gate.max_drop)
-    if champion_value is None or (champion_digest, champion_setup) != (digest, setup):
+    legacy = champion_setup is None and setup is not None  # evaluated before setups were recorded: set alone
+    if champion_value is None or champion_digest != digest or (champion_setup != setup and not legacy):
         return False, (f"champion version {champion.version} has no {gate.metric} on the same eval set ({digest}) "
                        f"and setup ({setup}: the class names and templates, or a probe's training set, shots and "
                        f"seed): evaluate models:/{champion.name}@{CHAMPION} as the challenger was, then promote "
@@ -445,7 +446,9 @@ def evaluate_gate(challenger, champion, gate: Gate) -> tuple[bool, str, dict]:
     drop = sign * (champion_value - value)
     passed = drop <= gate.max_drop + 1e-12
     return passed, (f"{gate.metric} {value:.4g} vs champion {champion_value:.4g}: "
-                    f"{'within' if passed else 'worse than'} the allowed drop of {gate.max_drop:.4g}"), compared
+                    f"{'within' if passed else 'worse than'} the allowed drop of {gate.max_drop:.4g}"
+                    + (" (the champion's figure predates setup digests: compared on the same set alone; evaluate "
+                       "it again to compare setups too)" if legacy else "")), compared
 
 
 def promote(name: str, version: str | int | None = None, *, gate: Gate | None = None, force: bool = False,
