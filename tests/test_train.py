@@ -171,6 +171,38 @@ def test_accumulation_gradient_equals_the_big_batch_gradient(patch_dropout):
         torch.testing.assert_close(grads[3][key], grad, atol=1e-6, rtol=1e-4, msg=key)
 
 
+def test_a_restart_before_the_first_checkpoint_logs_to_the_same_mlflow_run_and_a_failed_run_ends_failed(
+        prepared, tmp_path):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def runs() -> list:
+        return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+    # killed at step 2 of 4, before the step-4 checkpoint that would carry the run's id: the restart finds it
+    marker = tmp_path / "killed"
+    config = _config(prepared, tmp_path, workers=1, steps=4, checkpoint_every=4, max_failures=1,
+                     fault_injection={"rank": 0, "step": 2, "marker": str(marker)})
+    result = train(config, echo=lambda *_: None)
+    assert marker.read_text().startswith("killed rank 0 at step 2") and result.metrics["step"] == 4
+    assert [(run.info.run_id, run.info.status) for run in runs()] == [(result.mlflow_run_id, "FINISHED")]
+    steps = [metric.step for metric in client.get_metric_history(result.mlflow_run_id, "loss")]
+    assert sorted(set(steps)) == [1, 2, 3, 4] and steps.count(1) == 2, steps  # step 1 ran again after the restart
+
+    # no restart left: the run ends FAILED, not RUNNING for ever
+    marker.unlink()
+    with pytest.raises(Exception, match="(?i)worker|died|fail"):
+        train(config.model_copy(update={"max_failures": 0, "run_name": "doomed"}), echo=lambda *_: None)
+    (failed,) = [run for run in runs() if run.info.run_id != result.mlflow_run_id]
+    assert failed.info.status == "FAILED"
+    # nor does a resumed run (it reopens its checkpoint's MLflow run) that fails
+    marker.unlink()
+    resumed = config.model_copy(update={"max_failures": 0, "steps": 8, "resume": "latest",
+                                        "fault_injection": {"rank": 0, "step": 6, "marker": str(marker)}})
+    with pytest.raises(Exception, match="(?i)worker|died|fail"):
+        train(resumed, echo=lambda *_: None)
+    assert client.get_run(result.mlflow_run_id).info.status == "FAILED" and len(runs()) == 2
+
+
 def test_two_workers_train_log_to_mlflow_and_resume_from_the_s3_checkpoint_when_a_worker_is_killed(
         prepared, tmp_path, s3_bucket):
     marker = tmp_path / "killed"
@@ -561,6 +593,7 @@ def test_train_flags_override_the_config_file_which_overrides_the_environment(tm
                      "--steps", "3")
     assert (flagged.mlflow_tracking_uri, flagged.steps) == ("http://flag:5000", 3)
     assert config("--data", "prepared").mlflow_tracking_uri == "sqlite:///env.db"
+    assert config("--data", "prepared", "--run-name", "b16-laion").run_name == "b16-laion"  # OpenCLIP's --name
 
 
 def test_checkpoint_pass_comes_from_config_json_or_an_older_checkpoints_epoch(tmp_path):

@@ -4,6 +4,7 @@ resumes from, the numbers it logs."""
 import copy
 import json
 import os
+import time
 
 import pytest
 import ray
@@ -153,6 +154,18 @@ def test_resume_latest_takes_the_newest_registered_checkpoint_that_trained_this_
     assert checkpoint_to_resume(ours.model_copy(update={"resume": mine[0]}), str(runs)) == mine[0]
     # a run from pretrained weights carries on only from the same weights
     assert "it started from" in resume_mismatch(ours.model_copy(update={"init": "openai:ViT-B-32.pt"}), mine[1])
+    # latest is the most recently written: an older run of this model on this data that went further (step 30,
+    # finished a month ago) is not what a crashed run resumes from
+    finished = _train_checkpoint(runs / "train-d" / "checkpoint_00000030", ours, 30)
+    _register(runs / "train-d", 30)
+    month_ago = time.time() - 30 * 86400
+    os.utime(os.path.join(finished, "train_state.pt"), (month_ago, month_ago))
+    assert checkpoint_to_resume(ours, str(runs)) == mine[1]
+    # a checkpoint from before train recorded its data's digests cannot tell, and is taken as named
+    described = json.loads((runs / "train-d" / "checkpoint_00000030" / "config.json").read_text())
+    del described["train"]["config"]["data_digests"]
+    (runs / "train-d" / "checkpoint_00000030" / "config.json").write_text(json.dumps(described))
+    assert resume_mismatch(theirs, finished) is None
 
 
 def test_resuming_by_hand_needs_a_whole_train_checkpoint_before_any_worker_starts(tmp_path, cluster):

@@ -91,7 +91,7 @@ def _train_config(args: argparse.Namespace):
               "patch_dropout": args.patch_dropout, "unmasked_tuning_steps": args.unmasked_tuning_steps,
               "checkpoint_every": args.checkpoint_every, "max_failures": args.max_failures,
               "mlflow_tracking_uri": args.mlflow_tracking_uri,
-              "seed": args.seed, "quick_gelu": args.quick_gelu}.items() if v is not None})
+              "seed": args.seed, "quick_gelu": args.quick_gelu, "run_name": args.run_name}.items() if v is not None})
     return TrainConfig(**values)
 
 
@@ -395,8 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction,
                     help="QuickGELU (--no-quick-gelu: GELU) instead of the preset's own, as OpenCLIP's "
                     "--force-quick-gelu; with --init, whatever the weights imply (openai: QuickGELU)")
-    tr.add_argument("--resume", help="'latest' (the newest checkpoint under --storage of this model on this data) "
-                    "or a checkpoint path")
+    tr.add_argument("--run-name", help="the Ray Train run's name under --storage (OpenCLIP's --name; default: "
+                    "train-<time>-<pid>); --resume latest then looks in this run only")
+    tr.add_argument("--resume", help="'latest' (the newest checkpoint under --storage, of --run-name when given, "
+                    "of this model on this data) or a checkpoint path")
     tr.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI; no tracking when unset")
     tr.add_argument("--seed", type=int)
     tr.set_defaults(handler=_train)

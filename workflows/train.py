@@ -21,11 +21,13 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
@@ -37,8 +39,8 @@ from clip_core.transforms import normalize
 from . import storage
 from .parallel import distribute, gather, gathered_state, global_mean, load_optimizer_state, scalar, sharded
 from .preprocess import decode_batch
-from .tracking import (dataset_input, flat_params, git_commit, guard_output, rayclip_version, redacted, sqlite_path,
-                       sqlite_uri, start_run)
+from .tracking import (dataset_input, flat_params, git_commit, guard_output, rayclip_version, redact, redacted,
+                       sqlite_path, sqlite_uri, start_run)
 from .train_data import Augment, Position, batches, to_device
 from .train_rows import shuffles_globally, training_dataset
 
@@ -437,7 +439,10 @@ def train_loop(loop_config: dict) -> None:
     autocast = torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None)
     image_size = model.image_size
     augment = Augment(image_size, train=True, generator=generator)
-    tracker = _RankZeroTracker(config, mlflow_run_id) if rank == 0 else None
+    record = loop_config.get("mlflow_run_record")
+    if rank == 0 and mlflow_run_id is None and record:  # a restart before this fit's first checkpoint
+        mlflow_run_id = opened_run(record)
+    tracker = _RankZeroTracker(config, mlflow_run_id, record) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     local_batch = config.batch_size // world
 
@@ -481,6 +486,11 @@ def train_loop(loop_config: dict) -> None:
         tracker.finish()
     if world > 1:
         dist.barrier()
+
+
+def opened_run(record: str) -> str | None:
+    """The MLflow run id rank 0 wrote to `record` when it opened the run (see train), or None before."""
+    return storage.read_bytes(record, max_bytes=256).decode().strip() if storage.exists(record) else None
 
 
 def _report(config, model, optimizer, scheduler, scaler, position, generator, rank, tracker, metrics) -> None:
@@ -574,14 +584,14 @@ class _RankZeroTracker:
     against a remote server), and no worker gets a batch before every worker has asked for one. The
     logging calls wait for it; a failure to open the run is raised by the first of them."""
 
-    def __init__(self, config: TrainConfig, run_id: str | None):
+    def __init__(self, config: TrainConfig, run_id: str | None, record: str | None = None):
         self.enabled = bool(config.mlflow_tracking_uri)
         self._run_id, self._opening = run_id, None
         self.total_steps, self.batch_size = config.steps, config.batch_size
         if not self.enabled:
             return  # a run without MLflow never imports it (not installed everywhere, ~3 s per worker)
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-run")
-        self._opening = pool.submit(self._open, config, run_id)
+        self._opening = pool.submit(self._open, config, run_id, record)
         pool.shutdown(wait=False)
 
     @property
@@ -591,8 +601,10 @@ class _RankZeroTracker:
         return self._run_id
 
     @staticmethod
-    def _open(config: TrainConfig, run_id: str | None) -> str:
-        """The run's id; the run stays active in this thread only: the logging calls name it."""
+    def _open(config: TrainConfig, run_id: str | None, record: str | None) -> str:
+        """The run's id; the run stays active in this thread only: the logging calls name it. A new run's
+        id is written to `record`, where a restart before the first checkpoint (which carries it after)
+        finds it, and the driver, to end the run when the fit fails."""
         import mlflow
 
         guard_output(config.mlflow_tracking_uri)
@@ -604,6 +616,8 @@ class _RankZeroTracker:
             tags["mlflow.parentRunId"] = config.mlflow_parent_run_id
         # a run resumed by hand into another tracking store gets a new run there
         opened = start_run(run_id, config.mlflow_experiment, config.run_name or "train", tags).info.run_id
+        if record:
+            storage.write_bytes(record, opened.encode())
         if opened != run_id:
             mlflow.log_params(flat_params(redacted(config.model_dump(mode="json", exclude={"fault_injection"}))))
             _RankZeroTracker._log_datasets(config)
@@ -725,8 +739,9 @@ def default_storage(config: TrainConfig) -> str:
 
 
 def resumable_checkpoints(storage_path: str, run_name: str | None = None) -> list[str]:
-    """The checkpoints `--resume latest` may take, newest step first: each run's latest under `storage_path`
-    (only run `run_name`'s when given) as Ray Train registered it, with its train state. A checkpoint
+    """The checkpoints `--resume latest` may take, the most recently written first (a crashed run's, not
+    an older one's that went further): each run's latest under `storage_path` (only run `run_name`'s when
+    given) as Ray Train registered it, with its train state. A checkpoint
     directory is uploaded before it is registered, so one whose upload was cut short (weights missing or
     torn) or whose worker died in report() is never a candidate, however high its step."""
     from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
@@ -745,9 +760,10 @@ def resumable_checkpoints(storage_path: str, run_name: str | None = None) -> lis
             checkpoint = registered_checkpoint(run)
         except CheckpointManagerInitializationError:  # written by another Ray version: what it registered is unknown
             continue
-        if checkpoint is not None and storage.exists(storage.join(checkpoint, TRAIN_STATE)):
-            found.append(checkpoint)
-    return sorted(found, key=storage.basename, reverse=True)
+        state = storage.info(storage.join(checkpoint, TRAIN_STATE)) if checkpoint is not None else None
+        if state is not None and state.type == pafs.FileType.File:
+            found.append((state.mtime, checkpoint))
+    return [checkpoint for _, checkpoint in sorted(found, reverse=True)]
 
 
 def latest_checkpoint(storage_path: str, run_name: str | None = None) -> str | None:
@@ -771,7 +787,8 @@ def resume_mismatch(config: TrainConfig, checkpoint: str) -> str | None:
             return f"it started from (init, quick_gelu) {theirs}, this run from {ours}"
     elif described_config(description, checkpoint).replace(name=None) != scratch_config(config).replace(name=None):
         return f"its model ({recorded.get('model', 'unrecorded')}) is not this run's ({config.model})"
-    if recorded.get("data_digests") != config.data_digests:
+    # (a checkpoint from before train recorded its data's digests cannot tell: it is taken as it is named)
+    if "data_digests" in recorded and recorded["data_digests"] != config.data_digests:
         return f"it trained on data {recorded.get('data_digests')}, this run's is {config.data_digests}"
     return None
 
@@ -786,8 +803,9 @@ def checkpoint_to_resume(config: TrainConfig, storage_path: str) -> str | None:
     if config.resume != "latest":
         mismatch = resume_mismatch(config, config.resume)
         if mismatch:
-            raise ValueError(f"--resume {config.resume} cannot carry this run on: {mismatch}. Resume it with its "
-                             f"own model and data, or start from its weights with --init {config.resume}")
+            raise ValueError(f"--resume {config.resume} cannot carry this run on: {mismatch}. Resume it with the "
+                             "model, --init and data it trained with, or start afresh from its weights with --init "
+                             f"{config.resume}")
         return config.resume
     where = storage.join(storage_path, config.run_name) if config.run_name else storage_path
     candidates = resumable_checkpoints(storage_path, config.run_name)
@@ -843,6 +861,11 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
                                mlflow_run_id=trained.get("mlflow_run_id"), best_checkpoint=None,
                                run_path=storage.dirname(resume_from))
     run_name = config.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_path = storage.join(storage_path, run_name)
+    # where rank 0 writes the MLflow run it opened, for a restart before the first checkpoint and for
+    # _end_failed_run: one file per call, so a run name used again never reopens nor ends an earlier call's run
+    run_record = (storage.join(run_path, f"mlflow_run_id.{uuid.uuid4().hex}") if config.mlflow_tracking_uri
+                  else None)
     fs, _ = storage.filesystem(storage_path)
     if not storage.is_s3(storage_path):
         os.makedirs(storage_path, exist_ok=True)
@@ -855,7 +878,8 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "resume_checkpoint": resume_from},
+        train_loop_config={"config": config.model_dump(mode="json"), "resume_checkpoint": resume_from,
+                           "mlflow_run_record": run_record},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -872,7 +896,11 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     )
     echo(f"train: {config.model} on {config.workers} worker(s), global batch {config.batch_size} "
          f"({config.micro_batch} x {config.accum_freq} per worker), {config.steps} steps → {storage_path}/{run_name}")
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException as exc:  # the MLflow run ends as the Ray Train run did, not RUNNING for ever
+        _end_failed_run(config, run_record, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     final = _checkpoint_uri(result.checkpoint)
     best = None
     if config.checkpoint_metric and result.best_checkpoints:
@@ -887,7 +915,21 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
         _log_checkpoints(config, run_id, final, best)
     echo(f"train: done at step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f} → {final}")
     return TrainResult(checkpoint=final, metrics=metrics, mlflow_run_id=run_id, best_checkpoint=best,
-                       run_path=storage.join(storage_path, run_name))
+                       run_path=run_path)
+
+
+def _end_failed_run(config: TrainConfig, record: str | None, status: str) -> None:
+    if record is None:
+        return
+    try:
+        run_id = opened_run(record)
+        if run_id:
+            import mlflow
+
+            guard_output(config.mlflow_tracking_uri)
+            mlflow.MlflowClient(config.mlflow_tracking_uri).set_terminated(run_id, status)
+    except Exception as exc:  # noqa: BLE001 - the training failure is what the caller must see
+        _say(f"train: could not mark the MLflow run {status}: {redact(str(exc))[:300]}")
 
 
 def _score_order(config: TrainConfig) -> str:
