@@ -48,13 +48,18 @@ def _in_process_metrics(checkpoint, uri, tie_tolerances=(0.0, 2e-6), zeroshot: b
     the stage's batches round differently, its default 1e-6 tolerance may count such a pair either way:
     its figures lie between those at 0 and 2e-6)."""
     model = clip_core.load_model(checkpoint)
-    rows = decode_batch(read_prepared_table(uri).to_pydict(), model.image_size)
+    table = read_prepared_table(uri).to_pydict()
+    rows = decode_batch(table, model.image_size)
     with torch.no_grad():
         image_features = model.encode_image(clip_core.transforms.normalize(torch.from_numpy(rows["image"])),
                                             normalize=True)
         text_features = model.encode_text(torch.from_numpy(rows["tokens"]), normalize=True)
-    retrieval = [clip_core.retrieval_metrics(image_features, text_features, tie_tolerance=tolerance)
-                 for tolerance in tie_tolerances]
+    # rows of the same prepared image are one image with several captions
+    distinct = {image: i for i, image in reversed(list(enumerate(table["image"])))}  # each image's first row
+    first = sorted(distinct.values())
+    text_to_image = torch.tensor([first.index(distinct[image]) for image in table["image"]])
+    retrieval = [clip_core.retrieval_metrics(image_features[first], text_features, text_to_image,
+                                             tie_tolerance=tolerance) for tolerance in tie_tolerances]
     if not zeroshot:
         return {"retrieval": retrieval}
     classnames = read_manifest(uri)["classnames"]
@@ -105,16 +110,19 @@ def test_a_set_of_captions_without_labels_is_embedded_and_evaluated_for_retrieva
 
     from corpus import clean_pairs, write_parquet
 
-    write_parquet(tmp_path / "pairs.parquet", clean_pairs(24))
+    pairs = clean_pairs(24)  # and 6 of the images again with other captions (COCO's layout: a row a caption)
+    pairs += [(f"{key}-again", image, f"{caption}, said otherwise") for key, image, caption in pairs[:6]]
+    write_parquet(tmp_path / "pairs.parquet", pairs)
     captions = str(tmp_path / "captions")
     preprocess(str(tmp_path / "pairs.parquet"), captions, PreprocessOptions(image_key="jpg", caption_key="txt",
                                                                             image_size=64), echo=lambda *_: None)
     # Ray hands a column of nulls to a batch as floats: NaN, not None
     assert cli.main(["embed", str(sets / "ckpt"), captions, str(tmp_path / "index"), "--batch-size", "10"]) == 0
     table = pq.read_table(tmp_path / "index" / "embeddings")
-    assert table.num_rows == table["label"].null_count == 24
+    assert table.num_rows == table["label"].null_count == 30
     metrics = evaluate(EvaluateConfig(model=str(sets / "ckpt"), retrieval=captions, batch_size=10),
                        echo=lambda *_: None)
+    assert (metrics["retrieval"]["images"], metrics["retrieval"]["captions"]) == (24, 30)
     expected = _in_process_metrics(sets / "ckpt", captions, zeroshot=False)["retrieval"]
     for key in expected[0]:
         low, high = sorted(tolerance[key] for tolerance in expected)

@@ -159,7 +159,8 @@ def _prepared_images(directory: Path, images: dict[str, bytes]) -> str:
 def test_the_retrieval_figure_draws_prepared_images_through_the_checked_opener(tmp_path):
     images = {f"k{i}": _encoded(_picture(32, 32, i), "PNG") for i in range(3)}
     features = np.eye(3, dtype=np.float32)
-    ordered = {"key": np.asarray(list(images)), "image_features": features, "text_features": features}
+    ordered = {"key": np.asarray(list(images)), "image_id": np.asarray(list(images)), "image_features": features,
+               "text_features": features}
     retrieval_png(_prepared_images(tmp_path / "good", images), ordered, str(tmp_path / "good.png"), queries=2, top=2)
     assert Image.open(tmp_path / "good.png").format == "PNG"
     images["k1"] = _encoded(_picture(32, 32), "GIF")

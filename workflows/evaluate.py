@@ -117,8 +117,13 @@ class Embedder:
 
 
 def _decode(batch: dict, image_size: int) -> dict:
-    """decode_batch, keeping every row's key, set and caption (when read)."""
+    """decode_batch, keeping every row's key, set and caption (when read), and an `image_id`: rows of the
+    same pixels (an image with several captions, one row each) hold the same prepared bytes, as preprocess
+    encodes them, and so the same id."""
+    image_id = np.asarray([hashlib.blake2b(bytes(data), digest_size=16).hexdigest() for data in batch["image"]],
+                          dtype=object)
     out = decode_batch(batch, image_size)
+    out["image_id"] = image_id
     for name in ("key", "caption"):
         if name in batch:
             out[name] = np.asarray(batch[name], dtype=object)
@@ -165,7 +170,8 @@ def embed_sets(uris: list[str], files_ref, image_size: int, config: EvaluateConf
                        use_gpu=config.use_gpu, precision=config.precision, with_text=with_text)
     dataset.context.execution_options.preserve_order = True
     sizes = [read_manifest(uri)["counts"]["kept"] for uri in uris]
-    names = [("key", "label", "image_features", *(["text_features"] if text else [])) for text in with_text]
+    names = [("key", "label", "image_features", *(["image_id", "text_features"] if text else []))
+             for text in with_text]
     out: list[dict] = [{} for _ in uris]
     filled = [0] * len(uris)
     for part in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -216,9 +222,21 @@ def per_class_recall(confusion: np.ndarray, classnames: list[str]) -> dict[str, 
             for c, name in enumerate(classnames) if images[c]}
 
 
-def retrieval(image_features: np.ndarray, text_features: np.ndarray) -> dict:
-    out = clip_core.retrieval_metrics(torch.from_numpy(image_features), torch.from_numpy(text_features))
-    return {key.replace("R@", "R"): value for key, value in out.items()}  # MLflow keys cannot hold '@'
+def gallery(ordered: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(the first row of each distinct image, each row's image among those): rows that share an image (COCO's
+    and Flickr's five captions, one row each) are one image with several captions, as clip_benchmark counts."""
+    _, first, inverse = np.unique(ordered["image_id"], return_index=True, return_inverse=True)
+    return first, inverse
+
+
+def retrieval(ordered: dict) -> dict:
+    """Recall@k and ranks both ways over a set's distinct images and all its captions: an image is found at
+    the best rank of any of its captions, a caption finds its image among the distinct ones."""
+    first, inverse = gallery(ordered)
+    out = clip_core.retrieval_metrics(torch.from_numpy(ordered["image_features"][first]),
+                                      torch.from_numpy(ordered["text_features"]), torch.from_numpy(inverse))
+    return {**{key.replace("R@", "R"): value for key, value in out.items()},  # MLflow keys cannot hold '@'
+            "images": len(first), "captions": len(inverse)}
 
 
 def linear_probes(train: dict, test: dict, shots: list[int], seed: int) -> dict:
@@ -265,8 +283,10 @@ def retrieval_png(uri: str, ordered: dict, path: str, queries: int = 4, top: int
     import matplotlib.pyplot as plt
 
     keys = ordered["key"].astype(str)
+    first, inverse = gallery(ordered)
+    scores = ordered["text_features"][:queries] @ ordered["image_features"][first].T  # the distinct images
+    shown = [first[np.argsort(-row)[:top]] for row in scores]  # as rows of the set
     scores = ordered["text_features"][:queries] @ ordered["image_features"].T
-    shown = [np.argsort(-row)[:top] for row in scores]
     wanted = sorted({keys[i] for row in shown for i in row} | {keys[q] for q in range(len(scores))})
     table = read_prepared_table(uri, columns=["key", "image", "caption"],  # only the images drawn
                                 filters=[("key", "in", wanted)]).to_pydict()
@@ -278,7 +298,7 @@ def retrieval_png(uri: str, ordered: dict, path: str, queries: int = 4, top: int
             ax.imshow(open_prepared_image(by_key[key][0], where=f"the image of key {key!r} in {uri}"))
             ax.set_xticks([])
             ax.set_yticks([])
-            color = "green" if index == q else "red"
+            color = "green" if inverse[index] == inverse[q] else "red"
             for spine in ax.spines.values():
                 spine.set_edgecolor(color)
                 spine.set_linewidth(3)
@@ -367,7 +387,7 @@ def _evaluate(config: EvaluateConfig, source: registry.ModelSource, artifacts: s
         confusion_png(confusion, classnames, os.path.join(artifacts, "confusion_matrix.png"))
     if config.retrieval:
         ordered = data[config.retrieval]
-        metrics["retrieval"] = {**retrieval(ordered["image_features"], ordered["text_features"]),
+        metrics["retrieval"] = {**retrieval(ordered),
                                 **_dataset_info(config.retrieval)}
         retrieval_png(config.retrieval, ordered, os.path.join(artifacts, "retrieval_examples.png"))
     if config.linear_probe:
