@@ -168,7 +168,9 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         for k in ks:
             out[f"{direction}_R@{k}"] = float((ranks <= k).float().mean())
         out[f"{direction}_mean_rank"] = float(ranks.mean())
-        out[f"{direction}_median_rank"] = float(ranks.median())
+        # OpenCLIP's (floor(np.median(0-based ranks)) + 1): the mean of the middle two, rounded down
+        middle = ranks.sort().values[[(len(ranks) - 1) // 2, len(ranks) // 2]]
+        out[f"{direction}_median_rank"] = float(middle.mean().floor())
     return out
 
 
@@ -214,18 +216,30 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
     As in the paper's appendix A.3: λ is searched over 1e-6..1e6, first at every second decade,
     then by halving the interval around the best value down to 8 steps per decade; the final
-    model is refit on train + validation with the chosen λ.
+    model is refit on train + validation with the chosen λ. The validation split holds out
+    `val_fraction` of each class that has two examples or more (a random split of a few-shot set held
+    out classes the fit never saw, scoring every λ 0); with one example a class there is nothing to
+    choose on, and λ is 1 / examples (scikit-learn's default C = 1).
     """
     train_features = F.normalize(train_features.double(), dim=-1)
     test_features = F.normalize(test_features.double(), dim=-1)
     train_labels, test_labels = train_labels.long(), test_labels.long()
+    if len(train_labels) < 2:
+        raise ValueError(f"linear probe needs at least 2 training examples, got {len(train_labels)}")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train_labels), generator=generator)
-    n_val = max(1, int(len(order) * val_fraction))
-    if len(order) - n_val < 1:
-        raise ValueError(f"linear probe needs at least 2 training examples, got {len(order)}")
-    val_idx, fit_idx = order[:n_val], order[n_val:]
+    held, kept = [], []
+    for c in train_labels.unique().tolist():
+        members = (train_labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_val = min(len(members) - 1, max(1, round(len(members) * val_fraction)))
+        held.append(members[:n_val])
+        kept.append(members[n_val:])
+    val_idx, fit_idx = torch.cat(held), torch.cat(kept)
+    if len(val_idx) == 0:
+        l2 = 1.0 / len(train_labels)
+        params = _fit_logistic(train_features, train_labels, num_classes, l2)
+        return {"top1": _probe_accuracy(params, test_features, test_labels), "l2": l2, "val_top1": math.nan}
 
     scores: dict[float, float] = {}
     solutions: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -1,3 +1,5 @@
+import math
+
 import open_clip.zero_shot_metadata as metadata
 import pytest
 import torch
@@ -79,6 +81,14 @@ def test_retrieval_metrics_do_not_depend_on_the_rounding_of_duplicate_captions()
         assert clip_core.retrieval_metrics(image, rounded) == exact
 
 
+def test_median_rank_is_openclips_for_an_even_number_of_queries():
+    images = torch.eye(4)
+    texts = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0.9, 0.5, 0.1, 0], [0.9, 0.6, 0.3, 0.1]])
+    metrics = clip_core.retrieval_metrics(images, texts)  # text→image ranks 1, 1, 3, 4
+    assert metrics["text_to_image_mean_rank"] == 2.25
+    assert metrics["text_to_image_median_rank"] == 2.0  # floor(median([0, 0, 2, 3])) + 1; torch.median said 1
+
+
 def test_linear_probe_learns_separable_features_and_tunes_l2():
     generator = torch.Generator().manual_seed(0)
     centers = torch.randn(5, 32, generator=generator) * 3
@@ -92,6 +102,23 @@ def test_linear_probe_learns_separable_features_and_tunes_l2():
     chance = clip_core.linear_probe(features, labels[torch.randperm(len(labels), generator=generator)],
                                     test_features, test_labels)
     assert chance["top1"] < 0.6
+
+
+def test_a_few_shot_probe_chooses_l2_on_held_out_examples_of_classes_it_fits():
+    """A random validation split of a 1- or 2-shot set held out classes the fit never saw: every λ scored 0,
+    the strongest won the tie, and well-separated classes probed at chance."""
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 32, generator=generator) * 3
+    test_labels = torch.arange(10).repeat(10)
+    test_features = centers[test_labels] + torch.randn(len(test_labels), 32, generator=generator)
+    for shots in (1, 2):
+        labels = torch.arange(10).repeat(shots)
+        features = centers[labels] + torch.randn(len(labels), 32, generator=generator)
+        result = clip_core.linear_probe(features, labels, test_features, test_labels)
+        assert result["top1"] > 0.9, (shots, result)
+    assert result["val_top1"] == 1.0  # 2 shots: one of each class held out, scored by a fit that saw the class
+    one_shot = clip_core.linear_probe(features[:10], labels[:10], test_features, test_labels)
+    assert one_shot["l2"] == 0.1 and math.isnan(one_shot["val_top1"])  # nothing to choose on: 1 / examples
 
 
 def test_logistic_fit_reaches_the_optimum_autograd_sees_from_any_start():
