@@ -114,10 +114,13 @@ def test_cluster_launcher_config_passes_rays_own_schema_and_has_the_node_groups(
     gpu = [t for t in types.values() if t["resources"].get("GPU")]
     cpu = [t for name, t in types.items() if name != config["head_node_type"] and not t["resources"].get("GPU")]
     assert gpu and cpu and all(t["max_workers"] > t["min_workers"] for t in gpu + cpu)  # both groups autoscale
-    # the nodes install the versions CI tests (the Docker image of the KubeRay manifests does the same)
-    (install,) = [command for command in config["setup_commands"] if "pip install" in command]
-    mounted = {remote for remote, local in config["file_mounts"].items() if local == "."}
-    assert any(f"-c {root}/constraints.txt" in install and install.endswith(f"-e {root}") for root in mounted), install
+    # the nodes run the image the KubeRay manifests run (deploy/Dockerfile: the versions CI tests), on an AMI
+    # the user names (Ray's latest_dlami, Ubuntu 18.04, cannot install the pinned torch); no .venv uploaded
+    kuberay = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayjob.yaml").read_text())
+    head_pod = kuberay["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert config["docker"]["image"] == head_pod["image"]
+    assert all(t["node_config"]["ImageId"] != "latest_dlami" for t in types.values())
+    assert ".venv" in (ROOT / ".gitignore").read_text() and config["rsync_filter"] == [".gitignore"]
     assert any("MLFLOW_TRACKING_URI" in c for c in config["setup_commands"])
     assert any("RAYCLIP_STORAGE" in c for c in config["setup_commands"])
     # the dashboard's job API runs any code: on the head's loopback, reached through `ray dashboard`'s tunnel
@@ -162,8 +165,11 @@ def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_th
         assert env["RAYCLIP_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"].get("optional") is not True
     # the dashboard's job API runs any code: Ray's token auth on both clusters
     assert cluster["authOptions"] == job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
-    # what the pipeline registers and promotes is what the service serves, from the same MLflow
+    # what the pipeline registers and promotes is what the service serves, from the same MLflow, with the same
+    # settings: `rayclip run` and `serve deploy` each find the other's app running as wanted
     assert settings.model == f"models:/{cluster_pipeline.registry.name}@champion"
+    piped = pipeline.StageConfigs.build(cluster_pipeline)[2]
+    assert rollout.runs_as(piped.stored(), settings) and rollout.runs_as(settings.stored(), piped)
     tracking = cluster_pipeline.tracking_uri()
     assert settings.mlflow_tracking_uri == tracking == yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"][
         "MLFLOW_TRACKING_URI"]
