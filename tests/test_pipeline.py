@@ -185,6 +185,61 @@ def test_a_root_whose_path_holds_url_characters_keeps_mlflow_and_its_artifacts_i
     assert [p.read_text() for p in (root / "mlartifacts").rglob("note.txt")] == ["hello"]
 
 
+def test_the_pipelines_service_takes_the_token_of_the_environment_it_runs_in(monkeypatch):
+    """As `rayclip serve` does: the replicas, wherever they run, get the token's digest in their config."""
+    from deploy.serve import TOKEN_ENV, open_warning, sha256_hex
+
+    monkeypatch.setenv(TOKEN_ENV, "tok-Pipeline-1")
+    serve = pipeline.StageConfigs.build(pipeline.load_config(None, ["serve.host=0.0.0.0"]))[2]
+    assert serve.auth_token_sha256 == sha256_hex("tok-Pipeline-1") and open_warning(serve) is None
+    monkeypatch.delenv(TOKEN_ENV)
+    serve = pipeline.StageConfigs.build(pipeline.load_config(None, ["serve.host=0.0.0.0"]))[2]
+    assert serve.auth_token_sha256 is None and "listens on 0.0.0.0:8000 without auth" in open_warning(serve)
+
+
+def test_a_command_on_a_node_where_ray_start_made_a_cluster_joins_it(tmp_path):
+    """A cluster launcher's node: `ray start` ran there and RAY_ADDRESS is unset; `rayclip run` after `ray attach`
+    joins that cluster, as plain ray.init() does (init_ray passed a local Ray's options, which Ray refuses when
+    joining: every command failed there)."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    system_temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: unix socket paths; Ray's is <it>/ray
+    env = {**os.environ, "RAY_TMPDIR": system_temp, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+                             "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+                             *(f"--{name}={free_port()}" for name in (
+                                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                                 "runtime-env-agent-port", "node-manager-port", "object-manager-port"))],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        recorded = Path(system_temp, "ray", "ray_current_cluster")
+        deadline = time.monotonic() + 120
+        while not recorded.exists():  # polling for the file `ray start` writes once its cluster is up
+            assert head.poll() is None and time.monotonic() < deadline, "ray start did not come up"
+            time.sleep(0.2)
+        joined = subprocess.run([sys.executable, "-c", "from workflows.runtime import init_ray; init_ray("
+                                 "dashboard=True); import ray; print(ray.get_runtime_context().gcs_address)"],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        assert joined.stdout.strip().endswith(f":{port}"), joined.stdout
+    finally:
+        head.send_signal(signal.SIGINT)  # `ray start --block` stops its processes on SIGINT, only its own
+        try:
+            head.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)
+
+
 def _micro_pipeline(tmp_path) -> list[str]:
     """--set overrides for a pipeline small enough for a test: the micro model, a few steps, little data."""
     model_file = tmp_path / "micro.json"

@@ -184,7 +184,7 @@ def _serve_config(args: argparse.Namespace):
     """The app's ServeConfig and route prefix: --config (ServeConfig fields, or a `serve deploy` file such
     as deploy/serve_config.yaml), then the flags."""
     from deploy.rollout import deploy_file_options
-    from deploy.serve import APP_NAME, TOKEN_ENV, ServeConfig, sha256_hex
+    from deploy.serve import APP_NAME, ServeConfig, open_warning, with_environment_token
 
     values, route_prefix = _read_config_file(args.config) if args.config else {}, "/"
     if "applications" in values:
@@ -194,16 +194,9 @@ def _serve_config(args: argparse.Namespace):
                                      "quick_gelu": args.quick_gelu, "index": args.index}.items() if v is not None})
     if not values.get("mlflow_tracking_uri") and os.environ.get("MLFLOW_TRACKING_URI"):
         values["mlflow_tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]  # below the flag and the file
-    if os.environ.get(TOKEN_ENV) and not any(values.get(k) for k in ("auth_token", "auth_token_sha256",
-                                                                      "auth_token_file")):
-        # the replicas may run where this environment is not (a cluster joined through RAY_ADDRESS): they get
-        # the token's digest in their config instead of reading the variable themselves
-        values["auth_token_sha256"] = sha256_hex(os.environ[TOKEN_ENV])
-    config = ServeConfig(**values)
-    if config.host not in ("127.0.0.1", "localhost", "::1") and not any(
-            (config.auth_token, config.auth_token_sha256, config.auth_token_file)):
-        print(f"rayclip {args.command}: warning: the app listens on {config.host}:{config.port} without auth: "
-              f"anyone who reaches that port can use the model; set {TOKEN_ENV} or auth_token_file", file=sys.stderr)
+    config = ServeConfig(**with_environment_token(values))
+    if warning := open_warning(config):
+        print(f"rayclip {args.command}: {warning}", file=sys.stderr)
     return config, getattr(args, "route_prefix", None) or route_prefix
 
 

@@ -306,7 +306,7 @@ class StageConfigs:
 
     @classmethod
     def build(cls, config: PipelineConfig, data: dict[str, str] | None = None, checkpoint: str = "CHECKPOINT"):
-        from deploy.serve import ServeConfig
+        from deploy.serve import ServeConfig, with_environment_token
 
         from .evaluate import EvaluateConfig
         from .train import TrainConfig
@@ -345,7 +345,7 @@ class StageConfigs:
                    "serve from an MLflow tracking server (http://) in front of this database")
                 + ", or set serve.enabled=false")
         # Serve keeps (and shows) an app's config: its replicas take MLflow's credentials from its variables
-        serve = cls._build("serve", ServeConfig, serve_values, owned, dict(
+        serve = cls._build("serve", ServeConfig, with_environment_token(serve_values), owned, dict(
             model=f"models:/{config.registry.name}@champion", mlflow_tracking_uri=without_credentials(tracking)))
         return train, evaluate, serve
 
@@ -571,8 +571,10 @@ class Pipeline:
 
     def deploy(self, serve_config) -> str:
         from deploy import rollout
-        from deploy.serve import APP_NAME
+        from deploy.serve import APP_NAME, open_warning
 
+        if warning := open_warning(serve_config):
+            self.echo(f"  {warning}")
         running = rollout.deployed_config()
         if running is not None and rollout.runs_as(running, serve_config):
             rollout.reload(echo=lambda line: self.echo(f"  {line}"))  # the alias may have moved: roll in place

@@ -10,7 +10,9 @@ IDLE_WORKERS_KEPT = 16  # worker processes a local Ray keeps before it stops idl
 
 
 def init_ray(*, dashboard: bool = False, **overrides) -> str | None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit` and on cluster nodes), else start a local one.
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit` and on KubeRay's nodes), else the one `ray
+    start` made on this machine (a cluster launcher's node, after `ray attach`), as plain `ray.init()` joins
+    it, else start a local one.
 
     A local Ray gets at least 4 logical CPUs: on 2 cores, pools of 1-CPU actors next to tasks
     (Ray Data's actor pools, Ray Train's workers) otherwise wait forever for resources. It keeps up to
@@ -26,8 +28,10 @@ def init_ray(*, dashboard: bool = False, **overrides) -> str | None:
 
     if ray.is_initialized():
         return None
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
+    from ray._private.utils import read_ray_address  # Ray's record of the cluster `ray start` made here
+
+    address = os.environ.get("RAY_ADDRESS") or read_ray_address()
+    if address:  # a running cluster's resources and settings are its own: the local ones below are not asked
         ray.init(address=address, **overrides)
         return None
     options = {"num_cpus": max(4, os.cpu_count() or 1), "include_dashboard": dashboard,
