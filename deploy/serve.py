@@ -378,6 +378,12 @@ class Index:
         manifest, table = read_embeddings(self.config.index)
         self.vectors = {kind: _matrix(table[f"{kind}_embedding"]) for kind in ("image", "text")
                         if f"{kind}_embedding" in table.column_names}
+        # the rows a kind's vectors stand for, where not every row in order: an image with several captions
+        # (COCO's five, a row each) is one image to search, its first row, not found once per caption
+        self.rows_of: dict[str, np.ndarray] = {}
+        if "image" in self.vectors and "image_id" in table.column_names:
+            self.rows_of["image"] = first_rows(table["image_id"])
+            self.vectors["image"] = np.ascontiguousarray(self.vectors["image"][self.rows_of["image"]])
         self.rows = table.select(["key", "caption", "label"])
         self.about = {"uri": self.config.index, "rows": table.num_rows, "embeddings": sorted(self.vectors),
                       "weights_sha256": manifest["model"]["weights_sha256"],
@@ -395,12 +401,20 @@ class Index:
         found: list[list[dict]] = [[] for _ in queries]
         for kind in {against for _, against, _ in queries}:
             members = [i for i, (_, against, _) in enumerate(queries) if against == kind]
-            scores = self.vectors[kind] @ np.stack([queries[i][0] for i in members]).T.astype(np.float32)
-            for column, i in enumerate(members):
-                column_scores = scores[:, column]
-                nearest = top_k(column_scores, queries[i][2])
-                rows = self.rows.take(nearest).to_pylist()
-                found[i] = [{**row, "cosine": float(column_scores[j])} for row, j in zip(rows, nearest)]
+            for i, rows in zip(members, self.nearest(kind, np.stack([queries[i][0] for i in members]),
+                                                     [queries[i][2] for i in members])):
+                found[i] = rows
+        return found
+
+    def nearest(self, kind: str, queries: np.ndarray, ks: list[int]) -> list[list[dict]]:
+        """For each query [n, dim] against `kind`'s vectors, its k nearest rows, nearest first."""
+        scores = self.vectors[kind] @ queries.T.astype(np.float32)
+        found = []
+        for column, k in enumerate(ks):
+            column_scores = scores[:, column]
+            nearest = top_k(column_scores, k)
+            rows = self.rows.take(self.rows_of[kind][nearest] if kind in self.rows_of else nearest).to_pylist()
+            found.append([{**row, "cosine": float(column_scores[j])} for row, j in zip(rows, nearest)])
         return found
 
 
@@ -431,6 +445,13 @@ def index_mismatch(index: dict, info: dict) -> str | None:
         return (f"the index was embedded with {made_with} running {activation[index['quick_gelu']]}, and the live "
                 f"model ({live}) runs {activation[info['quick_gelu']]}")
     return None
+
+
+def first_rows(ids) -> np.ndarray:
+    """The first row of each distinct value of the Arrow column `ids`, in row order (as int32 codes: not a
+    Python string a row)."""
+    codes = ids.combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False)
+    return np.sort(np.unique(codes, return_index=True)[1])
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

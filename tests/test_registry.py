@@ -120,6 +120,17 @@ def test_a_set_of_captions_without_labels_is_embedded_and_evaluated_for_retrieva
     assert cli.main(["embed", str(sets / "ckpt"), captions, str(tmp_path / "index"), "--batch-size", "10"]) == 0
     table = pq.read_table(tmp_path / "index" / "embeddings")
     assert table.num_rows == table["label"].null_count == 30
+    # rows of one image share its id, and /v1/search's Index finds that image once, not once per caption
+    ids = dict(zip(table["key"].to_pylist(), table["image_id"].to_pylist()))
+    assert len(set(ids.values())) == 24 and all(ids[key] == ids[key.replace("-again", "")] for key in ids)
+    from deploy.serve import Index
+
+    index = Index({"model": str(sets / "ckpt"), "index": str(tmp_path / "index")})
+    query = np.stack(table["image_embedding"].to_numpy(zero_copy_only=False))[:1]
+    found = index.nearest("image", query, [30])[0]
+    assert len(found) == 24 and len({ids[row["key"]] for row in found}) == 24
+    assert found[0]["cosine"] == pytest.approx(1.0, abs=1e-5) and "-again" not in found[0]["key"]
+    assert len(index.nearest("text", query, [30])[0]) == 30  # every caption is its own row to find
     metrics = evaluate(EvaluateConfig(model=str(sets / "ckpt"), retrieval=captions, batch_size=10),
                        echo=lambda *_: None)
     assert (metrics["retrieval"]["images"], metrics["retrieval"]["captions"]) == (24, 30)
@@ -448,14 +459,15 @@ def test_embed_writes_every_row_as_clip_core_embeds_it_as_parquet_any_reader_ope
     half = tmp_path / "half"
     assert cli.main(["embed", str(sets / "ckpt"), heldout, str(half), "--dtype", "float16", "--no-text"]) == 0
     small = pq.read_table(half / "embeddings")
-    assert small.column_names == ["key", "caption", "label", "image_embedding"]
+    assert small.column_names == ["key", "caption", "label", "image_id", "image_embedding"]
     assert small.schema.field("image_embedding").type.value_type == pa.float16()
     at = {key: i for i, key in enumerate(small["key"].to_pylist())}
     np.testing.assert_allclose(np.stack(small["image_embedding"].to_numpy(zero_copy_only=False))[
         [at[key] for key in prepared["key"]]].astype(np.float32), image_features, atol=2e-3)
     # a set without labels: nulls, not -1
     unlabeled = _to_table({"key": np.array(["a"], object), "caption": np.array(["x"], object),
-                           "label": np.array([-1]), "image_features": np.ones((1, 2), np.float32)}, "float32", False)
+                           "label": np.array([-1]), "image_id": np.array(["i"], object),
+                           "image_features": np.ones((1, 2), np.float32)}, "float32", False)
     assert unlabeled["label"].to_pylist() == [None]
 
 

@@ -190,6 +190,14 @@ def test_the_index_replica_reserves_the_memory_its_embeddings_take(app):
     assert options["memory"] == expected, options
 
 
+def test_the_rows_an_image_with_several_captions_stands_for_are_its_first():
+    import pyarrow as pa
+
+    ids = pa.chunked_array([["b", "a", "b"], ["c", "a"], []])
+    assert served.first_rows(ids).tolist() == [0, 1, 3]
+    assert served.first_rows(pa.chunked_array([], pa.string())).tolist() == []
+
+
 def test_search_breaks_ties_by_row_order_also_at_the_kth_place():
     rng = np.random.default_rng(0)
     scores = rng.choice(np.float32([0.1, 0.5, 0.9]), size=1000)  # duplicate images embed identically

@@ -2,7 +2,8 @@
 inference (the evaluate stage's pool of model actors), for nearest-neighbour search, deduplication or
 a downstream model (what clip-retrieval's `clip inference` writes).
 
-    OUTPUT/embeddings/*.parquet  key, caption, label (null where the set has none),
+    OUTPUT/embeddings/*.parquet  key, caption, label (null where the set has none), image_id (the same for
+                                 the rows of one image: an image with several captions, a row each),
                                  image_embedding, text_embedding: fixed_size_list<float32|float16>[embed_dim],
                                  L2-normalized, so a dot product is the model's cosine similarity
     OUTPUT/embeddings.json       written last: the model (URI, registered name and version, weights
@@ -63,6 +64,8 @@ def _to_table(batch: dict, dtype: str, text: bool) -> pa.Table:
     labels = np.asarray(batch["label"], dtype=np.int64)
     columns = {"key": pa.array(batch["key"], pa.string()), "caption": pa.array(batch["caption"], pa.string()),
                "label": pa.array(labels, pa.int64(), mask=labels < 0),
+               # rows of one image (several captions, a row each) share it: /v1/search finds the image once
+               "image_id": pa.array(batch["image_id"], pa.string()),
                "image_embedding": vectors(batch["image_features"])}
     if text:
         columns["text_embedding"] = vectors(batch["text_features"])
@@ -113,7 +116,8 @@ def embed(config: EmbedConfig, echo=print) -> dict:
         "dataset": {"uri": config.data, "digest": dataset_manifest["digest"]},
         "embed_dim": model_config.embed_dim,
         "dtype": config.dtype,
-        "columns": ["key", "caption", "label", "image_embedding", *(["text_embedding"] if config.text else [])],
+        "columns": ["key", "caption", "label", "image_id", "image_embedding",
+                    *(["text_embedding"] if config.text else [])],
         "normalized": True,
         "rows": total,
         "files": written,
