@@ -602,9 +602,9 @@ class _RankZeroTracker:
 
     @staticmethod
     def _open(config: TrainConfig, run_id: str | None, record: str | None) -> str:
-        """The run's id; the run stays active in this thread only: the logging calls name it. A new run's
-        id is written to `record`, where a restart before the first checkpoint (which carries it after)
-        finds it, and the driver, to end the run when the fit fails."""
+        """The run's id; the run stays active in this thread only: the logging calls name it. The id is
+        written to `record`, where a restart before the first checkpoint (which carries it after) finds
+        it, and the driver, to end the run when the fit fails."""
         import mlflow
 
         guard_output(config.mlflow_tracking_uri)
