@@ -4,8 +4,6 @@ importing the stage does not import Ray Train."""
 
 from __future__ import annotations
 
-import json
-
 import ray.train
 
 from . import storage
@@ -53,11 +51,9 @@ def registered_checkpoint(run_path: str) -> str | None:
 def train_record(uri: str) -> dict:
     """A train checkpoint's own account of itself (config.json's `train`: step, data pass, MLflow run); a
     config.json over 1 MiB (a rayclip one is a few kB) is refused unread (storage.TooLarge)."""
-    from clip_core.checkpoint import CONFIG_FILE
+    from .registry import checkpoint_description
 
-    from .registry import CONFIG_MAX_BYTES
-
-    return json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE), max_bytes=CONFIG_MAX_BYTES)).get("train") or {}
+    return checkpoint_description(uri).get("train") or {}
 
 
 def checkpoint_pass(uri: str) -> int:

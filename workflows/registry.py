@@ -191,8 +191,9 @@ def _converted(uri: str, destination: str, quick_gelu: bool | None) -> ModelSour
 
 
 def checkpoint_description(directory: str) -> dict:
-    """A local checkpoint's config.json (at most CONFIG_MAX_BYTES: it may come from someone else's store)."""
-    return json.loads(storage.read_bytes(str(Path(directory, CONFIG_FILE)), max_bytes=CONFIG_MAX_BYTES))
+    """A checkpoint's config.json, local or s3:// (at most CONFIG_MAX_BYTES: it may come from someone else's
+    store)."""
+    return json.loads(storage.read_bytes(storage.join(directory, CONFIG_FILE), max_bytes=CONFIG_MAX_BYTES))
 
 
 def _train_run_id(directory: str) -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
 import math
 import os
 import random
@@ -246,10 +245,11 @@ def init_image_size(config: TrainConfig) -> int:
     ViT-L/14). Other formats are built to see."""
     from clip_core.checkpoint import described_config, described_image_size, is_hf_config
 
+    from .registry import checkpoint_description
+
     _, path = init_source(config.init)
-    description = storage.join(path, CONFIG_FILE)
-    if storage.exists(description):
-        described = json.loads(storage.read_bytes(description, max_bytes=1 << 20))
+    if storage.exists(storage.join(path, CONFIG_FILE)):
+        described = checkpoint_description(path)
         if not is_hf_config(described):  # a transformers CLIPModel has no logit_bias
             check_loss_fits(config, described_config(described, path).init_logit_bias is not None,
                             f"--init {config.init}")
@@ -777,9 +777,9 @@ def resume_mismatch(config: TrainConfig, checkpoint: str) -> str | None:
     optimizer state and data position would be another run's)."""
     from clip_core.checkpoint import described_config
 
-    from .registry import CONFIG_MAX_BYTES
+    from .registry import checkpoint_description
 
-    description = json.loads(storage.read_bytes(storage.join(checkpoint, CONFIG_FILE), max_bytes=CONFIG_MAX_BYTES))
+    description = checkpoint_description(checkpoint)
     recorded = (description.get("train") or {}).get("config") or {}
     if config.init or recorded.get("init"):
         theirs, ours = (recorded.get("init"), recorded.get("quick_gelu")), (redacted(config.init), config.quick_gelu)
