@@ -285,24 +285,23 @@ def retrieval_png(uri: str, ordered: dict, path: str, queries: int = 4, top: int
     keys = ordered["key"].astype(str)
     first, inverse = gallery(ordered)
     scores = ordered["text_features"][:queries] @ ordered["image_features"][first].T  # the distinct images
-    shown = [first[np.argsort(-row)[:top]] for row in scores]  # as rows of the set
-    scores = ordered["text_features"][:queries] @ ordered["image_features"].T
-    wanted = sorted({keys[i] for row in shown for i in row} | {keys[q] for q in range(len(scores))})
+    shown = [np.argsort(-row)[:top] for row in scores]  # each caption's nearest distinct images
+    wanted = sorted({keys[first[i]] for row in shown for i in row} | {keys[q] for q in range(len(scores))})
     table = read_prepared_table(uri, columns=["key", "image", "caption"],  # only the images drawn
                                 filters=[("key", "in", wanted)]).to_pydict()
     by_key = {key: (image, caption) for key, image, caption in zip(table["key"], table["image"], table["caption"])}
     fig, axes = plt.subplots(len(scores), top, figsize=(2 * top, 2.3 * len(scores)), squeeze=False)
     for q, row in enumerate(scores):
-        for rank, index in enumerate(shown[q]):
-            ax, key = axes[q][rank], str(keys[index])
+        for rank, image in enumerate(shown[q]):
+            ax, key = axes[q][rank], str(keys[first[image]])
             ax.imshow(open_prepared_image(by_key[key][0], where=f"the image of key {key!r} in {uri}"))
             ax.set_xticks([])
             ax.set_yticks([])
-            color = "green" if inverse[index] == inverse[q] else "red"
+            color = "green" if image == inverse[q] else "red"
             for spine in ax.spines.values():
                 spine.set_edgecolor(color)
                 spine.set_linewidth(3)
-            ax.set_xlabel(f"{row[index]:.3f}", fontsize=7)
+            ax.set_xlabel(f"{row[image]:.3f}", fontsize=7)
         axes[q][0].set_title(by_key[keys[q]][1][:60], fontsize=8, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
