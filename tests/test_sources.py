@@ -211,11 +211,22 @@ def test_webdataset_keys_name_their_tar_and_an_exact_duplicate_is_dropped_howeve
     deduplicate = Deduplicate()
     rows = deduplicate(processed).to_pylist()
     assert [(r["key"], r["position"], r["reason"]) for r in rows] == [
-        ("s0.tar:000", 0, None), ("s0.tar:001", 1, None), ("s0.tar:000", 2, "duplicate"),
+        ("s0.tar:000", 0, None), ("s0.tar:001", 1, None), ("s0.tar:000#2", 2, "duplicate"),
         ("part/s0.tar:000", 0, None)]
     assert rows[2]["detail"] == f"same pixels and caption as row 0 of {tmp_path / 's0.tar'} (counting from 0)"
     # a batch seen again (a retried call) is marked as the first time: its first occurrences are no duplicates
     assert deduplicate(processed).to_pylist() == rows
+
+    # a tar whose samples' members are interleaved (a.jpg b.jpg a.txt b.txt): every row keyed once, each
+    # reject saying why
+    corpus.write_tar(tmp_path / "mixed.tar", [("a.jpg", one), ("b.jpg", two), ("a.txt", b"a cat"),
+                                             ("b.txt", b"a dog")])
+    rows = process_batch(_read(tmp_path / "mixed.tar", SourceSpec(format="webdataset")),
+                         PreprocessOptions(image_size=32)).to_pylist()
+    assert [(r["key"], r["reason"]) for r in rows] == [
+        ("mixed.tar:a", "missing_caption"), ("mixed.tar:b", "missing_caption"),
+        ("mixed.tar:a#2", "missing_image"), ("mixed.tar:b#2", "missing_image")]
+    assert "a's members are not together in the tar" in rows[2]["detail"]
 
     # a Parquet key column holding a row twice (two copies of a partition concatenated)
     corpus.write_parquet(tmp_path / "keyed.parquet", [("a", one, "a cat"), ("b", two, "a dog"), ("a", one, "a cat")])

@@ -54,7 +54,7 @@ SCHEMA_VERSION = 1
 # is the same pixels and caption (an image's other captions are kept) and a WebDataset key names its tar.
 # Bump it when the same source and options give other rows: a pipeline rerun then prepares them again
 # (and trains again only if the data's digest changed)
-OUTPUT_VERSION = 2
+OUTPUT_VERSION = 3
 MANIFEST = "manifest.json"
 REJECTS = "rejects.parquet"
 SHARDS_DIR = "shards"

@@ -362,14 +362,16 @@ def _read_webdataset(uri: str, spec: SourceSpec) -> Iterator[dict]:
     image_exts = (spec.image_key,) if spec.image_key else IMAGE_EXTENSIONS
     wanted = {*image_exts, spec.caption_field, spec.label_key, "json"}
     with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
-        key, members = None, {}
+        key, members, seen = None, {}, collections.Counter()
         for member in archive:
             if not member.isfile():
                 continue
             member_key, extension = _webdataset_split(member.name)
-            if member_key != key and key is not None:
-                yield _webdataset_row(uri, key, members, spec, image_exts)
-                members = {}
+            if member_key != key:
+                if key is not None:
+                    yield _webdataset_row(uri, key, members, spec, image_exts, seen[key])
+                    members = {}
+                seen[member_key] += 1
             key = member_key
             limit = MAX_CAPTION_DOCUMENT_BYTES if extension == spec.caption_field == "json" else spec.max_image_bytes
             if extension not in wanted:  # named in messages, never read: a sample holds only what is used
@@ -379,13 +381,16 @@ def _read_webdataset(uri: str, spec: SourceSpec) -> Iterator[dict]:
             else:
                 members[extension] = archive.extractfile(member).read()
         if key is not None:
-            yield _webdataset_row(uri, key, members, spec, image_exts)
+            yield _webdataset_row(uri, key, members, spec, image_exts, seen[key])
 
 
-def _webdataset_row(uri: str, key: str, members: dict, spec: SourceSpec, image_exts) -> dict:
+def _webdataset_row(uri: str, key: str, members: dict, spec: SourceSpec, image_exts, occurrence: int = 1) -> dict:
     # keyed with its tar as a CSV row with its file: shards written apart (by hand, by several img2dataset runs)
     # each number their samples from 000, and evaluation sorts and looks up rows by key
-    row = {"key": spec.file_key(uri, key), "source": uri}
+    # a key met again after other samples (webdataset groups only adjacent members) is another row, keyed apart
+    row = {"key": spec.file_key(uri, key if occurrence == 1 else f"{key}#{occurrence}"), "source": uri}
+    split = (f"; {key}'s members are not together in the tar, as WebDataset needs (write it with "
+             "`tar --sort=name` or webdataset's ShardWriter)") if occurrence > 1 else ""
     image_ext = next((ext for ext in image_exts if ext in members), None)
     caption = members.get(spec.caption_field)
     oversized = [ext for ext, value in members.items() if isinstance(value, tuple)]
@@ -396,9 +401,11 @@ def _webdataset_row(uri: str, key: str, members: dict, spec: SourceSpec, image_e
         return {**row, "reason": reason, "detail": f"member {key}.{oversized[0]} is {size:,} bytes, over the limit "
                 f"of {limit:,}"}
     if image_ext is None:
-        return {**row, "reason": "missing_image", "detail": f"members: {sorted(members)}; no {'/'.join(image_exts)}"}
+        return {**row, "reason": "missing_image",
+                "detail": f"members: {sorted(members)}; no {'/'.join(image_exts)}{split}"}
     if caption is None:
-        return {**row, "reason": "missing_caption", "detail": f"members: {sorted(members)}; no .{spec.caption_field}"}
+        return {**row, "reason": "missing_caption",
+                "detail": f"members: {sorted(members)}; no .{spec.caption_field}{split}"}
     metadata = members.get("json")
     label = members.get(spec.label_key) if spec.label_key else None
     fields = _document_caption(caption, f"member {key}.json") if spec.caption_field == "json" else {"caption": caption}
