@@ -24,17 +24,21 @@ class DeployError(ValueError):
     """The Serve application is not in a state the command can work with; the message says why."""
 
 
-class CannotLoad(DeployError):
-    """A rollout found that `model` (an exact version) cannot be loaded; the app serves what it served."""
+class RolloutFailed(DeployError):
+    """A rollout to `model` (an exact version) did not happen; the app serves what it served."""
 
     def __init__(self, message: str, model: str):
         super().__init__(message)
         self.model = model
 
 
-class NotReady(DeployError):
-    """A rollout's replicas were not ready on the new version in time (replicas still starting: a node
-    being added, a slow download); the app serves what it served, and a later try may succeed."""
+class CannotLoad(RolloutFailed):
+    """A rollout found that `model` cannot be loaded."""
+
+
+class NotReady(RolloutFailed):
+    """A rollout's replicas were not ready on `model` in time (replicas still starting: a node being
+    added, a slow download); the app serves what it served, and a later try may succeed."""
 
 
 def deploy_file_options(document: dict, name: str = APP_NAME, source: str = "the serve config") -> tuple[dict, str]:
@@ -153,7 +157,7 @@ def _roll(name: str, app: dict, target: dict, current: dict | None, timeout_s: f
         apply(TOWERS, current)
         raise NotReady(f"{name}: the towers were not ready on {target['model']} within {timeout_s:g} s, so they "
                        f"were put back on {current['model']}, which the app serves again; try again (a longer "
-                       f"timeout, or once the cluster has the resources): {exc}") from exc
+                       f"timeout, or once the cluster has the resources): {exc}", target["model"]) from exc
     except DeployError as exc:
         apply(TOWERS, current)
         raise CannotLoad(f"{name}: the towers could not load {target['model']}, so they were put back on "

@@ -211,26 +211,33 @@ def _follow_registry(stopping, every: float, name: str, model: str | None = None
     """Until `stopping` is set, every `every` seconds (and first at once with `now`, whose failures other
     than a version that cannot be loaded or was not ready in time stop it: no such app, say): roll app
     `name` to the version its model alias names now (after `rayclip promote`/`rollback`). A version that
-    cannot be loaded is passed over from then on; other failures are reported, and the next poll tries
-    again."""
+    cannot be loaded is passed over from then on; one whose replicas were not ready in time is tried again
+    after 1, 3, 7, … polls (at most an hour's): each try loads it on every tower, then puts them back;
+    other failures are reported, and the next poll tries again."""
     from deploy.rollout import CannotLoad, NotReady, reload
 
     unloadable: set[str] = set()  # a broken version is downloaded once, not at every poll
-    first = now
+    not_ready: dict[str, tuple[int, int]] = {}  # version → (its tries, the poll it is tried again at)
+    most_polls = max(1, int(3600 / every))
+    first, poll = now, 0
     while first or not stopping.wait(every):
+        waiting = {version for version, (_, at) in not_ready.items() if poll < at}
         try:
-            reload(name, model, echo=lambda line: print(line, flush=True), skip=unloadable)
+            reload(name, model, echo=lambda line: print(line, flush=True), skip=unloadable | waiting)
         except CannotLoad as exc:
             unloadable.add(exc.model)
             print(f"{exc}\n{name}: the poll will not try {exc.model} again: promote another version, or try it "
                   "once more with `rayclip deploy --reload`", flush=True)
-        except NotReady as exc:  # a version whose replicas were slow to start is tried again
-            print(f"{exc}\n{name}: the next poll tries it again", flush=True)
+        except NotReady as exc:  # a version whose replicas were slow to start is tried again, less often
+            tries = not_ready.get(exc.model, (0, 0))[0] + 1
+            wait = min(2**tries - 1, most_polls)
+            not_ready[exc.model] = (tries, poll + wait + 1)
+            print(f"{exc}\n{name}: tried {tries} time(s); the poll tries it again in {wait * every:g} s", flush=True)
         except Exception as exc:  # a registry hiccup must not stop the service; the next poll retries
             if first:
                 raise
             print(f"{name}: registry poll failed, still serving the current version: {redact(str(exc))}", flush=True)
-        first = False
+        first, poll = False, poll + 1
 
 
 def _serve(args: argparse.Namespace) -> int:
