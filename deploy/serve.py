@@ -174,12 +174,14 @@ def sha256_hex(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+TOKEN_FIELDS = ("auth_token", "auth_token_sha256", "auth_token_file")  # the ServeConfig fields that set a token
+
+
 def with_environment_token(values: dict) -> dict:
     """ServeConfig `values` with the digest of ${TOKEN_ENV}, when it is set here and `values` name no token:
     the replicas may run where this environment is not (a cluster joined through RAY_ADDRESS), so they get
     the token's digest in their config instead of reading the variable themselves."""
-    if os.environ.get(TOKEN_ENV) and not any(values.get(k) for k in ("auth_token", "auth_token_sha256",
-                                                                      "auth_token_file")):
+    if os.environ.get(TOKEN_ENV) and not any(values.get(k) for k in TOKEN_FIELDS):
         return {**values, "auth_token_sha256": sha256_hex(os.environ[TOKEN_ENV])}
     return values
 
@@ -187,8 +189,7 @@ def with_environment_token(values: dict) -> dict:
 def open_warning(config: "ServeConfig") -> str | None:
     """What to say when the app listens beyond this machine without a token (said, not refused: a private
     network may be meant)."""
-    if config.host in ("127.0.0.1", "localhost", "::1") or any(
-            (config.auth_token, config.auth_token_sha256, config.auth_token_file)):
+    if config.host in ("127.0.0.1", "localhost", "::1") or any(getattr(config, k) for k in TOKEN_FIELDS):
         return None
     return (f"warning: the app listens on {config.host}:{config.port} without auth: anyone who reaches that port "
             f"can use the model; set {TOKEN_ENV} (where the command runs) or auth_token_file")
