@@ -387,20 +387,27 @@ class CLIP(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def lock_image_tower(self, unlocked_layers: int = 0) -> None:
-        """Freeze the image tower (LiT), leaving its last `unlocked_layers` blocks (and head) trainable."""
+        """Freeze the image tower (LiT), leaving its last `unlocked_layers` layer groups trainable, grouped as
+        OpenCLIP's --lock-image-unlocked-groups: a ViT's stem, each block but the last, the last block with
+        ln_post, the projection (1 unlocks the projection only); a ResNet's stem, each stage, the attention
+        pool."""
         visual = self.visual
         if isinstance(visual, VisionTransformer):
+            blocks = list(visual.transformer.resblocks)
             groups = [[visual.conv1, visual.class_embedding, visual.positional_embedding, visual.ln_pre],
-                      *[[block] for block in visual.transformer.resblocks], [visual.ln_post, visual.proj]]
+                      *[[block] for block in blocks[:-1]], [blocks[-1], visual.ln_post], [visual.proj]]
         else:
             groups = [[visual.conv1, visual.bn1, visual.conv2, visual.bn2, visual.conv3, visual.bn3],
                       [visual.layer1], [visual.layer2], [visual.layer3], [visual.layer4], [visual.attnpool]]
         self._freeze(_locked(groups, unlocked_layers, "image"))
 
     def lock_text_tower(self, unlocked_layers: int = 0) -> None:
-        """Freeze the text tower, leaving its last `unlocked_layers` blocks (and head) trainable."""
-        groups = [[self.token_embedding, self.positional_embedding],
-                  *[[block] for block in self.transformer.resblocks], [self.ln_final, self.text_projection]]
+        """Freeze the text tower, leaving its last `unlocked_layers` layer groups trainable, grouped as
+        OpenCLIP's --lock-text-unlocked-layers: the embeddings, each block but the last, the last block with
+        ln_final, the projection (1 unlocks the projection only)."""
+        blocks = list(self.transformer.resblocks)
+        groups = [[self.token_embedding, self.positional_embedding], *[[block] for block in blocks[:-1]],
+                  [blocks[-1], self.ln_final], [self.text_projection]]
         self._freeze(_locked(groups, unlocked_layers, "text"))
 
 

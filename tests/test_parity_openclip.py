@@ -282,3 +282,20 @@ def test_a_bare_openclip_state_dict_gets_its_heads_right(name):
     assert config.vision.head_width == vision.get("head_width", 64)
     assert (config.vision.width, config.vision.layers) == (vision["width"], vision["layers"])
     assert config.text.heads == text.get("heads", 8)
+
+
+@pytest.mark.parametrize("unlocked", [0, 1, 2, 12, 14])
+def test_locking_a_tower_leaves_trainable_what_openclips_lock_does(unlocked):
+    """LiT: --lock-image-unlocked-groups N and --lock-text-unlocked-layers N leave the same parameters trainable
+    as OpenCLIP's lock_image_tower / lock_text_tower (ViT-B-32: 12 blocks, so 14 groups a tower)."""
+    ours, theirs = clip_core.create_model("ViT-B-32"), open_clip.create_model("ViT-B-32", pretrained=None)
+    ours.lock_image_tower(unlocked)
+    ours.lock_text_tower(unlocked)
+    theirs.lock_image_tower(unlocked)
+    theirs.lock_text_tower(unlocked)
+
+    def trainable(model):
+        return {name for name, param in model.named_parameters() if param.requires_grad}
+
+    assert trainable(ours) == trainable(theirs)
+    assert ("visual.proj" in trainable(ours)) == (unlocked > 0)
