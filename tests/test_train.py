@@ -595,6 +595,26 @@ def test_train_flags_override_the_config_file_which_overrides_the_environment(tm
     assert config("--data", "prepared").mlflow_tracking_uri == "sqlite:///env.db"
     assert config("--data", "prepared", "--run-name", "b16-laion").run_name == "b16-laion"  # OpenCLIP's --name
 
+    # OpenCLIP's flag names for the recipe, LiT, SigLIP and logging; --set for any other option, under flags
+    openclip = config("--data", "prepared", "--warmup", "50", "--wd", "0.1", "--lock-image",
+                      "--lock-image-unlocked-groups", "2", "--lock-text", "--lock-text-unlocked-layers", "1",
+                      "--siglip", "--grad-checkpointing", "--torchcompile", "--log-every-n-steps", "5",
+                      "--train-num-samples", "1000", "--grad-clip-norm", "2", "--beta2", "0.95", "--gpu",
+                      "--set", "shuffle_buffer=64", "--set", "train.seed=3", "--set", "steps=70", "--steps", "80")
+    assert openclip.model_dump(include={
+        "warmup_steps", "weight_decay", "lock_image", "lock_image_unlocked_layers", "lock_text",
+        "lock_text_unlocked_layers", "loss", "grad_checkpointing", "compile", "log_every", "train_num_samples",
+        "grad_clip_norm", "beta2", "use_gpu", "shuffle_buffer", "seed", "steps"}) == {
+        "warmup_steps": 50, "weight_decay": 0.1, "lock_image": True, "lock_image_unlocked_layers": 2,
+        "lock_text": True, "lock_text_unlocked_layers": 1, "loss": "siglip", "grad_checkpointing": True,
+        "compile": True, "log_every": 5, "train_num_samples": 1000, "grad_clip_norm": 2.0, "beta2": 0.95,
+        "use_gpu": True, "shuffle_buffer": 64, "seed": 3, "steps": 80}
+    plain = config("--data", "prepared")
+    assert (plain.lock_image, plain.compile, plain.loss, plain.use_gpu) == (False, False, "clip", False)
+    with pytest.raises(ValueError, match=r"--set 'shufle_buffer=1': 'shufle_buffer' is not a train option; the "
+                                         r"options are data, data_weights, "):
+        config("--data", "prepared", "--set", "shufle_buffer=1")
+
 
 def test_checkpoint_pass_comes_from_config_json_or_an_older_checkpoints_epoch(tmp_path):
     new, old = tmp_path / "new", tmp_path / "old"

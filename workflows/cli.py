@@ -76,22 +76,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace):
-    """The TrainConfig of `rayclip train`: flags over the --config file over $MLFLOW_TRACKING_URI."""
+    """The TrainConfig of `rayclip train`: flags over --set over the --config file over $MLFLOW_TRACKING_URI
+    (a flag's `dest` is its TrainConfig field)."""
+    from .pipeline import ConfigError, _set
     from .train import TrainConfig
 
     values = _read_config_file(args.config) if args.config else {}
     if not values.get("mlflow_tracking_uri"):  # flag > file > environment, as for serve
         values["mlflow_tracking_uri"] = os.environ.get("MLFLOW_TRACKING_URI")
-    values.update({k: v for k, v in {"data": args.data, "val": args.val, "zeroshot": args.zeroshot,
-              "output": args.output,
-              "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "workers": args.workers,
-              "storage": args.storage, "strategy": args.strategy, "init": args.init, "resume": args.resume,
-              "use_gpu": args.gpu or None,
-              "lr": args.lr, "accum_freq": args.accum_freq, "precision": args.precision,
-              "patch_dropout": args.patch_dropout, "unmasked_tuning_steps": args.unmasked_tuning_steps,
-              "checkpoint_every": args.checkpoint_every, "max_failures": args.max_failures,
-              "mlflow_tracking_uri": args.mlflow_tracking_uri,
-              "seed": args.seed, "quick_gelu": args.quick_gelu, "run_name": args.run_name}.items() if v is not None})
+    for assignment in args.set:
+        field = assignment.partition("=")[0].removeprefix("train.")
+        if field not in TrainConfig.model_fields:
+            raise ConfigError(f"--set {assignment!r}: {field!r} is not a train option; the options are "
+                              f"{', '.join(TrainConfig.model_fields)}")
+        _set(values, assignment.removeprefix("train."))
+    values.update({field: value for field, value in vars(args).items()
+                   if field in TrainConfig.model_fields and value is not None})
     return TrainConfig(**values)
 
 
@@ -368,18 +368,43 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Train CLIP on prepared datasets. --batch-size is the global contrastive "
                              "batch, split across --workers (unlike OpenCLIP's per-GPU flag); --steps counts "
                              "optimizer steps. Unset recipe values come from the preset's tested recipe.")
-    tr.add_argument("--config", help="YAML file of train options (any TrainConfig field); flags override it")
+    tr.add_argument("--config", help="YAML file of train options (any TrainConfig field); --set and flags "
+                    "override it")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any train option, e.g. --set shuffle_buffer=2048 (repeatable; flags override it)")
     tr.add_argument("--data", action="append", help="prepared dataset (repeat for several)")
+    tr.add_argument("--data-weights", type=float, nargs="+", metavar="WEIGHT",
+                    help="sampling weight per --data set (OpenCLIP's --train-data-upsampling-factors)")
     tr.add_argument("--val", help="prepared captioned set for validation loss and retrieval R@1")
     tr.add_argument("--zeroshot", help="prepared labeled set for zero-shot top-1")
     tr.add_argument("--output", help="directory or s3:// prefix for the final checkpoint")
     tr.add_argument("--model", help="preset name or model-config JSON (default tiny)")
     tr.add_argument("--steps", type=int)
+    tr.add_argument("--train-num-samples", type=int, help="samples per epoch (default: one pass over the data)")
     tr.add_argument("--batch-size", type=int, help="global contrastive batch")
     tr.add_argument("--accum-freq", type=int, help="micro-batches per step (the contrastive batch stays whole)")
     tr.add_argument("--lr", type=float)
+    tr.add_argument("--warmup", type=int, dest="warmup_steps", metavar="STEPS", help="linear warmup steps")
+    tr.add_argument("--wd", type=float, dest="weight_decay", help="weight decay (gains, biases and the "
+                    "temperature are exempt, as in OpenCLIP)")
+    tr.add_argument("--beta1", type=float)
+    tr.add_argument("--beta2", type=float)
+    tr.add_argument("--eps", type=float)
+    tr.add_argument("--grad-clip-norm", type=float)
+    tr.add_argument("--siglip", action="store_const", const="siglip", dest="loss",
+                    help="the sigmoid loss (SigLIP) instead of CLIP's softmax")
+    tr.add_argument("--lock-image", action="store_true", default=None, help="freeze the image tower (LiT)")
+    tr.add_argument("--lock-image-unlocked-groups", type=int, dest="lock_image_unlocked_layers", metavar="N",
+                    help="with --lock-image: leave its last N layer groups trainable, as OpenCLIP groups them")
+    tr.add_argument("--lock-text", action="store_true", default=None, help="freeze the text tower")
+    tr.add_argument("--lock-text-unlocked-layers", type=int, metavar="N",
+                    help="with --lock-text: leave its last N layer groups trainable, as OpenCLIP groups them")
+    tr.add_argument("--grad-checkpointing", action="store_true", default=None,
+                    help="recompute activations in the backward pass (less memory, ~a third more compute)")
+    tr.add_argument("--torchcompile", "--compile", action="store_true", default=None, dest="compile",
+                    help="torch.compile each worker's model")
     tr.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
-    tr.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    tr.add_argument("--gpu", action="store_true", default=None, dest="use_gpu", help="one GPU per worker")
     tr.add_argument("--strategy", choices=["ddp", "fsdp"],
                     help="ddp (default) replicates the model; fsdp shards weights, gradients and optimizer state")
     tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
@@ -388,7 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--unmasked-tuning-steps", type=int, metavar="N",
                     help="with --patch-dropout: the last N steps see every patch (FLIP's unmasked tuning)")
     tr.add_argument("--storage", help="Ray Train storage for checkpoints (local dir or s3://)")
-    tr.add_argument("--checkpoint-every", type=int)
+    tr.add_argument("--checkpoint-every", type=int, metavar="STEPS")
+    tr.add_argument("--num-to-keep", type=int, metavar="N", help="checkpoints kept (default 2)")
+    tr.add_argument("--checkpoint-metric", help="keep the best by this metric (val_loss, zeroshot_top1, ...) "
+                    "instead of the newest")
+    tr.add_argument("--val-every", type=int, metavar="STEPS", help="validate every N steps too (it always does "
+                    "at each checkpoint)")
+    tr.add_argument("--log-every-n-steps", type=int, dest="log_every", metavar="N")
     tr.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint")
     tr.add_argument("--init", help="pretrained weights: openai:PATH, openclip:PATH, or a checkpoint directory "
                     "(ours, OpenCLIP's or a Hugging Face CLIPModel's) or weights file (local or s3://)")
