@@ -99,13 +99,22 @@ def zero_shot_logits(image_features: torch.Tensor, classifier: torch.Tensor,
     return logit_scale * F.normalize(image_features.float(), dim=-1) @ classifier.to(image_features.device)
 
 
+def probabilities(logits: torch.Tensor, logit_bias: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Scores of scaled similarities [..., C] as the model was trained to give them: a softmax over the
+    C candidates (CLIP's contrastive loss), or with a logit bias (SigLIP's sigmoid loss) each candidate's
+    own probability, sigmoid(logit + bias), as SigLIP and Hugging Face's zero-shot pipeline score them."""
+    return logits.softmax(dim=-1) if logit_bias is None else torch.sigmoid(logits + logit_bias)
+
+
 @torch.no_grad()
 def predict(model, images: torch.Tensor, classifier: torch.Tensor, top_k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities [N, k], class indices [N, k]) for preprocessed images, best first."""
+    """(probabilities [N, k], class indices [N, k]) for preprocessed images, best first (`probabilities`:
+    a SigLIP model's are each label's own)."""
     device = _model_device(model)
     logit_scale = float(model.logit_scale.exp().clamp(max=100))
     logits = zero_shot_logits(model.encode_image(images.to(device)), classifier, logit_scale)
-    probs = logits.softmax(dim=-1)
+    bias = getattr(model, "logit_bias", None)
+    probs = probabilities(logits, None if bias is None else float(bias))
     return probs.topk(min(top_k, probs.shape[-1]), dim=-1)
 
 

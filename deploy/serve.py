@@ -295,6 +295,7 @@ def load_served_model(uri: str, tracking_uri: str | None, device: str = "cpu",
     info["image_size"] = model.image_size
     info["embed_dim"] = model.config.embed_dim
     info["logit_scale"] = float(model.logit_scale.detach().exp().clamp(max=100))
+    info["logit_bias"] = None if model.logit_bias is None else float(model.logit_bias.detach())  # SigLIP's
     return Loaded(model.eval().to(device), info, clip_core.get_tokenizer(model.config.text.context_length))
 
 
@@ -555,9 +556,14 @@ def encode_vector(vector: np.ndarray, encoding: str):
     return [float(x) for x in vector.astype(np.float32)]
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
+def probabilities(info: dict, cosine: np.ndarray) -> np.ndarray:
+    """Scores of cosine similarities [..., C] as the model `info` describes was trained to give them: a
+    softmax over the C candidates, or a SigLIP model's sigmoid of each (clip_core.zeroshot.probabilities)."""
+    import torch
+
+    from clip_core.zeroshot import probabilities as scores
+
+    return scores(torch.from_numpy(info["logit_scale"] * cosine), info.get("logit_bias")).numpy()
 
 
 api = FastAPI(title="rayclip", description="Zero-shot CLIP: classify, embed and rank images and texts.",
@@ -751,7 +757,7 @@ class Ingress:
         pixels = await self._pixels(images, info)
         classifier, features = await asyncio.gather(self._classifier(info, labels, templates),
                                                     self._features(info, "image", pixels))
-        probs = softmax(info["logit_scale"] * features @ classifier)
+        probs = probabilities(info, features @ classifier)
         top_k = min(body.top_k, len(labels))
         results = []
         for row in probs:
@@ -797,7 +803,7 @@ class Ingress:
         else:
             raise RequestError(422, "invalid_request", "send either 'image' with 'texts', or 'text' with 'images'")
         cosine = (candidates @ query[0]).astype(np.float64)
-        probs = softmax(info["logit_scale"] * cosine)
+        probs = probabilities(info, cosine)
         order = np.argsort(-cosine, kind="stable")
         return {"model": _model_ref(info),
                 "results": [{**names[j], "score": float(probs[j]), "cosine": float(cosine[j])} for j in order]}

@@ -99,6 +99,20 @@ def test_classify_ranks_labels_as_clip_core_does(app):
         assert [r["score"] for r in row] == pytest.approx(expected_probs, abs=1e-4)
 
 
+def test_a_siglip_model_is_served_with_each_labels_own_sigmoid_score(tmp_path):
+    """/v1/classify and /v1/rank score with `probabilities` of what the tower loaded: a model with a
+    logit bias (SigLIP's loss) gets its sigmoids, as clip_core.predict gives them, not a softmax."""
+    clip_core.save_checkpoint(clip_core.create_model("tiny", init_logit_bias=-10.0), tmp_path / "siglip")
+    info = served.load_served_model(str(tmp_path / "siglip"), None).info
+    assert info["logit_bias"] == -10.0
+    cosine = np.array([[0.3, 0.1, -0.2]])
+    scale = info["logit_scale"]
+    np.testing.assert_allclose(served.probabilities(info, cosine), 1 / (1 + np.exp(-(scale * cosine - 10))),
+                               rtol=1e-6)
+    softmax = served.probabilities({**info, "logit_bias": None}, cosine)
+    np.testing.assert_allclose(softmax, np.exp(scale * cosine) / np.exp(scale * cosine).sum(), rtol=1e-6)
+
+
 def test_embeddings_and_rank_match_clip_core(app):
     model, images, texts = app["model"], _images(2, seed=9), ["a red circle", "a small blue square on grey"]
     expected_images = _image_features(model, images).numpy()

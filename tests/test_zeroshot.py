@@ -47,6 +47,18 @@ def test_predict_ranks_classes_with_probabilities(tokenize):
     assert (probs[:, :-1] >= probs[:, 1:]).all() and (probs.sum(dim=1) <= 1 + 1e-6).all()
 
 
+def test_a_siglip_model_scores_each_label_by_its_own_sigmoid_not_a_softmax(tokenize):
+    model = clip_core.create_model("tiny", init_logit_bias=-10.0).eval()
+    classifier = clip_core.zero_shot_classifier(model, tokenize, ["a", "b", "c", "d"])
+    images = torch.randn(2, 3, 64, 64)
+    probs, indices = clip_core.predict(model, images, classifier, top_k=4)
+    with torch.no_grad():
+        cosine = model.encode_image(images, normalize=True) @ classifier
+    expected = torch.sigmoid(model.logit_scale.exp() * cosine + model.logit_bias).detach()
+    torch.testing.assert_close(probs, expected.gather(1, indices))
+    assert (probs.sum(dim=1) < 0.5).all(), "at SigLIP's bias, no label of a random image is likely"
+
+
 def test_accuracy_counts_top_k_and_per_class_recall():
     logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
     labels = torch.tensor([0, 2, 1, 2])
