@@ -51,6 +51,9 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path, monkeypa
     assert pipeline.load_config(None, ["train.seed=1"]).train == {"steps": 100, "seed": 1}
     path.write_text("registry:\n  name: other\n")  # a file without a train section: its default too
     assert pipeline.load_config(str(path), ["train.seed=1"]).train == {"steps": 100, "seed": 1}
+    # and so in a nested section: the embedded 64 px preprocessing stays 64 px
+    options = pipeline.load_config(None, ["data.preprocess.dedupe=false"]).data.preprocess
+    assert (options.dedupe, options.image_size, options.rows_per_shard) == (False, 64, 2048)
     # DESIGN's cluster spellings: `storage: URI` for storage.root, Ray's num_workers for train.workers
     path.write_text("storage: s3://bucket/runs\nmlflow:\n  tracking_uri: http://127.0.0.1:5000\ntrain:\n"
                     "  num_workers: 4\n  use_gpu: true\n")

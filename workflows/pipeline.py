@@ -237,16 +237,20 @@ def _set(values: dict, assignment: str) -> None:
     if not sep or not key:
         raise ConfigError(f"--set {assignment!r}: write KEY.PATH=VALUE, e.g. --set train.steps=50")
     *parents, leaf = key.split(".")
-    section = PipelineConfig.model_fields.get(parents[0]) if parents else None
-    if section is not None and isinstance(section.default, dict):  # --set writes one key into its default
-        values.setdefault(parents[0], copy.deepcopy(section.default))
     if "storage" in values:  # the file's `storage: PATH` shorthand as its section, for --set storage.root
         values["storage"] = PipelineConfig._storage_shorthand(values["storage"])
-    node = values
+    node, model = values, PipelineConfig
     for part in parents:
-        node = node.setdefault(part, {})
+        field = model.model_fields.get(part) if model else None
+        if part not in node:  # --set writes one key into the section's default (data.preprocess's image size…)
+            default = field.get_default(call_default_factory=True) if field else None
+            node[part] = (default.model_dump(mode="json", exclude_unset=True) if isinstance(default, BaseModel)
+                          else copy.deepcopy(default) if isinstance(default, dict) else {})
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     node[leaf] = yaml.safe_load(raw)
 
 
