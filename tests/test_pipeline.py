@@ -104,7 +104,7 @@ def test_config_mistakes_name_each_key_with_its_file_and_line(tmp_path, monkeypa
     assert pipeline.StageConfigs.build(secret)[2].mlflow_tracking_uri == "http://127.0.0.1:5000"
 
 
-def test_stage_keys_outlive_releases_that_add_options():
+def test_stage_keys_outlive_releases_that_add_options(tmp_path):
     """Upgrading rayclip must not rerun a user's preprocessing and training (days on a cluster): a stage's key
     holds only the values that differ from their defaults. If the recorded keys below change, every earlier
     output is orphaned: change them only together with pipeline.KEY_VERSION, on purpose."""
@@ -117,7 +117,16 @@ def test_stage_keys_outlive_releases_that_add_options():
             "eval": pipeline.stage_key(evaluate, eval_digests, unkeyed=pipeline._EVAL_UNKEYED)}
     # (the data key also holds preprocess.OUTPUT_VERSION: bumped, it prepares the data again, and trains again
     # only if the data's digest changed)
-    assert keys == {"data": "fd7cee5f323dfbef", "train": "636cdfa4323bb5e8", "eval": "45fbe26b3c52d6ce"}
+    assert keys == {"data": "03b29de460fd2bcc", "train": "636cdfa4323bb5e8", "eval": "45fbe26b3c52d6ce"}
+
+    # a class-names file is keyed by what it names: edited (two classes swapped), its labels are others
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\ndog\n")
+    options = config.data.options("zeroshot").model_copy(update={"classnames": str(names)})
+    before = pipeline.data_key(options, "labeled.parquet")
+    assert before == pipeline.data_key(options.model_copy(update={"classnames": ["cat", "dog"]}), "labeled.parquet")
+    names.write_text("dog\ncat\n")
+    assert pipeline.data_key(options, "labeled.parquet") != before
 
     def train_key(**update):
         return pipeline.stage_key(train.model_copy(update=update), digests, unkeyed=pipeline._TRAIN_UNKEYED)

@@ -189,7 +189,10 @@ def stage_key(config: BaseModel, *inputs, unkeyed: set[str] = frozenset()) -> st
 
 
 def data_key(options: PreprocessOptions, source: str) -> str:
-    """The key of `source` prepared with `options`: and with what this release's preprocessing makes of them."""
+    """The key of `source` prepared with `options`: and with what this release's preprocessing makes of them.
+    A class-names file counts by its lines, not its path: edited, the labels it names are others."""
+    if isinstance(options.classnames, str):
+        options = options.model_copy(update={"classnames": storage.read_lines(options.classnames)})
     return stage_key(options, source, {"preprocess_output": OUTPUT_VERSION})
 
 
