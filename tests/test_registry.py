@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import boto3
 import mlflow
@@ -15,7 +16,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 import clip_core
-from workflows import cli, pipeline, registry
+from workflows import cli, pipeline, registry, storage
 from workflows import evaluate as evaluate_module
 from workflows.evaluate import EvaluateConfig, evaluate, per_class_recall
 from workflows.preprocess import PreprocessOptions, decode_batch, preprocess, read_manifest, read_prepared_table
@@ -381,7 +382,7 @@ def test_weights_in_the_formats_users_hold_register_evaluate_and_export_as_they_
 
 
 def test_quick_gelu_says_what_weights_were_trained_with_and_a_checkpoint_of_ours_keeps_its_own(sets, tmp_path,
-                                                                                                 capsys):
+                                                                                                 capsys, s3_bucket):
     """OpenCLIP issue #771's trap: a bare state dict says nothing of its activation (GELU is assumed, with a
     warning), and a file may imply the wrong one. --quick-gelu / --no-quick-gelu say it wherever weights
     are taken; a checkpoint of ours records its own."""
@@ -406,6 +407,16 @@ def test_quick_gelu_says_what_weights_were_trained_with_and_a_checkpoint_of_ours
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["text_config"]["hidden_act"] == "quick_gelu"
     assert cli.main(["export", bare, str(tmp_path / "hf-gelu"), "--to", "hf", "--no-quick-gelu"]) == 0
     assert json.loads((tmp_path / "hf-gelu" / "config.json").read_text())["text_config"]["hidden_act"] == "gelu"
+    # to S3 as to a local path (it wrote a local directory named `s3:`), the weights uploaded last
+    exported = f"s3://{s3_bucket}/exports"
+    assert cli.main(["export", bare, f"{exported}/hf", "--to", "hf", "--no-quick-gelu"]) == 0
+    assert cli.main(["export", bare, f"{exported}/openclip.pt", "--to", "openclip", "--no-quick-gelu"]) == 0
+    assert not (Path.cwd() / "s3:").exists()
+    assert {storage.basename(uri) for uri in storage.list_files(exported)} >= {
+        "config.json", "model.safetensors", "openclip.pt"}
+    storage.download(f"{exported}/openclip.pt", str(tmp_path))
+    assert torch.equal(clip_core.load_model(tmp_path / "openclip.pt", quick_gelu=False).logit_scale,
+                       clip_core.load_model(sets / "ckpt").logit_scale)
     capsys.readouterr()
     # a rollout changes the model version, not how the app loads weights
     assert cli.main(["deploy", "--reload", "--quick-gelu", "--port", "8001"]) == 2

@@ -166,17 +166,26 @@ def _export(args: argparse.Namespace) -> int:
     import tempfile
 
     import clip_core
+    from clip_core.checkpoint import WEIGHTS_FILE
 
+    from . import storage
     from .registry import fetch_checkpoint
 
+    output = storage.absolute(args.output)
+    storage.filesystem(output)  # a scheme storage cannot write fails before the model is fetched
     with tempfile.TemporaryDirectory() as scratch:
         source = fetch_checkpoint(args.model, scratch, tracking_uri=_tracking_uri(args), quick_gelu=args.quick_gelu)
         model = clip_core.load_model(source.directory)
-    if args.to == "hf":
-        written, what = clip_core.export_hf(model, args.output), "a transformers CLIPModel directory"
-    else:
-        written, what = clip_core.export_openclip(model, args.output), "an OpenCLIP checkpoint"
-    print(f"export: {args.model} -> {written} ({what})")
+        written = os.path.join(scratch, "export")  # then copied to the output: a local path or s3://
+        if args.to == "hf":
+            clip_core.export_hf(model, written)
+            storage.copy_directory(written, output, last=WEIGHTS_FILE)
+            what = "a transformers CLIPModel directory"
+        else:
+            clip_core.export_openclip(model, written)
+            storage.copy(written, output)
+            what = "an OpenCLIP checkpoint"
+    print(f"export: {args.model} -> {output} ({what})")
     return 0
 
 
@@ -514,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "loads.")
     ex.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint directory or s3:// prefix"
                     + OTHER_WEIGHTS)
-    ex.add_argument("output", help="local directory (--to hf) or file (--to openclip)")
+    ex.add_argument("output", help="directory (--to hf) or file (--to openclip): a local path or s3:// URI")
     ex.add_argument("--to", required=True, choices=("hf", "openclip"))
     ex.set_defaults(handler=_export)
 

@@ -170,6 +170,15 @@ def copy(source: str, destination: str) -> None:
     _replace_locally(path, write)
 
 
+def copy_directory(source: str, destination: str, last: str | None = None) -> None:
+    """Copy every file under `source` to the same path under `destination` (each a local path or s3://
+    URI), the file named `last` after the others: its presence then says the copy is whole."""
+    if source == destination:
+        return
+    for uri in sorted(list_files(source), key=lambda uri: basename(uri) == last):
+        copy(uri, join(destination, uri[len(source):].lstrip("/")))
+
+
 def _replace_locally(path: str, write: Callable[[str], object]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"

@@ -942,10 +942,7 @@ def _checkpoint_uri(checkpoint) -> str:
 
 def _copy_checkpoint(source: str, destination: str) -> None:
     """The weights last: their presence says the copy is whole (a rerun that finds them skips training)."""
-    if source == destination:
-        return
-    for uri in sorted(storage.list_files(source), key=lambda uri: storage.basename(uri) == WEIGHTS_FILE):
-        storage.copy(uri, storage.join(destination, uri[len(source):].lstrip("/")))
+    storage.copy_directory(source, destination, last=WEIGHTS_FILE)
 
 
 def _log_checkpoints(config: TrainConfig, run_id: str, final: str, best: str | None) -> None:
