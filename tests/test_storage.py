@@ -25,12 +25,38 @@ def test_remote_copies_are_cached_in_a_directory_only_this_user_can_write(tempor
     storage.copy(str(tmp_path / "weights.bin"), uri)
     with storage.local_copy(uri) as first:
         private = temporary_root / f"rayclip-{os.getuid()}"
-        assert Path(first).parent.parent == private and Path(first).read_bytes() == b"weights"
+        assert private in Path(first).parents and Path(first).read_bytes() == b"weights"
         status = os.lstat(private)
         assert status.st_uid == os.getuid() and stat.S_IMODE(status.st_mode) & 0o077 == 0
         with storage.local_copy(uri) as second:  # the processes of a node share one download
             assert second == first
     assert not Path(first).exists()
+
+
+def test_a_reader_killed_inside_neither_pins_its_copy_nor_hides_a_replaced_object(temporary_root, tmp_path,
+                                                                                 s3_bucket):
+    """A reader SIGKILLed inside local_copy (an OOM kill, `ray job stop`) left its marker, so its copy was
+    served for good: after the object was replaced in S3 too, and a checkpoint's worth of disk stayed used."""
+    import subprocess
+    import sys
+
+    uri = f"s3://{s3_bucket}/weights/weights.bin"
+    storage.write_bytes(uri, b"version-1")
+    reader = subprocess.run([sys.executable, "-c", f"""
+import os, signal
+from workflows import storage
+with storage.local_copy({uri!r}) as local:
+    print(local, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""], capture_output=True, text=True, env={**os.environ, "TMPDIR": str(temporary_root)})
+    killed = Path(reader.stdout.strip())
+    assert reader.returncode == -9 and killed.read_bytes() == b"version-1"
+    storage.write_bytes(uri, b"version-2, replaced")
+    with storage.local_copy(uri) as local:
+        assert Path(local).read_bytes() == b"version-2, replaced"
+        assert not killed.exists(), "the dead reader's copy is deleted"
+    copies = temporary_root / f"rayclip-{os.getuid()}" / "copies"
+    assert [p.name for folder in copies.iterdir() for p in folder.iterdir()] == ["lock"], "nothing left behind"
 
 
 def _plant_writable_by_others(directory: Path) -> None:

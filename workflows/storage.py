@@ -238,23 +238,28 @@ def local_copy(uri: str):
     Ray's `Checkpoint.as_directory` does this too, but a process that comes after its download finished
     downloads again into the same directory, over the files the others are reading (on resume from S3
     that tore train_state.pt and crashed a worker in the memory-mapped weights). Here a download lands
-    whole (a rename) and is never repeated while anyone reads it. A reader that dies inside leaves the copy
-    in this user's `private_directory`, where the next reader of `uri` finds it; a copy is shared only by
-    the processes of one user (Ray's workers run as the user who started Ray)."""
+    whole (a rename) and is never repeated while anyone reads it. A copy is named by the object's version
+    (its files' sizes and modification times), so one replaced in S3 is downloaded afresh; a reader that
+    dies inside is pruned by the next call for `uri`, which deletes the copies no live process reads. A
+    copy is shared only by the processes of one user, in its `private_directory` (Ray's workers run as the
+    user who started Ray)."""
     if not is_s3(uri):
         yield uri
         return
-    base = private_directory() / hashlib.sha256(uri.encode()).hexdigest()[:20]
-    done, partial, readers = base, Path(f"{base}.partial"), Path(f"{base}.readers")
+    folder = private_directory() / "copies" / hashlib.sha256(uri.encode()).hexdigest()[:20]
+    folder.mkdir(parents=True, exist_ok=True)
+    version = _version(uri)
+    done, partial, readers = folder / version, folder / f"{version}.partial", folder / f"{version}.readers"
 
     @contextlib.contextmanager
     def locked():
-        with open(f"{base}.lock", "a") as lock:
+        with open(folder / "lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             yield
 
     me = readers / f"{os.getpid()}-{uuid.uuid4().hex}"
     with locked():
+        _prune(folder, keep=version)
         if not done.exists():
             shutil.rmtree(partial, ignore_errors=True)  # what a download that died left
             partial.mkdir()
@@ -267,9 +272,49 @@ def local_copy(uri: str):
     finally:
         with locked():
             me.unlink()
-            if not any(readers.iterdir()):
-                shutil.rmtree(done, ignore_errors=True)
-                readers.rmdir()
+            _prune(folder)
+
+
+def _version(uri: str) -> str:
+    """What tells one content of the file or directory at `uri` from another: its files' paths, sizes and
+    modification times (a listing, not a read)."""
+    fs, path = filesystem(uri)
+    listed = fs.get_file_info(path)
+    if listed.type == pafs.FileType.Directory:
+        listed = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    stamps = sorted((i.path, i.size, i.mtime_ns) for i in (listed if isinstance(listed, list) else [listed])
+                    if i.type == pafs.FileType.File)
+    return hashlib.sha256(repr(stamps).encode()).hexdigest()[:20]
+
+
+def _prune(folder: Path, keep: str | None = None) -> None:
+    """Under `folder`'s lock: forget the readers whose process is gone, and delete every copy (but `keep`)
+    that no live process reads, and downloads that died half way."""
+    for entry in folder.iterdir():
+        if entry.name.endswith(".readers"):
+            for marker in entry.iterdir():
+                if not _alive(int(marker.name.partition("-")[0])):
+                    marker.unlink()
+    for entry in folder.iterdir():
+        version, _, suffix = entry.name.partition(".")
+        if entry.name == "lock" or version == keep or \
+                suffix in ("", "readers") and _has_readers(folder / f"{version}.readers"):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _has_readers(readers: Path) -> bool:
+    return readers.is_dir() and any(readers.iterdir())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None, recursive: bool = True) -> list[str]:
