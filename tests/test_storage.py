@@ -110,3 +110,9 @@ def test_the_cache_directory_is_made_private_whatever_the_umask(temporary_root):
     assert private == temporary_root / f"rayclip-{os.getuid()}"
     assert stat.S_IMODE(os.lstat(private).st_mode) == 0o700
     assert storage.private_directory() == private  # found again, accepted
+
+
+def test_class_names_file_with_a_byte_order_mark_reads_as_the_names(tmp_path):
+    """Windows editors save text with a BOM; it must not become part of class 0's name."""
+    (tmp_path / "classes.txt").write_bytes(b"\xef\xbb\xbfdog\r\ncat\r\n")
+    assert storage.read_lines(str(tmp_path / "classes.txt")) == ["dog", "cat"]

@@ -134,8 +134,9 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
 
 def read_lines(uri: str, max_bytes: int = 16 * 2**20) -> list[str]:
     """One entry per line (class names, prompt templates); a blank line between entries is an error,
-    since an entry's line number can be its label."""
-    lines = [line.strip() for line in read_bytes(uri, max_bytes=max_bytes).decode("utf-8").rstrip().splitlines()]
+    since an entry's line number can be its label. A leading BOM (Windows editors write one) is dropped."""
+    text = read_bytes(uri, max_bytes=max_bytes).decode("utf-8-sig")
+    lines = [line.strip() for line in text.rstrip().splitlines()]
     if "" in lines:
         raise ValueError(f"{uri}, line {lines.index('') + 1}: blank line; write one entry per line, no blank lines "
                          "between them (a class name's line number is its label)")
