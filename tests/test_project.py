@@ -6,7 +6,12 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from workflows import synthetic
+import pytest
+
+import clip_core
+from workflows import cli, synthetic
+
+from micro import micro_config
 
 RAYCLIP = Path(sys.executable).parent / "rayclip"
 
@@ -244,3 +249,15 @@ def test_free_ports_are_never_given_twice_in_a_session():
 
     ports = [free_port() for _ in range(2000)]
     assert len(set(ports)) == len(ports)
+
+
+@pytest.mark.parametrize("content", ["zeroshot top1 0.7", "[1, 2]", '{"zeroshot": 5}'])
+def test_register_names_a_metrics_file_that_is_not_evaluate_json(tmp_path, capsys, content):
+    clip_core.save_checkpoint(clip_core.CLIP(micro_config()), tmp_path / "ckpt")
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(content)
+    assert cli.main(["register", str(tmp_path / "ckpt"), "--name", "clip", "--metrics", str(metrics),
+                     "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    error = capsys.readouterr().err
+    assert f"rayclip register: error: --metrics {metrics}: not the JSON object `rayclip evaluate --json` writes" \
+        in error, error

@@ -127,17 +127,32 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    import json
-
     from .registry import register
 
-    metrics = None
-    if args.metrics:  # where `rayclip evaluate --json` wrote it: local or s3://
-        from . import storage
-
-        metrics = json.loads(storage.read_bytes(args.metrics, max_bytes=64 * 2**20))
+    metrics = _evaluate_json(args.metrics) if args.metrics else None
     register(args.checkpoint, args.name, metrics=metrics, tracking_uri=_tracking_uri(args), quick_gelu=args.quick_gelu)
     return 0
+
+
+def _evaluate_json(uri: str) -> dict:
+    """The metrics `rayclip evaluate --json` wrote at `uri` (local or s3://), refused (ValueError) unless they
+    are its JSON object of sections, each an object, which is what the registry reads."""
+    import json
+
+    from . import storage
+    from .registry import EVAL_SECTIONS
+
+    expected = "not the JSON object `rayclip evaluate --json` writes ({\"zeroshot\": {\"top1\": …}, …})"
+    try:
+        metrics = json.loads(storage.read_bytes(uri, max_bytes=64 * 2**20))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--metrics {uri}: {expected}: {exc}") from exc
+    if not isinstance(metrics, dict):
+        raise ValueError(f"--metrics {uri}: {expected}: the file holds no object at its top level")
+    for section in ("model", *EVAL_SECTIONS):
+        if not isinstance(metrics.get(section, {}), dict):
+            raise ValueError(f"--metrics {uri}: {expected}: its {section!r} section is not an object")
+    return metrics
 
 
 def _promote(args: argparse.Namespace) -> int:
