@@ -261,3 +261,15 @@ def test_register_names_a_metrics_file_that_is_not_evaluate_json(tmp_path, capsy
     error = capsys.readouterr().err
     assert f"rayclip register: error: --metrics {metrics}: not the JSON object `rayclip evaluate --json` writes" \
         in error, error
+
+
+@pytest.mark.parametrize("seconds", ["inf", "1e300", "nan", "0", "-1", "86401"])
+def test_poll_interval_must_be_a_finite_number_of_seconds(capsys, seconds):
+    # threading.Event.wait(inf) raises OverflowError: once the service is up, too late to say so
+    for command in ("serve", "deploy"):
+        with pytest.raises(SystemExit) as exited:
+            cli.build_parser().parse_args([command, "--poll-registry", seconds])
+        assert exited.value.code == 2
+        assert f"rayclip {command}: error: argument --poll-registry: {seconds}: give a number of seconds " \
+               "above 0, at most 86400 (a day)" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["serve", "--poll-registry", "86400"]).poll_registry == 86400

@@ -225,9 +225,10 @@ def _serve_config(args: argparse.Namespace):
 
 
 def _seconds(text: str) -> float:
+    """A poll interval; bounded because `Event.wait` overflows on inf or 1e300, and only once the service is up."""
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text}: give a number of seconds above 0")
+    if not 0 < value <= 86400:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text}: give a number of seconds above 0, at most 86400 (a day)")
     return value
 
 
