@@ -116,3 +116,16 @@ def test_class_names_file_with_a_byte_order_mark_reads_as_the_names(tmp_path):
     """Windows editors save text with a BOM; it must not become part of class 0's name."""
     (tmp_path / "classes.txt").write_bytes(b"\xef\xbb\xbfdog\r\ncat\r\n")
     assert storage.read_lines(str(tmp_path / "classes.txt")) == ["dog", "cat"]
+
+
+def test_file_uri_of_a_path_with_spaces_and_unicode_reads_the_file(tmp_path):
+    """As Path.as_uri() and file managers write them: percent-encoded, with an empty host or localhost."""
+    path = tmp_path / "my data #1" / "clâsses.txt"
+    path.parent.mkdir()
+    path.write_text("dog\ncat\n")
+    assert "%20" in path.as_uri()
+    for uri in (path.as_uri(), path.as_uri().replace("file://", "file://localhost", 1)):
+        assert storage.read_lines(uri) == ["dog", "cat"]
+        assert storage.absolute(uri) == str(path)
+    with pytest.raises(storage.UnsupportedURI, match="file://server/share/c.txt names the host 'server'"):
+        storage.read_lines("file://server/share/c.txt")

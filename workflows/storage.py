@@ -20,7 +20,7 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
@@ -60,11 +60,21 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         return _s3_filesystem(s3_endpoint(), region), uri[len("s3://"):].rstrip("/")
     if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+        return pafs.LocalFileSystem(), os.path.abspath(_file_path(uri))
     if "://" in uri:
         raise UnsupportedURI(f"unsupported URI scheme in {uri!r}: rayclip reads local paths, file:// and s3:// and "
                              "never downloads at run time")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def _file_path(uri: str) -> str:
+    """The local path of a file:// URI, percent-decoded as `Path.as_uri()` and file managers encode it; a '?'
+    or '#' is part of the path (such URIs are often a path pasted after file://). Refused on another host."""
+    host, _, path = uri[len("file://"):].partition("/")
+    if host not in ("", "localhost"):
+        raise UnsupportedURI(f"{uri} names the host {host!r}: rayclip reads this machine's files only, as "
+                             "file:///path or file://localhost/path")
+    return "/" + unquote(path)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -86,9 +96,10 @@ def join_listed(uri: str, path: str, manifest: str) -> str:
 
 
 def absolute(uri: str) -> str:
-    """A local path or file:// URI as an absolute path against this process's directory, `~` expanded
-    (Ray's workers run elsewhere); any other URI (s3://, synthetic://) as it is."""
-    uri = uri.removeprefix("file://")
+    """A local path as an absolute path against this process's directory, `~` expanded (Ray's workers run
+    elsewhere), a file:// URI as its path; any other URI (s3://, synthetic://) as it is."""
+    if uri.startswith("file://"):
+        return os.path.abspath(_file_path(uri))
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
