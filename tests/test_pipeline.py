@@ -209,6 +209,29 @@ def test_the_pipelines_service_takes_the_token_of_the_environment_it_runs_in(mon
     assert serve.auth_token_sha256 is None and "listens on 0.0.0.0:8000 without auth" in open_warning(serve)
 
 
+def test_the_demo_on_a_config_of_its_own_reports_that_zero_shot_set_and_asks_no_synthetic_questions(
+        tmp_path, monkeypatch):
+    """The chance figure and the classify requests are about the built-in synthetic heldout classes: on another
+    zero-shot set (ImageNet, say) the demo reports that set's top-1 and sends the service no synthetic shapes."""
+    from deploy import rollout
+
+    outcome = {"metrics": {"zeroshot": {"top1": 0.5, "classes": 1000}}, "url": "http://127.0.0.1:1",
+               "mlflow_run_id": "0123", "model_version": "1"}
+    monkeypatch.setattr(pipeline, "run", lambda config, echo: dict(outcome))
+    posted = []
+    monkeypatch.setattr(demo, "_post", lambda url, route, payload, token: posted.append(route) or [])
+    monkeypatch.setattr(rollout, "stop", lambda *_: None)
+    lines = []
+    demo.run_demo([f"storage.root={tmp_path}", "data.zeroshot=/data/imagenet/val",
+                   "data.split_options.zeroshot.classnames=[tench, goldfish]"], echo=lines.append)
+    assert "zero-shot top-1 on /data/imagenet/val: 50.0% (1000 classes, chance 0.1%)" in lines, lines
+    assert posted == [] and not any("never seen in training" in line or "/v1/classify" in line for line in lines)
+
+    demo.run_demo([f"storage.root={tmp_path}"], echo=lines.append)  # the embedded default: the synthetic set
+    assert "zero-shot top-1 on colour-shape combinations never seen in training: 50.0% (chance 6.2%)" in lines
+    assert posted == ["/v1/classify"]
+
+
 def test_a_command_on_a_node_where_ray_start_made_a_cluster_joins_it(tmp_path):
     """A cluster launcher's node: `ray start` ran there and RAY_ADDRESS is unset; `rayclip run` after `ray attach`
     joins that cluster, as plain ray.init() does (init_ray passed a local Ray's options, which Ray refuses when
