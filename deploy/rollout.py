@@ -4,7 +4,6 @@ what runs. Through Serve's controller, so it works from any driver connected to 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Collection
 
@@ -73,8 +72,11 @@ def start(config: ServeConfig, *, name: str = APP_NAME, route_prefix: str = "/")
 
 def stop(name: str = APP_NAME) -> None:
     """Take app `name` down as its command ends: Serve with it where this process started Ray itself, only
-    the app on a cluster it joined (RAY_ADDRESS), where other apps keep running."""
-    if os.environ.get("RAY_ADDRESS"):
+    the app on a cluster it joined (RAY_ADDRESS, or `ray start`'s on this node), where other apps keep
+    running."""
+    from workflows.runtime import joined_cluster
+
+    if joined_cluster():
         serve.delete(name)
     else:
         serve.shutdown()

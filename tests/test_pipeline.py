@@ -261,11 +261,13 @@ def test_a_command_on_a_node_where_ray_start_made_a_cluster_joins_it(tmp_path):
         while not recorded.exists():  # polling for the file `ray start` writes once its cluster is up
             assert head.poll() is None and time.monotonic() < deadline, "ray start did not come up"
             time.sleep(0.2)
-        joined = subprocess.run([sys.executable, "-c", "from workflows.runtime import init_ray; init_ray("
-                                 "dashboard=True); import ray; print(ray.get_runtime_context().gcs_address)"],
+        joined = subprocess.run([sys.executable, "-c", "from workflows.runtime import init_ray, joined_cluster; "
+                                 "init_ray(dashboard=True); import ray; "
+                                 "print(joined_cluster(), ray.get_runtime_context().gcs_address)"],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert joined.returncode == 0, joined.stderr[-3000:]
-        assert joined.stdout.strip().endswith(f":{port}"), joined.stdout
+        # and knows it joined: `rayclip serve` ending there takes down its own app, not the cluster's Serve
+        assert joined.stdout.strip().startswith("True ") and joined.stdout.strip().endswith(f":{port}"), joined.stdout
     finally:
         head.send_signal(signal.SIGINT)  # `ray start --block` stops its processes on SIGINT, only its own
         try:

@@ -646,9 +646,12 @@ def test_playground_page_classifies_a_dropped_image_and_searches_the_index_in_he
     assert (artifacts / "playground.png").stat().st_size > 1000
 
 
-def test_a_command_that_joined_a_cluster_takes_down_only_its_own_app(app, monkeypatch):
+@pytest.mark.parametrize("joined", ["through RAY_ADDRESS", "as ray start made it on this node"])
+def test_a_command_that_joined_a_cluster_takes_down_only_its_own_app(app, monkeypatch, joined):
     import ray
     from ray import serve
+
+    from workflows import runtime
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class Hello:
@@ -657,7 +660,11 @@ def test_a_command_that_joined_a_cluster_takes_down_only_its_own_app(app, monkey
 
     for name in ("bystander", "leaving"):
         serve.run(Hello.bind(), name=name, route_prefix=f"/{name}")
-    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)  # as under `ray job submit`
+    if joined == "through RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)  # as under `ray job submit`
+    else:  # a cluster launcher's head after `ray attach`: init_ray found `ray start`'s address (test_pipeline)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.setattr(runtime, "_joined", True)
     rollout.stop("leaving")
     try:
         assert set(serve.status().applications) == {served.APP_NAME, "bystander"}

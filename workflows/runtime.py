@@ -7,6 +7,7 @@ import signal
 import threading
 
 IDLE_WORKERS_KEPT = 16  # worker processes a local Ray keeps before it stops idle ones (see init_ray)
+_joined = False  # whether init_ray joined a running cluster (see joined_cluster)
 
 
 def init_ray(*, dashboard: bool = False, **overrides) -> str | None:
@@ -30,9 +31,11 @@ def init_ray(*, dashboard: bool = False, **overrides) -> str | None:
         return None
     from ray._private.utils import read_ray_address  # Ray's record of the cluster `ray start` made here
 
+    global _joined
     address = os.environ.get("RAY_ADDRESS") or read_ray_address()
     if address:  # a running cluster's resources and settings are its own: the local ones below are not asked
         ray.init(address=address, **overrides)
+        _joined = True
         return None
     options = {"num_cpus": max(4, os.cpu_count() or 1), "include_dashboard": dashboard,
                "configure_logging": True, "logging_level": "WARNING"}
@@ -40,6 +43,12 @@ def init_ray(*, dashboard: bool = False, **overrides) -> str | None:
     options["_system_config"] = {"num_workers_soft_limit": max(IDLE_WORKERS_KEPT, options["num_cpus"]),
                                  **options.get("_system_config", {})}
     return ray.init(**options).dashboard_url or None
+
+
+def joined_cluster() -> bool:
+    """Whether this process runs on a cluster it did not start (RAY_ADDRESS, or the one `ray start` made
+    here): then what it leaves behind is only its own, the cluster and its other apps stay up."""
+    return _joined or bool(os.environ.get("RAY_ADDRESS"))
 
 
 def stop_on_signals() -> threading.Event:
