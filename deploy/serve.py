@@ -118,6 +118,8 @@ class ServeConfig(BaseModel):
                                           description="the bearer token's SHA-256 in hex, instead of the token")
     auth_token_file: str | None = Field(None, description="a file holding the bearer token (a mounted secret), "
                                         "read where the app runs, when each ingress replica starts")
+    require_auth: bool = Field(False, description="refuse to run without a token (the shipped cluster configs set "
+                                                  "it): else an app without one serves anyone, with a warning")
 
     @field_validator("mlflow_tracking_uri")
     @classmethod
@@ -175,6 +177,8 @@ def sha256_hex(token: str) -> str:
 
 
 TOKEN_FIELDS = ("auth_token", "auth_token_sha256", "auth_token_file")  # the ServeConfig fields that set a token
+NO_TOKEN = (f"require_auth: the app has no token: set {TOKEN_ENV} (where the command runs, or on the cluster's "
+            "nodes), or give auth_token_sha256 or auth_token_file")
 
 
 def with_environment_token(values: dict) -> dict:
@@ -184,6 +188,26 @@ def with_environment_token(values: dict) -> dict:
     if os.environ.get(TOKEN_ENV) and not any(values.get(k) for k in TOKEN_FIELDS):
         return {**values, "auth_token_sha256": sha256_hex(os.environ[TOKEN_ENV])}
     return values
+
+
+def replica_token_digest(config: "ServeConfig") -> str | None:
+    """The token digest an ingress replica checks requests against (config.token_digest(), read where it
+    runs); without one, refused (ValueError) when the config require_auth, else said in its log."""
+    digest = config.token_digest()
+    if digest is None:  # `serve deploy` of a file without a token, where none is set
+        if config.require_auth:
+            raise ValueError(NO_TOKEN)
+        logging.getLogger(__name__).warning(
+            "the API answers without auth: anyone who reaches Serve's port can use the model; set %s where the "
+            "app runs, or auth_token_sha256 / auth_token_file in its config", TOKEN_ENV)
+    return digest
+
+
+def check_token(config: "ServeConfig") -> None:
+    """Refuse (ValueError) to deploy an app that require_auth without a token, before anything runs (its
+    ingress replicas would refuse to start)."""
+    if config.require_auth and not any(getattr(config, k) for k in TOKEN_FIELDS):
+        raise ValueError(NO_TOKEN)
 
 
 def open_warning(config: "ServeConfig") -> str | None:
@@ -712,7 +736,7 @@ class Ingress:
         self.config = ServeConfig(**config)
         # once, here: an unreadable or empty token file fails the replica's start with its reason, instead
         # of every request answering 500 while /readyz says ready
-        self._token_digest = self.config.token_digest()
+        self._token_digest = replica_token_digest(self.config)
         self.image_tower, self.text_tower, self.index = image_tower, text_tower, index
         self._index_info: dict | None = None
         self.default_templates = list(clip_core.DEFAULT_TEMPLATES)

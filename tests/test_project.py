@@ -134,18 +134,25 @@ def test_cluster_launcher_config_passes_rays_own_schema_and_has_the_node_groups(
     assert subprocess.run([str(RAYCLIP.parent / "ray"), "up", "--help"], capture_output=True).returncode == 0
 
 
-def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_the_serve_config():
+def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_the_serve_config(monkeypatch):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
     from deploy import rollout
-    from deploy.serve import ServeConfig
+    from deploy.serve import TOKEN_ENV, ServeConfig
     from workflows import pipeline
 
     job = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayjob.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     assert job["spec"]["entrypoint"] == "rayclip run configs/cluster.yaml --set serve.enabled=false"
-    cluster_pipeline = pipeline.load_config(str(ROOT / "configs" / "cluster.yaml"))
+    # the service requires its token: the RayJob, which does not serve, runs without it; a run that serves
+    # without one is refused before any work (the job gets it in its runtime_env, as README says)
+    monkeypatch.setenv(TOKEN_ENV, "cluster-token")
+    pipeline.load_config(str(ROOT / "configs" / "cluster.yaml"))
+    monkeypatch.delenv(TOKEN_ENV)
+    with pytest.raises(pipeline.ConfigError, match=f"require_auth: the app has no token: set {TOKEN_ENV}"):
+        pipeline.load_config(str(ROOT / "configs" / "cluster.yaml"))
+    cluster_pipeline = pipeline.load_config(str(ROOT / "configs" / "cluster.yaml"), ["serve.enabled=false"])
     assert cluster_pipeline.root().startswith("s3://") and cluster_pipeline.train["use_gpu"] is True
     assert cluster_pipeline.train["precision"] == "bf16" and cluster_pipeline.train["batch_size"] == 32768
     groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]

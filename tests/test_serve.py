@@ -673,7 +673,7 @@ def test_a_command_that_joined_a_cluster_takes_down_only_its_own_app(app, monkey
         serve.delete("bystander")
 
 
-def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tmp_path, capsys):
+def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 
     import yaml
@@ -706,6 +706,7 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tm
     from workflows import cli
 
     parser = cli.build_parser()
+    monkeypatch.setenv(served.TOKEN_ENV, "cluster-token")  # the file require_auth
     settings, route_prefix = cli._serve_config(parser.parse_args(["deploy", "--config", str(path)]))
     assert (settings.model, settings.host, settings.port, route_prefix) == ("models:/clip@champion", "0.0.0.0",
                                                                             8000, "/")
@@ -751,13 +752,29 @@ def test_flags_override_the_config_file_which_overrides_the_environment(monkeypa
     with pytest.raises(ValueError, match="holds a password, which Serve would keep") as info:
         cli._serve_config(parser.parse_args(["serve", "--mlflow-tracking-uri", "http://ops:hunter2@mlflow:5000"]))
     assert "hunter2" not in cli.redact(str(info.value))
-    # listening beyond this machine without a token: said, not refused (a private network may be meant)
+    # listening beyond this machine without a token: said, not refused (a private network may be meant),
+    # unless the config require_auth, as the shipped cluster configs do
     capsys.readouterr()
     monkeypatch.delenv(served.TOKEN_ENV)
-    cli._serve_config(parser.parse_args(["deploy", "--config", path]))
+    with pytest.raises(ValueError, match=f"require_auth: the app has no token: set {served.TOKEN_ENV}"):
+        cli._serve_config(parser.parse_args(["deploy", "--config", path]))
+    cli._serve_config(parser.parse_args(["serve", "--host", "0.0.0.0"]))
     assert "warning: the app listens on 0.0.0.0:8000 without auth" in capsys.readouterr().err
     cli._serve_config(parser.parse_args(["serve"]))
     assert "without auth" not in capsys.readouterr().err  # 127.0.0.1
+
+
+def test_an_ingress_replica_without_a_token_refuses_to_start_where_required_else_warns(monkeypatch, caplog):
+    """`serve deploy` of a file without a token, on nodes without the variable (the token came only with
+    the pipeline's job), replaced a protected app with one that answers anyone, saying nothing."""
+    monkeypatch.delenv(served.TOKEN_ENV, raising=False)
+    with pytest.raises(ValueError, match="require_auth: the app has no token"):
+        served.replica_token_digest(served.ServeConfig(model="m", require_auth=True))
+    assert served.replica_token_digest(served.ServeConfig(model="m")) is None
+    assert "the API answers without auth" in caplog.text
+    monkeypatch.setenv(served.TOKEN_ENV, "on-the-node")  # where the replica runs (KubeRay's pods)
+    assert served.replica_token_digest(served.ServeConfig(model="m", require_auth=True)) == \
+        hashlib.sha256(b"on-the-node").hexdigest()
 
 
 def test_the_token_can_come_from_a_mounted_secret_file(tmp_path):

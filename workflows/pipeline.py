@@ -313,7 +313,7 @@ class StageConfigs:
 
     @classmethod
     def build(cls, config: PipelineConfig, data: dict[str, str] | None = None, checkpoint: str = "CHECKPOINT"):
-        from deploy.serve import ServeConfig, with_environment_token
+        from deploy.serve import ServeConfig, check_token, with_environment_token
 
         from .evaluate import EvaluateConfig
         from .train import TrainConfig
@@ -354,6 +354,8 @@ class StageConfigs:
         # Serve keeps (and shows) an app's config: its replicas take MLflow's credentials from its variables
         serve = cls._build("serve", ServeConfig, with_environment_token(serve_values), owned, dict(
             model=f"models:/{config.registry.name}@champion", mlflow_tracking_uri=without_credentials(tracking)))
+        if config.serving():
+            check_token(serve)
         return train, evaluate, serve
 
 
