@@ -98,6 +98,9 @@ class ServeConfig(BaseModel):
                                   "arithmetic: a request's CPU work), unless ingress_autoscaling sizes them")
     ingress_autoscaling: Autoscaling | None = Field(None, description="autoscale the ingress replicas on their "
                                                     "ongoing requests instead of running ingress_replicas")
+    ingress_num_cpus: float = Field(0, ge=0, description="per ingress replica: on a cluster, reserve its cores "
+                                    "(it decodes on 4 threads), so that replicas spread onto nodes with room and "
+                                    "the autoscaler adds nodes for them; 0 fits any node, the head's included")
     max_ongoing_requests: int = Field(64, gt=0, description="per tower replica; at least max_batch_size")
     max_queued_requests: int = Field(256, ge=-1, description="per tower caller; beyond, 503 + Retry-After "
                                      "(-1: unbounded)")
@@ -1100,7 +1103,8 @@ def build_app(config: ServeConfig, live: dict | None = None):
         index = serve.deployment(Index, name=INDEX, **index_options).bind(values)
     sizing = ({"autoscaling_config": _autoscaling_config(config.ingress_autoscaling)} if config.ingress_autoscaling
               else {"num_replicas": config.ingress_replicas})
-    ingress = serve.deployment(Ingress, name=INGRESS, **sizing, **logging, ray_actor_options={"num_cpus": 0},
+    ingress = serve.deployment(Ingress, name=INGRESS, **sizing, **logging,
+                               ray_actor_options={"num_cpus": config.ingress_num_cpus},
                                user_config=live,
                                max_ongoing_requests=max(256, config.max_ongoing_requests * 4),
                                max_queued_requests=config.ingress_max_queued_requests,

@@ -693,6 +693,9 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config_that_builds_the_app(tm
     assert (logging["enable_access_log"], logging["log_level"]) == (False, "ERROR")
     settings = served.ServeConfig(**application.args)
     assert settings.num_gpus == 0.25 and settings.autoscaling.max_replicas == 8
+    # the ingress does each request's CPU work: on a cluster it reserves a core, so it is placed where there is
+    # one (a 0-CPU replica fits the head, whose num-cpus is 0 to keep work off it) and the autoscaler adds nodes
+    assert app._bound_deployment.ray_actor_options["num_cpus"] == settings.ingress_num_cpus == 1
     assert settings.ingress_autoscaling.max_replicas == 8
     with pytest.raises(ValueError, match="unknown_option"):
         builder({**application.args, "unknown_option": 1})
