@@ -611,7 +611,10 @@ class Metrics:
         self.latency = Histogram("rayclip_request_seconds", "HTTP request latency by route and status",
                                  ["route", "status"],
                                  registry=self.registry)
-        self.batch_sizes = Histogram("rayclip_batch_size", "dynamic batch sizes the towers ran", ["tower"],
+        # per item, as an ingress sees them (a batch's items come from several requests and replicas): a batch
+        # of n counts n times, so the mean is the batch size an item ran in, not the mean batch size
+        self.batch_sizes = Histogram("rayclip_batch_size", "per item sent to a tower, the size of the dynamic "
+                                     "batch it ran in (a batch of n counts n times)", ["tower"],
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.classifier_cache = Counter("rayclip_classifier_cache", "classifier cache lookups", ["result"],
                                         registry=self.registry)
