@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException
 APP_NAME = "rayclip"
 serve_batch = serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)  # sizes set from the config per replica
 TOKEN_ENV = "RAYCLIP_SERVE_TOKEN"
+TOKEN_DIGEST_ENV = "RAYCLIP_SERVE_TOKEN_SHA256"  # its SHA-256 in hex: for a job's environment, which Ray shows
 
 
 class Limits(BaseModel):
@@ -180,16 +181,22 @@ def sha256_hex(token: str) -> str:
 
 
 TOKEN_FIELDS = ("auth_token", "auth_token_sha256", "auth_token_file")  # the ServeConfig fields that set a token
-NO_TOKEN = (f"require_auth: the app has no token: set {TOKEN_ENV} (where the command runs, or on the cluster's "
-            "nodes), or give auth_token_sha256 or auth_token_file")
+NO_TOKEN = (f"require_auth: the app has no token: set {TOKEN_ENV} or {TOKEN_DIGEST_ENV} (where the command runs), "
+            f"or {TOKEN_ENV} on the cluster's nodes, or give auth_token_sha256 or auth_token_file")
 
 
 def with_environment_token(values: dict) -> dict:
-    """ServeConfig `values` with the digest of ${TOKEN_ENV}, when it is set here and `values` name no token:
-    the replicas may run where this environment is not (a cluster joined through RAY_ADDRESS), so they get
-    the token's digest in their config instead of reading the variable themselves."""
-    if os.environ.get(TOKEN_ENV) and not any(values.get(k) for k in TOKEN_FIELDS):
+    """ServeConfig `values` with the digest of ${TOKEN_ENV} (or ${TOKEN_DIGEST_ENV}, the digest itself), when
+    one is set here and `values` name no token: the replicas may run where this environment is not (a
+    cluster joined through RAY_ADDRESS), so they get the token's digest in their config instead of reading
+    the variable themselves. A Ray job's environment is shown by `ray job list` and the dashboard: hand a
+    job the digest, never the token."""
+    if any(values.get(k) for k in TOKEN_FIELDS):
+        return values
+    if os.environ.get(TOKEN_ENV):
         return {**values, "auth_token_sha256": sha256_hex(os.environ[TOKEN_ENV])}
+    if os.environ.get(TOKEN_DIGEST_ENV):
+        return {**values, "auth_token_sha256": os.environ[TOKEN_DIGEST_ENV].strip().lower()}
     return values
 
 

@@ -745,6 +745,15 @@ def test_flags_override_the_config_file_which_overrides_the_environment(monkeypa
     assert settings.mlflow_tracking_uri == "http://mlflow.internal:5000", "the file's, not this shell's"
     # replicas on a cluster joined through RAY_ADDRESS do not see this shell's token: they get its digest
     assert settings.auth_token_sha256 == hashlib.sha256(b"from-the-environment").hexdigest()
+    # a Ray job gets the digest instead (Ray shows a job's environment): the same config, never the token
+    monkeypatch.delenv(served.TOKEN_ENV)
+    monkeypatch.setenv(served.TOKEN_DIGEST_ENV, hashlib.sha256(b"from-the-environment").hexdigest().upper())
+    assert cli._serve_config(parser.parse_args(["deploy", "--config", path]))[0] == settings
+    monkeypatch.setenv(served.TOKEN_DIGEST_ENV, "not-a-digest")
+    with pytest.raises(ValueError, match="auth_token_sha256"):
+        cli._serve_config(parser.parse_args(["deploy", "--config", path]))
+    monkeypatch.delenv(served.TOKEN_DIGEST_ENV)
+    monkeypatch.setenv(served.TOKEN_ENV, "from-the-environment")
     assert cli._serve_config(parser.parse_args(["serve"]))[0].mlflow_tracking_uri == "sqlite:///laptop.db"
     flag = ["--mlflow-tracking-uri", "http://other:5000"]
     assert cli._serve_config(parser.parse_args(["deploy", "--config", path, *flag]))[0].mlflow_tracking_uri == \
