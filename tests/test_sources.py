@@ -266,3 +266,36 @@ def test_a_parquet_row_group_over_the_memory_budget_is_refused_saying_how_to_rew
     pq.write_table(table, tmp_path / "small-groups.parquet", row_group_size=3)
     rows = _read(tmp_path / "small-groups.parquet", SourceSpec(format="parquet")).to_pylist()
     assert len(rows) == 20 and {row["reason"] for row in rows} == {None}
+
+
+def test_an_imagefolder_labels_each_image_by_its_class_folder_as_imagenet_val_is_read(tmp_path):
+    """OpenCLIP's --imagenet-val: a folder of images per class, label i the i-th folder in sorted order (as
+    torchvision's ImageFolder numbers them, so line i of OpenCLIP's class-name list names it)."""
+    from workflows.preprocess import preprocess
+
+    root = tmp_path / "val"
+    for folder, seed in (("n02", 1), ("n01", 2), ("n01/nested", 3), ("n03", 4)):
+        (root / folder).mkdir(parents=True)
+        (root / folder / f"img{seed}.JPEG").write_bytes(corpus.encode(corpus.photo(64, 64, seed=seed)))
+    (root / "loose.png").write_bytes(corpus.encode(corpus.photo(64, 64), "PNG"))
+    (root / "n03" / "README").write_text("not an image")
+    assert sources.detect_format(str(root)) == "imagefolder"
+    assert sources.imagefolder_classes(str(root)) == ["n01", "n02", "n03"]
+    spec = SourceSpec(format="imagefolder")
+    assert plan_files(str(root), spec) == [str(root)]
+    names = ["tench", "goldfish", "great white shark"]
+    rows = process_batch(_read(root, spec), PreprocessOptions(image_size=32, classnames=names)).to_pylist()
+    assert [(r["key"], r["label"], r["caption"], r["reason"]) for r in rows] == [
+        ("loose", None, None, "missing_label"), ("n01/img2", 0, "n01", None), ("n01/nested/img3", 0, "n01", None),
+        ("n02/img1", 1, "n02", None), ("n03/img4", 2, "n03", None)]
+
+    # before any work (Ray is not started): a class-name list of another length, or no class folders
+    with pytest.raises(SourceError, match=r"2 class names for the 3 class folders of .*val \(line i names the "
+                                          r"i-th folder in sorted order: n01, …\)"):
+        preprocess(str(root), str(tmp_path / "out"), PreprocessOptions(format="imagefolder", classnames=names[:2]))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(corpus.encode(corpus.photo(64, 64)))
+    with pytest.raises(SourceError, match="has no subfolders of images"):
+        plan_files(str(tmp_path / "flat"), spec)
+    # a pipeline's zero-shot split in this layout needs no class-name list: the folders name the classes
+    load_config(None, [f"data.zeroshot={root}", "data.split_options.zeroshot.format=imagefolder"])

@@ -364,7 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "synthetic://train?count=N&seed=S&image_size=P.")
     pre.add_argument("source")
     pre.add_argument("output", help="directory or s3:// prefix for manifest.json, shards/ and rejects.parquet")
-    pre.add_argument("--format", choices=["webdataset", "parquet", "csv", "folder", "synthetic"])
+    pre.add_argument("--format", choices=["webdataset", "parquet", "csv", "folder", "imagefolder", "synthetic"],
+                     help="folder: images with caption sidecars; imagefolder: a folder of images per class (an "
+                     "ImageNet val directory, OpenCLIP's --imagenet-val), labeled by folder in sorted order and "
+                     "captioned with the folder's name")
     pre.add_argument("--image-key", help="image column (parquet/csv) or member extension (webdataset/folder)")
     pre.add_argument("--caption-key", help="caption column or member extension (default txt/caption); json: the "
                      "'caption' field of each sample's .json (webdataset's, img2dataset's)")

@@ -80,9 +80,11 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _zeroshot_has_class_names(self):
-        # a synthetic set brings its own; without them evaluate would fail only after training
+        # a synthetic set brings its own, an imagefolder its folders'; without them evaluate would fail only
+        # after training
+        options = {**self.preprocess.model_dump(), **self.split_options.get("zeroshot", {})}
         if self.zeroshot and not self.zeroshot.startswith("synthetic://") and \
-                not (self.split_options.get("zeroshot", {}).get("classnames") or self.preprocess.classnames):
+                not (options.get("classnames") or options.get("format") == "imagefolder"):
             raise ValueError("zero-shot scoring needs the class names: set data.split_options.zeroshot.classnames "
                              "to a list, or to a file (local or s3://) with one per line, line i naming label i")
         return self

@@ -44,7 +44,8 @@ from clip_core.transforms import ImageError, center_crop, decode_image, peek_ima
 
 from . import storage
 from .preprocess_actors import Deduplicate, Progress
-from .sources import SourceError, SourceSpec, detect_format, plan_files, read_source_batch, sample_labels
+from .sources import (SourceError, SourceSpec, detect_format, imagefolder_classes, plan_files, read_source_batch,
+                      sample_labels)
 from .tracking import dataset_input, set_experiment
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,9 @@ class PreprocessOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["webdataset", "parquet", "csv", "folder", "synthetic"] | None = Field(
-        None, description="detected from the source when None")
+    format: Literal["webdataset", "parquet", "csv", "folder", "imagefolder", "synthetic"] | None = Field(
+        None, description="detected from the source when None; folder: images with caption sidecars, "
+        "imagefolder: a folder of images per class (ImageNet's val layout), labeled by folder")
     image_key: str | None = None
     caption_key: str | None = None
     label_key: str | None = None
@@ -405,6 +407,14 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
         # a synthetic set's classes are its split's: zero-shot on "heldout" ranks the unseen combinations only
         split = urlparse(source).netloc or "train"
         options = options.model_copy(update={"classnames": synthetic.split_class_names(split)})
+    if fmt == "imagefolder":  # labels are the class folders' places in sorted order, as ImageFolder's
+        classes = imagefolder_classes(source)
+        if options.classnames is None:
+            options = options.model_copy(update={"classnames": classes})
+        elif len(options.classnames) != len(classes):
+            raise SourceError(f"{len(options.classnames)} class names for the {len(classes)} class folders of "
+                              f"{source} (line i names the i-th folder in sorted order: {classes[0]}, …): give "
+                              "one name per folder, or leave --classnames out to name the classes by folder")
     if spec.label_key and options.classnames is None:
         _check_label_names(files[0], spec)
 

@@ -31,8 +31,9 @@ import pyarrow.parquet as pq
 
 from . import storage, synthetic
 
-FORMATS = ("webdataset", "parquet", "csv", "folder", "synthetic")
+FORMATS = ("webdataset", "parquet", "csv", "folder", "imagefolder", "synthetic")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+_IMAGE_SUFFIXES = tuple(f".{extension}" for extension in IMAGE_EXTENSIONS)
 READ_BATCH_ROWS = 256
 SAMPLED_MEMBERS = 100  # a WebDataset source's first shard is checked for its fields on this many members
 # a .json document read for its caption (--caption-key json) is parsed whole, in objects several times its size
@@ -109,8 +110,9 @@ def detect_format(source: str) -> str:
         for suffix, fmt in ((".tar", "webdataset"), (".parquet", "parquet"), (".csv", "csv"), (".tsv", "csv")):
             if any(f.lower().endswith(suffix) for f in files):
                 return fmt
-        if any(f.lower().endswith(tuple("." + e for e in IMAGE_EXTENSIONS)) for f in files):
-            return "folder"
+        if any(f.lower().endswith(_IMAGE_SUFFIXES) for f in files):  # captioned beside, or by class folder
+            captioned = any(f.lower().endswith((".txt", ".json")) for f in files)
+            return "imagefolder" if not captioned and imagefolder_classes(source) else "folder"
     missing = "" if "{" in source or storage.exists(source) else f"; nothing is at {source}; {_found_instead(source)}"
     raise SourceError(f"cannot tell the format of {source!r}: pass --format one of {', '.join(FORMATS)}{missing}")
 
@@ -136,6 +138,14 @@ def plan_files(source: str, spec: SourceSpec) -> list[str]:
         raise SourceError(f"unknown format {spec.format!r}; choose one of {', '.join(FORMATS)}")
     if spec.format == "synthetic":
         return _plan_synthetic(source)
+    if spec.format == "imagefolder":
+        if not storage.is_dir(source):
+            raise SourceError(f"image folder {source} does not exist or is not a directory; {_found_instead(source)}")
+        if not imagefolder_classes(source):
+            raise SourceError(f"{source} has no subfolders of images: an imagefolder source holds a folder of "
+                              "images per class (an ImageNet val directory); images beside captions are --format "
+                              "folder")
+        return [source]
     if spec.format == "folder":
         if not storage.is_dir(source):
             raise SourceError(f"image folder {source} does not exist or is not a directory; {_found_instead(source)}")
@@ -615,6 +625,35 @@ def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
         yield {**row, **caption, "label": label, "metadata": metadata}
 
 
+def imagefolder_classes(uri: str) -> list[str]:
+    """The classes of a class-per-folder tree (torchvision's ImageFolder, an ImageNet val directory as
+    OpenCLIP's --imagenet-val reads it): its subfolders that hold images, sorted; label i is the i-th."""
+    return _imagefolder(uri)[1]
+
+
+def _imagefolder(uri: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """((file URI, its path under `uri`) of every image, the classes)."""
+    fs, path = storage.filesystem(uri)
+    root = storage.to_uri(fs, path).rstrip("/") + "/"
+    images = [(name, name[len(root):]) for name in storage.list_files(uri, _IMAGE_SUFFIXES)]
+    return images, sorted({key.partition("/")[0] for _, key in images if "/" in key})
+
+
+def _read_imagefolder(uri: str, spec: SourceSpec) -> Iterator[dict]:
+    """Each image of a class-per-folder tree, labeled by its top folder's place among the sorted classes
+    (as ImageFolder numbers them, so line i of a class-names file names label i) and captioned with that
+    folder's name."""
+    images, classes = _imagefolder(uri)
+    index = {name: i for i, name in enumerate(classes)}
+    for name, key in images:
+        row = {"key": key.rpartition(".")[0], "source": name, "image_uri": name}
+        top, slash, _ = key.partition("/")
+        if not slash:
+            yield {**row, "reason": "missing_label", "detail": f"{key} is in no class folder"}
+            continue
+        yield {**row, "caption": top.encode("utf-8", "surrogatepass"), "label": str(index[top])}
+
+
 def _unreadable_sidecar(row: dict, uri: str, exc: OSError) -> dict:
     """The reject of one row whose sidecar cannot be read (gone since the listing, no permission, S3's 503):
     raised out of the reader, it ended the folder's rows there, the rest of them never read."""
@@ -635,4 +674,4 @@ def _read_synthetic(uri: str, spec: SourceSpec) -> Iterator[dict]:
 
 
 _READERS = {"webdataset": _read_webdataset, "parquet": _read_parquet, "csv": _read_csv, "folder": _read_folder,
-            "synthetic": _read_synthetic}
+            "imagefolder": _read_imagefolder, "synthetic": _read_synthetic}
