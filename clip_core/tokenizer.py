@@ -161,7 +161,16 @@ class Tokenizer:
         return torch.from_numpy(out)
 
 
+def get_tokenizer(context_length: int | str = CONTEXT_LENGTH) -> Tokenizer:
+    """The CLIP tokenizer; built once per context length and shared. A model's name (or config file) for
+    the context length gives that model's, as OpenCLIP's `get_tokenizer("ViT-B-32")`."""
+    if isinstance(context_length, str):
+        from .config import get_config
+
+        context_length = get_config(context_length).text.context_length
+    return _tokenizer(context_length)
+
+
 @functools.lru_cache(maxsize=4)
-def get_tokenizer(context_length: int = CONTEXT_LENGTH) -> Tokenizer:
-    """The CLIP tokenizer; built once per context length and shared."""
+def _tokenizer(context_length: int) -> Tokenizer:
     return Tokenizer(context_length)

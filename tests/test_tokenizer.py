@@ -44,6 +44,13 @@ def test_special_ids_vocab_and_padding(tokenize):
     assert tokenize("")[0, :2].tolist() == [49406, 49407]
 
 
+def test_a_tokenizer_for_a_model_name_has_its_context_length_as_openclips_get_tokenizer():
+    assert clip_core.get_tokenizer("ViT-B-32") is clip_core.get_tokenizer(77), "built once, shared"
+    assert clip_core.get_tokenizer("tiny").context_length == clip_core.get_config("tiny").text.context_length
+    with pytest.raises(ValueError, match="unknown model name 'ViT-Z-99'"):
+        clip_core.get_tokenizer("ViT-Z-99")
+
+
 def test_truncation_keeps_eot(tokenize):
     row = tokenize("word " * 200)[0]
     assert row[0] == 49406 and row[-1] == 49407 and (row[1:-1] != 0).all()
