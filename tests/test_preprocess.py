@@ -170,7 +170,7 @@ def test_every_caption_of_an_image_is_kept_and_only_an_exact_repeat_is_dropped(t
     assert sorted((r["key"], r["caption"]) for r in _shard_rows(tmp_path / "out")) == [
         ("a.tar:000", "a cat"), ("a.tar:001", "a cat on a mat"), ("a.tar:002", "a dog"), ("b.tar:000", "a dog, again")]
     (reject,) = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
-    assert (reject["key"], reject["reason"]) == ("a.tar:000", "duplicate")
+    assert (reject["key"], reject["reason"]) == ("a.tar:000#2", "duplicate")  # its second run of members
     assert reject["detail"] == f"same pixels and caption as row 0 of {tmp_path / 'src' / 'a.tar'} (counting from 0)"
 
 
