@@ -29,7 +29,7 @@ import tempfile
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Callable, Literal, NamedTuple
+from typing import Awaitable, Callable, Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -731,6 +731,39 @@ def _same(given: str, expected_digest: str) -> bool:
     return hmac.compare_digest(sha256_hex(given), expected_digest)
 
 
+class SingleFlightCache:
+    """An LRU cache of at most `size` values that coroutines build, where concurrent gets of a key not yet
+    kept share one build: N identical cold /v1/classify requests (all of them, after a rollout) make the
+    text tower encode up to max_prompts prompts once, not N times. A failed build reaches its waiters and
+    is not kept, so the next get builds again."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._values: collections.OrderedDict[str, object] = collections.OrderedDict()
+        self._building: dict[str, asyncio.Task] = {}
+
+    async def get(self, key: str, build: Callable[[], Awaitable]) -> tuple[object, bool]:
+        """(the value, whether this get built it)."""
+        if key in self._values:
+            self._values.move_to_end(key)
+            return self._values[key], False
+        task, built = self._building.get(key), False
+        if task is None:
+            task, built = asyncio.ensure_future(build()), True
+            self._building[key] = task
+            task.add_done_callback(lambda done: self._keep(key, done))
+        # shielded: a request cancelled as its client hangs up does not cancel the build the others await
+        return await asyncio.shield(task), built
+
+    def _keep(self, key: str, task: asyncio.Task) -> None:
+        del self._building[key]
+        if task.cancelled() or task.exception() is not None or not self.size:
+            return
+        self._values[key] = task.result()
+        while len(self._values) > self.size:
+            self._values.popitem(last=False)
+
+
 # Threads of an ingress replica that decode and crop images: Pillow lets go of the GIL as it decodes and
 # resizes, so the replica's event loop answers other requests meanwhile (2 cores, against decoding on the
 # loop: 38 -> 42 requests/s with 12-MP photos, 120 -> 128 with small JPEGs); few, since each holds an image
@@ -753,7 +786,7 @@ class Ingress:
         self.image_tower, self.text_tower, self.index = image_tower, text_tower, index
         self._index_info: dict | None = None
         self.default_templates = list(clip_core.DEFAULT_TEMPLATES)
-        self._classifiers: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._classifiers = SingleFlightCache(self.config.classifier_cache_size)
         self._live: dict | None = None  # the rollout's user_config: {"model", "alias"}
         self._infos: dict[str, dict] = {}  # what the towers report, by model version
         self.metrics = Metrics()
@@ -1066,17 +1099,14 @@ class Ingress:
 
     async def _classifier(self, info: dict, labels: list[str], templates: list[str]) -> np.ndarray:
         key = hashlib.sha256(json.dumps([info["uri"], labels, templates]).encode()).hexdigest()
-        if key in self._classifiers:
-            self._classifiers.move_to_end(key)
-            self.metrics.classifier_cache.labels("hit").inc()
-            return self._classifiers[key]
-        self.metrics.classifier_cache.labels("miss").inc()
-        handle = self._tower("text", info["uri"])
-        (weights,) = await self._towers(lambda: [handle.classifier.remote(labels, templates)])
-        if self.config.classifier_cache_size:
-            self._classifiers[key] = weights
-            while len(self._classifiers) > self.config.classifier_cache_size:
-                self._classifiers.popitem(last=False)
+
+        async def build() -> np.ndarray:
+            handle = self._tower("text", info["uri"])
+            (weights,) = await self._towers(lambda: [handle.classifier.remote(labels, templates)])
+            return weights
+
+        weights, built = await self._classifiers.get(key, build)
+        self.metrics.classifier_cache.labels("miss" if built else "hit").inc()
         return weights
 
 

@@ -258,6 +258,44 @@ def test_concurrent_requests_are_batched_and_classifiers_cached(app):
     assert _metric(hits, "rayclip_request_seconds_count", route="/v1/classify", status="200") >= 2
 
 
+def test_concurrent_cold_classify_requests_build_the_classifier_once_and_a_failed_build_is_not_kept():
+    """Identical /v1/classify requests on a cold cache (all of them, right after a rollout) share one
+    build: the text tower encodes the prompts once, not once per request."""
+    builds = []
+
+    async def build(key: str, fail: bool = False) -> str:
+        builds.append(key)
+        await asyncio.sleep(0.01)
+        if fail:
+            raise served.RequestError(503, "overloaded", "the model replicas are at capacity")
+        return f"weights of {key}"
+
+    async def scenario():
+        cache = served.SingleFlightCache(size=2)
+        got = await asyncio.gather(*(cache.get("a", lambda: build("a")) for _ in range(8)))
+        assert got == [("weights of a", True)] + [("weights of a", False)] * 7 and builds == ["a"]
+
+        failed = await asyncio.gather(*(cache.get("b", lambda: build("b", fail=True)) for _ in range(3)),
+                                      return_exceptions=True)
+        assert all(isinstance(error, served.RequestError) for error in failed) and builds.count("b") == 1
+        assert await cache.get("b", lambda: build("b")) == ("weights of b", True), "a failure was kept"
+
+        # a request that goes away (its client hung up) does not take the build from those waiting on it
+        first = asyncio.ensure_future(cache.get("c", lambda: build("c")))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(cache.get("c", lambda: build("c")))
+        await asyncio.sleep(0)
+        first.cancel()
+        assert await second == ("weights of c", False) and builds.count("c") == 1
+
+        # at most `size` kept, the least recently used dropped: b and c now, then c and a
+        assert await cache.get("a", lambda: build("a")) == ("weights of a", True)
+        assert await cache.get("c", lambda: build("c")) == ("weights of c", False)
+        assert await cache.get("b", lambda: build("b")) == ("weights of b", True)
+
+    asyncio.run(scenario())
+
+
 def test_a_bug_in_a_route_answers_a_json_500_that_is_counted():
     from fastapi import FastAPI
     from prometheus_client import generate_latest
