@@ -213,17 +213,25 @@ def _apply(name: str, app: dict) -> None:
 
 
 def _wait(name: str, user_configs: dict[str, dict], timeout_s: float) -> None:
-    """Until app `name` runs with every deployment in `user_configs` healthy on that user_config."""
+    """Until app `name` runs with every deployment in `user_configs` healthy on that user_config. A
+    DeployError only for what was applied: Serve gave up on one of those deployments, or could not build
+    the app. Serve also calls the app UNHEALTHY or DEPLOY_FAILED when another deployment is (an Index
+    replica OOM-killed, a lost node), which says nothing of the version being rolled: that is waited out,
+    ending at most in a TimeoutError (NotReady, tried again)."""
     deadline = time.monotonic() + timeout_s
     while True:
         app = _application(name)
-        status = app.get("status")
-        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise DeployError(f"Serve application {name!r} is {status}: {app.get('message', '')[-2000:]}")
-        deployments = app.get("deployments", {})
+        status, deployments = app.get("status"), app.get("deployments", {})
+        failed = [d for d in user_configs if (deployments.get(d) or {}).get("status") == "DEPLOY_FAILED"]
+        if failed:
+            reasons = "; ".join(f"{d}: {deployments[d].get('message', '')}" for d in failed)
+            raise DeployError(f"Serve gave up on {', '.join(failed)} of application {name!r}: {reasons[-2000:]}")
+        if status == "DEPLOY_FAILED" and all(d.get("status") != "DEPLOY_FAILED" for d in deployments.values()):
+            raise DeployError(f"Serve could not build application {name!r}: {app.get('message', '')[-2000:]}")
         if status == "RUNNING" and all((deployments.get(d) or {}).get("status") == "HEALTHY"
                                        and _user_config(app, d) == wanted for d, wanted in user_configs.items()):
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"Serve application {name!r} not running after {timeout_s:g} s (status {status})")
+            raise TimeoutError(f"Serve application {name!r} not running after {timeout_s:g} s (status {status}"
+                               + (f": {app['message'][-500:]})" if app.get("message") else ")"))
         time.sleep(0.2)

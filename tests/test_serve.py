@@ -894,6 +894,57 @@ def test_a_rollout_whose_replicas_are_slow_is_put_back_and_tried_again_less_ofte
     assert "tried 3 time(s); the poll tries it again in 0.07 s" in out and out.count("tried ") == 4
 
 
+def _serve_details(status: str, models: dict[str, str], message: str = "", **statuses: str) -> dict:
+    """Serve's details of the app as rollout._application reads them: `models` maps each deployment to its
+    user_config's model, `statuses` the deployments that are not HEALTHY."""
+    return {"status": status, "message": message, "deployments": {
+        name: {"status": statuses.get(name, "HEALTHY"), "deployment_config": {"user_config": {"model": model}},
+               "message": "failed to start 3 times in a row" if name in statuses else ""}
+        for name, model in models.items()}}
+
+
+def test_a_rollout_fails_fast_only_on_the_deployments_it_rolls_not_on_another_one_being_unhealthy(monkeypatch):
+    """Serve marks the whole app UNHEALTHY or DEPLOY_FAILED when any deployment is (an Index replica
+    OOM-killed, a node lost): that says nothing of the version being rolled, which must not be passed
+    over as one the towers cannot load."""
+    v1, v2 = {"model": "models:/clip/1"}, {"model": "models:/clip/2"}
+    states = []
+    monkeypatch.setattr(rollout, "_apply", lambda name, app: None)
+    monkeypatch.setattr(rollout, "_application", lambda name: states.pop(0) if len(states) > 1 else states[0])
+
+    def models(towers_on: str, ingress_on: str) -> dict[str, str]:
+        return {**dict.fromkeys(served.TOWERS, towers_on), served.INGRESS: ingress_on, served.INDEX: "models:/clip/1"}
+
+    states[:] = [_serve_details("UNHEALTHY", models("models:/clip/1", "models:/clip/1"),
+                                "The deployments ['Index'] are UNHEALTHY.", Index="UNHEALTHY"),
+                 _serve_details("DEPLOY_FAILED", models("models:/clip/2", "models:/clip/1"),
+                                "Failed to update the deployments ['Index'].", Index="DEPLOY_FAILED",
+                                ImageTower="UPDATING"),
+                 _serve_details("RUNNING", models("models:/clip/2", "models:/clip/2"))]
+    rollout._roll("rayclip", {"deployments": []}, v2, v1, timeout_s=5)
+    assert states == [_serve_details("RUNNING", models("models:/clip/2", "models:/clip/2"))]
+
+    # one the rollout waits on that Serve gave up on: the towers cannot load it, and the reason is told
+    states[:] = [_serve_details("DEPLOY_FAILED", models("models:/clip/2", "models:/clip/1"),
+                                "Failed to update the deployments ['TextTower'].", TextTower="DEPLOY_FAILED"),
+                 _serve_details("RUNNING", models("models:/clip/1", "models:/clip/1"))]
+    with pytest.raises(rollout.CannotLoad, match=r"Serve gave up on TextTower of application 'rayclip': TextTower: "
+                                                 "failed to start 3 times"):
+        rollout._roll("rayclip", {"deployments": []}, v2, v1, timeout_s=5)
+
+    # still unhealthy elsewhere at the deadline: not ready, which the registry poll tries again
+    states[:] = [_serve_details("UNHEALTHY", models("models:/clip/2", "models:/clip/1"),
+                                "The deployments ['Index'] are UNHEALTHY.", Index="UNHEALTHY")]
+    with pytest.raises(TimeoutError, match=r"status UNHEALTHY: The deployments \['Index'\] are UNHEALTHY"):
+        rollout._wait("rayclip", dict.fromkeys(served.TOWERS, v2), timeout_s=0.3)
+
+    # an app Serve could not build (an import failing on the cluster) is about what was applied
+    states[:] = [_serve_details("DEPLOY_FAILED", models("models:/clip/1", "models:/clip/1"),
+                                "Traceback ...\nModuleNotFoundError: No module named 'deploy'")]
+    with pytest.raises(rollout.DeployError, match="could not build application 'rayclip': Traceback"):
+        rollout._wait("rayclip", dict.fromkeys(served.TOWERS, v2), timeout_s=5)
+
+
 def _classify_load(url: str, payload: dict, during) -> tuple[list[tuple[float, int, dict]], float]:
     """Four clients sending `payload` back to back while `during()` runs in a thread, each until two of its
     requests began after `during` returned: ((start time, status, body) per request, when `during` returned)."""
