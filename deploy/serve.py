@@ -41,7 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import BackpressureConfig
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
 
 APP_NAME = "rayclip"
@@ -731,6 +731,28 @@ def _same(given: str, expected_digest: str) -> bool:
     return hmac.compare_digest(sha256_hex(given), expected_digest)
 
 
+async def call_towers(make_calls, retry_after_s: float) -> list:
+    """Make and await tower calls. A full tower queue (raised by the call or by its result) becomes
+    503 + Retry-After instead of a wait; calls lost with a dying replica are made once more (they
+    have no side effects), then the same 503; so do towers that failed to deploy (`serve status` says
+    why), where every request would otherwise be a 500 with a logged traceback."""
+    retry = retry_after_s
+    headers = {"Retry-After": str(max(1, round(retry)))}
+    for attempt in (1, 2):
+        try:
+            return await asyncio.gather(*make_calls())
+        except BackPressureError:
+            raise RequestError(503, "overloaded", f"the model replicas are at capacity; retry in {retry:g} s",
+                               headers) from None
+        except DeploymentUnavailableError:
+            raise RequestError(503, "model_unavailable", "the model replicas failed to start; retry in "
+                               f"{retry:g} s", headers) from None
+        except (RayActorError, ActorUnavailableError):
+            if attempt == 2:
+                raise RequestError(503, "replica_lost", "a model replica stopped while answering; it is being "
+                                   f"replaced: retry in {retry:g} s", headers) from None
+
+
 class SingleFlightCache:
     """An LRU cache of at most `size` values that coroutines build, where concurrent gets of a key not yet
     kept share one build: N identical cold /v1/classify requests (all of them, after a rollout) make the
@@ -1073,21 +1095,7 @@ class Ingress:
                 from None
 
     async def _towers(self, make_calls):
-        """Make and await tower calls. A full tower queue (raised by the call or by its result) becomes
-        503 + Retry-After instead of a wait; calls lost with a dying replica are made once more (they
-        have no side effects), then the same 503."""
-        retry = self.config.retry_after_s
-        headers = {"Retry-After": str(max(1, round(retry)))}
-        for attempt in (1, 2):
-            try:
-                return await asyncio.gather(*make_calls())
-            except BackPressureError:
-                raise RequestError(503, "overloaded", f"the model replicas are at capacity; retry in {retry:g} s",
-                                   headers) from None
-            except (RayActorError, ActorUnavailableError):
-                if attempt == 2:
-                    raise RequestError(503, "replica_lost", "a model replica stopped while answering; it is being "
-                                       f"replaced: retry in {retry:g} s", headers) from None
+        return await call_towers(make_calls, self.config.retry_after_s)
 
     async def _features(self, info: dict, tower: str, items: list) -> np.ndarray:
         """One tower call per item (the tower batches them across requests), all on `info`'s version."""

@@ -322,6 +322,22 @@ def test_a_bug_in_a_route_answers_a_json_500_that_is_counted():
     assert _metric(counted, "rayclip_requests_total", route="other", status="404") == 1
 
 
+def test_a_model_that_failed_to_deploy_answers_503_with_retry_after_not_a_500():
+    """Tower replicas that cannot start (MLflow unreachable from the cluster) make their handles raise
+    DeploymentUnavailableError: each request is told to come back, not answered 500 with a traceback."""
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    async def call():  # as a handle's response raises it when awaited
+        raise DeploymentUnavailableError(DeploymentID(name="TextTower", app_name="rayclip"))
+
+    with pytest.raises(served.RequestError) as raised:
+        asyncio.run(served.call_towers(lambda: [call()], retry_after_s=2.0))
+    assert (raised.value.status, raised.value.kind, raised.value.headers) == (503, "model_unavailable",
+                                                                              {"Retry-After": "2"})
+    assert "retry in 2 s" in raised.value.message
+
+
 def test_serve_keeps_the_tokens_digest_never_the_token(app):
     stored = json.dumps(rollout._application(served.APP_NAME))  # what the dashboard shows of the app
     assert TOKEN not in stored and hashlib.sha256(TOKEN.encode()).hexdigest() in stored
