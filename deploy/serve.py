@@ -731,6 +731,16 @@ def _same(given: str, expected_digest: str) -> bool:
     return hmac.compare_digest(sha256_hex(given), expected_digest)
 
 
+def authorize(headers, token_digest: str | None) -> None:
+    """A RequestError 401 unless `headers` carry the token whose digest is `token_digest` (None: no auth)."""
+    if token_digest is None:
+        return
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if not (scheme.lower() == "bearer" and _same(token.strip(), token_digest)):  # schemes are case-blind (RFC 9110)
+        raise RequestError(401, "unauthorized", f"send 'Authorization: Bearer <token>' (the server's {TOKEN_ENV})",
+                           {"WWW-Authenticate": f'Bearer realm="{APP_NAME}"'})  # a 401 must name it (RFC 9110)
+
+
 async def call_towers(make_calls, retry_after_s: float) -> list:
     """Make and await tower calls. A full tower queue (raised by the call or by its result) becomes
     503 + Retry-After instead of a wait; calls lost with a dying replica are made once more (they
@@ -965,12 +975,7 @@ class Ingress:
     # -------------------------------------------------------------------------- helpers
 
     def authorize(self, request: Request) -> None:
-        digest = self._token_digest
-        if digest is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if not (scheme.lower() == "bearer" and _same(token.strip(), digest)):  # schemes are case-blind (RFC 9110)
-            raise RequestError(401, "unauthorized", f"send 'Authorization: Bearer <token>' (the server's {TOKEN_ENV})")
+        authorize(request.headers, self._token_digest)
 
     async def _body(self, request: Request, schema: type[BaseModel]):
         _, raw = await self._read(request, ("application/json",))

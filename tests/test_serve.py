@@ -338,6 +338,21 @@ def test_a_model_that_failed_to_deploy_answers_503_with_retry_after_not_a_500():
     assert "retry in 2 s" in raised.value.message
 
 
+def test_a_401_names_the_bearer_scheme_the_server_wants():
+    """RFC 9110 requires WWW-Authenticate on a 401; generic clients and gateways choose their scheme by it."""
+    from starlette.datastructures import Headers
+
+    digest = served.sha256_hex(TOKEN)
+    served.authorize(Headers(AUTH), digest)
+    served.authorize(Headers(), None)  # no token set: no auth
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {TOKEN}"}):
+        with pytest.raises(served.RequestError) as raised:
+            served.authorize(Headers(headers), digest)
+        response = asyncio.run(served.api.exception_handlers[served.RequestError](None, raised.value))
+        assert response.status_code == 401 and json.loads(response.body)["error"]["type"] == "unauthorized"
+        assert response.headers["www-authenticate"] == 'Bearer realm="rayclip"', headers
+
+
 def test_serve_keeps_the_tokens_digest_never_the_token(app):
     stored = json.dumps(rollout._application(served.APP_NAME))  # what the dashboard shows of the app
     assert TOKEN not in stored and hashlib.sha256(TOKEN.encode()).hexdigest() in stored
@@ -403,6 +418,8 @@ def test_bad_text_requests_get_a_4xx_with_a_json_error(app, case, payload, heade
     assert response.status_code == status, (case, response.text)
     assert response.json()["error"]["type"] == kind, case
     assert response.json()["error"]["message"]
+    if status == 401:  # through Serve's proxy too
+        assert response.headers["www-authenticate"] == 'Bearer realm="rayclip"', case
 
 
 @pytest.mark.parametrize("case, images, labels, status, kind", [
