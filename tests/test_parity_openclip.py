@@ -299,3 +299,28 @@ def test_locking_a_tower_leaves_trainable_what_openclips_lock_does(unlocked):
 
     assert trainable(ours) == trainable(theirs)
     assert ("visual.proj" in trainable(ours)) == (unlocked > 0)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "const", "const-cooldown"])
+def test_learning_rate_schedules_are_openclips(scheduler):
+    """--lr-scheduler cosine, const and const-cooldown give the rate open_clip_train's schedulers set, step by
+    step (OpenCLIP's cooldown counts epochs; here steps)."""
+    from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
+
+    from workflows.train import TrainConfig, lr_schedule
+
+    cooldown = {"cooldown_steps": 40, "lr_cooldown_power": 2.0, "lr_cooldown_end": 1e-5} \
+        if scheduler == "const-cooldown" else {}
+    config = TrainConfig(data=["d"], steps=100, warmup_steps=10, lr=1e-3, lr_scheduler=scheduler, **cooldown)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    theirs = {"cosine": lambda: cosine_lr(optimizer, config.lr, 10, 100),
+              "const": lambda: const_lr(optimizer, config.lr, 10, 100),
+              "const-cooldown": lambda: const_lr_cooldown(optimizer, config.lr, 10, 100, 40, 2.0, 1e-5)}[scheduler]()
+    factor = lr_schedule(config)
+    assert [config.lr * factor(step) for step in range(100)] == pytest.approx([theirs(step) for step in range(100)],
+                                                                             rel=1e-9, abs=1e-15)
+    if scheduler == "const-cooldown":  # a cooldown without its length, or one that cannot fit, fails at once
+        with pytest.raises(ValueError, match="cooldown_steps goes with lr_scheduler const-cooldown"):
+            TrainConfig(data=["d"], steps=100, lr_scheduler="const-cooldown")
+        with pytest.raises(ValueError, match=r"warmup_steps \(10\) and cooldown_steps \(95\) are more than steps"):
+            TrainConfig(data=["d"], steps=100, warmup_steps=10, lr_scheduler="const-cooldown", cooldown_steps=95)

@@ -26,8 +26,8 @@ from workflows import cli, storage
 from workflows.tracking import git_commit
 from workflows.data_passes import checkpoint_pass, registered_checkpoint, resume_pass
 from workflows.train import (TrainConfig, _RankZeroTracker, build_model, check_config, contrastive_step,
-                             cosine_schedule, default_cpus_per_worker, init_image_size, init_source, latest_checkpoint,
-                             train)
+                             default_cpus_per_worker, init_image_size, init_source, latest_checkpoint,
+                             lr_schedule, train)
 from workflows.train_data import Augment, Position, batches
 from workflows.train_rows import mixed_rows
 
@@ -245,7 +245,7 @@ def test_two_workers_train_log_to_mlflow_and_resume_from_the_s3_checkpoint_when_
         assert losses == pytest.approx([losses[0]] * len(losses), abs=1e-5), (step, losses)
     assert sum(history[s][0] for s in (10, 11, 12)) / 3 < sum(history[s][0] for s in (1, 2, 3)) / 3 - 0.2, history
     # each step logs the learning rate its update used (the schedule's value at that step, from 1/warmup up)
-    factor = cosine_schedule(config.warmup_steps, config.steps)
+    factor = lr_schedule(config)
     lr = _history(tmp_path, result.mlflow_run_id, "lr")
     assert lr == pytest.approx({step: config.lr * factor(step - 1) for step in range(1, 13)}), lr
     # rank 0 prints each step's progress and each validation once: the driver shows them once
@@ -601,15 +601,18 @@ def test_train_flags_override_the_config_file_which_overrides_the_environment(tm
                       "--lock-image-unlocked-groups", "2", "--lock-text", "--lock-text-unlocked-layers", "1",
                       "--siglip", "--grad-checkpointing", "--torchcompile", "--log-every-n-steps", "5",
                       "--train-num-samples", "1000", "--grad-clip-norm", "2", "--beta2", "0.95", "--gpu",
-                      "--set", "shuffle_buffer=64", "--set", "train.seed=3", "--set", "steps=70", "--steps", "80")
+                      "--set", "shuffle_buffer=64", "--set", "train.seed=3", "--set", "steps=70", "--steps", "80",
+                      "--lr-scheduler", "const-cooldown", "--cooldown-steps", "20", "--lr-cooldown-end", "1e-5")
     assert openclip.model_dump(include={
         "warmup_steps", "weight_decay", "lock_image", "lock_image_unlocked_layers", "lock_text",
         "lock_text_unlocked_layers", "loss", "grad_checkpointing", "compile", "log_every", "train_num_samples",
-        "grad_clip_norm", "beta2", "use_gpu", "shuffle_buffer", "seed", "steps"}) == {
+        "grad_clip_norm", "beta2", "use_gpu", "shuffle_buffer", "seed", "steps", "lr_scheduler", "cooldown_steps",
+        "lr_cooldown_end"}) == {
         "warmup_steps": 50, "weight_decay": 0.1, "lock_image": True, "lock_image_unlocked_layers": 2,
         "lock_text": True, "lock_text_unlocked_layers": 1, "loss": "siglip", "grad_checkpointing": True,
         "compile": True, "log_every": 5, "train_num_samples": 1000, "grad_clip_norm": 2.0, "beta2": 0.95,
-        "use_gpu": True, "shuffle_buffer": 64, "seed": 3, "steps": 80}
+        "use_gpu": True, "shuffle_buffer": 64, "seed": 3, "steps": 80, "lr_scheduler": "const-cooldown",
+        "cooldown_steps": 20, "lr_cooldown_end": 1e-5}
     plain = config("--data", "prepared")
     assert (plain.lock_image, plain.compile, plain.loss, plain.use_gpu) == (False, False, "clip", False)
     with pytest.raises(ValueError, match=r"--set 'shufle_buffer=1': 'shufle_buffer' is not a train option; the "

@@ -414,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--accum-freq", type=int, help="micro-batches per step (the contrastive batch stays whole)")
     tr.add_argument("--lr", type=float)
     tr.add_argument("--warmup", type=int, dest="warmup_steps", metavar="STEPS", help="linear warmup steps")
+    tr.add_argument("--lr-scheduler", choices=["cosine", "const", "const-cooldown"],
+                    help="after warmup: cosine decay (default), the rate held, or held then cooled down")
+    tr.add_argument("--cooldown-steps", type=int, metavar="STEPS",
+                    help="const-cooldown: the last STEPS decay the rate (OpenCLIP's --epochs-cooldown)")
+    tr.add_argument("--lr-cooldown-power", type=float, help="const-cooldown: 1 linear (default), else polynomial")
+    tr.add_argument("--lr-cooldown-end", type=float, help="const-cooldown: the rate it ends at (default 0)")
     tr.add_argument("--wd", type=float, dest="weight_decay", help="weight decay (gains, biases and the "
                     "temperature are exempt, as in OpenCLIP)")
     tr.add_argument("--beta1", type=float)

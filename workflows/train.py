@@ -92,6 +92,13 @@ class TrainConfig(BaseModel):
                                           "data); such epochs only number the steps, the data runs on through them")
     lr: float | None = Field(None, gt=0)
     warmup_steps: int | None = Field(None, ge=0)
+    lr_scheduler: Literal["cosine", "const", "const-cooldown"] = Field(
+        "cosine", description="after warmup: cosine decay to 0, the rate held, or held then cooled down over "
+        "the last cooldown_steps (OpenCLIP's --lr-scheduler)")
+    cooldown_steps: int | None = Field(None, gt=0, description="const-cooldown: the steps the rate decays over "
+                                       "(OpenCLIP's --epochs-cooldown, in steps)")
+    lr_cooldown_power: float = Field(1.0, gt=0, description="const-cooldown: 1 a linear decay, else polynomial")
+    lr_cooldown_end: float = Field(0.0, ge=0, description="const-cooldown: the rate it ends at")
     weight_decay: float | None = Field(None, ge=0)
     beta1: float = 0.9
     beta2: float = 0.98
@@ -177,6 +184,13 @@ class TrainConfig(BaseModel):
                              f"({self.steps})")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
+        if (self.lr_scheduler == "const-cooldown") != (self.cooldown_steps is not None):
+            raise ValueError("cooldown_steps goes with lr_scheduler const-cooldown, and it with them: set both")
+        if self.cooldown_steps is not None and self.warmup_steps + self.cooldown_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) and cooldown_steps ({self.cooldown_steps}) are "
+                             f"more than steps ({self.steps})")
+        if self.lr_cooldown_end > self.lr:
+            raise ValueError(f"lr_cooldown_end ({self.lr_cooldown_end}) is above lr ({self.lr}): a cooldown lowers it")
         return self
 
     def patch_dropout_at(self, step: int) -> float:
@@ -264,12 +278,23 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def cosine_schedule(warmup: int, total: int):
+def lr_schedule(config: TrainConfig):
+    """Step (from 0) → the factor on config.lr, OpenCLIP's --lr-scheduler: a linear warmup, then cosine
+    decay to 0 (`cosine`), the rate held (`const`), or held until the last `cooldown_steps` and then
+    decayed as (1 - progress) ** lr_cooldown_power to lr_cooldown_end (`const-cooldown`)."""
+    warmup, total = config.warmup_steps, config.steps
+    cooldown_start, end = total - (config.cooldown_steps or 0), config.lr_cooldown_end / config.lr
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if config.lr_scheduler == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if config.lr_scheduler == "const" or step < cooldown_start:
+            return 1.0
+        progress = min(1.0, (step - cooldown_start) / (total - cooldown_start))
+        return (1 - progress) ** config.lr_cooldown_power * (1 - end) + end
     return factor
 
 
@@ -316,11 +341,11 @@ def _backward(loss: torch.Tensor, scaler) -> None:
 
 
 def build_optimizer(model, config: TrainConfig, device: torch.device, cast: torch.dtype | None = None):
-    """The paper's optimizer: AdamW over `model.param_groups`, a cosine schedule after linear warmup
-    (stepped once per optimizer step), and a gradient scaler only under fp16 autocast."""
+    """The paper's optimizer: AdamW over `model.param_groups`, `lr_schedule` (the paper's: cosine after a
+    linear warmup; stepped once per optimizer step), and a gradient scaler only under fp16 autocast."""
     optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay), lr=config.lr,
                                   betas=(config.beta1, config.beta2), eps=config.eps, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config.warmup_steps, config.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     scaler = torch.amp.GradScaler(device.type) if cast == torch.float16 else None
     return optimizer, scheduler, scaler
 
