@@ -274,6 +274,8 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str | None = None
     image: str | None = Field(None, description="base64-encoded image (or s3://BUCKET/KEY as for /v1/classify)")
+    embedding: list[float] | str | None = Field(None, description="an embedding of the live model (as /v1/embed "
+                                                "returns it: floats, or base64 float16), e.g. a mean of several")
     against: Literal["image", "text"] = Field("image", description="the index's image or caption embeddings")
     k: int = Field(10, gt=0)
 
@@ -582,6 +584,30 @@ def check_texts(texts: list[str], what: str, limit: int, limits: Limits) -> list
         if len(text) > limits.max_text_chars:
             raise RequestError(422, "text_too_long", f"{what}[{i}] is over {limits.max_text_chars} characters")
     return texts
+
+
+def decode_vector(value: list[float] | str, dim: int) -> np.ndarray:
+    """A query embedding sent as floats or as base64 float16 (encode_vector's forms) → a unit float32 vector of
+    the model's `dim`; RequestError 422 for another length, a value that is not finite, or a zero vector."""
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(422, "invalid_embedding", "embedding: not base64 (send floats, or the base64 "
+                               "float16 /v1/embed returns)") from None
+        if len(raw) != 2 * dim:
+            raise RequestError(422, "invalid_embedding", f"embedding: {len(raw)} bytes, not the {2 * dim} of "
+                               f"{dim} float16 values (the live model's embed_dim)")
+        vector = np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    else:
+        if len(value) != dim:
+            raise RequestError(422, "invalid_embedding", f"embedding: {len(value)} values, not the live model's "
+                               f"embed_dim of {dim}")
+        vector = np.asarray(value, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(vector).all() or not np.isfinite(norm) or norm == 0:
+        raise RequestError(422, "invalid_embedding", "embedding: holds a value that is not finite, or is all zeros")
+    return vector / norm
 
 
 def encode_vector(vector: np.ndarray, encoding: str):
@@ -912,13 +938,14 @@ class Ingress:
 
     @api.post("/v1/search", openapi_extra=_openapi_body(SearchRequest))
     async def search(self, request: Request) -> dict:
-        """The index's rows nearest to a text or an image (clip-retrieval's kNN service), by cosine."""
+        """The index's rows nearest to a text, an image or an embedding (clip-retrieval's kNN service), by
+        cosine."""
         body = await self._body(request, SearchRequest)
         if self.index is None:
             raise RequestError(404, "no_index", "this server has no index to search: serve one with `index` (the "
                                "output of `rayclip embed`, made with the served model)")
-        if (body.text is None) == (body.image is None):
-            raise RequestError(422, "invalid_request", "send either 'text' or 'image'")
+        if sum(query is not None for query in (body.text, body.image, body.embedding)) != 1:
+            raise RequestError(422, "invalid_request", "send one of 'text', 'image' or 'embedding'")
         limits = self.config.limits
         if body.k > limits.max_search_results:
             raise RequestError(422, "too_many", f"k={body.k}: at most {limits.max_search_results} results")
@@ -932,7 +959,9 @@ class Ingress:
         if body.against not in index["embeddings"]:
             raise RequestError(422, "no_text_embeddings", "the index holds no caption embeddings (made with "
                                "`rayclip embed --no-text`): search against 'image'")
-        if body.text is not None:
+        if body.embedding is not None:
+            query = decode_vector(body.embedding, info["embed_dim"])[None]
+        elif body.text is not None:
             query = await self._features(info, "text", check_texts([body.text], "texts", 1, limits))
         else:
             query = await self._features(info, "image", await self._pixels([body.image], info))

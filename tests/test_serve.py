@@ -134,7 +134,7 @@ def test_embeddings_and_rank_match_clip_core(app):
     assert ranked[0]["cosine"] == pytest.approx(float(np.max(expected_images @ expected_texts[1])), abs=1e-4)
 
 
-def test_search_returns_the_index_rows_nearest_to_a_text_or_an_image(app):
+def test_search_returns_the_index_rows_nearest_to_a_text_an_image_or_an_embedding(app):
     import pyarrow.parquet as pq
 
     stored = pq.read_table(app["root"] / "index" / "embeddings")
@@ -161,7 +161,19 @@ def test_search_returns_the_index_rows_nearest_to_a_text_or_an_image(app):
         assert [r["cosine"] for r in results] == pytest.approx(list(every[:payload["k"]]), abs=1e-4)
         assert all(a["cosine"] >= b["cosine"] for a, b in zip(results, results[1:]))
 
+    # an embedding as /v1/embed returns it (floats or base64 float16) finds what its text finds, scaled or not
+    by_text = _post(app, "/v1/search", {"text": "a red circle", "k": 5}).json()["results"]
+    halved = base64.b64encode((text_query / 2).astype("<f2").tobytes()).decode()
+    for embedding in ([float(x) * 3 for x in text_query], halved):
+        found = _post(app, "/v1/search", {"embedding": embedding, "k": 5}).json()["results"]
+        assert [r["key"] for r in found] == [r["key"] for r in by_text]
+        assert [r["cosine"] for r in found] == pytest.approx([r["cosine"] for r in by_text], abs=2e-3)
+
     for payload, status, kind in (({"text": "a", "image": _png(image)}, 422, "invalid_request"),
+                                  ({"text": "a", "embedding": [1.0] * len(text_query)}, 422, "invalid_request"),
+                                  ({"embedding": [1.0] * 7}, 422, "invalid_embedding"),
+                                  ({"embedding": [0.0] * len(text_query)}, 422, "invalid_embedding"),
+                                  ({"embedding": "not base64!"}, 422, "invalid_embedding"),
                                   ({"k": 3}, 422, "invalid_request"),
                                   ({"text": "a", "k": 21}, 422, "too_many"),
                                   ({"text": "a", "against": "audio"}, 422, "invalid_request"),
@@ -171,7 +183,7 @@ def test_search_returns_the_index_rows_nearest_to_a_text_or_an_image(app):
     assert _post(app, "/v1/search", {"text": "a"}, headers={}).status_code == 401
     counted = httpx.get(app["url"] + "/metrics", headers=AUTH).text  # one ingress replica: it saw them all
     assert _metric(counted, "rayclip_requests_total", route="/v1/search", status="200") >= 2
-    assert _metric(counted, "rayclip_requests_total", route="/v1/search", status="422") >= 5
+    assert _metric(counted, "rayclip_requests_total", route="/v1/search", status="422") >= 9
     # an index that is not there fails the deployment before any replica starts
     missing = app["config"].model_copy(update={"index": str(app["root"] / "no-index")})
     with pytest.raises(FileNotFoundError, match="no embeddings at .*no-index: embeddings.json is missing"):
