@@ -422,7 +422,7 @@ class Index:
         if "image" in self.vectors and "image_id" in table.column_names:
             self.rows_of["image"] = first_rows(table["image_id"])
             self.vectors["image"] = np.ascontiguousarray(self.vectors["image"][self.rows_of["image"]])
-        self.rows = table.select(["key", "caption", "label"])
+        self.rows = table.select([c for c in ("key", "caption", "label", "metadata") if c in table.column_names])
         self.about = {"uri": self.config.index, "rows": table.num_rows, "embeddings": sorted(self.vectors),
                       "weights_sha256": manifest["model"]["weights_sha256"],
                       "quick_gelu": manifest["model"].get("quick_gelu"),  # None: an index from before it was kept
@@ -452,8 +452,17 @@ class Index:
             column_scores = scores[:, column]
             nearest = top_k(column_scores, k)
             rows = self.rows.take(self.rows_of[kind][nearest] if kind in self.rows_of else nearest).to_pylist()
-            found.append([{**row, "cosine": float(column_scores[j])} for row, j in zip(rows, nearest)])
+            found.append([{**row, **({"metadata": _document(row["metadata"])} if "metadata" in row else {}),
+                           "cosine": float(column_scores[j])} for row, j in zip(rows, nearest)])
         return found
+
+
+def _document(text: str | None):
+    """A row's metadata as the JSON it holds (img2dataset's {"url": …}), or as the text it is."""
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return text
 
 
 INDEX_ROW_BYTES = 512  # an allowance a row for its key, caption and label beside its vectors
@@ -466,7 +475,8 @@ def index_memory(manifest: dict) -> int:
     INDEX_ROW_BYTES a row."""
     kinds = sum(column.endswith("_embedding") for column in manifest["columns"])
     stored = np.dtype(manifest["dtype"]).itemsize
-    return manifest["rows"] * (kinds * manifest["embed_dim"] * (4 + stored) + INDEX_ROW_BYTES)
+    return manifest["rows"] * (kinds * manifest["embed_dim"] * (4 + stored) + INDEX_ROW_BYTES) \
+        + 2 * manifest.get("metadata_bytes", 0)  # its Arrow bytes, and a row's Python objects as it answers
 
 
 def index_mismatch(index: dict, info: dict) -> str | None:

@@ -429,7 +429,7 @@ def test_embed_writes_every_row_as_clip_core_embeds_it_as_parquet_any_reader_ope
     import pyarrow.parquet as pq
 
     from workflows import storage
-    from workflows.embed import _to_table
+    from workflows.embed import MAX_METADATA_BYTES, _to_table
 
     heldout, output = str(sets / "heldout"), f"s3://{s3_bucket}/embeddings/heldout"
     assert cli.main(["embed", str(sets / "ckpt"), heldout, output, "--batch-size", "24", "--rows-per-file", "40"]) == 0
@@ -459,6 +459,7 @@ def test_embed_writes_every_row_as_clip_core_embeds_it_as_parquet_any_reader_ope
     assert sorted(order) == list(range(64))
     written = table.take(order)
     assert written["caption"].to_pylist() == prepared["caption"] and written["label"].to_pylist() == prepared["label"]
+    assert written["metadata"].to_pylist() == prepared["metadata"]  # the source's, as /v1/search returns it
     for column, expected in (("image_embedding", image_features), ("text_embedding", text_features)):
         np.testing.assert_allclose(np.stack(written[column].to_numpy(zero_copy_only=False)), expected, atol=2e-5)
 
@@ -470,16 +471,18 @@ def test_embed_writes_every_row_as_clip_core_embeds_it_as_parquet_any_reader_ope
     half = tmp_path / "half"
     assert cli.main(["embed", str(sets / "ckpt"), heldout, str(half), "--dtype", "float16", "--no-text"]) == 0
     small = pq.read_table(half / "embeddings")
-    assert small.column_names == ["key", "caption", "label", "image_id", "image_embedding"]
+    assert small.column_names == ["key", "caption", "label", "metadata", "image_id", "image_embedding"]
     assert small.schema.field("image_embedding").type.value_type == pa.float16()
     at = {key: i for i, key in enumerate(small["key"].to_pylist())}
     np.testing.assert_allclose(np.stack(small["image_embedding"].to_numpy(zero_copy_only=False))[
         [at[key] for key in prepared["key"]]].astype(np.float32), image_features, atol=2e-3)
     # a set without labels: nulls, not -1
-    unlabeled = _to_table({"key": np.array(["a"], object), "caption": np.array(["x"], object),
-                           "label": np.array([-1]), "image_id": np.array(["i"], object),
-                           "image_features": np.ones((1, 2), np.float32)}, "float32", False)
-    assert unlabeled["label"].to_pylist() == [None]
+    unlabeled = _to_table({"key": np.array(["a", "b"], object), "caption": np.array(["x", "y"], object),
+                           "label": np.array([-1, -1]), "image_id": np.array(["i", "j"], object),
+                           "metadata": np.array(['{"url": "http://x"}', "m" * (MAX_METADATA_BYTES + 1)], object),
+                           "image_features": np.ones((2, 2), np.float32)}, "float32", False)
+    assert unlabeled["label"].to_pylist() == [None, None]
+    assert unlabeled["metadata"].to_pylist() == ['{"url": "http://x"}', None], "over its limit: not kept"
 
 
 def _metrics(sets, top1: float, digest_of: str = "heldout") -> dict:

@@ -155,6 +155,7 @@ def test_search_returns_the_index_rows_nearest_to_a_text_an_image_or_an_embeddin
         for result in results:  # each row as embed stored it, and its cosine to the query
             row = rows[result["key"]]
             assert (result["caption"], result["label"]) == (row["caption"], row["label"])
+            assert result["metadata"] == json.loads(row["metadata"]) and "classname" in result["metadata"]
             assert result["cosine"] == pytest.approx(float(np.dot(row[f"{against}_embedding"], query)), abs=1e-4)
         # the k nearest of all rows, nearest first
         every = np.sort([np.dot(row[f"{against}_embedding"], query) for row in rows.values()])[::-1]
@@ -206,11 +207,13 @@ def test_the_index_replica_reserves_the_memory_its_embeddings_take(app):
 
     manifest = read_embeddings_manifest(str(app["root"] / "index"))
     assert manifest["rows"] == 48 and manifest["dtype"] == "float32"
-    # 48 rows x (image and text x 64 dims x (float32 matrix + float32 as stored) + 512 for key and caption)
-    expected = 48 * (2 * manifest["embed_dim"] * 8 + 512)
+    # 48 rows x (image and text x 64 dims x (float32 matrix + float32 as stored) + 512 for key and caption),
+    # and twice the metadata's bytes (each row's {"classname": …})
+    assert manifest["metadata_bytes"] > 48 * len('{"classname": ""}')
+    expected = 48 * (2 * manifest["embed_dim"] * 8 + 512) + 2 * manifest["metadata_bytes"]
     assert served.index_memory(manifest) == expected
-    assert served.index_memory({**manifest, "dtype": "float16", "columns": ["key", "image_embedding"]}) == (
-        48 * (manifest["embed_dim"] * 6 + 512))
+    assert served.index_memory({**manifest, "dtype": "float16", "columns": ["key", "image_embedding"],
+                                "metadata_bytes": 0}) == 48 * (manifest["embed_dim"] * 6 + 512)
     deployments = rollout._application(served.APP_NAME)["deployments"]
     options = deployments[served.INDEX]["deployment_config"]["ray_actor_options"]
     assert options["memory"] == expected, options

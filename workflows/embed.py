@@ -2,7 +2,9 @@
 inference (the evaluate stage's pool of model actors), for nearest-neighbour search, deduplication or
 a downstream model (what clip-retrieval's `clip inference` writes).
 
-    OUTPUT/embeddings/*.parquet  key, caption, label (null where the set has none), image_id (the same for
+    OUTPUT/embeddings/*.parquet  key, caption, label (null where the set has none), metadata (the source's
+                                 per-sample JSON, img2dataset's url among it, where it has one of at most
+                                 MAX_METADATA_BYTES), image_id (the same for
                                  the rows of one image: an image with several captions, a row each),
                                  image_embedding, text_embedding: fixed_size_list<float32|float16>[embed_dim],
                                  L2-normalized, so a dot product is the model's cosine similarity
@@ -21,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +36,7 @@ from .preprocess import read_manifest
 MANIFEST = "embeddings.json"
 FILES = "embeddings"
 FORMAT = "rayclip-embeddings/1"
+MAX_METADATA_BYTES = 4096  # a row's metadata kept in the index (a URL and a few fields), which /v1/search returns
 
 
 class EmbedConfig(BaseModel):
@@ -62,8 +66,10 @@ def _to_table(batch: dict, dtype: str, text: bool) -> pa.Table:
         return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
     labels = np.asarray(batch["label"], dtype=np.int64)
+    metadata = [m if m is not None and len(m.encode("utf-8", "surrogatepass")) <= MAX_METADATA_BYTES else None
+                for m in batch["metadata"]]
     columns = {"key": pa.array(batch["key"], pa.string()), "caption": pa.array(batch["caption"], pa.string()),
-               "label": pa.array(labels, pa.int64(), mask=labels < 0),
+               "label": pa.array(labels, pa.int64(), mask=labels < 0), "metadata": pa.array(metadata, pa.string()),
                # rows of one image (several captions, a row each) share it: /v1/search finds the image once
                "image_id": pa.array(batch["image_id"], pa.string()),
                "image_embedding": vectors(batch["image_features"])}
@@ -96,7 +102,7 @@ def embed(config: EmbedConfig, echo=print) -> dict:
          f"(image size {image_size}) on {config.workers} model actor(s)")
     rows = embedded([config.data], ray.put(files), image_size, batch_size=config.batch_size, workers=config.workers,
                     use_gpu=config.use_gpu, precision=config.precision, with_text=[config.text],
-                    columns=("caption",))
+                    columns=("caption", "metadata"))
     rows = rows.map_batches(_to_table, batch_size=config.batch_size, batch_format="numpy",
                             fn_kwargs={"dtype": config.dtype, "text": config.text})
     fs, path = storage.filesystem(storage.join(config.output, FILES))
@@ -116,8 +122,9 @@ def embed(config: EmbedConfig, echo=print) -> dict:
         "dataset": {"uri": config.data, "digest": dataset_manifest["digest"]},
         "embed_dim": model_config.embed_dim,
         "dtype": config.dtype,
-        "columns": ["key", "caption", "label", "image_id", "image_embedding",
+        "columns": ["key", "caption", "label", "metadata", "image_id", "image_embedding",
                     *(["text_embedding"] if config.text else [])],
+        "metadata_bytes": metadata_bytes(config.output),  # what an Index replica holds of it
         "normalized": True,
         "rows": total,
         "files": written,
@@ -125,6 +132,12 @@ def embed(config: EmbedConfig, echo=print) -> dict:
     storage.write_bytes(storage.join(config.output, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
     echo(f"embed: {total:,} rows in {len(written)} file(s) -> {config.output}")
     return manifest
+
+
+def metadata_bytes(uri: str) -> int:
+    """The bytes of the metadata column of the embeddings written under `uri`."""
+    table = storage.read_parquet(storage.list_files(storage.join(uri, FILES)), columns=["metadata"])
+    return int(pc.sum(pc.binary_length(table["metadata"])).as_py() or 0)
 
 
 def _rows(uri: str) -> int:

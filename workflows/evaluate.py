@@ -124,7 +124,7 @@ def _decode(batch: dict, image_size: int) -> dict:
                           dtype=object)
     out = decode_batch(batch, image_size)
     out["image_id"] = image_id
-    for name in ("key", "caption"):
+    for name in ("key", "caption", "metadata"):
         if name in batch:
             out[name] = np.asarray(batch[name], dtype=object)
     out["eval_set"] = np.asarray(batch["eval_set"], dtype=np.int64)
