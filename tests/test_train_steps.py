@@ -219,3 +219,16 @@ def test_the_logged_loss_is_the_whole_batchs_whatever_the_number_of_workers(kind
     # each worker's own loss is over its rows only: the one rank 0 logged before
     assert abs(local0 - whole) > 1e-3 and abs(local1 - whole) > 1e-3
     assert logged0 == logged1 == pytest.approx(whole, abs=1e-5)
+
+
+def test_image_size_trains_at_another_resolution_from_scratch_or_from_weights(tmp_path):
+    """OpenCLIP's --force-image-size: a model built at it, or --init weights loaded at it (the position
+    embedding interpolated), and the driver plans the data's decoding at it without loading the weights."""
+    scratch = build_model(TrainConfig(data=["d"], model="tiny", image_size=48))
+    assert scratch.image_size == 48 and scratch.config.vision.image_size == 48
+    clip_core.save_checkpoint(clip_core.create_model("tiny"), tmp_path / "ckpt")
+    config = TrainConfig(data=["d"], model="tiny", init=str(tmp_path / "ckpt"), image_size=96)
+    assert init_image_size(config) == 96 and clip_core.load_model(tmp_path / "ckpt").image_size == 64
+    resized = build_model(config)
+    assert resized.image_size == 96
+    assert resized(torch.randn(2, 3, 96, 96), clip_core.get_tokenizer()(["a", "b"]))[0].shape == (2, 256)

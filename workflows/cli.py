@@ -409,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--output", help="directory or s3:// prefix for the final checkpoint")
     tr.add_argument("--model", help="preset name or model-config JSON (default tiny)")
     tr.add_argument("--steps", type=int)
+    tr.add_argument("--force-image-size", type=int, dest="image_size", metavar="PIXELS",
+                    help="train at this resolution instead of the model's (--init weights are interpolated)")
     tr.add_argument("--train-num-samples", type=int, help="samples per epoch (default: one pass over the data)")
     tr.add_argument("--batch-size", type=int, help="global contrastive batch")
     tr.add_argument("--accum-freq", type=int, help="micro-batches per step (the contrastive batch stays whole)")

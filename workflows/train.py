@@ -85,6 +85,9 @@ class TrainConfig(BaseModel):
     quick_gelu: bool | None = Field(None, description="True QuickGELU, False GELU: for a preset, instead of its "
                                     "own (OpenCLIP's --force-quick-gelu); for --init weights, overriding what they "
                                     "imply (openai: QuickGELU)")
+    image_size: int | None = Field(None, gt=0, description="train at this resolution instead of the model's "
+                                   "(OpenCLIP's --force-image-size): --init weights' position embedding is "
+                                   "interpolated to it; the prepared data should be at least this size")
     steps: int | None = Field(None, gt=0)
     batch_size: int | None = Field(None, gt=0, description="global contrastive batch")
     accum_freq: int = Field(1, gt=0, description="micro-batches per step, the contrastive batch kept whole")
@@ -216,9 +219,10 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
         kind, path = init_source(config.init)
         with storage.local_copy(path) as local:  # load_model reads the weights into memory
             implied = True if kind == "openai" else None
-            model = clip_core.load_model(local, quick_gelu=implied if config.quick_gelu is None else config.quick_gelu)
+            model = clip_core.load_model(local, quick_gelu=implied if config.quick_gelu is None else config.quick_gelu,
+                                         image_size=config.image_size)
     else:
-        model = clip_core.create_model(scratch_config(config))
+        model = clip_core.create_model(scratch_config(config), image_size=config.image_size)
     check_loss_fits(config, model.logit_bias is not None,
                     f"--init {config.init}" if config.init else f"the model {config.model}")
     if config.patch_dropout:
@@ -267,7 +271,7 @@ def init_image_size(config: TrainConfig) -> int:
         if not is_hf_config(described):  # a transformers CLIPModel has no logit_bias
             check_loss_fits(config, described_config(described, path).init_logit_bias is not None,
                             f"--init {config.init}")
-        return described_image_size(described, path)
+        return config.image_size or described_image_size(described, path)
     return build_model(config).image_size  # build_model checks the loss fits
 
 
@@ -894,7 +898,8 @@ def train(config: TrainConfig, echo=print) -> TrainResult:
     fs, _ = storage.filesystem(storage_path)
     if not storage.is_s3(storage_path):
         os.makedirs(storage_path, exist_ok=True)
-    image_size = init_image_size(config) if config.init else clip_core.get_config(config.model).vision.image_size
+    image_size = init_image_size(config) if config.init else \
+        config.image_size or clip_core.get_config(config.model).vision.image_size
     datasets = {"train": training_dataset(config, manifests, image_size)}
 
     from ray.data import ExecutionOptions
