@@ -980,9 +980,9 @@ class Ingress:
 
     @api.get("/v1/model")
     async def model(self, request: Request) -> dict:
-        """Name, version, alias, metrics and lineage of the live model."""
+        """Name, version, alias, metrics and lineage of the live model, and the limits on a request."""
         self.authorize(request)
-        return await self.model_info()
+        return {**await self.model_info(), "limits": self.config.limits.model_dump()}
 
     @api.get("/", include_in_schema=False)
     async def playground(self) -> HTMLResponse:

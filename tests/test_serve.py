@@ -389,9 +389,45 @@ def test_serve_keeps_the_tokens_digest_never_the_token(app):
                  ).status_code == 401
 
 
+def test_the_python_client_splits_long_lists_into_requests_within_the_limits_and_raises_the_servers_errors(
+        app, tmp_path):
+    from deploy.client import Client, ClientError
+
+    model, images = app["model"], _images(6, seed=31)
+    texts = [f"a photo of shape number {i}" for i in range(37)]  # over the server's 16 texts a request
+    with torch.no_grad():
+        expected_texts = model.encode_text(clip_core.get_tokenizer()(texts), normalize=True).numpy()
+    images[0].save(tmp_path / "first.png")
+    given = [str(tmp_path / "first.png"), base64.b64decode(_png(images[1])), *images[2:]]  # path, bytes, PIL
+    with Client(app["url"], token=TOKEN, concurrency=3) as clip:
+        assert clip.model()["limits"]["max_texts"] == 16 and clip.model()["version"] == "1"
+        embedded = clip.embed_texts(texts)
+        assert embedded.shape == expected_texts.shape and embedded.dtype == np.float32
+        np.testing.assert_allclose(embedded, expected_texts, atol=2e-3)  # float16 on the wire, in order
+        np.testing.assert_allclose(clip.embed_images(given), _image_features(model, images).numpy(), atol=2e-3)
+        labels = ["red circle", "blue square", "green triangle"]
+        ranked = clip.classify(given, labels, top_k=2)  # 6 images over the server's 4 a request
+        direct = _post(app, "/v1/classify", {"images": [_png(i) for i in images[:4]], "labels": labels,
+                                             "top_k": 2}).json()["results"]
+        assert len(ranked) == 6 and [[r["label"] for r in row] for row in ranked[:4]] == \
+            [[r["label"] for r in row] for row in direct]
+        assert [r["score"] for row in ranked[:4] for r in row] == \
+            pytest.approx([r["score"] for row in direct for r in row], abs=1e-4)
+        assert [r["key"] for r in clip.search(embedding=embedded[0], k=3)] == \
+            [r["key"] for r in clip.search(text=texts[0], k=3)]
+        assert clip.rank(image=given[0], texts=labels)[0]["text"] == ranked[0][0]["label"]
+        with pytest.raises(ClientError) as error:
+            clip.search(text=" ")
+        assert (error.value.status, error.value.kind) == (422, "empty_text")
+    with Client(app["url"]) as anonymous, pytest.raises(ClientError) as error:
+        anonymous.embed_texts(["a"])
+    assert error.value.status == 401 and "Bearer" in error.value.message
+
+
 def test_model_info_health_and_docs(app):
     info = httpx.get(app["url"] + "/v1/model", headers=AUTH).json()
     assert (info["name"], info["version"], info["alias"]) == ("clip-serve", "1", "champion")
+    assert info["limits"]["max_images"] == app["config"].limits.max_images  # what a client splits lists by
     assert info["metrics"]["zeroshot.top1"] == "0.5" and "config_hash" in info["lineage"]
     assert httpx.get(app["url"] + "/healthz").json() == {"status": "ok"}
     assert httpx.get(app["url"] + "/readyz", headers=AUTH).json()["model"]["version"] == "1"
