@@ -45,9 +45,9 @@ from .train_rows import shuffles_globally, training_dataset
 
 TRAIN_STATE = "train_state.pt"
 
-# Recipes that work without tuning. The published presets carry the paper's (global batch 32,768,
-# AdamW beta2 0.98, eps 1e-6, weight decay 0.2, 2,000 warmup steps, 32 epochs of 400M pairs);
-# the CPU presets are tuned on the synthetic set.
+# Recipes: what a run leaves unset. The published presets carry the paper's (global batch 32,768,
+# AdamW beta2 0.98, eps 1e-6, weight decay 0.2, 2,000 warmup steps, 32 epochs of 400M pairs), not
+# run here; the CPU presets are tuned on the synthetic set.
 RECIPES: dict[str, dict] = {
     "tiny": dict(batch_size=128, lr=1e-3, warmup_steps=25, weight_decay=0.1, steps=300),
     "small": dict(batch_size=256, lr=5e-4, warmup_steps=100, weight_decay=0.1, steps=2000),
