@@ -921,7 +921,8 @@ class Ingress:
 
     @api.post("/v1/rank", openapi_extra=_openapi_body(RankRequest))
     async def rank(self, request: Request) -> dict:
-        """One image against many texts, or one text against many images (clip-as-service's /rank)."""
+        """One image against many texts, or one text against many images (clip-as-service's /rank, for one
+        query a request)."""
         body = await self._body(request, RankRequest)
         limits = self.config.limits
         if body.image is not None and body.texts and body.text is None and body.images is None:
