@@ -67,6 +67,8 @@ class Limits(BaseModel):
                              "text the text tower encodes (ImageNet's 1000 classes x 80 templates needs 80000)")
     max_text_chars: int = Field(1000, gt=0)
     max_search_results: int = Field(1000, gt=0, description="k of /v1/search")
+    body_timeout_s: float = Field(30.0, gt=0, description="to receive a request's body: a client that sends it "
+                                  "slower holds an ingress slot until then, then gets a 408")
 
 
 class Autoscaling(BaseModel):
@@ -777,6 +779,25 @@ def authorize(headers, token_digest: str | None) -> None:
                            {"WWW-Authenticate": f'Bearer realm="{APP_NAME}"'})  # a 401 must name it (RFC 9110)
 
 
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request's body, refused (RequestError) over `limit` bytes (413: by its Content-Length at once,
+    else as it streams in) or not received within `timeout_s` (408: a client trickling it in a byte at a
+    time would hold an ingress slot for good)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, "body_too_large", f"the body is over the {limit}-byte limit")
+    raw = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > limit:
+                    raise RequestError(413, "body_too_large", f"the body is over the {limit}-byte limit")
+    except TimeoutError:
+        raise RequestError(408, "body_timeout", f"the body did not arrive within {timeout_s:g} s") from None
+    return bytes(raw)
+
+
 async def call_towers(make_calls, retry_after_s: float) -> list:
     """Make and await tower calls. A full tower queue (raised by the call or by its result) becomes
     503 + Retry-After instead of a wait; calls lost with a dying replica are made once more (they
@@ -1028,15 +1049,7 @@ class Ingress:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type not in media_types:
             raise RequestError(415, "unsupported_media_type", f"send the request body as {' or '.join(media_types)}")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, "body_too_large", f"the body is over the {limit}-byte limit")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise RequestError(413, "body_too_large", f"the body is over the {limit}-byte limit")
-        return media_type, bytes(raw)
+        return media_type, await read_body(request, limit, self.config.limits.body_timeout_s)
 
     async def _form(self, request: Request, raw: bytes) -> tuple[list[bytes], ClassifyForm]:
         """A multipart /v1/classify body: (image files, the other fields)."""

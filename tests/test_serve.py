@@ -368,6 +368,35 @@ def test_a_401_names_the_bearer_scheme_the_server_wants():
         assert response.headers["www-authenticate"] == 'Bearer realm="rayclip"', headers
 
 
+def test_a_body_over_the_limit_or_trickled_in_past_the_timeout_is_refused():
+    """A client that sends its body a byte at a time (or stops) held an ingress slot for as long as it liked."""
+    from starlette.requests import Request
+
+    def request(chunks: list[bytes], stall: bool = False, length: int | None = None) -> Request:
+        messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            if stall:
+                await asyncio.Event().wait()  # never set: the client sends nothing more
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        headers = [(b"content-length", str(length).encode())] if length is not None else []
+        return Request({"type": "http", "method": "POST", "headers": headers}, receive)
+
+    async def read(r: Request, timeout_s: float = 5.0) -> bytes:
+        return await served.read_body(r, limit=10, timeout_s=timeout_s)
+
+    assert asyncio.run(read(request([b"abc", b"def"]))) == b"abcdef"
+    for r, status, kind in ((request([b"x"] * 11), 413, "body_too_large"),  # streamed past the limit
+                            (request([], length=11), 413, "body_too_large"),  # said so at once
+                            (request([b"ab"], stall=True), 408, "body_timeout")):
+        with pytest.raises(served.RequestError) as raised:
+            asyncio.run(read(r, timeout_s=0.2))
+        assert (raised.value.status, raised.value.kind) == (status, kind)
+
+
 def test_serve_keeps_the_tokens_digest_never_the_token(app):
     stored = json.dumps(rollout._application(served.APP_NAME))  # what the dashboard shows of the app
     assert TOKEN not in stored and hashlib.sha256(TOKEN.encode()).hexdigest() in stored
