@@ -155,15 +155,19 @@ def _roll(name: str, app: dict, target: dict, current: dict | None, timeout_s: f
     pin((INGRESS,), current)
     try:
         apply(TOWERS, target)
-    except TimeoutError as exc:  # not proof the version is broken: the cluster may still be adding nodes
-        apply(TOWERS, current)
-        raise NotReady(f"{name}: the towers were not ready on {target['model']} within {timeout_s:g} s, so they "
-                       f"were put back on {current['model']}, which the app serves again; try again (a longer "
-                       f"timeout, or once the cluster has the resources): {exc}", target["model"]) from exc
-    except DeployError as exc:
-        apply(TOWERS, current)
-        raise CannotLoad(f"{name}: the towers could not load {target['model']}, so they were put back on "
-                         f"{current['model']}, which the app serves again: {exc}", target["model"]) from exc
+    except (TimeoutError, DeployError) as exc:
+        try:
+            apply(TOWERS, current)
+            back = f"so they were put back on {current['model']}, which the app serves again"
+        except (TimeoutError, DeployError) as failed:  # still a RolloutFailed: the follower backs off
+            back = (f"and putting them back on {current['model']} (which the ingress still serves) did not "
+                    f"finish: {failed}")
+        if isinstance(exc, TimeoutError):  # not proof the version is broken: the cluster may still be adding nodes
+            raise NotReady(f"{name}: the towers were not ready on {target['model']} within {timeout_s:g} s, {back}; "
+                           "try again (a longer timeout, or once the cluster has the resources): "
+                           f"{exc}", target["model"]) from exc
+        raise CannotLoad(f"{name}: the towers could not load {target['model']}, {back}: {exc}",
+                         target["model"]) from exc
     apply((INGRESS,), target)
 
 
@@ -213,23 +217,26 @@ def _apply(name: str, app: dict) -> None:
 
 
 def _wait(name: str, user_configs: dict[str, dict], timeout_s: float) -> None:
-    """Until app `name` runs with every deployment in `user_configs` healthy on that user_config. A
-    DeployError only for what was applied: Serve gave up on one of those deployments, or could not build
-    the app. Serve also calls the app UNHEALTHY or DEPLOY_FAILED when another deployment is (an Index
-    replica OOM-killed, a lost node), which says nothing of the version being rolled: that is waited out,
-    ending at most in a TimeoutError (NotReady, tried again)."""
+    """Until app `name` has deployed (Serve calls it DEPLOYING from the apply on) with every deployment in
+    `user_configs` healthy on that user_config. A DeployError only for what was applied: Serve gave up on
+    one of those deployments, or could not build the app. An app UNHEALTHY or DEPLOY_FAILED through
+    another deployment (an Index replica OOM-killed, a lost node) says nothing of the version being rolled:
+    that is waited out, ending at most in a TimeoutError (NotReady, tried again)."""
     deadline = time.monotonic() + timeout_s
     while True:
         app = _application(name)
         status, deployments = app.get("status"), app.get("deployments", {})
-        failed = [d for d in user_configs if (deployments.get(d) or {}).get("status") == "DEPLOY_FAILED"]
-        if failed:
-            reasons = "; ".join(f"{d}: {deployments[d].get('message', '')}" for d in failed)
-            raise DeployError(f"Serve gave up on {', '.join(failed)} of application {name!r}: {reasons[-2000:]}")
-        if status == "DEPLOY_FAILED" and all(d.get("status") != "DEPLOY_FAILED" for d in deployments.values()):
-            raise DeployError(f"Serve could not build application {name!r}: {app.get('message', '')[-2000:]}")
-        if status == "RUNNING" and all((deployments.get(d) or {}).get("status") == "HEALTHY"
-                                       and _user_config(app, d) == wanted for d, wanted in user_configs.items()):
+        if status == "DEPLOY_FAILED":  # a deployment's own status may still be the last deploy's until then
+            failed = [d for d in user_configs if (deployments.get(d) or {}).get("status") == "DEPLOY_FAILED"]
+            if failed:
+                reasons = "; ".join(f"{d}: {deployments[d].get('message', '')}" for d in failed)
+                raise DeployError(f"Serve gave up on {', '.join(failed)} of application {name!r}: "
+                                  f"{reasons[-2000:]}")
+            if all(d.get("status") != "DEPLOY_FAILED" for d in deployments.values()):
+                raise DeployError(f"Serve could not build application {name!r}: {app.get('message', '')[-2000:]}")
+        if status in ("RUNNING", "UNHEALTHY") and all(
+                (deployments.get(d) or {}).get("status") == "HEALTHY" and _user_config(app, d) == wanted
+                for d, wanted in user_configs.items()):
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"Serve application {name!r} not running after {timeout_s:g} s (status {status}"

@@ -1045,11 +1045,19 @@ def test_a_rollout_fails_fast_only_on_the_deployments_it_rolls_not_on_another_on
                                                  "failed to start 3 times"):
         rollout._roll("rayclip", {"deployments": []}, v2, v1, timeout_s=5)
 
-    # still unhealthy elsewhere at the deadline: not ready, which the registry poll tries again
-    states[:] = [_serve_details("UNHEALTHY", models("models:/clip/2", "models:/clip/1"),
+    # the Index unhealthy for good: the towers healthy on the new version are rolled all the same
+    states[:] = [_serve_details("UNHEALTHY", models("models:/clip/2", "models:/clip/2"),
                                 "The deployments ['Index'] are UNHEALTHY.", Index="UNHEALTHY")]
+    rollout._roll("rayclip", {"deployments": []}, v2, v1, timeout_s=5)
+    # towers not ready at the deadline, and not back in time either: not ready all the same (a RolloutFailed,
+    # which the registry poll backs off from), not a bare TimeoutError the poll retries at once
+    states[:] = [_serve_details("UNHEALTHY", models("models:/clip/2", "models:/clip/1"),
+                                "The deployments ['Index'] are UNHEALTHY.", Index="UNHEALTHY", ImageTower="UPDATING")]
     with pytest.raises(TimeoutError, match=r"status UNHEALTHY: The deployments \['Index'\] are UNHEALTHY"):
         rollout._wait("rayclip", dict.fromkeys(served.TOWERS, v2), timeout_s=0.3)
+    with pytest.raises(rollout.NotReady, match=r"not ready on models:/clip/2 within 0.3 s, and putting them back on "
+                                               r"models:/clip/1 \(which the ingress still serves\) did not finish"):
+        rollout._roll("rayclip", {"deployments": []}, v2, v1, timeout_s=0.3)
 
     # an app Serve could not build (an import failing on the cluster) is about what was applied
     states[:] = [_serve_details("DEPLOY_FAILED", models("models:/clip/1", "models:/clip/1"),
