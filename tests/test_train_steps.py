@@ -232,3 +232,13 @@ def test_image_size_trains_at_another_resolution_from_scratch_or_from_weights(tm
     resized = build_model(config)
     assert resized.image_size == 96
     assert resized(torch.randn(2, 3, 96, 96), clip_core.get_tokenizer()(["a", "b"]))[0].shape == (2, 256)
+
+    # and such a run resumes (an interrupted pipeline resumes its train stage), at that size only
+    for run, name in ((TrainConfig(data=["d"], model="tiny", image_size=48), "scratch"), (config, "init")):
+        model = build_model(run)
+        optimizer, scheduler, _ = build_optimizer(model, run, torch.device("cpu"))
+        (tmp_path / name).mkdir()
+        _save_train_state(str(tmp_path / name), model, model.state_dict(), optimizer.state_dict(), scheduler, None,
+                          Position(3, 0, 3), [], run, None, {"step": 3})
+        assert resume_mismatch(run, str(tmp_path / name)) is None, name
+        assert resume_mismatch(run.model_copy(update={"image_size": None}), str(tmp_path / name)), name

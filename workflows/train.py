@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -222,7 +223,7 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
             model = clip_core.load_model(local, quick_gelu=implied if config.quick_gelu is None else config.quick_gelu,
                                          image_size=config.image_size)
     else:
-        model = clip_core.create_model(scratch_config(config), image_size=config.image_size)
+        model = clip_core.create_model(scratch_config(config))
     check_loss_fits(config, model.logit_bias is not None,
                     f"--init {config.init}" if config.init else f"the model {config.model}")
     if config.patch_dropout:
@@ -236,9 +237,12 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
 
 
 def scratch_config(config: TrainConfig) -> clip_core.CLIPConfig:
-    """The model a run without --init builds: the preset's (or the config file's), at SigLIP's start for
-    the sigmoid loss (its paper, and open_clip_train --siglip): t = 10, b = -10."""
+    """The model a run without --init builds: the preset's (or the config file's), at image_size when set,
+    at SigLIP's start for the sigmoid loss (its paper, and open_clip_train --siglip): t = 10, b = -10."""
     model_config = clip_core.get_config(config.model, quick_gelu=config.quick_gelu)
+    if config.image_size:
+        model_config = model_config.replace(vision=dataclasses.replace(model_config.vision,
+                                                                       image_size=config.image_size))
     if config.loss == "siglip":
         model_config = model_config.replace(init_logit_scale=math.log(10), init_logit_bias=-10.0)
     return model_config
@@ -811,9 +815,10 @@ def resume_mismatch(config: TrainConfig, checkpoint: str) -> str | None:
     description = checkpoint_description(checkpoint)
     recorded = (description.get("train") or {}).get("config") or {}
     if config.init or recorded.get("init"):
-        theirs, ours = (recorded.get("init"), recorded.get("quick_gelu")), (redacted(config.init), config.quick_gelu)
+        theirs = recorded.get("init"), recorded.get("quick_gelu"), recorded.get("image_size")
+        ours = redacted(config.init), config.quick_gelu, config.image_size
         if theirs != ours:
-            return f"it started from (init, quick_gelu) {theirs}, this run from {ours}"
+            return f"it started from (init, quick_gelu, image_size) {theirs}, this run from {ours}"
     elif described_config(description, checkpoint).replace(name=None) != scratch_config(config).replace(name=None):
         return f"its model ({recorded.get('model', 'unrecorded')}) is not this run's ({config.model})"
     # (a checkpoint from before train recorded its data's digests cannot tell: it is taken as it is named)
