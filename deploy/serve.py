@@ -183,8 +183,8 @@ def sha256_hex(token: str) -> str:
 
 
 TOKEN_FIELDS = ("auth_token", "auth_token_sha256", "auth_token_file")  # the ServeConfig fields that set a token
-NO_TOKEN = (f"require_auth: the app has no token: set {TOKEN_ENV} or {TOKEN_DIGEST_ENV} (where the command runs), "
-            f"or {TOKEN_ENV} on the cluster's nodes, or give auth_token_sha256 or auth_token_file")
+NO_TOKEN = (f"require_auth: the app has no token: set {TOKEN_ENV} where it runs (the nodes' environment), or give "
+            "auth_token_sha256 or auth_token_file in its config")
 
 
 def with_environment_token(values: dict) -> dict:
@@ -216,10 +216,13 @@ def replica_token_digest(config: "ServeConfig") -> str | None:
 
 
 def check_token(config: "ServeConfig") -> None:
-    """Refuse (ValueError) to deploy an app that require_auth without a token, before anything runs (its
-    ingress replicas would refuse to start)."""
+    """Refuse (ValueError) a pipeline that would deploy an app that require_auth without a token, before
+    any work (its ingress replicas would refuse to start after the training): the pipeline hands them the
+    digest of the token in its environment."""
     if config.require_auth and not any(getattr(config, k) for k in TOKEN_FIELDS):
-        raise ValueError(NO_TOKEN)
+        raise ValueError(f"require_auth: the app has no token: set {TOKEN_ENV} or {TOKEN_DIGEST_ENV} where the "
+                         "pipeline runs (the job's environment), or give auth_token_sha256 or auth_token_file in "
+                         "its serve section, or set serve.enabled=false")
 
 
 def open_warning(config: "ServeConfig") -> str | None:

@@ -139,7 +139,7 @@ def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_th
     from ray.serve.schema import ServeDeploySchema
 
     from deploy import rollout
-    from deploy.serve import TOKEN_ENV, ServeConfig
+    from deploy.serve import TOKEN_DIGEST_ENV, TOKEN_ENV, ServeConfig
     from workflows import pipeline
 
     job = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayjob.yaml").read_text())
@@ -147,11 +147,12 @@ def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_th
     assert job["spec"]["entrypoint"] == "rayclip run configs/cluster.yaml --set serve.enabled=false"
     # the service requires its token: the RayJob, which does not serve, runs without it; a run that serves
     # without one is refused before any work (the job gets it in its runtime_env, as README says)
-    monkeypatch.setenv(TOKEN_ENV, "cluster-token")
-    pipeline.load_config(str(ROOT / "configs" / "cluster.yaml"))
-    monkeypatch.delenv(TOKEN_ENV)
-    with pytest.raises(pipeline.ConfigError, match=f"require_auth: the app has no token: set {TOKEN_ENV}"):
-        pipeline.load_config(str(ROOT / "configs" / "cluster.yaml"))
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.delenv(TOKEN_DIGEST_ENV, raising=False)
+    serving = pipeline.load_config(str(ROOT / "configs" / "cluster.yaml"))  # `rayclip config show` needs none
+    with pytest.raises(ValueError, match=f"require_auth: the app has no token: set {TOKEN_ENV} or "
+                                         f"{TOKEN_DIGEST_ENV} where the pipeline runs"):
+        pipeline.run(serving)  # refused before any work (nothing here reaches its S3 or MLflow)
     cluster_pipeline = pipeline.load_config(str(ROOT / "configs" / "cluster.yaml"), ["serve.enabled=false"])
     assert cluster_pipeline.root().startswith("s3://") and cluster_pipeline.train["use_gpu"] is True
     assert cluster_pipeline.train["precision"] == "bf16" and cluster_pipeline.train["batch_size"] == 32768

@@ -208,7 +208,7 @@ def _serve_config(args: argparse.Namespace):
     """The app's ServeConfig and route prefix: --config (ServeConfig fields, or a `serve deploy` file such
     as deploy/serve_config.yaml), then the flags."""
     from deploy.rollout import deploy_file_options
-    from deploy.serve import APP_NAME, ServeConfig, check_token, open_warning, with_environment_token
+    from deploy.serve import APP_NAME, ServeConfig, open_warning, with_environment_token
 
     values, route_prefix = _read_config_file(args.config) if args.config else {}, "/"
     if "applications" in values:
@@ -219,7 +219,6 @@ def _serve_config(args: argparse.Namespace):
     if not values.get("mlflow_tracking_uri") and os.environ.get("MLFLOW_TRACKING_URI"):
         values["mlflow_tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]  # below the flag and the file
     config = ServeConfig(**with_environment_token(values))
-    check_token(config)
     if warning := open_warning(config):
         print(f"rayclip {args.command}: {warning}", file=sys.stderr)
     return config, getattr(args, "route_prefix", None) or route_prefix

@@ -315,7 +315,7 @@ class StageConfigs:
 
     @classmethod
     def build(cls, config: PipelineConfig, data: dict[str, str] | None = None, checkpoint: str = "CHECKPOINT"):
-        from deploy.serve import ServeConfig, check_token, with_environment_token
+        from deploy.serve import ServeConfig, with_environment_token
 
         from .evaluate import EvaluateConfig
         from .train import TrainConfig
@@ -356,8 +356,6 @@ class StageConfigs:
         # Serve keeps (and shows) an app's config: its replicas take MLflow's credentials from its variables
         serve = cls._build("serve", ServeConfig, with_environment_token(serve_values), owned, dict(
             model=f"models:/{config.registry.name}@champion", mlflow_tracking_uri=without_credentials(tracking)))
-        if config.serving():
-            check_token(serve)
         return train, evaluate, serve
 
 
@@ -406,9 +404,13 @@ class Pipeline:
     def _run(self) -> dict:
         import mlflow
 
+        from deploy.serve import check_token
+
         from .runtime import init_ray
 
         config = self.config
+        if config.serving():  # before any work: its replicas get the token's digest from this environment
+            check_token(StageConfigs.build(config)[2])
         if not storage.is_s3(config.root()):
             os.makedirs(config.root(), exist_ok=True)
 
