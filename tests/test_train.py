@@ -613,6 +613,10 @@ def test_train_flags_override_the_config_file_which_overrides_the_environment(tm
         "compile": True, "log_every": 5, "train_num_samples": 1000, "grad_clip_norm": 2.0, "beta2": 0.95,
         "use_gpu": True, "shuffle_buffer": 64, "seed": 3, "steps": 80, "lr_scheduler": "const-cooldown",
         "cooldown_steps": 20, "lr_cooldown_end": 1e-5}
+    # a train config's storage is a path, not the pipeline's storage section
+    (tmp_path / "stored.yaml").write_text("data: [prepared]\nstorage: /tmp/runs\n")
+    assert config("--config", str(tmp_path / "stored.yaml"), "--set", "steps=5").storage == "/tmp/runs"
+    assert config("--data", "prepared", "--set", "storage=/tmp/other").storage == "/tmp/other"
     plain = config("--data", "prepared")
     assert (plain.lock_image, plain.compile, plain.loss, plain.use_gpu) == (False, False, "clip", False)
     with pytest.raises(ValueError, match=r"--set 'shufle_buffer=1': 'shufle_buffer' is not a train option; the "

@@ -89,7 +89,7 @@ def _train_config(args: argparse.Namespace):
         if field not in TrainConfig.model_fields:
             raise ConfigError(f"--set {assignment!r}: {field!r} is not a train option; the options are "
                               f"{', '.join(TrainConfig.model_fields)}")
-        _set(values, assignment.removeprefix("train."))
+        _set(values, assignment.removeprefix("train."), TrainConfig)
     values.update({field: value for field, value in vars(args).items()
                    if field in TrainConfig.model_fields and value is not None})
     return TrainConfig(**values)

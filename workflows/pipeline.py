@@ -235,16 +235,18 @@ def _lines(text: str) -> dict[tuple, int]:
     return lines
 
 
-def _set(values: dict, assignment: str) -> None:
+def _set(values: dict, assignment: str, root: type[BaseModel] | None = None) -> None:
+    """--set KEY.PATH=VALUE (VALUE as YAML) into `values`, a `root` config's (default: the pipeline's)."""
     import yaml
 
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {assignment!r}: write KEY.PATH=VALUE, e.g. --set train.steps=50")
     *parents, leaf = key.split(".")
-    if "storage" in values:  # the file's `storage: PATH` shorthand as its section, for --set storage.root
+    root = root or PipelineConfig
+    if root is PipelineConfig and "storage" in values:  # the file's `storage: PATH` shorthand, for storage.root
         values["storage"] = PipelineConfig._storage_shorthand(values["storage"])
-    node, model = values, PipelineConfig
+    node, model = values, root
     for part in parents:
         field = model.model_fields.get(part) if model else None
         if part not in node:  # --set writes one key into the section's default (data.preprocess's image size…)
