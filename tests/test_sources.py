@@ -297,5 +297,10 @@ def test_an_imagefolder_labels_each_image_by_its_class_folder_as_imagenet_val_is
     (tmp_path / "flat" / "a.jpg").write_bytes(corpus.encode(corpus.photo(64, 64)))
     with pytest.raises(SourceError, match="has no subfolders of images"):
         plan_files(str(tmp_path / "flat"), spec)
+    with pytest.raises(SourceError, match="an imagefolder source takes no --caption-key"):
+        plan_files(str(root), SourceSpec(format="imagefolder", caption_key="txt"))
+    # images in subfolders with sidecars of their own (any extension) are captioned: a folder source
+    (root / "n02" / "img1.caption").write_text("a goldfish")
+    assert sources.detect_format(str(root)) == "folder"
     # a pipeline's zero-shot split in this layout needs no class-name list: the folders name the classes
     load_config(None, [f"data.zeroshot={root}", "data.split_options.zeroshot.format=imagefolder"])

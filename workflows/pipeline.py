@@ -86,7 +86,8 @@ class DataSection(_Section):
         if self.zeroshot and not self.zeroshot.startswith("synthetic://") and \
                 not (options.get("classnames") or options.get("format") == "imagefolder"):
             raise ValueError("zero-shot scoring needs the class names: set data.split_options.zeroshot.classnames "
-                             "to a list, or to a file (local or s3://) with one per line, line i naming label i")
+                             "to a list, or to a file (local or s3://) with one per line, line i naming label i; "
+                             "or, for a folder of images per class, data.split_options.zeroshot.format: imagefolder")
         return self
 
 

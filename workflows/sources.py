@@ -110,9 +110,10 @@ def detect_format(source: str) -> str:
         for suffix, fmt in ((".tar", "webdataset"), (".parquet", "parquet"), (".csv", "csv"), (".tsv", "csv")):
             if any(f.lower().endswith(suffix) for f in files):
                 return fmt
-        if any(f.lower().endswith(_IMAGE_SUFFIXES) for f in files):  # captioned beside, or by class folder
-            captioned = any(f.lower().endswith((".txt", ".json")) for f in files)
-            return "imagefolder" if not captioned and imagefolder_classes(source) else "folder"
+        images = {f.rpartition(".")[0] for f in files if f.lower().endswith(_IMAGE_SUFFIXES)}
+        if images:  # captioned by a file beside (any sidecar of the same name), or labeled by class folder
+            sidecars = any(f.rpartition(".")[0] in images for f in files if not f.lower().endswith(_IMAGE_SUFFIXES))
+            return "imagefolder" if not sidecars and imagefolder_classes(source) else "folder"
     missing = "" if "{" in source or storage.exists(source) else f"; nothing is at {source}; {_found_instead(source)}"
     raise SourceError(f"cannot tell the format of {source!r}: pass --format one of {', '.join(FORMATS)}{missing}")
 
@@ -139,6 +140,11 @@ def plan_files(source: str, spec: SourceSpec) -> list[str]:
     if spec.format == "synthetic":
         return _plan_synthetic(source)
     if spec.format == "imagefolder":
+        given = [f"--{role}-key" for role in ("image", "caption", "label") if getattr(spec, f"{role}_key")]
+        if given:
+            raise SourceError(f"an imagefolder source takes no {', '.join(given)}: its images are labeled by "
+                              "their class folder and captioned with its name (images with sidecars are "
+                              "--format folder)")
         if not storage.is_dir(source):
             raise SourceError(f"image folder {source} does not exist or is not a directory; {_found_instead(source)}")
         if not imagefolder_classes(source):
