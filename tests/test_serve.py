@@ -1002,7 +1002,7 @@ def test_a_rollout_whose_replicas_are_slow_is_put_back_and_tried_again_less_ofte
     # tried at once, then after 1, 3 and 7 polls passed over: not loaded on every tower at every poll
     assert [poll for poll, tried in enumerate(calls) if tried] == [0, 2, 6, 14], calls
     out = capsys.readouterr().out
-    assert "tried 3 time(s); the poll tries it again in 0.07 s" in out and out.count("tried ") == 4
+    assert "tried 3 time(s); the poll tries it again in 0.08 s" in out and out.count("tried ") == 4
 
 
 def _serve_details(status: str, models: dict[str, str], message: str = "", **statuses: str) -> dict:

@@ -31,6 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .pipeline import PipelineError, load_config, run
+    from .runtime import joined_cluster
 
     try:
         outcome = run(load_config(args.config, args.set))
@@ -41,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
         from .demo import serve_until_interrupted
 
         serve_until_interrupted(print)
-    elif "url" in outcome and not os.environ.get("RAY_ADDRESS"):
+    elif "url" in outcome and not joined_cluster():
         print("run: this command started Ray itself, so the service stops with it; --keep-serving keeps it up, "
               "and on a cluster (RAY_ADDRESS, `ray job submit`) it stays", flush=True)
     return 0
@@ -257,7 +258,8 @@ def _follow_registry(stopping, every: float, name: str, model: str | None = None
             tries = not_ready.get(exc.model, (0, 0))[0] + 1
             wait = min(2**tries - 1, most_polls)
             not_ready[exc.model] = (tries, poll + wait + 1)
-            print(f"{exc}\n{name}: tried {tries} time(s); the poll tries it again in {wait * every:g} s", flush=True)
+            print(f"{exc}\n{name}: tried {tries} time(s); the poll tries it again in {(wait + 1) * every:g} s",
+                  flush=True)
         except Exception as exc:  # a registry hiccup must not stop the service; the next poll retries
             if first:
                 raise
