@@ -60,18 +60,20 @@ class Client:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """float32 [len(texts), embed_dim], L2-normalized."""
-        return self._embed("/v1/embed/text", "texts", list(texts), self._limit("max_texts"))
+        size = self._limit("max_texts")
+        return self._embed("/v1/embed/text", "texts", list(texts),
+                           lambda items: [items[i:i + size] for i in range(0, len(items), size)])
 
     def embed_images(self, images: Sequence[Image]) -> np.ndarray:
         """float32 [len(images), embed_dim], L2-normalized."""
         return self._embed("/v1/embed/image", "images", [_encode(image) for image in images],
-                           self._limit("max_images"))
+                           self._image_chunks)
 
     def classify(self, images: Sequence[Image], labels: Sequence[str], templates: Sequence[str] | None = None,
                  top_k: int = 5) -> list[list[dict]]:
         """Per image, its top_k labels as {"label", "score"}, best first."""
         options = {"labels": list(labels), "top_k": top_k, **({"templates": list(templates)} if templates else {})}
-        answers = self._chunked([_encode(image) for image in images], self._limit("max_images"),
+        answers = self._chunked(self._image_chunks([_encode(image) for image in images]),
                                 lambda chunk: self._call("POST", "/v1/classify", {"images": chunk, **options}))
         return [result for answer in answers for result in answer["results"]]
 
@@ -90,14 +92,30 @@ class Client:
         return self._call("POST", "/v1/search", {**{key: v for key, v in body.items() if v is not None},
                                                   "k": k, "against": against})["results"]
 
-    def _embed(self, route: str, field: str, items: list, size: int) -> np.ndarray:
-        answers = self._chunked(items, size, lambda chunk: self._call(
+    def _embed(self, route: str, field: str, items: list, split: Callable[[list], list[list]]) -> np.ndarray:
+        answers = self._chunked(split(items), lambda chunk: self._call(
             "POST", route, {field: chunk, "encoding": "base64-float16"}))
         vectors = [np.frombuffer(base64.b64decode(e), dtype="<f2") for a in answers for e in a["embeddings"]]
-        return np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, 0), np.float32)
+        if not vectors:
+            return np.zeros((0, (self._model or self.model())["embed_dim"]), np.float32)
+        return np.stack(vectors).astype(np.float32)
 
-    def _chunked(self, items: list, size: int, send: Callable[[list], dict]) -> list[dict]:
-        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+    def _image_chunks(self, encoded: list[str]) -> list[list[str]]:
+        """The images in requests within the server's limits on images, body bytes and pixels a request
+        (a file's pixels read from its header; an s3:// image counts by number only)."""
+        limits = (self._model or self.model())["limits"]
+        most_bytes = limits["max_body_bytes"] - 64 * 1024  # the JSON around the images
+        chunks, chunk, size, pixels = [], [], 0, 0
+        for image in encoded:
+            area = _pixels(image)
+            if chunk and (len(chunk) == limits["max_images"] or size + len(image) > most_bytes
+                          or pixels + area > limits["max_request_pixels"]):
+                chunks.append(chunk)
+                chunk, size, pixels = [], 0, 0
+            chunk, size, pixels = [*chunk, image], size + len(image), pixels + area
+        return [*chunks, chunk] if chunk else chunks
+
+    def _chunked(self, chunks: list[list], send: Callable[[list], dict]) -> list[dict]:
         if len(chunks) <= 1:
             return [send(chunk) for chunk in chunks]
         with ThreadPoolExecutor(self.concurrency) as pool:  # answers in the chunks' order
@@ -116,6 +134,20 @@ class Client:
                 kind, message = "http_error", response.text[:500]
             raise ClientError(response.status_code, kind, message)
         return response.json()
+
+
+def _pixels(encoded: str) -> int:
+    """An image's width x height from its header (0 where it is an s3:// URI or Pillow cannot tell: the
+    server judges it)."""
+    if encoded.startswith("s3://"):
+        return 0
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(io.BytesIO(base64.b64decode(encoded))) as opened:  # reads the header only
+            return opened.width * opened.height
+    except Exception:  # noqa: BLE001 - not an image the client can read: the server says why
+        return 0
 
 
 def _encode(image: Image) -> str:

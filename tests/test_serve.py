@@ -445,6 +445,10 @@ def test_the_python_client_splits_long_lists_into_requests_within_the_limits_and
         assert [r["key"] for r in clip.search(embedding=embedded[0], k=3)] == \
             [r["key"] for r in clip.search(text=texts[0], k=3)]
         assert clip.rank(image=given[0], texts=labels)[0]["text"] == ranked[0][0]["label"]
+        assert clip.embed_texts([]).shape == (0, embedded.shape[1])
+        # requests also within the body limit, not by count alone (the app: 1 MiB; ~0.65 MB of base64 each)
+        big = [Image.effect_noise((400, 400), 64).convert("RGB") for _ in range(4)]
+        np.testing.assert_allclose(clip.embed_images(big), _image_features(model, big).numpy(), atol=2e-3)
         with pytest.raises(ClientError) as error:
             clip.search(text=" ")
         assert (error.value.status, error.value.kind) == (422, "empty_text")
