@@ -99,9 +99,9 @@ def test_classify_ranks_labels_as_clip_core_does(app):
         assert [r["score"] for r in row] == pytest.approx(expected_probs, abs=1e-4)
 
 
-def test_a_siglip_model_is_served_with_each_labels_own_sigmoid_score(tmp_path):
-    """/v1/classify and /v1/rank score with `probabilities` of what the tower loaded: a model with a
-    logit bias (SigLIP's loss) gets its sigmoids, as clip_core.predict gives them, not a softmax."""
+def test_a_siglip_models_info_carries_its_bias_and_its_probabilities_are_each_labels_own_sigmoid(tmp_path):
+    """The tower reports a SigLIP model's logit bias (load_served_model's info), and `probabilities`, which
+    /v1/classify and /v1/rank score with, gives it sigmoids, as clip_core.predict does, not a softmax."""
     clip_core.save_checkpoint(clip_core.create_model("tiny", init_logit_bias=-10.0), tmp_path / "siglip")
     info = served.load_served_model(str(tmp_path / "siglip"), None).info
     assert info["logit_bias"] == -10.0
@@ -274,8 +274,8 @@ def test_concurrent_requests_are_batched_and_classifiers_cached(app):
 
 
 def test_concurrent_cold_classify_requests_build_the_classifier_once_and_a_failed_build_is_not_kept():
-    """Identical /v1/classify requests on a cold cache (all of them, right after a rollout) share one
-    build: the text tower encodes the prompts once, not once per request."""
+    """The cache /v1/classify keeps its classifiers in: identical gets on a cold cache (all requests right
+    after a rollout) share one build, so the text tower encodes the prompts once, not once per request."""
     builds = []
 
     async def build(key: str, fail: bool = False) -> str:
