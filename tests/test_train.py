@@ -602,17 +602,20 @@ def test_train_flags_override_the_config_file_which_overrides_the_environment(tm
                       "--siglip", "--grad-checkpointing", "--torchcompile", "--log-every-n-steps", "5",
                       "--train-num-samples", "1000", "--grad-clip-norm", "2", "--beta2", "0.95", "--gpu",
                       "--set", "shuffle_buffer=64", "--set", "train.seed=3", "--set", "steps=70", "--steps", "80",
-                      "--lr-scheduler", "const-cooldown", "--cooldown-steps", "20", "--lr-cooldown-end", "1e-5")
+                      "--lr-scheduler", "const-cooldown", "--cooldown-steps", "20", "--lr-cooldown-end", "1e-5",
+                      "--aug-scale", "0.5", "1")
     assert openclip.model_dump(include={
         "warmup_steps", "weight_decay", "lock_image", "lock_image_unlocked_layers", "lock_text",
         "lock_text_unlocked_layers", "loss", "grad_checkpointing", "compile", "log_every", "train_num_samples",
         "grad_clip_norm", "beta2", "use_gpu", "shuffle_buffer", "seed", "steps", "lr_scheduler", "cooldown_steps",
-        "lr_cooldown_end"}) == {
+        "lr_cooldown_end", "aug_scale"}) == {
         "warmup_steps": 50, "weight_decay": 0.1, "lock_image": True, "lock_image_unlocked_layers": 2,
         "lock_text": True, "lock_text_unlocked_layers": 1, "loss": "siglip", "grad_checkpointing": True,
         "compile": True, "log_every": 5, "train_num_samples": 1000, "grad_clip_norm": 2.0, "beta2": 0.95,
         "use_gpu": True, "shuffle_buffer": 64, "seed": 3, "steps": 80, "lr_scheduler": "const-cooldown",
-        "cooldown_steps": 20, "lr_cooldown_end": 1e-5}
+        "cooldown_steps": 20, "lr_cooldown_end": 1e-5, "aug_scale": (0.5, 1.0)}
+    with pytest.raises(ValueError, match=r"aug_scale \(0.9, 0.5\): give \(low, high\) with 0 < low <= high <= 1"):
+        config("--data", "prepared", "--aug-scale", "0.9", "0.5")
     # a train config's storage is a path, not the pipeline's storage section
     (tmp_path / "stored.yaml").write_text("data: [prepared]\nstorage: /tmp/runs\n")
     assert config("--config", str(tmp_path / "stored.yaml"), "--set", "steps=5").storage == "/tmp/runs"

@@ -437,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lock-text", action="store_true", default=None, help="freeze the text tower")
     tr.add_argument("--lock-text-unlocked-layers", type=int, metavar="N",
                     help="with --lock-text: leave its last N layer groups trainable, as OpenCLIP groups them")
+    tr.add_argument("--aug-scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                    help="the random resized crop's area range (default 0.9 1.0; OpenCLIP's --aug-cfg scale)")
     tr.add_argument("--grad-checkpointing", action="store_true", default=None,
                     help="recompute activations in the backward pass (less memory, ~a third more compute)")
     tr.add_argument("--torchcompile", "--compile", action="store_true", default=None, dest="compile",

@@ -86,6 +86,8 @@ class TrainConfig(BaseModel):
     quick_gelu: bool | None = Field(None, description="True QuickGELU, False GELU: for a preset, instead of its "
                                     "own (OpenCLIP's --force-quick-gelu); for --init weights, overriding what they "
                                     "imply (openai: QuickGELU)")
+    aug_scale: tuple[float, float] = Field((0.9, 1.0), description="the random resized crop's area range, as a "
+                                           "fraction of the image (OpenCLIP's --aug-cfg scale)")
     image_size: int | None = Field(None, gt=0, description="train at this resolution instead of the model's "
                                    "(OpenCLIP's --force-image-size): --init weights' position embedding is "
                                    "interpolated to it; the prepared data should be at least this size")
@@ -193,6 +195,8 @@ class TrainConfig(BaseModel):
         if self.cooldown_steps is not None and self.warmup_steps + self.cooldown_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) and cooldown_steps ({self.cooldown_steps}) are "
                              f"more than steps ({self.steps})")
+        if not 0 < self.aug_scale[0] <= self.aug_scale[1] <= 1:
+            raise ValueError(f"aug_scale {self.aug_scale}: give (low, high) with 0 < low <= high <= 1")
         if self.lr_cooldown_end > self.lr:
             raise ValueError(f"lr_cooldown_end ({self.lr_cooldown_end}) is above lr ({self.lr}): a cooldown lowers it")
         return self
@@ -471,7 +475,7 @@ def train_loop(loop_config: dict) -> None:
     loss_fn = clip_core.create_loss(config.loss)
     autocast = torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None)
     image_size = model.image_size
-    augment = Augment(image_size, train=True, generator=generator)
+    augment = Augment(image_size, train=True, generator=generator, scale=config.aug_scale)
     record = loop_config.get("mlflow_run_record")
     if rank == 0 and mlflow_run_id is None and record:  # a restart before this fit's first checkpoint
         mlflow_run_id = opened_run(record)

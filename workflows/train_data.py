@@ -28,7 +28,8 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
 
 class Augment:
     """uint8 [B, S, S, 3] on the device → normalized float [B, 3, S, S]; in training, a random
-    resized crop (area 0.9-1.0, aspect 3/4-4/3, bicubic, as OpenCLIP) for the whole batch in one grid_sample.
+    resized crop (area `scale`, OpenCLIP's 0.9-1.0 by default; aspect 3/4-4/3; bicubic) for the whole batch
+    in one grid_sample.
     The generator is part of the train state, so a resumed run draws the same crops."""
 
     def __init__(self, image_size: int, train: bool, generator: torch.Generator, scale=(0.9, 1.0),
