@@ -120,7 +120,7 @@ def test_a_set_of_captions_without_labels_is_embedded_and_evaluated_for_retrieva
     # Ray hands a column of nulls to a batch as floats: NaN, not None
     assert cli.main(["embed", str(sets / "ckpt"), captions, str(tmp_path / "index"), "--batch-size", "10"]) == 0
     table = pq.read_table(tmp_path / "index" / "embeddings")
-    assert table.num_rows == table["label"].null_count == 30
+    assert table.num_rows == table["label"].null_count == table["metadata"].null_count == 30  # so are metadata
     # rows of one image share its id, and /v1/search's Index finds that image once, not once per caption
     ids = dict(zip(table["key"].to_pylist(), table["image_id"].to_pylist()))
     assert len(set(ids.values())) == 24 and all(ids[key] == ids[key.replace("-again", "")] for key in ids)

@@ -66,7 +66,8 @@ def _to_table(batch: dict, dtype: str, text: bool) -> pa.Table:
         return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
     labels = np.asarray(batch["label"], dtype=np.int64)
-    metadata = [m if m is not None and len(m.encode("utf-8", "surrogatepass")) <= MAX_METADATA_BYTES else None
+    # (a set whose rows have none comes as a float NaN column: Ray Data's numpy batches have no null strings)
+    metadata = [m if isinstance(m, str) and len(m.encode("utf-8", "surrogatepass")) <= MAX_METADATA_BYTES else None
                 for m in batch["metadata"]]
     columns = {"key": pa.array(batch["key"], pa.string()), "caption": pa.array(batch["caption"], pa.string()),
                "label": pa.array(labels, pa.int64(), mask=labels < 0), "metadata": pa.array(metadata, pa.string()),
