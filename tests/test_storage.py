@@ -58,6 +58,21 @@ with storage.local_copy({uri!r}) as local:
     copies = temporary_root / f"rayclip-{os.getuid()}" / "copies"
     assert [p.name for folder in copies.iterdir() for p in folder.iterdir()] == ["lock"], "nothing left behind"
 
+    # copies the layout before `copies/` left pinned by a dead reader go too; one a live reader holds stays
+    private = temporary_root / f"rayclip-{os.getuid()}"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for base, pid in (("a" * 20, gone.pid), ("b" * 20, os.getpid())):
+        (private / base).mkdir()
+        (private / base / "weights.bin").write_bytes(b"old")
+        (private / f"{base}.readers").mkdir()
+        (private / f"{base}.readers" / f"{pid}-{'0' * 32}").touch()
+        (private / f"{base}.lock").touch()
+    with storage.local_copy(uri):
+        pass
+    assert sorted(p.name for p in private.iterdir()) == ["b" * 20, f"{'b' * 20}.lock", f"{'b' * 20}.readers",
+                                                         "copies"]
+
 
 def _plant_writable_by_others(directory: Path) -> None:
     directory.mkdir()

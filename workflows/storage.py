@@ -258,7 +258,9 @@ def local_copy(uri: str):
     if not is_s3(uri):
         yield uri
         return
-    folder = private_directory() / "copies" / hashlib.sha256(uri.encode()).hexdigest()[:20]
+    private = private_directory()
+    _prune_legacy(private)
+    folder = private / "copies" / hashlib.sha256(uri.encode()).hexdigest()[:20]
     folder.mkdir(parents=True, exist_ok=True)
     version = _version(uri)
     done, partial, readers = folder / version, folder / f"{version}.partial", folder / f"{version}.readers"
@@ -313,6 +315,21 @@ def _prune(folder: Path, keep: str | None = None) -> None:
                 suffix in ("", "readers") and _has_readers(folder / f"{version}.readers"):
             continue
         shutil.rmtree(entry, ignore_errors=True)
+
+
+_LEGACY_READERS = re.compile(r"[0-9a-f]{20}\.readers")
+
+
+def _prune_legacy(private: Path) -> None:
+    """The copies of the layout before `copies/` (the URI's hash in `private` itself), which a reader killed
+    inside pinned for good: deleted once no reader of theirs lives."""
+    for readers in private.glob("*.readers"):
+        if _LEGACY_READERS.fullmatch(readers.name) and not any(
+                _alive(int(marker.name.partition("-")[0])) for marker in readers.iterdir()):
+            base = readers.name.removesuffix(".readers")
+            for name in (base, f"{base}.partial", readers.name):
+                shutil.rmtree(private / name, ignore_errors=True)
+            (private / f"{base}.lock").unlink(missing_ok=True)
 
 
 def _has_readers(readers: Path) -> bool:
