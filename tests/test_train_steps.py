@@ -242,3 +242,36 @@ def test_image_size_trains_at_another_resolution_from_scratch_or_from_weights(tm
                           Position(3, 0, 3), [], run, None, {"step": 3})
         assert resume_mismatch(run, str(tmp_path / name)) is None, name
         assert resume_mismatch(run.model_copy(update={"image_size": None}), str(tmp_path / name)), name
+
+
+def test_train_time_retrieval_counts_an_image_with_several_captions_once_as_evaluation_does(monkeypatch):
+    """COCO's layout (five captions an image, a row each): validation's R@1 is over the distinct images, as
+    the evaluate stage's, so a checkpoint_metric on it ranks checkpoints as evaluation will."""
+    import contextlib
+
+    import numpy as np
+
+    from workflows import evaluate, train
+
+    torch.manual_seed(0)
+    model = clip_core.create_model("tiny").eval()
+    pixels = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    rows = [0, 0, 1, 1, 2, 2]  # each image twice, with two captions
+    tokens = clip_core.get_tokenizer()([f"caption {i} of image {r}" for i, r in enumerate(rows)]).numpy()
+    monkeypatch.setitem(train._EVAL_SETS, ("val-set", 64), {
+        "image": pixels[rows], "tokens": tokens, "label": np.full(6, -1),
+        "image_id": np.asarray([f"id{r}" for r in rows], dtype=object)})
+    config = TrainConfig(data=["d"], model="tiny", val="val-set")
+    metrics = train._validate(config, model, "cpu", contextlib.nullcontext(), rank=0)
+    with torch.no_grad():
+        features = {"image_features": model.encode_image(clip_core.transforms.normalize(
+                        torch.from_numpy(pixels[rows]).permute(0, 3, 1, 2).float() / 255), normalize=True).numpy(),
+                    "text_features": model.encode_text(torch.from_numpy(tokens), normalize=True).numpy(),
+                    "image_id": np.asarray([f"id{r}" for r in rows], dtype=object)}
+    expected = evaluate.retrieval(features)
+    assert expected["images"] == 3 and expected["captions"] == 6
+    assert metrics["val_image_to_text_R1"] == pytest.approx(expected["image_to_text_R1"])
+    assert metrics["val_text_to_image_R1"] == pytest.approx(expected["text_to_image_R1"])
+    one_to_one = clip_core.retrieval_metrics(torch.from_numpy(features["image_features"]),
+                                             torch.from_numpy(features["text_features"]))
+    assert metrics["val_text_to_image_R1"] > one_to_one["text_to_image_R@1"], "a caption's twin image is no miss"

@@ -116,14 +116,16 @@ class Embedder:
         return out
 
 
+def image_ids(images) -> np.ndarray:
+    """Each prepared image's id: rows of the same pixels (an image with several captions, a row each) hold
+    the same bytes, as preprocess encodes them, and so the same id."""
+    return np.asarray([hashlib.blake2b(bytes(data), digest_size=16).hexdigest() for data in images], dtype=object)
+
+
 def _decode(batch: dict, image_size: int) -> dict:
-    """decode_batch, keeping every row's key, set and caption (when read), and an `image_id`: rows of the
-    same pixels (an image with several captions, one row each) hold the same prepared bytes, as preprocess
-    encodes them, and so the same id."""
-    image_id = np.asarray([hashlib.blake2b(bytes(data), digest_size=16).hexdigest() for data in batch["image"]],
-                          dtype=object)
+    """decode_batch, keeping every row's key, set, caption and metadata (when read), and its `image_ids`."""
     out = decode_batch(batch, image_size)
-    out["image_id"] = image_id
+    out["image_id"] = image_ids(batch["image"])
     for name in ("key", "caption", "metadata"):
         if name in batch:
             out[name] = np.asarray(batch[name], dtype=object)

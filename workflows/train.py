@@ -568,12 +568,18 @@ def _validate(config: TrainConfig, model, device, autocast, rank: int) -> dict:
     model.eval()
     out = {}
     if config.val:
+        from .evaluate import gallery
+
         image_features, text_features, _ = _eval_features(config.val, model, device, autocast)
         scale = model.logit_scale.exp().clamp(max=100)
         logits = scale * image_features @ text_features.T
         labels = torch.arange(len(logits), device=logits.device)
         out["val_loss"] = float((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
-        retrieval = clip_core.retrieval_metrics(image_features, text_features)
+        # over the distinct images, as the evaluate stage counts (COCO's five captions an image: an image is
+        # found by any of its captions), so checkpoint_metric ranks checkpoints as evaluation will
+        first, inverse = gallery(_EVAL_SETS[(config.val, model.image_size)])
+        retrieval = clip_core.retrieval_metrics(image_features[torch.from_numpy(first).to(image_features.device)],
+                                                text_features, torch.from_numpy(inverse))
         out["val_image_to_text_R1"] = retrieval["image_to_text_R@1"]
         out["val_text_to_image_R1"] = retrieval["text_to_image_R@1"]
     if config.zeroshot:
@@ -599,8 +605,11 @@ def _eval_features(uri: str, model, device, autocast, batch_size: int = 256):
     if key not in _EVAL_SETS:
         from .preprocess import read_prepared_table
 
+        from .evaluate import image_ids
+
         table = read_prepared_table(uri, columns=["image", "tokens", "label"])
-        _EVAL_SETS[key] = decode_batch(table.to_pydict(), model.image_size)
+        _EVAL_SETS[key] = {**decode_batch(table.to_pydict(), model.image_size),
+                           "image_id": image_ids(table["image"].to_pylist())}
     data = _EVAL_SETS[key]
     image_features, text_features = [], []
     for start in range(0, len(data["tokens"]), batch_size):
