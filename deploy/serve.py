@@ -183,6 +183,7 @@ def sha256_hex(token: str) -> str:
 
 
 TOKEN_FIELDS = ("auth_token", "auth_token_sha256", "auth_token_file")  # the ServeConfig fields that set a token
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # where Serve listens for this machine alone
 NO_TOKEN = (f"require_auth: the app has no token: set {TOKEN_ENV} where it runs (the nodes' environment), or give "
             "auth_token_sha256 or auth_token_file in its config")
 
@@ -209,6 +210,8 @@ def replica_token_digest(config: "ServeConfig") -> str | None:
     if digest is None:  # `serve deploy` of a file without a token, where none is set
         if config.require_auth:
             raise ValueError(NO_TOKEN)
+        if config.host in LOCAL_HOSTS:  # as open_warning: this machine's own (the demo) needs none
+            return None
         logging.getLogger(__name__).warning(
             "the API answers without auth: anyone who reaches Serve's port can use the model; set %s where the "
             "app runs, or auth_token_sha256 / auth_token_file in its config", TOKEN_ENV)
@@ -228,7 +231,7 @@ def check_token(config: "ServeConfig") -> None:
 def open_warning(config: "ServeConfig") -> str | None:
     """What to say when the app listens beyond this machine without a token (said, not refused: a private
     network may be meant)."""
-    if config.host in ("127.0.0.1", "localhost", "::1") or any(getattr(config, k) for k in TOKEN_FIELDS):
+    if config.host in LOCAL_HOSTS or any(getattr(config, k) for k in TOKEN_FIELDS):
         return None
     return (f"warning: the app listens on {config.host}:{config.port} without auth: anyone who reaches that port "
             f"can use the model; set {TOKEN_ENV} (where the command runs) or auth_token_file")

@@ -937,6 +937,8 @@ def test_an_ingress_replica_without_a_token_refuses_to_start_where_required_else
     with pytest.raises(ValueError, match="require_auth: the app has no token"):
         served.replica_token_digest(served.ServeConfig(model="m", require_auth=True))
     assert served.replica_token_digest(served.ServeConfig(model="m")) is None
+    assert "the API answers without auth" not in caplog.text, "listening on this machine alone (the demo)"
+    assert served.replica_token_digest(served.ServeConfig(model="m", host="0.0.0.0")) is None
     assert "the API answers without auth" in caplog.text
     monkeypatch.setenv(served.TOKEN_ENV, "on-the-node")  # where the replica runs (KubeRay's pods)
     assert served.replica_token_digest(served.ServeConfig(model="m", require_auth=True)) == \
