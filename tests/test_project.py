@@ -169,6 +169,8 @@ def test_kuberay_manifests_run_the_cluster_pipeline_and_serve_the_same_app_as_th
     settings = ServeConfig(**in_kuberay.applications[0].args)
     assert settings.autoscaling.max_replicas > settings.autoscaling.min_replicas
     assert settings.ingress_autoscaling.max_replicas > settings.ingress_autoscaling.min_replicas
+    # zero-shot over ImageNet's classes with its 80 templates, as the pipeline evaluates it, is within limits
+    assert settings.limits.max_prompts >= settings.limits.max_labels * len(clip_core.IMAGENET_TEMPLATES) == 80000
     # every pod runs Serve in the high-throughput mode tests/test_serve.py serves the app in
     cluster = service["spec"]["rayClusterConfig"]
     for pod in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
