@@ -620,6 +620,8 @@ def test_train_flags_override_the_config_file_which_overrides_the_environment(tm
     (tmp_path / "stored.yaml").write_text("data: [prepared]\nstorage: /tmp/runs\n")
     assert config("--config", str(tmp_path / "stored.yaml"), "--set", "steps=5").storage == "/tmp/runs"
     assert config("--data", "prepared", "--set", "storage=/tmp/other").storage == "/tmp/other"
+    nested = config("--data", "prepared", "--set", "fault_injection.step=3", "--set", "fault_injection.marker=m")
+    assert (nested.fault_injection.step, nested.fault_injection.marker) == (3, "m")
     plain = config("--data", "prepared")
     assert (plain.lock_image, plain.compile, plain.loss, plain.use_gpu) == (False, False, "clip", False)
     with pytest.raises(ValueError, match=r"--set 'shufle_buffer=1': 'shufle_buffer' is not a train option; the "

@@ -86,11 +86,12 @@ def _train_config(args: argparse.Namespace):
     if not values.get("mlflow_tracking_uri"):  # flag > file > environment, as for serve
         values["mlflow_tracking_uri"] = os.environ.get("MLFLOW_TRACKING_URI")
     for assignment in args.set:
-        field = assignment.partition("=")[0].removeprefix("train.")
+        key = assignment.removeprefix("train.")
+        field = key.partition("=")[0].partition(".")[0]  # fault_injection.step=3 sets a field of a section
         if field not in TrainConfig.model_fields:
             raise ConfigError(f"--set {assignment!r}: {field!r} is not a train option; the options are "
                               f"{', '.join(TrainConfig.model_fields)}")
-        _set(values, assignment.removeprefix("train."), TrainConfig)
+        _set(values, key, TrainConfig)
     values.update({field: value for field, value in vars(args).items()
                    if field in TrainConfig.model_fields and value is not None})
     return TrainConfig(**values)
