@@ -307,7 +307,7 @@ def _prune(folder: Path, keep: str | None = None) -> None:
     for entry in folder.iterdir():
         if entry.name.endswith(".readers"):
             for marker in entry.iterdir():
-                if not _alive(int(marker.name.partition("-")[0])):
+                if not _alive(marker):
                     marker.unlink()
     for entry in folder.iterdir():
         version, _, suffix = entry.name.partition(".")
@@ -324,8 +324,7 @@ def _prune_legacy(private: Path) -> None:
     """The copies of the layout before `copies/` (the URI's hash in `private` itself), which a reader killed
     inside pinned for good: deleted once no reader of theirs lives."""
     for readers in private.glob("*.readers"):
-        if _LEGACY_READERS.fullmatch(readers.name) and not any(
-                _alive(int(marker.name.partition("-")[0])) for marker in readers.iterdir()):
+        if _LEGACY_READERS.fullmatch(readers.name) and not any(_alive(marker) for marker in readers.iterdir()):
             base = readers.name.removesuffix(".readers")
             for name in (base, f"{base}.partial", readers.name):
                 shutil.rmtree(private / name, ignore_errors=True)
@@ -336,9 +335,10 @@ def _has_readers(readers: Path) -> bool:
     return readers.is_dir() and any(readers.iterdir())
 
 
-def _alive(pid: int) -> bool:
+def _alive(marker: Path) -> bool:
+    """Whether the process that left reader `marker` (named PID-UUID) still runs."""
     try:
-        os.kill(pid, 0)
+        os.kill(int(marker.name.partition("-")[0]), 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's: alive
