@@ -113,7 +113,7 @@ def detect_format(source: str) -> str:
         images = {f.rpartition(".")[0] for f in files if f.lower().endswith(_IMAGE_SUFFIXES)}
         if images:  # captioned by a file beside (any sidecar of the same name), or labeled by class folder
             sidecars = any(f.rpartition(".")[0] in images for f in files if not f.lower().endswith(_IMAGE_SUFFIXES))
-            return "imagefolder" if not sidecars and imagefolder_classes(source) else "folder"
+            return "imagefolder" if not sidecars and _imagefolder(source, files)[1] else "folder"
     missing = "" if "{" in source or storage.exists(source) else f"; nothing is at {source}; {_found_instead(source)}"
     raise SourceError(f"cannot tell the format of {source!r}: pass --format one of {', '.join(FORMATS)}{missing}")
 
@@ -637,11 +637,12 @@ def imagefolder_classes(uri: str) -> list[str]:
     return _imagefolder(uri)[1]
 
 
-def _imagefolder(uri: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """((file URI, its path under `uri`) of every image, the classes)."""
+def _imagefolder(uri: str, files: list[str] | None = None) -> tuple[list[tuple[str, str]], list[str]]:
+    """((file URI, its path under `uri`) of every image, the classes), of `files` when the listing is at hand."""
     fs, path = storage.filesystem(uri)
     root = storage.to_uri(fs, path).rstrip("/") + "/"
-    images = [(name, name[len(root):]) for name in storage.list_files(uri, _IMAGE_SUFFIXES)]
+    names = storage.list_files(uri) if files is None else files
+    images = [(name, name[len(root):]) for name in names if name.lower().endswith(_IMAGE_SUFFIXES)]
     return images, sorted({key.partition("/")[0] for _, key in images if "/" in key})
 
 
