@@ -577,7 +577,7 @@ def _validate(config: TrainConfig, model, device, autocast, rank: int) -> dict:
         out["val_loss"] = float((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
         # over the distinct images, as the evaluate stage counts (COCO's five captions an image: an image is
         # found by any of its captions), so checkpoint_metric ranks checkpoints as evaluation will
-        first, inverse = gallery(_EVAL_SETS[(config.val, model.image_size)])
+        first, inverse = gallery(_eval_set(config.val, model.image_size))
         retrieval = clip_core.retrieval_metrics(image_features[torch.from_numpy(first).to(image_features.device)],
                                                 text_features, torch.from_numpy(inverse))
         out["val_image_to_text_R1"] = retrieval["image_to_text_R@1"]
@@ -599,18 +599,21 @@ def _validate(config: TrainConfig, model, device, autocast, rank: int) -> dict:
 _EVAL_SETS: dict[tuple[str, int], dict] = {}
 
 
-def _eval_features(uri: str, model, device, autocast, batch_size: int = 256):
-    """Normalized image and text features (and labels) of a small prepared set; decoded once per worker."""
-    key = (uri, model.image_size)
+def _eval_set(uri: str, image_size: int) -> dict:
+    """A small prepared set decoded (decode_batch's arrays, and each row's image_id), once per worker."""
+    key = (uri, image_size)
     if key not in _EVAL_SETS:
+        from .evaluate import image_ids
         from .preprocess import read_prepared_table
 
-        from .evaluate import image_ids
+        rows = read_prepared_table(uri, columns=["image", "tokens", "label"]).to_pydict()
+        _EVAL_SETS[key] = {**decode_batch(rows, image_size), "image_id": image_ids(rows["image"])}
+    return _EVAL_SETS[key]
 
-        table = read_prepared_table(uri, columns=["image", "tokens", "label"])
-        _EVAL_SETS[key] = {**decode_batch(table.to_pydict(), model.image_size),
-                           "image_id": image_ids(table["image"].to_pylist())}
-    data = _EVAL_SETS[key]
+
+def _eval_features(uri: str, model, device, autocast, batch_size: int = 256):
+    """Normalized image and text features (and labels) of a small prepared set (`_eval_set`)."""
+    data = _eval_set(uri, model.image_size)
     image_features, text_features = [], []
     for start in range(0, len(data["tokens"]), batch_size):
         images = torch.from_numpy(data["image"][start : start + batch_size]).to(device)
