@@ -283,3 +283,12 @@ def test_poll_interval_must_be_a_finite_number_of_seconds(capsys, seconds):
         assert f"rayclip {command}: error: argument --poll-registry: {seconds}: give a number of seconds " \
                "above 0, at most 86400 (a day)" in capsys.readouterr().err
     assert cli.build_parser().parse_args(["serve", "--poll-registry", "86400"]).poll_registry == 86400
+
+
+def test_the_preprocess_command_offers_every_source_format_and_no_other():
+    # the command line lists them itself (parsing it does not import pyarrow, as sources does)
+    from workflows import sources
+
+    formats = next(action.choices for action in cli.build_parser()._subparsers._group_actions[0].choices[
+        "preprocess"]._actions if action.dest == "format")
+    assert tuple(formats) == sources.FORMATS
