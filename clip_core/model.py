@@ -393,9 +393,8 @@ class CLIP(nn.Module):
         pool."""
         visual = self.visual
         if isinstance(visual, VisionTransformer):
-            blocks = list(visual.transformer.resblocks)
-            groups = [[visual.conv1, visual.class_embedding, visual.positional_embedding, visual.ln_pre],
-                      *[[block] for block in blocks[:-1]], [blocks[-1], visual.ln_post], [visual.proj]]
+            groups = _transformer_groups([visual.conv1, visual.class_embedding, visual.positional_embedding,
+                                          visual.ln_pre], visual.transformer, visual.ln_post, visual.proj)
         else:
             groups = [[visual.conv1, visual.bn1, visual.conv2, visual.bn2, visual.conv3, visual.bn3],
                       [visual.layer1], [visual.layer2], [visual.layer3], [visual.layer4], [visual.attnpool]]
@@ -405,11 +404,9 @@ class CLIP(nn.Module):
         """Freeze the text tower, leaving its last `unlocked_layers` layer groups trainable, grouped as
         OpenCLIP's --lock-text-unlocked-layers: the embeddings, each block but the last, the last block with
         ln_final, the projection (1 unlocks the projection only)."""
-        blocks = list(self.transformer.resblocks)
-        groups = [[self.token_embedding, self.positional_embedding], *[[block] for block in blocks[:-1]],
-                  [blocks[-1], self.ln_final], [self.text_projection]]
+        groups = _transformer_groups([self.token_embedding, self.positional_embedding], self.transformer,
+                                     self.ln_final, self.text_projection)
         self._freeze(_locked(groups, unlocked_layers, "text"))
-
 
     def _freeze(self, groups: list[list]) -> None:
         for group in groups:
@@ -426,6 +423,13 @@ class CLIP(nn.Module):
         for module in self._frozen_norms:
             module.eval()
         return self
+
+
+def _transformer_groups(stem: list, transformer: Transformer, final_norm: nn.Module, projection) -> list[list]:
+    """A transformer tower's lock groups, as OpenCLIP's: the stem, each block but the last, the last block
+    with the final norm, the projection."""
+    *blocks, last = transformer.resblocks
+    return [stem, *[[block] for block in blocks], [last, final_norm], [projection]]
 
 
 def _locked(groups: list[list], unlocked: int, tower: str) -> list[list]:
