@@ -304,3 +304,29 @@ def test_an_imagefolder_labels_each_image_by_its_class_folder_as_imagenet_val_is
     assert sources.detect_format(str(root)) == "folder"
     # a pipeline's zero-shot split in this layout needs no class-name list: the folders name the classes
     load_config(None, [f"data.zeroshot={root}", "data.split_options.zeroshot.format=imagefolder"])
+
+
+def test_a_tar_cut_short_or_with_a_corrupt_header_keeps_the_samples_before_and_counts_itself_unreadable(tmp_path):
+    # tarfile's stream reading stops without an error at either: the samples after would be lost uncounted
+    members = [m for key, image, caption in corpus.clean_pairs(4)
+               for m in ((f"{key}.jpg", image), (f"{key}.txt", caption.encode()))]
+    whole = corpus.write_tar(tmp_path / "whole.tar", members).read_bytes()
+    spans = [512 + -(-len(data) // 512) * 512 for _, data in members]  # a member's header and its data
+    third, end = sum(spans[:4]), sum(spans)  # sample 2's first header; the last member's end
+    damaged = bytearray(whole)
+    damaged[third + 148] ^= 0x11  # its checksum
+    cases = {"whole.tar": whole, "damaged.tar": bytes(damaged), "cut.tar": whole[:third],
+             "cut_in_header.tar": whole[:third + 100], "lone_zero_block.tar": whole[:end] + bytes(512)}
+    rows = {}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        rows[name] = _read(tmp_path / name, SourceSpec(format="webdataset")).to_pylist()
+    assert [r["key"] for r in rows["whole.tar"]] == [f"whole.tar:pair0-000{i}" for i in range(4)]
+    for name, message in (("damaged.tar", f"stopped at byte {third:,} with data after it: a corrupt member header"),
+                          ("cut.tar", f"the tar ends at byte {third:,}, inside or before a member's header"),
+                          ("cut_in_header.tar", f"the tar ends at byte {third + 100:,}")):
+        assert [(r["key"], r["reason"]) for r in rows[name]] == [
+            (f"{name}:pair0-0000", None), (f"{name}:pair0-0001", None), (f"{name}#unreadable", "unreadable_source")]
+        assert message in rows[name][2]["detail"], rows[name][2]["detail"]
+    # an archive ended by one zero block instead of two (GNU tar reads it too) is whole
+    assert [r["reason"] for r in rows["lone_zero_block.tar"]] == [None] * 4

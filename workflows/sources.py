@@ -398,6 +398,24 @@ def _read_webdataset(uri: str, spec: SourceSpec) -> Iterator[dict]:
                 members[extension] = archive.extractfile(member).read()
         if key is not None:
             yield _webdataset_row(uri, key, members, spec, image_exts, seen[key])
+        _check_tar_end(archive)
+
+
+def _check_tar_end(archive: tarfile.TarFile) -> None:
+    """Raises if a tar read to its end as a stream stopped before its end-of-archive marker: tarfile ends the
+    iteration without an error at a corrupt member header, or at the end of a file cut short between members
+    (an interrupted download or img2dataset run), and every sample after would be lost uncounted."""
+    stream, header = archive.fileobj, archive.offset  # where the header that ended the iteration began
+    read = stream.tell() - header
+    rest = stream.read(1 << 16)
+    if read < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"the tar ends at byte {header + read:,}, inside or before a member's header and "
+                                "without the end-of-archive marker: the file is truncated, so the samples after "
+                                "the last one read are missing; copy or write it again")
+    if rest.strip(tarfile.NUL):
+        raise tarfile.ReadError(f"the reading stopped at byte {header:,} with data after it: a corrupt member "
+                                "header (a failed checksum), or another tar appended to this one; the samples "
+                                "after it are not read: copy or write the tar again (one archive a file)")
 
 
 def _webdataset_row(uri: str, key: str, members: dict, spec: SourceSpec, image_exts, occurrence: int = 1) -> dict:
