@@ -156,6 +156,17 @@ def test_a_stray_quote_in_a_file_not_written_by_pandas_costs_its_own_row_only(tm
     assert rows[5]["detail"].startswith("line 7: ") and rows[999]["caption"] == b"caption 999"
 
 
+def test_a_row_with_more_cells_than_the_header_is_rejected_not_kept_with_its_caption_cut(tmp_path):
+    # csv keeps the cells past the header's apart: the row would keep "a cat" of "a cat, sitting on a mat"
+    (tmp_path / "pairs.csv").write_text('filepath,caption\na.jpg,a cat, sitting on a mat\nb.jpg,"a dog, running"\n'
+                                        "c.jpg,a trailing separator,\n")
+    rows = _read(tmp_path / "pairs.csv", SourceSpec(format="csv")).to_pylist()
+    assert [(r["reason"], r["caption"]) for r in rows] == [
+        ("unreadable_source", None), (None, b"a dog, running"), (None, b"a trailing separator")]
+    assert rows[0]["detail"] == ("line 2: 3 cells where the header has 2 (the first left over: ' sitting on a mat'): "
+                                 "a cell holding the separator ',' is quoted, as pandas' to_csv writes it")
+
+
 def test_the_chunks_of_a_synthetic_source_number_its_rows_as_one_file():
     chunks = sources._plan_synthetic("synthetic://train?count=1000&seed=0&image_size=16")
     spec = SourceSpec(format="synthetic")

@@ -593,6 +593,12 @@ def _csv_records(text: io.TextIOBase, delimiter: str) -> Iterator[dict | str]:
                    "again)" if rest else ""
             record = (f"line {first_line}: {exc}{more} (a cell that opens with a quote closes with one, and a quote "
                       "inside it is written twice)")
+        else:
+            extra = [cell for cell in record.get(None, ()) if cell.strip()]  # csv keeps cells past the header's there
+            if extra:
+                record = (f"line {lines.record[0][0]}: {len(records.fieldnames) + len(record[None])} cells where the "
+                          f"header has {len(records.fieldnames)} (the first left over: {extra[0][:60]!r}): a cell "
+                          f"holding the separator {delimiter!r} is quoted, as pandas' to_csv writes it")
         yield record
 
 
