@@ -117,7 +117,7 @@ def test_stage_keys_outlive_releases_that_add_options(tmp_path):
             "eval": pipeline.stage_key(evaluate, eval_digests, unkeyed=pipeline._EVAL_UNKEYED)}
     # (the data key also holds preprocess.OUTPUT_VERSION: bumped, it prepares the data again, and trains again
     # only if the data's digest changed)
-    assert keys == {"data": "03b29de460fd2bcc", "train": "636cdfa4323bb5e8", "eval": "45fbe26b3c52d6ce"}
+    assert keys == {"data": "df8241843f420923", "train": "636cdfa4323bb5e8", "eval": "45fbe26b3c52d6ce"}
 
     # a class-names file is keyed by what it names: edited (two classes swapped), its labels are others
     names = tmp_path / "classes.txt"

@@ -123,8 +123,10 @@ def test_each_format_reads_locally(tmp_path):
         assert sorted(r["caption"] for r in rows) == expected, name
         expected_read = {"parquet": 15, "csv": 15, "tsv": 13, "folder": 15}.get(name, 12)
         assert manifest["counts"]["read"] == expected_read, name
-    assert _rejects(tmp_path / "out-parquet") == {"heavy": "image_too_large", "no-image": "missing_image",
-                                                  "no-caption": "missing_caption"}
+    # a Parquet file's own key column, with its file (as a WebDataset sample's key, with its tar)
+    assert _rejects(tmp_path / "out-parquet") == {"part-0.parquet:heavy": "image_too_large",
+                                                  "part-0.parquet:no-image": "missing_image",
+                                                  "part-0.parquet:no-caption": "missing_caption"}
     assert _rejects(tmp_path / "out-csv") == {"pairs.csv:2": "caption_too_long", "pairs.csv:13": "unsupported_uri",
                                               "pairs.csv:14": "unsupported_uri"}
     assert _rejects(tmp_path / "out-folder") == {"orphan": "missing_caption", "lonely": "missing_image",

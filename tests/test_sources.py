@@ -239,11 +239,16 @@ def test_webdataset_keys_name_their_tar_and_an_exact_duplicate_is_dropped_howeve
         ("mixed.tar:a#2", "missing_image"), ("mixed.tar:b#2", "missing_image")]
     assert "a's members are not together in the tar" in rows[2]["detail"]
 
-    # a Parquet key column holding a row twice (two copies of a partition concatenated)
+    # a Parquet key column holding a row twice (two copies of a partition concatenated); its keys go with
+    # their file, as a tar's: img2dataset's parquet shards from two runs each number theirs from 0
     corpus.write_parquet(tmp_path / "keyed.parquet", [("a", one, "a cat"), ("b", two, "a dog"), ("a", one, "a cat")])
-    raw = _read(tmp_path / "keyed.parquet", SourceSpec(format="parquet", image_key="jpg", caption_key="txt"))
+    corpus.write_parquet(tmp_path / "part" / "keyed.parquet", [("a", two, "a dog on a mat")])
+    spec = SourceSpec(format="parquet", image_key="jpg", caption_key="txt", root=str(tmp_path))
+    raw = pa.concat_tables(read_source_batch(pa.table({"uri": [str(tmp_path / "keyed.parquet"),
+                                                               str(tmp_path / "part" / "keyed.parquet")]}), spec))
     rows = Deduplicate()(process_batch(raw, PreprocessOptions(image_size=32))).to_pylist()
-    assert [(r["key"], r["reason"]) for r in rows] == [("a", None), ("b", None), ("a", "duplicate")]
+    assert [(r["key"], r["reason"]) for r in rows] == [("keyed.parquet:a", None), ("keyed.parquet:b", None),
+                                                      ("keyed.parquet:a", "duplicate"), ("part/keyed.parquet:a", None)]
 
 
 def test_a_parquet_text_image_column_is_read_as_paths_beside_the_file_and_never_downloads(tmp_path):
@@ -315,6 +320,29 @@ def test_an_imagefolder_labels_each_image_by_its_class_folder_as_imagenet_val_is
     assert sources.detect_format(str(root)) == "folder"
     # a pipeline's zero-shot split in this layout needs no class-name list: the folders name the classes
     load_config(None, [f"data.zeroshot={root}", "data.split_options.zeroshot.format=imagefolder"])
+
+
+def test_img2datasets_files_output_is_read_as_a_folder_not_by_its_metadata_parquet(tmp_path):
+    # output_format="files": a folder of images with .txt and .json sidecars a shard, and beside it the
+    # shard's metadata as a .parquet (url, key, caption, status; no images) and a stats .json
+    (tmp_path / "00000").mkdir()
+    for i, (_, image, caption) in enumerate(corpus.clean_pairs(2)):
+        (tmp_path / "00000" / f"00000000{i}.jpg").write_bytes(image)
+        (tmp_path / "00000" / f"00000000{i}.txt").write_text(caption)
+        (tmp_path / "00000" / f"00000000{i}.json").write_text(json.dumps({"caption": caption, "url": "http://x"}))
+    pq.write_table(pa.table({"url": ["http://x"] * 2, "key": ["000000000", "000000001"], "status": ["success"] * 2}),
+                   tmp_path / "00000.parquet")
+    (tmp_path / "00000_stats.json").write_text("{}")
+    assert sources.detect_format(str(tmp_path)) == "folder"
+    rows = process_batch(_read(tmp_path, SourceSpec(format="folder")), PreprocessOptions(image_size=32)).to_pylist()
+    assert [(r["key"], r["caption"], r["reason"]) for r in rows] == [
+        ("00000/000000000", "a photo number 0 of set 0", None), ("00000/000000001", "a photo number 1 of set 0", None)]
+    # a table of the images with the images beside it and no sidecars is still that table
+    (tmp_path / "00000" / "000000000.txt").unlink()
+    (tmp_path / "00000" / "000000001.txt").unlink()
+    for json_file in (tmp_path / "00000").glob("*.json"):
+        json_file.unlink()
+    assert sources.detect_format(str(tmp_path)) == "parquet"
 
 
 def test_a_tar_cut_short_or_with_a_corrupt_header_keeps_the_samples_before_and_counts_itself_unreadable(tmp_path):

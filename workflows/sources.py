@@ -73,9 +73,9 @@ class SourceSpec:
     csv_separator: str | None = None  # a CSV's column separator; None: a tab in a .tsv, a comma otherwise
 
     def file_key(self, uri: str, index: int | str) -> str:
-        """A row's key from its file and its place there: `part-0.parquet:7` (a Parquet or CSV row's index),
-        `shard-00003.tar:000042` (a WebDataset sample's key), or `year=2024/part-0.parquet:7` where another
-        file of the source has the same name."""
+        """A row's key from its file and its place there: `part-0.parquet:7` (a Parquet or CSV row's index, or
+        a Parquet file's own `key`), `shard-00003.tar:000042` (a WebDataset sample's key), or
+        `year=2024/part-0.parquet:7` where another file of the source has the same name."""
         name = uri[len(self.root):].lstrip("/") if self.root and uri.startswith(self.root) else storage.basename(uri)
         return f"{name}:{index}"
 
@@ -107,13 +107,18 @@ def detect_format(source: str) -> str:
             return fmt
     if "{" not in source and storage.is_dir(source):
         files = storage.list_files(source)
-        for suffix, fmt in ((".tar", "webdataset"), (".parquet", "parquet"), (".csv", "csv"), (".tsv", "csv")):
+        if any(f.lower().endswith(".tar") for f in files):
+            return "webdataset"
+        images = {f.rpartition(".")[0] for f in files if f.lower().endswith(_IMAGE_SUFFIXES)}
+        # images captioned by a file beside them (any sidecar of the same name), as img2dataset's `files`
+        # output holds them: with a metadata .parquet a shard, which is no table of the images
+        if any(f.rpartition(".")[0] in images for f in files if not f.lower().endswith(_IMAGE_SUFFIXES)):
+            return "folder"
+        for suffix, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "csv")):
             if any(f.lower().endswith(suffix) for f in files):
                 return fmt
-        images = {f.rpartition(".")[0] for f in files if f.lower().endswith(_IMAGE_SUFFIXES)}
-        if images:  # captioned by a file beside (any sidecar of the same name), or labeled by class folder
-            sidecars = any(f.rpartition(".")[0] in images for f in files if not f.lower().endswith(_IMAGE_SUFFIXES))
-            return "imagefolder" if not sidecars and _imagefolder(source, files)[1] else "folder"
+        if images:  # labeled by class folder, else (without sidecars) a folder whose captions planning asks for
+            return "imagefolder" if _imagefolder(source, files)[1] else "folder"
     missing = "" if "{" in source or storage.exists(source) else f"; nothing is at {source}; {_found_instead(source)}"
     raise SourceError(f"cannot tell the format of {source!r}: pass --format one of {', '.join(FORMATS)}{missing}")
 
@@ -488,8 +493,9 @@ def _read_parquet(uri: str, spec: SourceSpec) -> Iterator[dict]:
                 label = record.get(spec.label_key) if spec.label_key else None
                 if isinstance(label, float):  # integer labels in a float column (pandas' ints beside a NaN)
                     label = None if label != label else (int(label) if label.is_integer() else label)
-                key = (str(record["key"]) if has_key and record.get("key") is not None
-                       else spec.file_key(uri, index))
+                # the file's own key (img2dataset's) with the file, as a WebDataset sample's with its tar: files
+                # written apart (cc3m/00000.parquet, cc12m/00000.parquet) each number theirs from 0
+                key = spec.file_key(uri, record["key"] if has_key and record.get("key") is not None else index)
                 yield {"key": key, "source": uri, "image": image, "image_uri": image_uri,
                        "caption": caption.encode("utf-8") if isinstance(caption, str) else caption,
                        "label": None if label is None else str(label),
