@@ -28,6 +28,10 @@ def test_a_label_of_thousands_of_digits_is_an_invalid_label_not_a_failed_run():
         resolve_label("9" * 11, ["cat", "dog"])
     assert resolve_label("0" * 5000 + "1", ["cat", "dog"]) == 1, "leading zeros are still the index"
     assert resolve_label("2147483647", None) == 2**31 - 1
+    # an integer column beside a NaN, as pandas' to_csv writes it (a Parquet reader gets the floats as such)
+    assert [resolve_label(raw, ["cat", "dog"]) for raw in ("1.0", "0.", "1.000")] == [1, 0, 1]
+    with pytest.raises(Reject, match=r"label '1\.5' is not one of the 2 class names"):
+        resolve_label("1.5", ["cat", "dog"])
 
     image = corpus.encode(corpus.photo(64, 64))
     table = process_batch(_raw_rows({"key": "huge", "image": image, "caption": b"a dog", "label": "1" * 5000},

@@ -225,7 +225,7 @@ def resolve_label(raw: str | None, classnames: list[str] | None, required: bool 
         top = len(classnames) - 1 if classnames is not None else MAX_LABEL
         # no index has more digits than MAX_LABEL: int() of a longer run is refused (ValueError past
         # 4,300 digits, which failed the whole run) and its time grows with the digits
-        digits = raw.lstrip("0") or "0"
+        digits = raw.partition(".")[0].lstrip("0") or "0"
         label = int(digits) if len(digits) <= len(str(MAX_LABEL)) else None
         if label is None or not 0 <= label <= top:
             raise Reject("invalid_label", f"label {raw[:40]}{'…' if len(raw) > 40 else ''} outside 0..{top}")
@@ -242,8 +242,9 @@ MAX_LABEL = 2**31 - 1  # labels are stored as int64; no class list is longer
 
 
 def _is_index(label: str) -> bool:
-    """An integer in ASCII digits (str.isdigit also takes '²' and other digits int() refuses)."""
-    return re.fullmatch(r"-?[0-9]+", label) is not None
+    """An integer in ASCII digits (str.isdigit also takes '²' and other digits int() refuses), or written
+    as a float with nothing after the point (`3.0`: pandas' to_csv of an integer column beside a NaN)."""
+    return re.fullmatch(r"-?[0-9]+(\.0*)?", label) is not None
 
 
 def _check_label_names(uri: str, spec: SourceSpec) -> None:
