@@ -153,6 +153,16 @@ def test_resume_latest_takes_the_newest_registered_checkpoint_that_trained_this_
                                          rf"\['sha256:theirs'\], this run's is \['sha256:ours'\].*--init {other}"):
         checkpoint_to_resume(ours.model_copy(update={"resume": other}), str(runs))
     assert checkpoint_to_resume(ours.model_copy(update={"resume": mine[0]}), str(runs)) == mine[0]
+    # a run name used before: Ray Train would hand its workers that run's latest checkpoint, whatever was asked
+    named = ours.model_copy(update={"run_name": "train-a"})
+    assert checkpoint_to_resume(named, str(runs)) == mine[1]
+    assert checkpoint_to_resume(named.model_copy(update={"resume": mine[1] + "/"}), str(runs)) == mine[1] + "/"
+    for resume, asked in ((None, "a fresh run"), (mine[0], f"resuming {mine[0]}")):
+        with pytest.raises(ValueError, match=rf"run 'train-a' under .*ray_results has checkpoints already \(the "
+                                             rf"latest: {mine[1]}\), which Ray Train would carry on instead of "
+                                             rf"{asked}: resume that run with --resume latest --run-name train-a"):
+            checkpoint_to_resume(named.model_copy(update={"resume": resume}), str(runs))
+    assert checkpoint_to_resume(ours.model_copy(update={"run_name": "train-c", "resume": None}), str(runs)) is None
     # a run from pretrained weights carries on only from the same weights
     assert "it started from" in resume_mismatch(ours.model_copy(update={"init": "openai:ViT-B-32.pt"}), mine[1])
     # latest is the most recently written: an older run of this model on this data that went further (step 30,

@@ -468,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="QuickGELU (--no-quick-gelu: GELU) instead of the preset's own, as OpenCLIP's "
                     "--force-quick-gelu; with --init, whatever the weights imply (openai: QuickGELU)")
     tr.add_argument("--run-name", help="the Ray Train run's name under --storage (OpenCLIP's --name; default: "
-                    "train-<time>-<pid>); --resume latest then looks in this run only")
+                    "train-<time>-<pid>); --resume latest then looks in this run only; a name whose run has "
+                    "checkpoints is refused unless --resume latest carries it on")
     tr.add_argument("--resume", help="'latest' (the newest checkpoint under --storage, of --run-name when given, "
                     "of this model on this data) or a checkpoint path")
     tr.add_argument("--mlflow-tracking-uri", help="default: $MLFLOW_TRACKING_URI; no tracking when unset")

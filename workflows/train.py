@@ -847,7 +847,23 @@ def checkpoint_to_resume(config: TrainConfig, storage_path: str) -> str | None:
     """The checkpoint `config.resume` names (None without one): 'latest' is the newest of
     `resumable_checkpoints` that can carry this run on (the storage is shared by every run writing there).
     One that cannot (another model, other data) is refused naming what differs; `config.data_digests`
-    must be set."""
+    must be set. A `run_name` whose run has checkpoints already is refused unless this resumes its latest:
+    Ray Train hands a run's workers its latest registered checkpoint, whatever else was asked (OpenCLIP
+    refuses a --name used before, likewise)."""
+    from .data_passes import registered_checkpoint
+
+    resume_from = _checkpoint_named(config, storage_path)
+    run = storage.join(storage_path, config.run_name) if config.run_name else None
+    carried = registered_checkpoint(run) if run and storage.exists(run) else None
+    if carried and not (resume_from and storage.absolute(resume_from).rstrip("/") == carried.rstrip("/")):
+        asked = f"resuming {resume_from}" if resume_from else "a fresh run"
+        raise ValueError(f"run {config.run_name!r} under {storage_path} has checkpoints already (the latest: "
+                         f"{carried}), which Ray Train would carry on instead of {asked}: resume that run with "
+                         f"--resume latest --run-name {config.run_name}, or name this one anew (--run-name)")
+    return resume_from
+
+
+def _checkpoint_named(config: TrainConfig, storage_path: str) -> str | None:
     if not config.resume:
         return None
     if config.resume != "latest":
