@@ -15,11 +15,10 @@ import torch.multiprocessing as mp
 
 import clip_core
 from workflows import storage
-from workflows.parallel import global_mean
+from workflows.parallel import gathered_state, global_mean
 from workflows.train import (TrainConfig, _save_train_state, autocast_dtype, build_model, build_optimizer,
                              check_config, checkpoint_to_resume, contrastive_step, init_image_size, latest_checkpoint,
-                             optimizer_step,
-                             resumable_checkpoints, resume_mismatch)
+                             load_train_state, lr_schedule, optimizer_step, resumable_checkpoints, resume_mismatch)
 from workflows.train_data import Position
 
 from micro import micro_config
@@ -285,3 +284,32 @@ def test_train_time_retrieval_counts_an_image_with_several_captions_once_as_eval
     one_to_one = clip_core.retrieval_metrics(torch.from_numpy(features["image_features"]),
                                              torch.from_numpy(features["text_features"]))
     assert metrics["val_text_to_image_R1"] > one_to_one["text_to_image_R@1"], "a caption's twin image is no miss"
+
+
+def test_a_resumed_run_keeps_the_optimizer_moments_and_step_but_takes_its_recipe_from_its_own_config():
+    # OpenCLIP sets the rate from --lr at every step: a run carried on at another rate (or longer) uses it,
+    # where load_state_dict would bring back the checkpoint's rate, weight decay, betas and eps
+    before = TrainConfig(data=["train"], steps=10, warmup_steps=2, lr=1e-3, weight_decay=0.1)
+    model = clip_core.CLIP(micro_config())
+    optimizer, scheduler, _ = build_optimizer(model, before, torch.device("cpu"))
+    for _ in range(3):
+        for param in model.parameters():
+            param.grad = torch.ones_like(param)
+        optimizer.step()
+        scheduler.step()
+    model.zero_grad(set_to_none=True)  # as a resumed run's model is built
+    state = {"optimizer": copy.deepcopy(gathered_state(model, optimizer)[1]), "scheduler": scheduler.state_dict(),
+             "scaler": None}  # as the train loop saves them
+
+    after = before.model_copy(update={"steps": 20, "lr": 1e-4, "weight_decay": 0.0, "beta2": 0.95, "eps": 1e-8})
+    optimizer, scheduler, scaler = build_optimizer(model, after, torch.device("cpu"))
+    load_train_state(model, optimizer, scheduler, scaler, state)
+    assert scheduler.last_epoch == 3
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-4 * lr_schedule(after)(3)] * 2
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in optimizer.param_groups] == [(0.0, (0.9, 0.95), 1e-8)] * 2
+    scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-4 * lr_schedule(after)(4)] * 2
+    moments = state["optimizer"]["state"]
+    assert len(moments) == len(list(model.parameters())) and all(
+        torch.equal(optimizer.state[param]["exp_avg"], moments[name]["exp_avg"])
+        for name, param in model.named_parameters())

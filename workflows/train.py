@@ -362,6 +362,22 @@ def build_optimizer(model, config: TrainConfig, device: torch.device, cast: torc
     return optimizer, scheduler, scaler
 
 
+def load_train_state(model, optimizer, scheduler, scaler, state: dict) -> None:
+    """A train state's optimizer moments, schedule step and gradient scaler, into those `build_optimizer` made
+    from this run's config; the recipe stays the config's (rate, weight decay, betas, eps, the schedule's
+    length), as OpenCLIP sets the rate from --lr at every step: load_state_dict brings back the checkpoint's."""
+    recipe = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    load_optimizer_state(model, optimizer, state["optimizer"])
+    for group, values in zip(optimizer.param_groups, recipe, strict=True):
+        group.update(values)
+    scheduler.load_state_dict(state["scheduler"])  # its step; the rates again as the config has them
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+
+
 def optimizer_step(model, runnable, optimizer, scheduler, scaler, loss_fn, images: torch.Tensor,
                    tokens: torch.Tensor, config: TrainConfig, autocast, patch_keep: torch.Tensor | None = None):
     """One update of `model` (run through `runnable`, its DDP/FSDP/compiled wrapper): gradients of
@@ -458,10 +474,7 @@ def train_loop(loop_config: dict) -> None:
     cast = autocast_dtype(config.precision, device)
     optimizer, scheduler, scaler = build_optimizer(model, config, device, cast)
     if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
+        load_train_state(model, optimizer, scheduler, scaler, state)
         # checkpoints from before passes counted epochs, one pass each
         position = Position(state["step"], state.get("data_pass", state.get("epoch", 0)),
                             state.get("batch_in_pass", state.get("batch_in_epoch", 0)))
