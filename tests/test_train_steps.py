@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 import clip_core
 from workflows import storage
+from workflows import train as train_module
 from workflows.parallel import gathered_state, global_mean
 from workflows.train import (TrainConfig, _save_train_state, autocast_dtype, build_model, build_optimizer,
                              check_config, checkpoint_to_resume, contrastive_step, init_image_size, latest_checkpoint,
@@ -313,3 +314,49 @@ def test_a_resumed_run_keeps_the_optimizer_moments_and_step_but_takes_its_recipe
     assert len(moments) == len(list(model.parameters())) and all(
         torch.equal(optimizer.state[param]["exp_avg"], moments[name]["exp_avg"])
         for name, param in model.named_parameters())
+
+
+def _labeled_set(directory: Path, labels: list, classnames: list[str] | None) -> str:
+    """A prepared set as far as its labels go: a manifest listing one shard, the shard's label column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (directory / "shards").mkdir(parents=True)
+    pq.write_table(pa.table({"label": pa.array(labels, pa.int64())}), directory / "shards" / "0.parquet")
+    manifest = {"schema_version": 1, "shards": [{"path": "shards/0.parquet", "rows": len(labels)}],
+                "counts": {"kept": len(labels)}, **({"classnames": classnames} if classnames else {})}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return str(directory)
+
+
+def test_what_every_worker_would_fail_on_at_its_first_checkpoint_or_step_fails_on_the_driver(tmp_path):
+    # the zero-shot set is scored at each checkpoint: wrong there, the run failed after that many steps (and,
+    # with no checkpoint yet, each restart again from step 0)
+    check = train_module._check_zeroshot_set
+    check(_labeled_set(tmp_path / "fine", [0, 2, 1], ["cat", "dog", "bird"]))
+    with pytest.raises(ValueError, match=r"zeroshot .*names has no class names in its manifest: prepare it with "
+                                         r"--label-key and --classnames"):
+        check(_labeled_set(tmp_path / "names", [0, 1], None))
+    with pytest.raises(ValueError, match=r"zeroshot .*some has 1 unlabeled rows"):
+        check(_labeled_set(tmp_path / "some", [0, None, 1], ["cat", "dog"]))
+    with pytest.raises(ValueError, match=r"zeroshot .*short has label 2 but 2 class names"):
+        check(_labeled_set(tmp_path / "short", [0, 2], ["cat", "dog"]))
+
+    # the model's lock groups, counted from its config (the towers built without memory)
+    config = TrainConfig(data=["train"], steps=20, model="ViT-B-32", lock_image=True, lock_image_unlocked_layers=15,
+                         lock_text=True, lock_text_unlocked_layers=14)
+    with pytest.raises(ValueError, match=r"cannot leave 15 layer groups of the image tower unlocked: it has 14"):
+        train_module.check_model(config, train_module.scratch_config(config), "ViT-B-32")
+    config = config.model_copy(update={"lock_image_unlocked_layers": 14})
+    train_module.check_model(config, train_module.scratch_config(config), "ViT-B-32")
+    with pytest.raises(ValueError, match="patch dropout needs a Vision Transformer; RN50 has a ResNet"):
+        train_module.check_model(TrainConfig(data=["train"], steps=20, patch_dropout=0.5),
+                                 clip_core.get_config("RN50"), "--init rn50")
+    # unlocked groups of a tower left unlocked: the whole tower would train
+    with pytest.raises(ValueError, match="lock_text_unlocked_layers leaves the last groups of a locked text tower "
+                                         "trainable: set lock_text too"):
+        TrainConfig(data=["train"], steps=20, lock_text_unlocked_layers=2)
+    # the training loss is no checkpoint metric: the last logged step's, missing before the first log
+    with pytest.raises(ValueError, match=r"checkpoint_metric 'loss' is not a metric this run computes \(with val "
+                                         r"set\): choose one of \['val_image_to_text_R1', 'val_loss'"):
+        TrainConfig(data=["train"], steps=20, val="val", checkpoint_metric="loss")

@@ -177,12 +177,17 @@ class TrainConfig(BaseModel):
         if self.checkpoint_metric and not (self.val or self.zeroshot):
             raise ValueError(f"checkpoint_metric {self.checkpoint_metric!r} needs a validation set: "
                              "set val or zeroshot")
-        computed = ({"loss"} | ({"val_loss", "val_image_to_text_R1", "val_text_to_image_R1"} if self.val else set())
+        # (not the training loss: the last logged step's, noisy, and missing from a checkpoint before any log)
+        computed = (({"val_loss", "val_image_to_text_R1", "val_text_to_image_R1"} if self.val else set())
                     | ({"zeroshot_top1"} if self.zeroshot else set()))
         if self.checkpoint_metric and self.checkpoint_metric not in computed:  # Ray would score every one -inf
             raise ValueError(f"checkpoint_metric {self.checkpoint_metric!r} is not a metric this run computes "
                              f"(with {' and '.join(k for k in ('val', 'zeroshot') if getattr(self, k))} set): "
                              f"choose one of {sorted(computed)}")
+        for tower in ("image", "text"):
+            if getattr(self, f"lock_{tower}_unlocked_layers") and not getattr(self, f"lock_{tower}"):
+                raise ValueError(f"lock_{tower}_unlocked_layers leaves the last groups of a locked {tower} tower "
+                                 f"trainable: set lock_{tower} too (without it the whole tower trains)")
         if self.unmasked_tuning_steps and not self.patch_dropout:
             raise ValueError("unmasked_tuning_steps tunes on whole images after patch dropout: set patch_dropout too")
         if self.unmasked_tuning_steps >= self.steps:
@@ -232,12 +237,28 @@ def build_model(config: TrainConfig) -> clip_core.CLIP:
                     f"--init {config.init}" if config.init else f"the model {config.model}")
     if config.patch_dropout:
         clip_core.model.require_patches(model.config)
+    _lock(model, config)
+    model.set_grad_checkpointing(config.grad_checkpointing)
+    return model
+
+
+def _lock(model: clip_core.CLIP, config: TrainConfig) -> None:
     if config.lock_image:
         model.lock_image_tower(config.lock_image_unlocked_layers)
     if config.lock_text:
         model.lock_text_tower(config.lock_text_unlocked_layers)
-    model.set_grad_checkpointing(config.grad_checkpointing)
-    return model
+
+
+def check_model(config: TrainConfig, model_config: clip_core.CLIPConfig, source: str) -> None:
+    """What build_model would refuse on every worker (and again on each retry), checked on the driver from
+    the model's config: the loss against its logit_bias, patch dropout against its image tower, the
+    unlocked layer groups against those its towers have."""
+    check_loss_fits(config, model_config.init_logit_bias is not None, source)
+    if config.patch_dropout:
+        clip_core.model.require_patches(model_config)
+    if config.lock_image or config.lock_text:
+        with torch.device("meta"):  # the towers' structure without their memory
+            _lock(clip_core.CLIP(model_config), config)
 
 
 def scratch_config(config: TrainConfig) -> clip_core.CLIPConfig:
@@ -276,11 +297,12 @@ def init_image_size(config: TrainConfig) -> int:
     _, path = init_source(config.init)
     if storage.exists(storage.join(path, CONFIG_FILE)):
         described = checkpoint_description(path)
-        if not is_hf_config(described):  # a transformers CLIPModel has no logit_bias
-            check_loss_fits(config, described_config(described, path).init_logit_bias is not None,
-                            f"--init {config.init}")
+        if is_hf_config(described):  # a transformers CLIPModel: no logit_bias
+            check_loss_fits(config, False, f"--init {config.init}")
+        else:
+            check_model(config, described_config(described, path), f"--init {config.init}")
         return config.image_size or described_image_size(described, path)
-    return build_model(config).image_size  # build_model checks the loss fits
+    return build_model(config).image_size  # build_model checks all that check_model does
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -596,12 +618,8 @@ def _validate(config: TrainConfig, model, device, autocast, rank: int) -> dict:
         out["val_image_to_text_R1"] = retrieval["image_to_text_R@1"]
         out["val_text_to_image_R1"] = retrieval["text_to_image_R@1"]
     if config.zeroshot:
-        classnames = read_manifest(config.zeroshot).get("classnames")
-        if not classnames:
-            raise ValueError(f"{config.zeroshot} has no class names: prepare it with labels and --classnames")
+        classnames = read_manifest(config.zeroshot)["classnames"]  # with a label on each row (check_config)
         image_features, _, labels = _eval_features(config.zeroshot, model, device, autocast)
-        if labels is None:
-            raise ValueError(f"{config.zeroshot} has unlabeled rows: zero-shot evaluation needs a label on each")
         classifier = clip_core.zero_shot_classifier(model, clip_core.get_tokenizer(), classnames)
         scores = clip_core.zeroshot.zero_shot_logits(image_features, classifier)
         out["zeroshot_top1"] = clip_core.zeroshot.accuracy(scores, labels.to(scores.device), ks=(1,))["top1"]
@@ -756,6 +774,8 @@ def check_config(config: TrainConfig, manifests: list[dict]) -> None:
     for uri in [config.val, config.zeroshot]:
         if uri:
             read_manifest(uri)  # raises naming the missing dataset
+    if config.zeroshot:
+        _check_zeroshot_set(config.zeroshot)
     rows = sum(manifest["counts"]["kept"] for manifest in manifests)
     if rows < config.batch_size:
         raise ValueError(f"the training data has {rows} rows, fewer than one global batch ({config.batch_size}): "
@@ -787,10 +807,28 @@ def check_config(config: TrainConfig, manifests: list[dict]) -> None:
         if not storage.exists(path):
             raise FileNotFoundError(f"no pretrained weights at {path} (from --init {config.init})")
     else:
-        model_config = scratch_config(config)
-        if config.patch_dropout:
-            clip_core.model.require_patches(model_config)
-        check_loss_fits(config, model_config.init_logit_bias is not None, f"the model {config.model}")
+        check_model(config, scratch_config(config), f"the model {config.model}")
+
+
+def _check_zeroshot_set(uri: str) -> None:
+    """The validation's zero-shot set has class names and a label within them on every row: found wrong at the
+    first checkpoint, the run would fail there (and, with no checkpoint yet, every restart from step 0)."""
+    import pyarrow.compute as pc
+
+    from .preprocess import read_manifest, read_prepared_table
+
+    classnames = read_manifest(uri).get("classnames")
+    if not classnames:
+        raise ValueError(f"zeroshot {uri} has no class names in its manifest: prepare it with --label-key and "
+                         "--classnames")
+    labels = read_prepared_table(uri, columns=["label"]).column("label")
+    if labels.null_count:
+        raise ValueError(f"zeroshot {uri} has {labels.null_count} unlabeled rows: zero-shot accuracy needs a label "
+                         "on each; prepare it with --label-key")
+    top = pc.max(labels).as_py()
+    if top is not None and top >= len(classnames):
+        raise ValueError(f"zeroshot {uri} has label {top} but {len(classnames)} class names: prepare it again with "
+                         "its full class-name list")
 
 
 def default_storage(config: TrainConfig) -> str:
