@@ -33,6 +33,11 @@ def test_the_workflows_turn_ray_and_mlflow_telemetry_off_unless_asked():
     asked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**env, "RAY_USAGE_STATS_ENABLED": "1"}).stdout
     assert asked.split() == ["1", "true"]
+    # the cluster's nodes run `ray start` from the image (cluster.yaml, the KubeRay pods), never importing
+    # workflows: the image sets both itself
+    image_env = dict(re.findall(r"^ENV .*?\b(RAY_USAGE_STATS_ENABLED|MLFLOW_DISABLE_TELEMETRY)=(\S+)",
+                                (ROOT / "deploy" / "Dockerfile").read_text(), flags=re.MULTILINE))
+    assert image_env == {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 def test_cli_errors_are_one_clear_line():
