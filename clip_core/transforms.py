@@ -122,11 +122,14 @@ def _check_size(image: Image.Image, max_pixels: int, name: str) -> None:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to RGB: transparency over white, 16/32-bit scaled to 8 bits, CMYK converted."""
-    if image.mode == "RGB":
+    """Any Pillow mode to RGB: transparency over white (an alpha channel, or one colour a PNG's tRNS chunk
+    marks transparent in a P, L or RGB image, as PNG optimisers write binary alpha), 16/32-bit scaled to
+    8 bits, CMYK converted."""
+    keyed = "transparency" in image.info
+    if image.mode == "RGB" and not keyed:
         return image
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("P", "L", "RGB"):
+        image = image.convert("RGBA" if keyed else "RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.array(image, dtype=np.float32)  # a copy, worked in place: a 64-MP image is 256 MB of these
         top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0

@@ -63,6 +63,15 @@ def test_inputs_of_every_mode_become_rgb():
     with_transparency = palette.copy()
     with_transparency.info["transparency"] = 0
     assert to_rgb(with_transparency).getpixel((0, 0)) == (255, 255, 255)
+    # a PNG's tRNS colour in a grey or RGB image (PNG optimisers write binary alpha so): that colour is
+    # transparent, over white as the alpha modes are; the others keep theirs
+    for mode, clear, kept in (("L", 0, 90), ("RGB", (0, 0, 0), (90, 90, 90))):
+        image = Image.new(mode, (4, 4), clear)
+        image.putpixel((1, 1), kept)
+        saved = io.BytesIO()
+        image.save(saved, "PNG", transparency=clear)
+        rgb = to_rgb(Image.open(io.BytesIO(saved.getvalue())))
+        assert (rgb.getpixel((0, 0)), rgb.getpixel((1, 1))) == ((255, 255, 255), (90, 90, 90)), mode
 
 
 def test_exif_orientation_is_applied():

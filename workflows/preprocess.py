@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 # what preprocessing makes of a source at the same options, in the pipeline's data keys: 2 since a duplicate
 # is the same pixels and caption (an image's other captions are kept) and a WebDataset key names its tar; 4
-# since a Parquet file's own keys name their file too, and a tar cut short counts itself unreadable.
+# since a Parquet file's own keys name their file too, a tar cut short counts itself unreadable, and a
+# PNG's tRNS colour is transparent (over white).
 # Bump it when the same source and options give other rows: a pipeline rerun then prepares them again
 # (and trains again only if the data's digest changed)
 OUTPUT_VERSION = 4
