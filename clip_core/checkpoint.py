@@ -313,7 +313,7 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bool | None, str
         except Exception as exc:  # torch.load raises many kinds on files that are not its own
             raise CheckpointError(f"{path} is not a PyTorch, safetensors or TorchScript file: {exc!r}") from exc
         if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):  # OpenCLIP's training format
-            name = loaded.get("name") if isinstance(loaded.get("name"), str) else None
+            name = _trained_model(loaded["name"]) if isinstance(loaded.get("name"), str) else None
             if name:
                 hint_quick_gelu = name.lower().endswith("-quickgelu")
             state_dict = loaded["state_dict"]
@@ -326,6 +326,19 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bool | None, str
         hint_quick_gelu = True  # only OpenAI's release carries these
     state_dict = {k: v for k, v in state_dict.items() if not _NOT_WEIGHTS.search(k)}
     return state_dict, hint_quick_gelu, name
+
+
+def _trained_model(run_name: str) -> str | None:
+    """The model an OpenCLIP training checkpoint's `name` (its run's --name) names: by default
+    open_clip_train's `<date>-model_<model>-lr_<lr>-b_…`; a name of the user's own names none (None)
+    unless it is a model's."""
+    match = re.search(r"-model_(.+?)-lr_", run_name)
+    model = match.group(1) if match else run_name
+    try:
+        canonical_name(model)
+    except ValueError:
+        return model if match else None
+    return model
 
 
 def _strip_module(state_dict: dict) -> dict:

@@ -78,10 +78,16 @@ def test_openclip_training_checkpoint_loads_with_its_activation(tmp_path):
     theirs = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
     path = tmp_path / "epoch_3.pt"
     state_dict = {f"module.{k}": v for k, v in theirs.state_dict().items()}  # as saved from DDP
-    torch.save({"epoch": 3, "name": "ViT-B-32-quickgelu", "state_dict": state_dict, "optimizer": {}}, path)
+    # its name is the run's: open_clip_train's default, <date>-model_<model>-lr_<lr>-b_<batch>-j_<workers>-p_<precision>
+    run = "2025_01_02-03_04_05-model_ViT-B-32-quickgelu-lr_0.0005-b_256-j_8-p_amp"
+    torch.save({"epoch": 3, "name": run, "state_dict": state_dict, "optimizer": {}}, path)
     ours = clip_core.load_model(path)
     assert ours.config.quick_gelu and ours.config.name == "ViT-B-32-quickgelu"
     _assert_same_outputs(ours, theirs)
+    # a --name of the user's own says nothing of the activation: assumed GELU, with a warning saying how to choose
+    torch.save({"epoch": 3, "name": "my-lit-run", "state_dict": state_dict, "optimizer": {}}, path)
+    with pytest.warns(UserWarning, match="does not say whether it was trained with QuickGELU"):
+        assert not clip_core.load_model(path).config.quick_gelu
 
 
 def test_openai_torchscript_archive_loads_without_running_its_code(tmp_path):
