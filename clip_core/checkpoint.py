@@ -160,6 +160,28 @@ def _check_openclip_settings(model_cfg: dict, source: str) -> None:
                               "Load it with open_clip instead")
 
 
+# what clip_core's transforms do to an image (OpenAI's preprocessing): the values weights trained on
+# other inputs would state
+_OUR_INPUTS = {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "image_mean": list(OPENAI_MEAN),
+               "image_std": list(OPENAI_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def _check_inputs(source: str, **stated) -> None:
+    """Refuse weights whose preprocessing (as `source` states it; None: not stated, the default) is not
+    clip_core's: they would load and embed other inputs than they were trained on (laion's ViT-L-14
+    normalises with 0.5, DFN's ViT-H-14 squashes the image to the square)."""
+    for key, value in stated.items():
+        ours = _OUR_INPUTS[key]
+        if value is None:
+            continue
+        differs = (len(value) != 3 or any(abs(a - b) > 1e-4 for a, b in zip(value, ours))) \
+            if isinstance(ours, list) else value != ours
+        if differs:
+            raise CheckpointError(f"{source} preprocesses with {key} {value!r}; clip_core's transforms use "
+                                  f"{ours!r} (OpenAI's), so these weights would see other inputs than they "
+                                  "were trained on: load them with open_clip instead")
+
+
 def _from_openclip_config(model_cfg: dict, name: str | None) -> CLIPConfig:
     v, t = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     layers = v.get("layers", 12)
@@ -260,7 +282,8 @@ def _read_directory(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, di
                                   "weights were changed or damaged after they were saved; copy the checkpoint again")
         state_dict = load_file(weights)
     elif (path / OPENCLIP_CONFIG_FILE).is_file():
-        model_cfg = _read_json(path / OPENCLIP_CONFIG_FILE).get("model_cfg")
+        described = _read_json(path / OPENCLIP_CONFIG_FILE)
+        model_cfg = described.get("model_cfg")
         if not model_cfg:
             raise CheckpointError(f"{path / OPENCLIP_CONFIG_FILE} has no 'model_cfg' section")
         weights = next((path / name for name in ("open_clip_model.safetensors", WEIGHTS_FILE,
@@ -269,6 +292,9 @@ def _read_directory(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, di
             raise CheckpointError(f"{path} has {OPENCLIP_CONFIG_FILE} but no open_clip_model.safetensors, "
                                   f"{WEIGHTS_FILE} or open_clip_pytorch_model.bin")
         _check_openclip_settings(model_cfg, str(path / OPENCLIP_CONFIG_FILE))
+        preprocess = described.get("preprocess_cfg") or {}  # OpenCLIP's PreprocessCfg; its defaults are ours
+        _check_inputs(str(path / OPENCLIP_CONFIG_FILE), mean=preprocess.get("mean"), std=preprocess.get("std"),
+                      interpolation=preprocess.get("interpolation"), resize_mode=preprocess.get("resize_mode"))
         config = _from_openclip_config(model_cfg, name=None)
         state_dict = _read_weights(weights)[0]
     else:
@@ -464,11 +490,7 @@ def _read_hf_directory(path: Path, description: dict) -> tuple[CLIPConfig, dict]
     preprocessor = path / "preprocessor_config.json"
     if preprocessor.is_file():
         described = _read_json(preprocessor)
-        for key, expected in (("image_mean", OPENAI_MEAN), ("image_std", OPENAI_STD)):
-            value = described.get(key, list(expected))
-            if len(value) != 3 or any(abs(a - b) > 1e-4 for a, b in zip(value, expected)):
-                raise CheckpointError(f"{preprocessor} normalises with {key} {value}; clip_core's transforms use "
-                                      f"CLIP's {list(expected)}, so these weights would see other inputs")
+        _check_inputs(str(preprocessor), image_mean=described.get("image_mean"), image_std=described.get("image_std"))
     state_dict = _from_hf_state_dict(state_dict)
     config = config_from_state_dict(state_dict, quick_gelu=activations == {"quick_gelu"}, source=str(path),
                                     text_heads=text["num_attention_heads"], vision_heads=vision["num_attention_heads"])

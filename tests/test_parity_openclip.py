@@ -163,6 +163,27 @@ def test_an_openclip_model_that_computes_otherwise_with_the_same_shapes_is_refus
         clip_core.load_model(tmp_path)
 
 
+@pytest.mark.parametrize("setting", [{"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},  # laion's ViT-L-14
+                                     {"resize_mode": "squash"},  # DFN's ViT-H-14
+                                     {"interpolation": "bilinear"}])
+def test_openclip_weights_trained_on_other_inputs_are_refused(tmp_path, setting):
+    import json
+
+    clip_core.save_checkpoint(clip_core.create_model("tiny"), tmp_path)
+    (tmp_path / "config.json").unlink()  # an OpenCLIP local dir only
+    clip_core.load_model(tmp_path)  # as exported: OpenAI's preprocessing, as clip_core's transforms do
+    path = tmp_path / "open_clip_config.json"
+    description = json.loads(path.read_text())
+    description["preprocess_cfg"].update(setting)
+    path.write_text(json.dumps(description))
+    key = next(iter(setting))
+    assert open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")[0].visual.preprocess_cfg[key] \
+        == setting[key], "OpenCLIP preprocesses these weights' inputs so"
+    with pytest.raises(clip_core.CheckpointError, match=rf"open_clip_config.json preprocesses with {key} "
+                                                        rf".*clip_core's transforms use"):
+        clip_core.load_model(tmp_path)
+
+
 def test_a_state_dict_with_another_tokenizers_vocabulary_is_refused():
     state_dict = clip_core.create_model("tiny").state_dict()
     state_dict["token_embedding.weight"] = torch.zeros(901_629, state_dict["token_embedding.weight"].shape[1])
