@@ -141,7 +141,12 @@ class Tokenizer:
         return self._ids_of(piece)
 
     def decode(self, ids) -> str:
-        tokens = [self.decoder[int(i)] for i in ids if int(i) not in (0, self.sot_token_id, self.eot_token_id)]
+        """The text of token ids: of a tokenized row, what lies between its start token and its end token
+        (the padding after it is 0, which is also the token `!`, so only the end says where text stops)."""
+        ids = [int(i) for i in ids]
+        if self.eot_token_id in ids:
+            ids = ids[: ids.index(self.eot_token_id)]
+        tokens = [self.decoder[i] for i in ids if i != self.sot_token_id]
         data = bytearray(self._byte_decoder[c] for c in "".join(tokens))
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 

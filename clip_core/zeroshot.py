@@ -109,10 +109,17 @@ def probabilities(logits: torch.Tensor, logit_bias: torch.Tensor | float | None 
 @torch.no_grad()
 def predict(model, images: torch.Tensor, classifier: torch.Tensor, top_k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities [N, k], class indices [N, k]) for preprocessed images, best first (`probabilities`:
-    a SigLIP model's are each label's own)."""
+    a SigLIP model's are each label's own). In eval mode, as `zero_shot_classifier`: a ResNet's BatchNorm
+    in training mode would score each image by its batch's statistics, and overwrite its running ones."""
     device = _model_device(model)
     logit_scale = float(model.logit_scale.exp().clamp(max=100))
-    logits = zero_shot_logits(model.encode_image(images.to(device)), classifier, logit_scale)
+    was_training = model.training
+    model.eval()
+    try:
+        features = model.encode_image(images.to(device))
+    finally:
+        model.train(was_training)
+    logits = zero_shot_logits(features, classifier, logit_scale)
     bias = getattr(model, "logit_bias", None)
     probs = probabilities(logits, None if bias is None else float(bias))
     return probs.topk(min(top_k, probs.shape[-1]), dim=-1)

@@ -75,6 +75,10 @@ def test_cleaning_fixes_mojibake_html_and_whitespace():
 
 def test_decode_inverts_encode(tokenize):
     assert tokenize.decode(tokenize("A small red Triangle!")[0]) == "a small red triangle !"
+    # the token `!` is id 0, as the padding is: only the end token says where the text stops
+    row = tokenize('wow!"#')[0]
+    assert 0 in row[: int((row == tokenize.eot_token_id).nonzero()[0])].tolist()
+    assert tokenize.decode(row) == 'wow !"#'
 
 
 def test_non_string_input_is_a_clear_error(tokenize):

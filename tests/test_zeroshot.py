@@ -185,3 +185,17 @@ def test_retrieval_metrics_in_blocks_rank_as_the_whole_similarity_matrix_does():
         assert metrics[f"{direction}_R@5"] == float((ranks <= 5).float().mean())
         assert metrics[f"{direction}_mean_rank"] == pytest.approx(float(ranks.mean()), rel=1e-6)
         assert metrics[f"{direction}_median_rank"] == float(ranks.median())
+
+
+def test_predict_scores_each_image_alone_in_eval_mode_and_leaves_the_models_mode(tokenize):
+    # a ResNet's BatchNorm in training mode scores an image by its batch, and rewrites its running statistics
+    model = clip_core.create_model("RN50", image_size=64)
+    assert model.training
+    classifier = clip_core.zero_shot_classifier(model, tokenize, ["a", "b", "c"])
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    running = model.visual.bn1.running_mean.clone()
+    in_batch = clip_core.predict(model, images, classifier, top_k=3)
+    alone = clip_core.predict(model, images[:1], classifier, top_k=3)
+    torch.testing.assert_close(alone[0], in_batch[0][:1])
+    assert torch.equal(alone[1], in_batch[1][:1])
+    assert model.training and torch.equal(model.visual.bn1.running_mean, running)
