@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import PRESETS, CLIPConfig, TextConfig, VisionConfig, canonical_name, get_config
@@ -280,7 +281,7 @@ def _read_directory(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, di
         if recorded is not None and (actual := file_sha256(weights)) != recorded:
             raise CheckpointError(f"{weights} has sha256 {actual} but {path / CONFIG_FILE} records {recorded}: the "
                                   "weights were changed or damaged after they were saved; copy the checkpoint again")
-        state_dict = load_file(weights)
+        state_dict = _load_safetensors(weights)
     elif (path / OPENCLIP_CONFIG_FILE).is_file():
         described = _read_json(path / OPENCLIP_CONFIG_FILE)
         model_cfg = described.get("model_cfg")
@@ -323,11 +324,18 @@ def _read_file(path: Path, quick_gelu: bool | None) -> tuple[CLIPConfig, dict]:
     return config, state_dict
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except SafetensorError as exc:  # cut short, or not safetensors at all
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): copy it again") from exc
+
+
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bool | None, str | None]:
     """(state dict, QuickGELU hint, model name) from a safetensors, TorchScript or torch.save file."""
     hint_quick_gelu, name = None, None
     if path.suffix == ".safetensors":
-        state_dict = load_file(path)
+        state_dict = _load_safetensors(path)
     elif _is_torchscript(path):
         state_dict, hint_quick_gelu = read_torchscript_state_dict(path), True  # OpenAI's release format
     else:
@@ -365,6 +373,13 @@ def _trained_model(run_name: str) -> str | None:
     except ValueError:
         return model if match else None
     return model
+
+
+def _mlp_ratio(hidden: int, width: int) -> float:
+    """The mlp_ratio whose hidden width the model builds (int(width * ratio), as OpenCLIP's) is `hidden`:
+    hidden / width, unless float rounding puts that product just under it (width 88, hidden 120: 119.99…)."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
 
 
 def _strip_module(state_dict: dict) -> dict:
@@ -475,7 +490,7 @@ def _read_hf_directory(path: Path, description: dict) -> tuple[CLIPConfig, dict]
         for shard in sorted(set(_read_json(weights)["weight_map"].values())):
             if Path(shard).name != shard or not shard.endswith(".safetensors"):
                 raise CheckpointError(f"{weights} names the shard {shard!r}: shards are .safetensors files beside it")
-            state_dict.update(load_file(path / shard))
+            state_dict.update(_load_safetensors(path / shard))
     else:
         state_dict = _read_weights(weights)[0]
     text = _hf_tower_config(description, "text", {"hidden_act": "quick_gelu", "num_attention_heads": 8})
@@ -581,9 +596,10 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], *, quick_gelu: b
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         layers = _count_blocks(sd, "visual.transformer.resblocks.")
         head_width = OPENCLIP_HEAD_WIDTHS.get((width, layers, patch_size), 64)
+        hidden = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
         vision = VisionConfig(image_size=patch_size * grid, layers=layers, width=width, patch_size=patch_size,
                               head_width=width // (vision_heads or width // head_width),
-                              mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width)
+                              mlp_ratio=_mlp_ratio(hidden, width))
     elif "visual.attnpool.positional_embedding" in sd:
         layers = tuple(_count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4))
         grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
@@ -596,7 +612,7 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], *, quick_gelu: b
     text = TextConfig(context_length=sd["positional_embedding"].shape[0],
                       vocab_size=sd["token_embedding.weight"].shape[0], width=text_width,
                       heads=text_heads or text_width // 64, layers=_count_blocks(sd, "transformer.resblocks."),
-                      mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width)
+                      mlp_ratio=_mlp_ratio(sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], text_width))
     logit_bias = float(sd["logit_bias"]) if "logit_bias" in sd else None
     config = CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text,
                         quick_gelu=quick_gelu, init_logit_bias=logit_bias)

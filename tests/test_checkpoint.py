@@ -1,4 +1,5 @@
 import collections
+import dataclasses
 import io
 import json
 import os
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import clip_core
 from clip_core import CheckpointError
-from micro import hf_clip
+from micro import hf_clip, micro_config
 
 
 def test_checkpoint_round_trips_bit_exactly(tmp_path):
@@ -50,6 +51,17 @@ def test_bare_safetensors_file_infers_the_architecture(tmp_path):
     assert clip_core.load_model(tmp_path / "weights.safetensors", quick_gelu=True).config.quick_gelu
 
 
+def test_a_bare_state_dict_of_any_mlp_width_loads(tmp_path):
+    # width 88 with a 120-wide MLP: 120 / 88 * 88 is 119.99…, which int() made a 119-wide layer
+    config = micro_config()
+    config = config.replace(text=dataclasses.replace(config.text, width=88, heads=1, mlp_ratio=120 / 88 + 1e-9))
+    model = clip_core.CLIP(config)
+    assert model.transformer.resblocks[0].mlp.c_fc.out_features == 120
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
+    loaded = clip_core.load_model(tmp_path / "weights.safetensors", quick_gelu=False)
+    assert loaded.transformer.resblocks[0].mlp.c_fc.out_features == 120
+
+
 def _rewrite_weights(directory, edit) -> None:
     """Edit a checkpoint's tensors and record the new digest, as a checkpoint assembled by hand would."""
     tensors = load_file(directory / "model.safetensors")
@@ -83,6 +95,14 @@ def test_non_clip_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(CheckpointError, match="not a PyTorch, safetensors or TorchScript file"):
         clip_core.load_model(tmp_path / "notes.txt")
+    # safetensors cut short (a copy interrupted), or something else under its name
+    clip_core.save_checkpoint(clip_core.CLIP(micro_config()), tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    (tmp_path / "cut.safetensors").write_bytes(weights.read_bytes()[:1000])
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    for name in ("cut.safetensors", "junk.safetensors"):
+        with pytest.raises(CheckpointError, match=rf"{name} is not a readable safetensors file \(.*\): copy it"):
+            clip_core.load_model(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         clip_core.load_model(tmp_path / "absent")
     (tmp_path / "empty_dir").mkdir()
