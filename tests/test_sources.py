@@ -59,6 +59,24 @@ def test_an_image_with_several_captions_keeps_every_caption_and_drops_only_a_rep
     assert rows[5]["detail"] == f"same pixels and caption as row 0 of {tmp_path / 'coco.csv'} (counting from 0)"
 
 
+def test_images_sharing_a_stem_are_each_counted_in_a_folder_and_keyed_apart_in_an_imagefolder(tmp_path):
+    one, two = (corpus.encode(corpus.photo(64, 64, seed=seed)) for seed in (1, 2))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "cat.jpg").write_bytes(one)
+    (tmp_path / "folder" / "cat.png").write_bytes(two)
+    (tmp_path / "folder" / "cat.txt").write_text("a cat")
+    rows = _read(tmp_path / "folder", SourceSpec(format="folder")).to_pylist()
+    assert [(r["key"], r["reason"], r["caption_uri"] and r["caption_uri"].rpartition("/")[2]) for r in rows] == [
+        ("cat.png", "missing_caption", None), ("cat", None, "cat.txt")]
+    assert rows[0]["detail"] == "its caption sidecar is cat.jpg's: give each image a stem of its own"
+    # an imagefolder has no sidecars: both are images of the class, keyed apart
+    (tmp_path / "val" / "n01").mkdir(parents=True)
+    for name, data in (("a.jpg", one), ("a.png", two), ("b.jpg", one)):
+        (tmp_path / "val" / "n01" / name).write_bytes(data)
+    rows = _read(tmp_path / "val", SourceSpec(format="imagefolder")).to_pylist()
+    assert [(r["key"], r["label"]) for r in rows] == [("n01/a.jpg", "0"), ("n01/a.png", "0"), ("n01/b", "0")]
+
+
 def test_a_folder_sidecar_that_cannot_be_read_rejects_its_row_and_the_rest_of_the_folder_is_read(tmp_path,
                                                                                                    monkeypatch):
     pairs = corpus.clean_pairs(6)

@@ -618,9 +618,14 @@ def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
         by_stem.setdefault(stem, {})[extension.lower()] = name
     fs, path = storage.filesystem(uri)
     root = storage.to_uri(fs, path).rstrip("/") + "/"  # as list_files names them (`dir`, `./dir`, file://)
+    image_exts = (spec.image_key,) if spec.image_key else IMAGE_EXTENSIONS
     for stem, members in sorted(by_stem.items()):
-        image_ext = next((ext for ext in ((spec.image_key,) if spec.image_key else IMAGE_EXTENSIONS)
-                          if ext in members), None)
+        found = [ext for ext in image_exts if ext in members]
+        image_ext = found[0] if found else None
+        for other in found[1:]:  # cat.jpg, cat.png, cat.txt: the caption is cat.jpg's; cat.png is counted
+            yield {"key": f"{stem[len(root):]}.{other}", "source": members[other], "image_uri": members[other],
+                   "reason": "missing_caption", "detail": f"its caption sidecar is {storage.basename(stem)}."
+                   f"{image_ext}'s: give each image a stem of its own"}
         if image_ext is None:
             if spec.caption_field in members:  # a caption whose image is missing
                 yield {"key": stem[len(root):], "source": members[spec.caption_field], "reason": "missing_image",
@@ -682,8 +687,10 @@ def _read_imagefolder(uri: str, spec: SourceSpec) -> Iterator[dict]:
     folder's name."""
     images, classes = _imagefolder(uri)
     index = {name: i for i, name in enumerate(classes)}
+    stems = collections.Counter(key.rpartition(".")[0] for _, key in images)
     for name, key in images:
-        row = {"key": key.rpartition(".")[0], "source": name, "image_uri": name}
+        stem = key.rpartition(".")[0]  # with its extension where another image has the same stem (a.jpg, a.png)
+        row = {"key": stem if stems[stem] == 1 else key, "source": name, "image_uri": name}
         top, slash, _ = key.partition("/")
         if not slash:
             yield {**row, "reason": "missing_label", "detail": f"{key} is in no class folder"}
