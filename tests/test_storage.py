@@ -144,3 +144,14 @@ def test_file_uri_of_a_path_with_spaces_and_unicode_reads_the_file(tmp_path):
         assert storage.absolute(uri) == str(path)
     with pytest.raises(storage.UnsupportedURI, match="file://server/share/c.txt names the host 'server'"):
         storage.read_lines("file://server/share/c.txt")
+
+
+def test_a_name_that_is_not_utf8_fails_the_listing_naming_it_and_how_to_rename(tmp_path):
+    # archives unpacked from Windows: pyarrow's listing raised a bare UnicodeDecodeError naming nothing
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "fine.jpg").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(tmp_path / "cls"), b"caf\xe9.jpg"), "wb") as file:
+        file.write(b"x")
+    with pytest.raises(ValueError, match=rf"{tmp_path} holds a file or folder whose name is not UTF-8 "
+                                         rf"\('{tmp_path}/cls/caf\\xe9.jpg'\).*rename it \(convmv"):
+        storage.list_files(str(tmp_path))

@@ -350,10 +350,25 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None, recursive: boo
     """Files under a directory/prefix (sorted), optionally only those ending in `suffixes`."""
     fs, path = filesystem(uri)
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=False)
-    names = [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    try:
+        names = [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    except UnicodeDecodeError:  # pyarrow's local listing, at a name not in UTF-8
+        raise ValueError(f"{uri} holds a file or folder whose name is not UTF-8 ({_undecodable(path)}), which "
+                         "cannot be listed: rename it (convmv -f latin1 -t utf8 -r --notest DIR)") from None
     if suffixes:
         names = [n for n in names if n.lower().endswith(suffixes)]
     return sorted(to_uri(fs, n) for n in names)
+
+
+def _undecodable(path: str) -> str:
+    """The first name under local `path` that is not UTF-8, as Python shows it."""
+    for folder, directories, files in os.walk(os.fsencode(path)):
+        for name in directories + files:
+            try:
+                name.decode("utf-8")
+            except UnicodeDecodeError:
+                return repr(os.path.join(folder, name))[1:]
+    return "not found again"
 
 
 def read_parquet(uris: list[str], columns: list[str] | None = None, filters=None):
