@@ -24,7 +24,7 @@ from workflows.synthetic import samples
 from workflows.tracking import using
 
 from faulty_proxy import FaultyProxy
-from micro import briefly_trained, hf_clip
+from micro import briefly_trained, hf_clip, micro_config
 from ports import free_port
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -345,6 +345,17 @@ def test_a_checkpoint_on_s3_is_fetched_with_its_inference_files_only(sets, tmp_p
     storage.delete(f"{checkpoint}/open_clip_config.json")
     with pytest.raises(clip_core.CheckpointError, match="without config.json or open_clip_config.json"):
         registry.fetch_checkpoint(checkpoint, str(tmp_path / "once-more"))
+
+
+def test_a_local_checkpoint_given_as_a_file_uri_or_from_home_is_fetched_as_a_path(tmp_path, monkeypatch):
+    # the stages open the directory with Path: file:// and ~ are storage's, which checked they exist
+    clip_core.save_checkpoint(clip_core.CLIP(micro_config()), tmp_path / "my ckpt")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for given in (f"file://{tmp_path}/my%20ckpt", "~/my ckpt"):
+        source = registry.fetch_checkpoint(given, str(tmp_path / "scratch"))
+        assert (source.directory, source.uri) == (str(tmp_path / "my ckpt"), given)
+        files, config = evaluate_module.inference_files(source)
+        assert {"config.json", "model.safetensors"} <= set(files) and config.name == "micro"
 
 
 def test_weights_in_the_formats_users_hold_register_evaluate_and_export_as_they_are(sets, tmp_path, capsys):

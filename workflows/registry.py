@@ -157,8 +157,8 @@ def _fetch(uri: str, destination: str, tracking_uri: str | None, quick_gelu: boo
     description = storage.join(uri, CONFIG_FILE)
     if not (storage.exists(description) and _is_ours(storage.read_bytes(description, max_bytes=CONFIG_MAX_BYTES))):
         return _converted(uri, destination, quick_gelu)
-    if not storage.is_s3(uri):
-        return ModelSource(uri, uri, run_id=_train_run_id(uri))
+    if not storage.is_s3(uri):  # a path as the stages open it: file:// and ~ resolved
+        return ModelSource(storage.absolute(uri), uri, run_id=_train_run_id(uri))
     directory = os.path.join(destination, CHECKPOINT_ARTIFACT)
     os.makedirs(directory, exist_ok=True)
     for file in INFERENCE_FILES:
