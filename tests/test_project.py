@@ -297,3 +297,21 @@ def test_the_preprocess_command_offers_every_source_format_and_no_other():
     formats = next(action.choices for action in cli.build_parser()._subparsers._group_actions[0].choices[
         "preprocess"]._actions if action.dest == "format")
     assert tuple(formats) == sources.FORMATS
+
+
+def test_a_flag_a_stages_config_refuses_is_one_line_naming_it(tmp_path, capsys):
+    from workflows.registry import Gate
+
+    # the gate's metric is one evaluate records (R@k as OpenCLIP spells it, too): a misspelt one passed a whole
+    # pipeline run to fail at promotion as a version without it
+    assert Gate(metric="retrieval.text_to_image_R@5").metric == "retrieval.text_to_image_R5"
+    assert Gate(metric="linear_probe.k16_top1").metric == "linear_probe.k16_top1"
+    assert cli.main(["promote", "clip", "--metric", "zeroshot.acc",
+                     "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    assert capsys.readouterr().err == ("rayclip promote: error: metric: gate metric 'zeroshot.acc' is not one "
+                                       "`rayclip evaluate` records: zeroshot.top1, zeroshot.top5, zeroshot.mean_per_"
+                                       "class_recall, retrieval.image_to_text_R1 (or R5, R10, mean_rank, median_rank;"
+                                       " text_to_image_ likewise), linear_probe.full_top1 or linear_probe.k<shots>_"
+                                       "top1\n")
+    assert cli.main(["train", "--data", "prepared", "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "rayclip train: error: steps: Input should be greater than 0\n"

@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 
+from pydantic import ValidationError
+
 from .tracking import failure, is_mlflow_error, rayclip_version, redact
 
 OTHER_WEIGHTS = ("; also weights as others hold them (OpenAI's .pt, OpenCLIP's, a Hugging Face CLIPModel directory), "
@@ -607,6 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
+    except ValidationError as exc:  # a flag a stage's config refused: what and why, not pydantic's report
+        problems = "; ".join(f"{'.'.join(map(str, error['loc']))}{': ' if error['loc'] else ''}"
+                             f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
+        print(f"rayclip {args.command}: error: {redact(problems)}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         print(f"rayclip {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 2

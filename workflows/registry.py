@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clip_core.checkpoint import CONFIG_FILE, OPENCLIP_CONFIG_FILE, WEIGHTS_FILE
 
@@ -357,6 +357,11 @@ def _discard(registry, name: str, version: str) -> str:
 # ------------------------------------------------------------------------------ promote / rollback
 
 
+_GATE_METRICS = re.compile(r"zeroshot\.(top1|top5|mean_per_class_recall)"
+                           r"|retrieval\.(image_to_text|text_to_image)_(R\d+|mean_rank|median_rank)"
+                           r"|linear_probe\.(full|k\d+)_top1")
+
+
 class Gate(BaseModel):
     """Promotion rule: the challenger's `metric` may not be worse than the champion's by more than
     `max_drop` (on the same eval set); with no champion it must reach `floor`."""
@@ -366,6 +371,19 @@ class Gate(BaseModel):
     max_drop: float = Field(0.005, ge=0, description="tolerated loss, in the metric's units (0.005 = 0.5 points)")
     floor: float | None = Field(None, description="what a first champion must reach: at least this, or at most "
                                 "for a rank or loss (lower is better); none: any value")
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, metric: str) -> str:
+        """A metric `rayclip evaluate` records (R@k as OpenCLIP spells it, too: MLflow keys cannot hold '@');
+        a misspelt one would pass a whole pipeline run to fail at promotion, as a version without it."""
+        metric = metric.replace("R@", "R")
+        if not _GATE_METRICS.fullmatch(metric):
+            raise ValueError(f"gate metric {metric!r} is not one `rayclip evaluate` records: zeroshot.top1, "
+                             "zeroshot.top5, zeroshot.mean_per_class_recall, retrieval.image_to_text_R1 (or R5, R10, "
+                             "mean_rank, median_rank; text_to_image_ likewise), linear_probe.full_top1 or "
+                             "linear_probe.k<shots>_top1")
+        return metric
 
     @property
     def lower_is_better(self) -> bool:
