@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,20 +61,17 @@ class Client:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """float32 [len(texts), embed_dim], L2-normalized."""
-        size = self._limit("max_texts")
-        return self._embed("/v1/embed/text", "texts", list(texts),
-                           lambda items: [items[i:i + size] for i in range(0, len(items), size)])
+        return self._embed("/v1/embed/text", "texts", list(texts))
 
     def embed_images(self, images: Sequence[Image]) -> np.ndarray:
         """float32 [len(images), embed_dim], L2-normalized."""
-        return self._embed("/v1/embed/image", "images", [_encode(image) for image in images],
-                           self._image_chunks)
+        return self._embed("/v1/embed/image", "images", [_encode(image) for image in images])
 
     def classify(self, images: Sequence[Image], labels: Sequence[str], templates: Sequence[str] | None = None,
                  top_k: int = 5) -> list[list[dict]]:
         """Per image, its top_k labels as {"label", "score"}, best first."""
         options = {"labels": list(labels), "top_k": top_k, **({"templates": list(templates)} if templates else {})}
-        answers = self._chunked(self._image_chunks([_encode(image) for image in images]),
+        answers = self._chunked(self._split([_encode(image) for image in images], "images", options),
                                 lambda chunk: self._call("POST", "/v1/classify", {"images": chunk, **options}))
         return [result for answer in answers for result in answer["results"]]
 
@@ -92,27 +90,30 @@ class Client:
         return self._call("POST", "/v1/search", {**{key: v for key, v in body.items() if v is not None},
                                                   "k": k, "against": against})["results"]
 
-    def _embed(self, route: str, field: str, items: list, split: Callable[[list], list[list]]) -> np.ndarray:
-        answers = self._chunked(split(items), lambda chunk: self._call(
-            "POST", route, {field: chunk, "encoding": "base64-float16"}))
+    def _embed(self, route: str, field: str, items: list) -> np.ndarray:
+        options = {"encoding": "base64-float16"}
+        answers = self._chunked(self._split(items, field, options),
+                                lambda chunk: self._call("POST", route, {field: chunk, **options}))
         vectors = [np.frombuffer(base64.b64decode(e), dtype="<f2") for a in answers for e in a["embeddings"]]
         if not vectors:
             return np.zeros((0, (self._model or self.model())["embed_dim"]), np.float32)
         return np.stack(vectors).astype(np.float32)
 
-    def _image_chunks(self, encoded: list[str]) -> list[list[str]]:
-        """The images in requests within the server's limits on images, body bytes and pixels a request
-        (a file's pixels read from its header; an s3:// image counts by number only)."""
+    def _split(self, items: list[str], field: str, options: dict) -> list[list[str]]:
+        """`items` (base64 images or texts, under `field`) in requests within the server's limits a request:
+        their number, the body's bytes with the rest of the request (`options`: a classification's labels
+        and templates go with every chunk), and the images' pixels (a file's read from its header; an
+        s3:// image counts by number only)."""
         limits = (self._model or self.model())["limits"]
-        most_bytes = limits["max_body_bytes"] - 64 * 1024  # the JSON around the images
+        room = limits["max_body_bytes"] - len(_json({**options, field: []}))
+        most, images = limits["max_images" if field == "images" else "max_texts"], field == "images"
         chunks, chunk, size, pixels = [], [], 0, 0
-        for image in encoded:
-            area = _pixels(image)
-            if chunk and (len(chunk) == limits["max_images"] or size + len(image) > most_bytes
-                          or pixels + area > limits["max_request_pixels"]):
+        for item in items:
+            cost, area = len(_json(item)) + 1, _pixels(item) if images else 0  # +1: the comma before it
+            if chunk and (len(chunk) == most or size + cost > room or pixels + area > limits["max_request_pixels"]):
                 chunks.append(chunk)
                 chunk, size, pixels = [], 0, 0
-            chunk, size, pixels = [*chunk, image], size + len(image), pixels + area
+            chunk, size, pixels = [*chunk, item], size + cost, pixels + area
         return [*chunks, chunk] if chunk else chunks
 
     def _chunked(self, chunks: list[list], send: Callable[[list], dict]) -> list[dict]:
@@ -121,11 +122,10 @@ class Client:
         with ThreadPoolExecutor(self.concurrency) as pool:  # answers in the chunks' order
             return list(pool.map(send, chunks))
 
-    def _limit(self, name: str) -> int:
-        return (self._model or self.model())["limits"][name]
-
     def _call(self, method: str, route: str, body: dict | None = None) -> dict:
-        response = self._http.request(method, route, json=body)
+        # encoded here, as _split measures it (httpx's own encoding has changed between its versions)
+        response = self._http.request(method, route, content=None if body is None else _json(body),
+                                      headers=None if body is None else {"Content-Type": "application/json"})
         if response.status_code != 200:
             try:
                 error = response.json()["error"]
@@ -134,6 +134,10 @@ class Client:
                 kind, message = "http_error", response.text[:500]
             raise ClientError(response.status_code, kind, message)
         return response.json()
+
+
+def _json(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _pixels(encoded: str) -> int:

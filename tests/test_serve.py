@@ -458,6 +458,41 @@ def test_the_python_client_splits_long_lists_into_requests_within_the_limits_and
     assert error.value.status == 401 and "Bearer" in error.value.message
 
 
+def test_the_python_clients_requests_stay_within_the_body_limit_with_what_goes_with_every_chunk():
+    # a classification's labels and templates go with each chunk of images, and texts have bytes too: a fixed
+    # allowance for "the JSON around the images" let requests past the server's body limit (its 413)
+    from deploy.client import Client
+
+    limits = served.Limits(max_body_bytes=200_000, max_images=64, max_texts=256, max_request_pixels=10**9)
+    bodies = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json={"limits": limits.model_dump(), "embed_dim": 2})
+        body = json.loads(request.content)
+        bodies.append((request.url.path, len(request.content), body))
+        count = len(body.get("images") or body.get("texts"))
+        if request.url.path == "/v1/classify":
+            return httpx.Response(200, json={"results": [[{"label": "a", "score": 1.0}]] * count})
+        vector = base64.b64encode(np.ones(2, "<f2").tobytes()).decode()
+        return httpx.Response(200, json={"embeddings": [vector] * count})
+
+    images = [base64.b64decode(_png(Image.effect_noise((64, 64), 64).convert("RGB"))) for _ in range(20)]
+    labels = [f"a label of ninety-odd characters, number {i}, long as a whole description of the class" for i in
+              range(1000)]
+    with Client("http://rayclip.test") as clip:
+        clip._http = httpx.Client(base_url="http://rayclip.test", transport=httpx.MockTransport(server))
+        assert len(clip.classify(images, labels)) == 20
+        assert clip.embed_texts([f"text {i} " + "é" * 2000 for i in range(100)]).shape == (100, 2)
+    sent = {path: [(size, len(body.get("images") or body.get("texts"))) for p, size, body in bodies if p == path]
+            for path in ("/v1/classify", "/v1/embed/text")}
+    assert sum(count for _, count in sent["/v1/classify"]) == 20 and sum(count for _, count in sent["/v1/embed/text"]) \
+        == 100
+    assert len(sent["/v1/classify"]) > 1 and len(sent["/v1/embed/text"]) > 1, "both had to be split by bytes"
+    assert all(size <= limits.max_body_bytes for chunks in sent.values() for size, _ in chunks), sent
+    assert all(body["labels"] == labels for path, _, body in bodies if path == "/v1/classify")
+
+
 def test_model_info_health_and_docs(app):
     info = httpx.get(app["url"] + "/v1/model", headers=AUTH).json()
     assert (info["name"], info["version"], info["alias"]) == ("clip-serve", "1", "champion")
