@@ -432,7 +432,7 @@ class Index:
             self.vectors["image"] = np.ascontiguousarray(self.vectors["image"][self.rows_of["image"]])
         self.rows = table.select([c for c in ("key", "caption", "label", "metadata") if c in table.column_names])
         self.about = {"uri": self.config.index, "rows": table.num_rows, "embeddings": sorted(self.vectors),
-                      "weights_sha256": manifest["model"]["weights_sha256"],
+                      "weights_sha256": manifest["model"]["weights_sha256"], "embed_dim": manifest["embed_dim"],
                       "quick_gelu": manifest["model"].get("quick_gelu"),  # None: an index from before it was kept
                       "model": {key: manifest["model"][key] for key in ("uri", "name", "version")}}
         self.search.set_max_batch_size(self.config.max_batch_size)
@@ -460,17 +460,32 @@ class Index:
             column_scores = scores[:, column]
             nearest = top_k(column_scores, k)
             rows = self.rows.take(self.rows_of[kind][nearest] if kind in self.rows_of else nearest).to_pylist()
-            found.append([{**row, **({"metadata": _document(row["metadata"])} if "metadata" in row else {}),
+            found.append([{**row, **({"metadata": document(row["metadata"])} if "metadata" in row else {}),
                            "cosine": float(column_scores[j])} for row, j in zip(rows, nearest)])
         return found
 
 
-def _document(text: str | None):
-    """A row's metadata as the JSON it holds (img2dataset's {"url": …}), or as the text it is."""
+MAX_METADATA_DEPTH = 32  # JSON nested deeper is answered as its text (~1,000 levels fit in 4 KiB)
+
+
+def document(text: str | None):
+    """A row's metadata as the JSON it holds (img2dataset's {"url": …}), or as the text it is: not JSON, or
+    nested past MAX_METADATA_DEPTH (json.loads recursed out of the stack in the search replica, failing its
+    whole batch, and FastAPI cannot write an answer 254 levels deep)."""
+    if text is None:
+        return None
     try:
-        return json.loads(text) if text is not None else None
-    except ValueError:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
         return text
+    pending = [(parsed, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_METADATA_DEPTH:
+                return text
+            pending.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return parsed
 
 
 INDEX_ROW_BYTES = 512  # an allowance a row for its key, caption and label beside its vectors
@@ -494,6 +509,13 @@ def index_mismatch(index: dict, info: dict) -> str | None:
     if index["model"]["version"]:
         made_with += f" version {index['model']['version']}"
     live = f"{info['name']} version {info['version']}"
+    if index.get("embed_dim", info["embed_dim"]) != info["embed_dim"]:
+        return (f"the index was embedded with {made_with} in {index['embed_dim']} dimensions, and the live model "
+                f"({live}) embeds in {info['embed_dim']}")
+    if index["weights_sha256"] is None and info["weights_sha256"] is None:
+        return (f"neither the index (embedded with {made_with}) nor the live model ({live}) records its weights' "
+                "SHA-256 (a checkpoint saved before rayclip kept it), so they cannot be told apart: save the "
+                "checkpoint again (clip_core.save_checkpoint records it) and embed with it")
     if index["weights_sha256"] != info["weights_sha256"]:
         return f"the index was embedded with {made_with}, not the live model ({live})"
     if index.get("quick_gelu") not in (None, info["quick_gelu"]):
@@ -616,16 +638,16 @@ def decode_vector(value: list[float] | str, dim: int) -> np.ndarray:
         if len(raw) != 2 * dim:
             raise RequestError(422, "invalid_embedding", f"embedding: {len(raw)} bytes, not the {2 * dim} of "
                                f"{dim} float16 values (the live model's embed_dim)")
-        vector = np.frombuffer(raw, dtype="<f2").astype(np.float32)
+        vector = np.frombuffer(raw, dtype="<f2").astype(np.float64)
     else:
         if len(value) != dim:
             raise RequestError(422, "invalid_embedding", f"embedding: {len(value)} values, not the live model's "
                                f"embed_dim of {dim}")
-        vector = np.asarray(value, dtype=np.float32)
-    norm = float(np.linalg.norm(vector))
-    if not np.isfinite(vector).all() or not np.isfinite(norm) or norm == 0:
+        vector = np.asarray(value, dtype=np.float64)
+    if not np.isfinite(vector).all() or not vector.any():
         raise RequestError(422, "invalid_embedding", "embedding: holds a value that is not finite, or is all zeros")
-    return vector / norm
+    vector /= np.abs(vector).max()  # the norm of [1e20, …] or [1e-25, …] within range
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
 def encode_vector(vector: np.ndarray, encoding: str):

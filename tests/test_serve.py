@@ -238,14 +238,39 @@ def test_search_breaks_ties_by_row_order_also_at_the_kth_place():
 
 def test_an_index_compares_with_the_live_model_only_on_the_same_weights_and_activation():
     index = {"model": {"name": "clip", "uri": "models:/clip/1", "version": "1"}, "weights_sha256": "a",
-             "quick_gelu": False}
-    live = {"name": "clip", "version": "1", "weights_sha256": "a", "quick_gelu": False}
+             "quick_gelu": False, "embed_dim": 512}
+    live = {"name": "clip", "version": "1", "weights_sha256": "a", "quick_gelu": False, "embed_dim": 512}
     assert served.index_mismatch(index, live) is None
     assert served.index_mismatch({**index, "quick_gelu": None}, live) is None  # an index from before it was kept
     assert "embedded with clip version 1, not the live model (clip version 2)" in served.index_mismatch(
         index, {**live, "version": "2", "weights_sha256": "b"})
     assert "running GELU, and the live model (clip version 1) runs QuickGELU" in served.index_mismatch(
         index, {**live, "quick_gelu": True})
+    # another width failed the whole search batch in its matrix product; no digest on either side tells nothing
+    assert "in 512 dimensions, and the live model (clip version 1) embeds in 768" in served.index_mismatch(
+        index, {**live, "embed_dim": 768})
+    assert "cannot be told apart" in served.index_mismatch({**index, "weights_sha256": None},
+                                                           {**live, "weights_sha256": None})
+
+
+def test_a_rows_metadata_comes_back_as_its_json_unless_nested_past_what_an_answer_can_hold():
+    assert served.document('{"url": "https://example.com/a.jpg", "size": [1, 2]}') == {
+        "url": "https://example.com/a.jpg", "size": [1, 2]}
+    assert served.document("not json") == "not json" and served.document(None) is None
+    for deep in ("[" * 2048 + "]" * 2048, "[" * 254 + "]" * 254):  # 4 KiB: json.loads recursed out of the stack
+        assert served.document(deep) == deep
+    nested = "[" * served.MAX_METADATA_DEPTH + "]" * served.MAX_METADATA_DEPTH
+    assert served.document(nested) == json.loads(nested)
+
+
+def test_a_query_embedding_of_any_finite_scale_is_taken_as_its_direction():
+    for value in ([1e20] * 8, [1e-25] * 8, [3.0] * 8):  # float32's norm overflowed or underflowed
+        np.testing.assert_allclose(served.decode_vector(value, 8), np.full(8, 8 ** -0.5, np.float32), rtol=1e-6)
+    for value in ([0.0] * 8, [1.0] * 7 + [float("inf")]):
+        with pytest.raises(served.RequestError, match="not finite, or is all zeros"):
+            served.decode_vector(value, 8)
+    halves = base64.b64encode(np.full(8, 2.0, "<f2").tobytes()).decode()
+    np.testing.assert_allclose(served.decode_vector(halves, 8), np.full(8, 8 ** -0.5, np.float32), rtol=1e-6)
 
 
 def test_concurrent_requests_are_batched_and_classifiers_cached(app):
