@@ -299,14 +299,24 @@ class RequestError(Exception):
 # ------------------------------------------------------------------------------ the model towers
 
 
+# A checkpoint served from a path (or s3:// prefix) is a version by the weights it held when rolled out
+WEIGHTS_MARK = "#weights_sha256="
+
+
 def live_model(uri: str, tracking_uri: str | None) -> dict:
     """What a rollout deploys (every deployment's user_config): `{"model": the exact version to load,
-    "alias": the alias it was resolved from}`: models:/NAME@ALIAS → models:/NAME/N; a checkpoint as is."""
-    from workflows import registry
+    "alias": the alias it was resolved from}`: models:/NAME@ALIAS → models:/NAME/N; a checkpoint with the
+    digest its config.json claims for its weights (`PATH#weights_sha256=…`): a path names no version, and
+    weights written there again (a training rerun into the same --output) are another one, which
+    `rayclip deploy --reload` rolls to and a replica started meanwhile refuses to load beside the old."""
+    from clip_core.checkpoint import CONFIG_FILE
+    from workflows import registry, storage
 
     parsed = registry.parse_model_uri(uri)
     if not parsed:
-        return {"model": uri, "alias": None}
+        described = registry.checkpoint_description(uri) if storage.exists(storage.join(uri, CONFIG_FILE)) else {}
+        digest = described.get("weights_sha256")
+        return {"model": f"{uri}{WEIGHTS_MARK}{digest[:16]}" if digest else uri, "alias": None}
     name, alias, number = parsed
     version = registry.get_version(name, alias, number, tracking_uri=tracking_uri)
     return {"model": f"models:/{name}/{version.version}", "alias": alias}
@@ -320,15 +330,22 @@ class Loaded(NamedTuple):
 
 def load_served_model(uri: str, tracking_uri: str | None, device: str = "cpu",
                       quick_gelu: bool | None = None) -> Loaded:
-    """The CLIP model at `uri` on `device`, what /v1/model reports about it, and its tokenizer."""
+    """The CLIP model at `uri` (a `live_model` version) on `device`, what /v1/model reports about it, and its
+    tokenizer."""
     import clip_core
     from workflows import registry
 
+    location, _, rolled_out = uri.partition(WEIGHTS_MARK)
     with tempfile.TemporaryDirectory(prefix="rayclip-serve-") as scratch:
-        source = registry.fetch_checkpoint(uri, scratch, tracking_uri=tracking_uri, quick_gelu=quick_gelu)
-        model = clip_core.load_model(source.directory)
+        source = registry.fetch_checkpoint(location, scratch, tracking_uri=tracking_uri, quick_gelu=quick_gelu)
         weights = registry.checkpoint_description(source.directory).get("weights_sha256")
-    info = {"uri": uri, "name": source.name or os.path.basename(os.path.normpath(uri)),
+        if rolled_out and not (weights or "").startswith(rolled_out):
+            raise clip_core.CheckpointError(
+                f"the checkpoint at {location} holds other weights (sha256 {(weights or 'unrecorded')[:16]}) than "
+                f"were rolled out ({rolled_out}): it was written again since; roll the app to them with "
+                "`rayclip deploy --reload`")
+        model = clip_core.load_model(source.directory)  # checks the weights against the claim
+    info = {"uri": uri, "name": source.name or os.path.basename(os.path.normpath(location)),
             "version": source.version, "metrics": {}, "lineage": {}, "weights_sha256": weights}
     if source.name:
         info["metrics"] = registry.version_metrics(source.tags)

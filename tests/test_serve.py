@@ -99,6 +99,31 @@ def test_classify_ranks_labels_as_clip_core_does(app):
         assert [r["score"] for r in row] == pytest.approx(expected_probs, abs=1e-4)
 
 
+def test_a_checkpoint_served_from_a_path_is_a_version_by_its_weights(tmp_path):
+    # a path names no version: weights written there again (a training rerun into the same --output) were
+    # the same "version", so a reload did nothing, and a replica started later loaded them beside the old
+    from micro import micro_config
+
+    checkpoint = tmp_path / "final"
+    clip_core.save_checkpoint(clip_core.CLIP(micro_config()), checkpoint)
+    first = served.live_model(str(checkpoint), None)
+    digest = json.loads((checkpoint / "config.json").read_text())["weights_sha256"]
+    assert first == {"model": f"{checkpoint}#weights_sha256={digest[:16]}", "alias": None}
+    loaded = served.load_served_model(first["model"], None)
+    assert loaded.info["name"] == "final" and loaded.info["weights_sha256"] == digest
+    clip_core.save_checkpoint(clip_core.CLIP(micro_config()), checkpoint)  # trained again, other weights
+    second = served.live_model(str(checkpoint), None)
+    assert second["model"] != first["model"]
+    served.load_served_model(second["model"], None)
+    with pytest.raises(clip_core.CheckpointError, match=rf"the checkpoint at {checkpoint} holds other weights .* "
+                                                        rf"than were rolled out \({digest[:16]}\): it was written "
+                                                        "again since; roll the app to them with `rayclip deploy"):
+        served.load_served_model(first["model"], None)
+    # weights of another format (OpenAI's .pt) record no digest: the path, as before
+    assert served.live_model(str(tmp_path / "ViT-B-32.pt"), None) == {"model": str(tmp_path / "ViT-B-32.pt"),
+                                                                       "alias": None}
+
+
 def test_a_siglip_models_info_carries_its_bias_and_its_probabilities_are_each_labels_own_sigmoid(tmp_path):
     """The tower reports a SigLIP model's logit bias (load_served_model's info), and `probabilities`, which
     /v1/classify and /v1/rank score with, gives it sigmoids, as clip_core.predict does, not a softmax."""
