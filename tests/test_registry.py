@@ -275,6 +275,25 @@ def test_registering_into_the_train_run_leaves_its_status_and_a_deleted_one_is_n
     assert run_id != train_id and client.get_run(run_id).info.run_name == "register"
 
 
+def test_a_version_is_made_with_its_whole_lineage_at_once_and_names_a_registered_source_by_number(tmp_path,
+                                                                                                 monkeypatch):
+    from mlflow import MlflowClient
+
+    tracking, quiet = f"sqlite:///{tmp_path / 'mlflow.db'}", lambda *_: None
+    clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")
+    # tags set one call at a time after the version existed: a stop in between (Ctrl-C, `ray job stop`) left
+    # a version without the pipeline's key tag, which a rerun did not find and registered again
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", lambda *args, **kwargs: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    first = registry.register(str(tmp_path / "ckpt"), "clip", tracking_uri=tracking, echo=quiet,
+                              tags={"rayclip.pipeline_key": "k1"})
+    version = registry.client(tracking).get_model_version("clip", first["version"])
+    assert version.tags["rayclip.pipeline_key"] == "k1" and version.tags["weights_sha256"]
+    # registered again from the registry by its alias: the lineage names the version, not the alias that moves
+    again = registry.register("models:/clip@challenger", "clip-prod", tracking_uri=tracking, echo=quiet)
+    assert again["tags"]["checkpoint_source"] == f"models:/clip/{first['version']}"
+
+
 def test_metrics_about_other_weights_are_not_registered_with_a_checkpoint(tmp_path, capsys):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     clip_core.save_checkpoint(briefly_trained(steps=1), tmp_path / "ckpt")

@@ -313,7 +313,9 @@ def register(checkpoint: str, name: str, *, metrics: dict | None = None, trackin
             if Path(source.directory, file).is_file():
                 shutil.copy(Path(source.directory, file), staged)
         clip_core.load_model(staged)  # refuse a checkpoint that does not load before registering it
-        tags = {**lineage(staged), **metric_tags(metrics or {}), "checkpoint_source": checkpoint, **(tags or {})}
+        # a registered version by its number: an alias (models:/clip@champion) moves on
+        origin = f"models:/{source.name}/{source.version}" if source.name else checkpoint
+        tags = {**lineage(staged), **metric_tags(metrics or {}), "checkpoint_source": origin, **(tags or {})}
         evaluated = ((metrics or {}).get("model") or {}).get("weights_sha256")
         if evaluated and tags.get("weights_sha256") and evaluated != tags["weights_sha256"]:
             raise RegistryError(f"the metrics given are about other weights (sha256 {evaluated[:12]}…) than "
@@ -325,12 +327,12 @@ def register(checkpoint: str, name: str, *, metrics: dict | None = None, trackin
                 artifacts={CHECKPOINT_ARTIFACT: staged}, code_paths=[str(Path(clip_core.__file__).parent)],
                 signature=_signature(), input_example=(pd.DataFrame({"image": [_example_image()]}),
                                                        {"labels": ["red", "blue"]}),
-                pip_requirements=_requirements(), registered_model_name=name)
+                pip_requirements=_requirements())
+        # the version with its lineage in one request: tagged one call at a time, a stop in between (Ctrl-C,
+        # `ray job stop`) left a version without the pipeline's key tag, which a rerun registered again
+        version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
     registry = client(tracking_uri)
-    version = str(info.registered_model_version)
     try:  # the alias last: a version that someone may load carries its whole lineage
-        for key, value in tags.items():
-            registry.set_model_version_tag(name, version, key, value)
         registry.set_registered_model_alias(name, alias, version)
     except Exception as exc:
         if not is_mlflow_error(exc):
