@@ -7,7 +7,9 @@ into the model; it imports only clip_core, which travels with the model as code)
     model.predict(pd.DataFrame({"text": ["a dog"]}))  → column embedding (normalized float32)
 
 Rows hold an `image` (encoded bytes) or a `text`. With `labels` every row must be an image and is
-classified zero-shot; without, each row is embedded (its image when it has one, else its text).
+classified zero-shot; without, each row is embedded (its image when it has one, else its text). Over
+`mlflow models serve`'s REST API a request holds one kind of row: MLflow's JSON reader base64-decodes
+every cell of the binary `image` column, empty ones too, and refuses a text row's.
 """
 
 from __future__ import annotations
