@@ -201,9 +201,11 @@ def test_labeled_sets_map_labels_through_class_names_in_every_format(tmp_path, c
         assert cli.main(["preprocess", str(source), str(tmp_path / f"out-{name}"), "--image-size", "32",
                          *flags, "--label-key", label_key, "--classnames", str(tmp_path / "classnames.txt")]) == 0
         output = tmp_path / f"out-{name}"
-        # a CSV row's key is its line, a tar's sample's is its key in the tar; the others keep the sample's key
+        # a CSV row's key is its line, a tar's sample's is its key in the tar, a Parquet row's its key column's
+        # with its file; a folder keeps the sample's name
         keys = ([f"pairs.csv:{i}" for i in range(len(pairs))] if name == "csv" else
                 [f"shard-{i // 3:05d}.tar:{key}" for i, (key, _, _) in enumerate(pairs)] if name == "webdataset" else
+                [f"eval.parquet:{key}" for key, _, _ in pairs] if name == "parquet" else
                 [key for key, _, _ in pairs])
         expected_labels = {keys[0]: 0, keys[1]: 1, keys[2]: 1}
         expected_rejects = {keys[3]: "invalid_label", keys[4]: "invalid_label", keys[5]: "missing_label"}
@@ -285,10 +287,9 @@ def test_s3_in_and_out(tmp_path, s3_bucket):
                                                               else []), name
         assert load_prepared(output).count() == kept
         digests[name] = manifest["digest"]
-    # the digest is the content: the same keys, pixels and captions from a Parquet file or a folder agree;
-    # a tar's rows are keyed with their tar, the CSV rows by their line, so those datasets differ
-    assert digests["folder"] == digests["pq"] not in (digests["csv"], digests["wds"])
-    assert digests["wds"] != digests["csv"]
+    # the digest is the content, keys among it: the same pixels and captions keyed by name (a folder), with
+    # their Parquet file or their tar, or by their CSV line are four datasets
+    assert len({digests[name] for name in ("folder", "pq", "csv", "wds")}) == 4
 
 
 def test_prepared_rows_feed_torch_batches_shuffled_by_seed(tmp_path):

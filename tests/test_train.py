@@ -574,7 +574,7 @@ def test_bad_configs_fail_before_any_worker_starts(prepared, tmp_path):
         _config(prepared, tmp_path, patch_dropout=0.5, unmasked_tuning_steps=8)
     # a metric the run never reports: Ray would score every checkpoint -inf and keep any
     with pytest.raises(ValueError, match=r"checkpoint_metric 'zeroshot_top1' is not a metric this run computes "
-                                         r"\(with val set\): choose one of \['loss', 'val_image_to_text_R1'"):
+                                         r"\(with val set\): choose one of \['val_image_to_text_R1'"):
         _config(prepared, tmp_path, val=str(prepared / "heldout"), checkpoint_metric="zeroshot_top1")
     assert not (tmp_path / "runs").exists()
 
