@@ -227,7 +227,7 @@ def test_labeled_sets_map_labels_through_class_names_in_every_format(tmp_path, c
                PreprocessOptions(image_key="jpg", caption_key="txt", label_key="label", image_size=32,
                                  classnames=["cat", "dog"]), echo=_quiet)
     assert sorted(r["label"] for r in _shard_rows(tmp_path / "out-odd")) == [0, 1, 1]
-    assert _rejects(tmp_path / "out-odd") == {key: "invalid_label" for key, _, _ in pairs[3:]}
+    assert _rejects(tmp_path / "out-odd") == {f"odd.parquet:{key}": "invalid_label" for key, _, _ in pairs[3:]}
     # integer labels in a float column (pandas writes ints beside a missing value as floats)
     table = pa.table({"jpg": [p[1] for p in pairs[:3]], "txt": [p[2] for p in pairs[:3]], "label": [1.0, 0.0, None]})
     pq.write_table(table, tmp_path / "floats.parquet")
