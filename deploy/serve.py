@@ -114,7 +114,9 @@ class ServeConfig(BaseModel):
     access_log: bool = Field(True, description="Serve's access log: a line per request and per tower call")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Serve's logs: the controller's and proxies' when this starts Serve, and the app's")
-    classifier_cache_size: int = Field(256, ge=0)
+    classifier_cache_size: int = Field(256, ge=0, description="label sets whose classifiers an ingress keeps")
+    classifier_cache_bytes: int = Field(256 * 2**20, ge=0, description="and at most this much of them (1,000 "
+                                        "labels of a 768-wide model are 3 MB)")
     image_buckets: list[str] = Field([], description="S3 buckets whose objects a request may name as "
                                      "s3://BUCKET/KEY instead of sending the bytes (none by default)")
     limits: Limits = Limits()
@@ -866,13 +868,14 @@ async def call_towers(make_calls, retry_after_s: float) -> list:
 
 
 class SingleFlightCache:
-    """An LRU cache of at most `size` values that coroutines build, where concurrent gets of a key not yet
-    kept share one build: N identical cold /v1/classify requests (all of them, after a rollout) make the
-    text tower encode up to max_prompts prompts once, not N times. A failed build reaches its waiters and
-    is not kept, so the next get builds again."""
+    """An LRU cache of at most `size` values and `max_bytes` of them (their `nbytes`: a client sending label
+    sets of its own fills it) that coroutines build, where concurrent gets of a key not yet kept share one
+    build: N identical cold /v1/classify requests (all of them, after a rollout) make the text tower encode
+    up to max_prompts prompts once, not N times. A failed build reaches its waiters and is not kept, so the
+    next get builds again."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, max_bytes: int | None = None):
+        self.size, self.max_bytes, self.bytes = size, max_bytes, 0
         self._values: collections.OrderedDict[str, object] = collections.OrderedDict()
         self._building: dict[str, asyncio.Task] = {}
 
@@ -894,8 +897,9 @@ class SingleFlightCache:
         if task.cancelled() or task.exception() is not None or not self.size:
             return
         self._values[key] = task.result()
-        while len(self._values) > self.size:
-            self._values.popitem(last=False)
+        self.bytes += getattr(task.result(), "nbytes", 0)
+        while len(self._values) > self.size or (self.max_bytes is not None and self.bytes > self.max_bytes):
+            self.bytes -= getattr(self._values.popitem(last=False)[1], "nbytes", 0)
 
 
 # Threads of an ingress replica that decode and crop images: Pillow lets go of the GIL as it decodes and
@@ -920,7 +924,7 @@ class Ingress:
         self.image_tower, self.text_tower, self.index = image_tower, text_tower, index
         self._index_info: dict | None = None
         self.default_templates = list(clip_core.DEFAULT_TEMPLATES)
-        self._classifiers = SingleFlightCache(self.config.classifier_cache_size)
+        self._classifiers = SingleFlightCache(self.config.classifier_cache_size, self.config.classifier_cache_bytes)
         self._live: dict | None = None  # the rollout's user_config: {"model", "alias"}
         self._infos: dict[str, dict] = {}  # what the towers report, by model version
         self.metrics = Metrics()

@@ -358,6 +358,17 @@ def test_concurrent_cold_classify_requests_build_the_classifier_once_and_a_faile
         assert await cache.get("c", lambda: build("c")) == ("weights of c", False)
         assert await cache.get("b", lambda: build("b")) == ("weights of b", True)
 
+        # and at most max_bytes of them: a client sending label sets of its own cannot grow the ingress past it
+        async def weights(rows: int) -> np.ndarray:
+            return np.zeros((rows, 256), np.float32)  # 1 KiB a row
+
+        sized = served.SingleFlightCache(size=100, max_bytes=10 * 1024)
+        for key, rows in (("four", 4), ("five", 5), ("three", 3)):
+            await sized.get(key, lambda rows=rows: weights(rows))
+        assert list(sized._values) == ["five", "three"] and sized.bytes == 8 * 1024
+        await sized.get("eleven", lambda: weights(11))  # over the bound alone: not kept, nor anything else
+        assert not sized._values and sized.bytes == 0
+
     asyncio.run(scenario())
 
 
