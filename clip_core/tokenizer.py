@@ -115,10 +115,12 @@ class Tokenizer:
                 self._word_ids[piece] = ids
         return ids
 
-    def encode(self, text: str, max_ids: int | None = None) -> list[int]:
-        """BPE ids of `text` without [SOT]/[EOT] or padding; with `max_ids`, its first `max_ids` alone."""
+    def encode(self, text: str, max_ids: int | None = None, normalized: bool = False) -> list[int]:
+        """BPE ids of `text` without [SOT]/[EOT] or padding; with `max_ids`, its first `max_ids` alone.
+        `normalized`: `text` is `normalize_caption`'s already (a prepared caption), not cleaned again: the
+        cleaning is not idempotent (ftfy leaves entities in text with a '<', each pass unescapes two more)."""
         ids: list[int] = []
-        for piece in _SPLIT.findall(clean_text(text)):
+        for piece in _SPLIT.findall(text.lower() if normalized else clean_text(text)):
             if max_ids is None:
                 ids.extend(self._ids_of(piece))
                 continue

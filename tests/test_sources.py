@@ -391,3 +391,24 @@ def test_a_tar_cut_short_or_with_a_corrupt_header_keeps_the_samples_before_and_c
         assert message in rows[name][2]["detail"], rows[name][2]["detail"]
     # an archive ended by one zero block instead of two (GNU tar reads it too) is whole
     assert [r["reason"] for r in rows["lone_zero_block.tar"]] == [None] * 4
+
+
+def test_a_prepared_caption_is_tokenized_as_openclip_tokenizes_the_raw_text_and_case_makes_no_new_pair():
+    import clip_core
+
+    image = corpus.encode(corpus.photo(64, 64))
+    raw = "<b>Tom &amp;amp;amp; Jerry</b>"  # cleaning twice unescaped two entities more than once does
+    rows = process_batch(_raw_rows({"key": "k0", "image": image, "caption": raw.encode()},
+                                   {"key": "k1", "image": image, "caption": b"a cat"},
+                                   {"key": "k2", "image": image, "caption": b"A  Cat"},
+                                   {"key": "k3", "image": image, "caption": b"a dog"}),
+                         PreprocessOptions(image_size=32))
+    tokenize = clip_core.get_tokenizer()
+    first = rows.to_pylist()[0]
+    assert first["tokens"] == [t for t in tokenize(raw)[0].tolist() if t], "OpenCLIP's tokens of the raw caption"
+    assert first["caption"] == clip_core.tokenizer.normalize_caption(raw)
+    # "A Cat" is tokenized as "a cat" is: one training pair, the second a duplicate
+    deduplicated = Deduplicate()(rows.set_column(rows.schema.get_field_index("position"), "position",
+                                                 pa.array(range(4), pa.int64()))).to_pylist()
+    assert [(r["key"], r["reason"]) for r in deduplicated] == [("k0", None), ("k1", None), ("k2", "duplicate"),
+                                                              ("k3", None)]

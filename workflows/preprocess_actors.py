@@ -28,8 +28,9 @@ class Deduplicate:
         for i, (source, position, pixel_hash, caption) in enumerate(rows):
             if reasons[i] is not None:
                 continue
-            # the caption as processing left it (normalized); the pixel hash has a fixed length, so no separator
-            pair = hashlib.sha256(f"{pixel_hash}{caption}".encode()).digest()[:16]
+            # the caption as processing left it (normalized), in lower case as the tokenizer reads it ("A cat" and
+            # "a cat" are one training pair); the pixel hash has a fixed length, so no separator
+            pair = hashlib.sha256(f"{pixel_hash}{caption.lower()}".encode()).digest()[:16]
             first = self.first_of.setdefault(pair, (self._sources.setdefault(source, source), position))
             # a batch seen again (a retried call) marks nothing: the row is the first occurrence itself, told by its
             # place in its file, never by its key (a tar may hold a key twice, a Parquet key column any value)
