@@ -68,7 +68,7 @@ def test_images_sharing_a_stem_are_each_counted_in_a_folder_and_keyed_apart_in_a
     rows = _read(tmp_path / "folder", SourceSpec(format="folder")).to_pylist()
     assert [(r["key"], r["reason"], r["caption_uri"] and r["caption_uri"].rpartition("/")[2]) for r in rows] == [
         ("cat.png", "missing_caption", None), ("cat", None, "cat.txt")]
-    assert rows[0]["detail"] == "its caption sidecar is cat.jpg's: give each image a stem of its own"
+    assert rows[0]["detail"] == "cat.jpg has the stem's caption sidecar: give each image a stem of its own"
     # an imagefolder has no sidecars: both are images of the class, keyed apart
     (tmp_path / "val" / "n01").mkdir(parents=True)
     for name, data in (("a.jpg", one), ("a.png", two), ("b.jpg", one)):

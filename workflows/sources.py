@@ -623,9 +623,10 @@ def _read_folder(uri: str, spec: SourceSpec) -> Iterator[dict]:
         found = [ext for ext in image_exts if ext in members]
         image_ext = found[0] if found else None
         for other in found[1:]:  # cat.jpg, cat.png, cat.txt: the caption is cat.jpg's; cat.png is counted
+            name = storage.basename(stem)
             yield {"key": f"{stem[len(root):]}.{other}", "source": members[other], "image_uri": members[other],
-                   "reason": "missing_caption", "detail": f"its caption sidecar is {storage.basename(stem)}."
-                   f"{image_ext}'s: give each image a stem of its own"}
+                   "reason": "missing_caption", "detail": f"{name}.{image_ext} has the stem's caption sidecar"
+                   f"{'' if spec.caption_field in members else ' (none here)'}: give each image a stem of its own"}
         if image_ext is None:
             if spec.caption_field in members:  # a caption whose image is missing
                 yield {"key": stem[len(root):], "source": members[spec.caption_field], "reason": "missing_image",
