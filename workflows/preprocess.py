@@ -447,6 +447,13 @@ def preprocess(source: str, output: str, options: PreprocessOptions | None = Non
     return manifest
 
 
+def shuffled(ds, rows_per_block: int, seed: int):
+    """The rows of `ds` in a seeded random order, exchanged in blocks of `rows_per_block` rows (a shard's), not
+    in the processing batches' (256): Ray's pull-based shuffle makes an object for every pair of blocks, 15
+    million for a million rows in blocks of 256. Only a strict repartition joins small blocks."""
+    return ds.repartition(target_num_rows_per_block=rows_per_block, strict=True).random_shuffle(seed=seed)
+
+
 def _run(source: str, output: str, fmt: str, files: list[str], spec: SourceSpec, options: PreprocessOptions,
          shards_uri: str, progress) -> dict:
     """The Ray Data pipeline, its shard summaries gathered into the manifest."""
@@ -474,10 +481,7 @@ def _run(source: str, output: str, fmt: str, files: list[str], spec: SourceSpec,
                                 compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
                                 max_restarts=0)
     if options.shuffle:
-        # in blocks of a shard's rows, not of a processing batch's: Ray's (pull-based) shuffle makes an object
-        # for every pair of blocks, 15 million for a million rows in blocks of 256 (1,500 times fewer so)
-        ds = ds.repartition(target_num_rows_per_block=options.rows_per_shard)
-        ds = ds.random_shuffle(seed=options.shuffle_seed)
+        ds = shuffled(ds, options.rows_per_shard, options.shuffle_seed)
     # exactly rows_per_shard rows a block, one block a shard: a write task's last batch holds what is
     # left of the blocks it was given, so blocks of other sizes would make shards of a few rows
     ds = ds.repartition(target_num_rows_per_block=options.rows_per_shard, strict=True)
