@@ -292,21 +292,6 @@ def test_s3_in_and_out(tmp_path, s3_bucket):
     assert len({digests[name] for name in ("folder", "pq", "csv", "wds")}) == 4
 
 
-def test_the_kept_rows_are_shuffled_in_blocks_of_a_shards_rows_not_of_a_processing_batchs():
-    # Ray's pull-based shuffle makes an object for each pair of its blocks and gives as many blocks as it takes:
-    # a million rows in the processing batches' 256-row blocks were 15 million objects
-    import ray
-
-    from workflows.preprocess import shuffled
-
-    rows = ray.data.range(4096, override_num_blocks=16).map_batches(lambda batch: batch, batch_size=256)
-    out = shuffled(rows, 1000, seed=3).materialize()
-    assert out.num_blocks() == 5  # ceil(4096 / 1000)
-    order = [row["id"] for row in out.iter_rows()]
-    assert sorted(order) == list(range(4096)) and order != list(range(4096))
-    assert order == [row["id"] for row in shuffled(rows, 1000, seed=3).iter_rows()], "seeded"
-
-
 def test_prepared_rows_feed_torch_batches_shuffled_by_seed(tmp_path):
     import torch
 
