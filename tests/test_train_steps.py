@@ -339,7 +339,7 @@ def test_what_every_worker_would_fail_on_at_its_first_checkpoint_or_step_fails_o
         check(_labeled_set(tmp_path / "names", [0, 1], None))
     with pytest.raises(ValueError, match=r"zeroshot .*some has 1 unlabeled rows"):
         check(_labeled_set(tmp_path / "some", [0, None, 1], ["cat", "dog"]))
-    with pytest.raises(ValueError, match=r"zeroshot .*short has label 2 but 2 class names"):
+    with pytest.raises(ValueError, match=r"zeroshot .*short has label 2 but only 2 class names were given"):
         check(_labeled_set(tmp_path / "short", [0, 2], ["cat", "dog"]))
 
     # the model's lock groups, counted from its config (the towers built without memory)

@@ -332,8 +332,10 @@ def _classnames(config: EvaluateConfig) -> list[str]:
 
 
 def _require_labels(uri: str, data: dict, classes: int | None = None) -> None:
-    if (data["label"] < 0).any():
-        raise ValueError(f"{uri} has unlabeled rows: prepare it with --label-key (and --classnames)")
+    """A label on every row of `data` (decoded: -1 for none), and below `classes` when given."""
+    unlabeled = int((data["label"] < 0).sum())
+    if unlabeled:
+        raise ValueError(f"{uri} has {unlabeled} unlabeled rows: prepare it with --label-key (and --classnames)")
     if classes is not None and int(data["label"].max()) >= classes:
         raise ValueError(f"{uri} has label {int(data['label'].max())} but only {classes} class names were given")
 

@@ -811,24 +811,18 @@ def check_config(config: TrainConfig, manifests: list[dict]) -> None:
 
 
 def _check_zeroshot_set(uri: str) -> None:
-    """The validation's zero-shot set has class names and a label within them on every row: found wrong at the
-    first checkpoint, the run would fail there (and, with no checkpoint yet, every restart from step 0)."""
-    import pyarrow.compute as pc
-
-    from .preprocess import read_manifest, read_prepared_table
+    """The validation's zero-shot set has class names and a label within them on every row, as the evaluate
+    stage requires: found wrong at the first checkpoint, the run would fail there (and, with no checkpoint yet,
+    every restart from step 0)."""
+    from .evaluate import _require_labels
+    from .preprocess import label_array, read_manifest, read_prepared_table
 
     classnames = read_manifest(uri).get("classnames")
     if not classnames:
         raise ValueError(f"zeroshot {uri} has no class names in its manifest: prepare it with --label-key and "
                          "--classnames")
-    labels = read_prepared_table(uri, columns=["label"]).column("label")
-    if labels.null_count:
-        raise ValueError(f"zeroshot {uri} has {labels.null_count} unlabeled rows: zero-shot accuracy needs a label "
-                         "on each; prepare it with --label-key")
-    top = pc.max(labels).as_py()
-    if top is not None and top >= len(classnames):
-        raise ValueError(f"zeroshot {uri} has label {top} but {len(classnames)} class names: prepare it again with "
-                         "its full class-name list")
+    labels = label_array(read_prepared_table(uri, columns=["label"]).column("label").to_pylist())
+    _require_labels(f"zeroshot {uri}", {"label": labels}, len(classnames))
 
 
 def default_storage(config: TrainConfig) -> str:
